@@ -1,0 +1,94 @@
+"""Export: a diffusers checkpoint folder becomes a model package (ONNX per component, checked, with a manifest)."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffrt.runtime.errors import UserError
+
+COMPONENT_ORDER = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+@dataclass
+class ExportOptions:
+    components: tuple[str, ...] = COMPONENT_ORDER
+    opset: int = 17
+    exporter: str = "torchscript"
+    overwrite: bool = False
+    check: bool = True
+    name: str | None = None
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    """A fresh temporary folder beside out, after checking that out may be (re)written."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} exists and is not a folder; choose another output folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output folder {out} exists and is not empty; pass --overwrite to replace it or choose another")
+    if not out.parent.is_dir():
+        raise UserError(f"the folder {out.parent} that should hold {out.name} does not exist; create it first")
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Swap the finished package into place; the old one is removed only once the new one is there."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{int(time.time())}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_package(checkpoint: str | Path, out: str | Path, options: ExportOptions | None = None,
+                   log: Callable[[str], None] = _log) -> Path:
+    """Export every asked component, check it against PyTorch, and write the package atomically."""
+    options = options or ExportOptions()
+    unknown = set(options.components) - set(COMPONENT_ORDER)
+    if unknown:
+        raise UserError(f"unknown components {sorted(unknown)}; choose from {', '.join(COMPONENT_ORDER)}")
+    for needed in ("text_encoder", "unet", "vae_decoder"):
+        if needed not in options.components:
+            raise UserError(f"a package needs {needed}; add it to --components")
+    if options.exporter not in ("torchscript", "dynamo"):
+        raise UserError(f"unknown exporter {options.exporter!r}; use torchscript or dynamo")
+    if not 14 <= options.opset <= 21:
+        raise UserError(f"opset {options.opset} is outside 14..21; TensorRT 10 parses opset 17 best")
+    from .checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(checkpoint)
+    out = Path(out).expanduser()
+    tmp = _prepare_out(out, options.overwrite)
+    try:
+        from .writer import write_package
+
+        write_package(ckpt, tmp, options, log, out.name)
+        _publish(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"no space left on the device holding {out.parent} while exporting; free some space "
+                            "and export again (nothing was written)") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"package written to {out}")
+    return out
+
+
+__all__ = ["ExportOptions", "export_package", "COMPONENT_ORDER"]

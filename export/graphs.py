@@ -1,0 +1,157 @@
+"""One ONNX graph per component, with optimum's input/output names and dynamic axes."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+
+EXTERNAL_DATA = "model.onnx_data"
+TWO_GB = 2**31
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """Names and dynamic axes of one exported graph (as optimum's ONNX configs write them)."""
+
+    inputs: dict[str, dict[int, str]]
+    outputs: dict[str, dict[int, str]]
+
+
+SPECS = {
+    "text_encoder": ComponentSpec({"input_ids": {0: "batch_size", 1: "sequence_length"}},
+                                  {"last_hidden_state": {0: "batch_size", 1: "sequence_length"},
+                                   "pooler_output": {0: "batch_size"}}),
+    "unet": ComponentSpec({"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {},
+                           "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"}},
+                          {"out_sample": {0: "batch_size", 2: "height", 3: "width"}}),
+    "vae_decoder": ComponentSpec({"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}},
+                                 {"sample": {0: "batch_size", 2: "height", 3: "width"}}),
+    "vae_encoder": ComponentSpec({"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}},
+                                 {"latent_parameters": {0: "batch_size", 2: "height_latent", 3: "width_latent"}}),
+}
+
+
+class TextEncoder(torch.nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids, return_dict=True)
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+        return out.last_hidden_state, pooled
+
+
+class UNet(torch.nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoder(torch.nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, latent_sample):
+        return self.model.decode(latent_sample, return_dict=False)[0]
+
+
+class VaeEncoder(torch.nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample):
+        return self.model.encode(sample).latent_dist.parameters
+
+
+WRAPPERS = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
+
+
+def latent_size(ckpt: Checkpoint) -> int:
+    return int(ckpt.unet_config.get("sample_size", 64))
+
+
+def unet_factor(ckpt: Checkpoint) -> int:
+    """How many times the UNet halves the latents, as a factor."""
+    return 2 ** (len(ckpt.unet_config.get("block_out_channels", [0] * 4)) - 1)
+
+
+def trace_size(ckpt: Checkpoint) -> int:
+    """A latent size the UNet cannot halve evenly, so tracing records the explicit upsample sizes and the
+    graph works at every latent size, not only at multiples of unet_factor."""
+    s, f = latent_size(ckpt), unet_factor(ckpt)
+    return s + max(f // 2, 1) if f > 1 else s
+
+
+def vae_scale_factor(ckpt: Checkpoint) -> int:
+    return 2 ** (len(ckpt.vae_config.get("block_out_channels", [0] * 4)) - 1)
+
+
+def example_inputs(name: str, ckpt: Checkpoint, batch: int, height: int, width: int,
+                   gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Random inputs for component `name` at a latent size (height, width)."""
+    channels = int(ckpt.unet_config.get("in_channels", 4))
+    if name == "text_encoder":
+        vocab = int(ckpt.text_config.get("vocab_size", 49408))
+        length = int(ckpt.text_config.get("max_position_embeddings", 77))
+        return (torch.randint(0, vocab, (batch, length), generator=gen, dtype=torch.int64),)
+    if name == "unet":
+        hidden = int(ckpt.unet_config.get("cross_attention_dim", 768))
+        length = int(ckpt.text_config.get("max_position_embeddings", 77))
+        return (torch.randn(batch, channels, height, width, generator=gen),
+                torch.tensor(float(torch.randint(0, 1000, (1,), generator=gen).item())),
+                torch.randn(batch, length, hidden, generator=gen))
+    if name == "vae_decoder":
+        return (torch.randn(batch, int(ckpt.vae_config.get("latent_channels", 4)), height, width, generator=gen),)
+    f = vae_scale_factor(ckpt)
+    return (torch.rand(batch, 3, height * f, width * f, generator=gen) * 2 - 1,)
+
+
+def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folder: Path, opset: int, exporter: str) -> Path:
+    """Write folder/model.onnx (plus model.onnx_data when the weights pass 2 GB)."""
+    import onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = SPECS[name]
+    size = trace_size(ckpt)
+    gen = torch.Generator().manual_seed(0)
+    # the dynamo exporter specialises batch 1, so it is traced at batch 2 (see ../shared/FACTS.md)
+    example = example_inputs(name, ckpt, 2, size, size, gen)
+    path = folder / "model.onnx"
+    wrapped = WRAPPERS[name](module).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes: the check below is what counts
+        torch.onnx.export(wrapped, example, str(path), input_names=list(spec.inputs), output_names=list(spec.outputs),
+                          dynamic_axes={**spec.inputs, **spec.outputs}, opset_version=opset, do_constant_folding=True,
+                          dynamo=exporter == "dynamo")
+    extra = [p for p in folder.iterdir() if p.name != "model.onnx"]
+    if extra or path.stat().st_size > TWO_GB:
+        model = onnx.load(str(path))
+        for p in extra:
+            p.unlink()
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA)
+    if exporter == "dynamo":
+        _check_io_names(path, spec)
+    return path
+
+
+def _check_io_names(path: Path, spec: ComponentSpec) -> None:
+    """Fail loudly if an exporter named the graph's inputs or outputs otherwise than the spec."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = list(spec.inputs) + list(spec.outputs)
+    current = [i.name for i in model.graph.input] + [o.name for o in model.graph.output]
+    if current == names:
+        return
+    raise RuntimeError(f"dynamo export of {path.parent.name} has I/O {current}, expected {names}")

@@ -1,0 +1,134 @@
+"""Writing a package folder: graphs, checks, tokenizer, scheduler, configs and the diffrt.json manifest."""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from diffrt.runtime import __version__
+from diffrt.runtime.errors import UserError
+from diffrt.runtime.package import FORMAT_VERSION, MANIFEST, family_of, sha256
+from diffrt.runtime.schedulers import CLASSES
+
+from .check import check_component
+from .checkpoint import Checkpoint
+from .graphs import latent_size, vae_scale_factor
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "tokenizer.json")
+
+
+def library_versions() -> dict[str, str]:
+    found = {}
+    for name in ("torch", "diffusers", "transformers", "onnx", "onnxruntime"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def graph_io(path: Path) -> dict[str, Any]:
+    """Inputs and outputs of a graph as the manifest records them: dtype and dims (ints or axis names)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        out = {}
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out[v.name] = {"dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "dims": dims}
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def default_settings(ckpt: Checkpoint, family: str) -> dict[str, Any]:
+    size = latent_size(ckpt) * vae_scale_factor(ckpt)
+    sched = ckpt.scheduler_config.get("_class_name", "PNDMScheduler")
+    short = CLASSES[sched].name if sched in CLASSES else "euler"
+    return {"width": size, "height": size, "steps": 30 if family in ("sd1", "sd2") else 20,
+            "guidance_scale": 7.5, "scheduler": short}
+
+
+def copy_assets(ckpt: Checkpoint, dest: Path, components: tuple[str, ...]) -> None:
+    """Tokenizer, scheduler config, model_index.json and each component's config.json (optimum's layout)."""
+    (dest / "tokenizer").mkdir(parents=True, exist_ok=True)
+    copied = [n for n in TOKENIZER_FILES if (ckpt.root / "tokenizer" / n).is_file()]
+    if not ({"vocab.json", "merges.txt"} <= set(copied) or "tokenizer.json" in copied):
+        raise UserError(f"{ckpt.root / 'tokenizer'} has neither vocab.json + merges.txt nor tokenizer.json")
+    for n in copied:
+        shutil.copy2(ckpt.root / "tokenizer" / n, dest / "tokenizer" / n)
+    (dest / "scheduler").mkdir(exist_ok=True)
+    shutil.copy2(ckpt.root / "scheduler" / "scheduler_config.json", dest / "scheduler" / "scheduler_config.json")
+    shutil.copy2(ckpt.root / "model_index.json", dest / "model_index.json")
+    for name in components:
+        source = "vae" if name.startswith("vae") else name
+        shutil.copy2(ckpt.root / source / "config.json", dest / name / "config.json")
+
+
+def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], None], name: str) -> dict[str, Any]:
+    from .graphs import export_component
+
+    family = family_of(int(ckpt.unet_config.get("cross_attention_dim", 768)))
+    components: dict[str, Any] = {}
+    total = len(options.components)
+    modules: dict[str, Any] = {}
+    for i, comp in enumerate(c for c in ("text_encoder", "unet", "vae_decoder", "vae_encoder") if c in options.components):
+        start = time.perf_counter()
+        log(f"[{i + 1}/{total}] {comp}: loading")
+        source = "vae" if comp.startswith("vae") else comp
+        if source not in modules:
+            modules.clear()
+            gc.collect()
+            modules[source] = ckpt.load(comp)
+        log(f"[{i + 1}/{total}] {comp}: exporting ({options.exporter}, opset {options.opset})")
+        path = export_component(comp, modules[source], ckpt, dest / comp, options.opset, options.exporter)
+        entry: dict[str, Any] = {"file": f"{comp}/model.onnx", "precision": "fp32", "made_by": f"torch.onnx {options.exporter}",
+                                 **graph_io(path)}
+        if options.check:
+            result = check_component(comp, modules[source], ckpt, path)
+            entry["check"] = result.as_dict()
+            verdict = "ok" if result.ok else f"FAILED (tolerance {result.tolerance:g})"
+            log(f"[{i + 1}/{total}] {comp}: onnxruntime vs PyTorch max abs {result.max_abs:.2e}, "
+                f"max rel {result.max_rel:.2e} over {len(result.cases)} shapes: {verdict}")
+            if not result.ok:
+                raise UserError(f"{comp}: onnxruntime differs from PyTorch by {result.max_rel:.2e} (relative), over the "
+                                f"tolerance {result.tolerance:g}; try --exporter {'dynamo' if options.exporter == 'torchscript' else 'torchscript'} or another --opset")
+        entry["seconds"] = round(time.perf_counter() - start, 2)
+        components[comp] = entry
+    modules.clear()
+    gc.collect()
+    copy_assets(ckpt, dest, tuple(components))
+
+    tok_cfg = {}
+    if (dest / "tokenizer" / "tokenizer_config.json").is_file():
+        tok_cfg = json.loads((dest / "tokenizer" / "tokenizer_config.json").read_text(encoding="utf-8"))
+    max_len = tok_cfg.get("model_max_length")
+    manifest = {
+        "format": "diffrt-package",
+        "format_version": FORMAT_VERSION,
+        "name": options.name or name,
+        "family": family,
+        "prediction_type": ckpt.scheduler_config.get("prediction_type", "epsilon"),
+        "vae_scaling_factor": float(ckpt.vae_config.get("scaling_factor", 0.18215)),
+        "vae_scale_factor": vae_scale_factor(ckpt),
+        "latent_channels": int(ckpt.vae_config.get("latent_channels", 4)),
+        "text_max_length": max_len if isinstance(max_len, int) and max_len < 10_000 else 77,
+        "defaults": {**default_settings(ckpt, family), **options.defaults},
+        "components": components,
+        "source": {"checkpoint": str(ckpt.root), "exporter": options.exporter, "opset": options.opset},
+        "versions": {"diffrt": __version__, "python": platform.python_version(), **library_versions()},
+    }
+    manifest["files"] = {str(p.relative_to(dest)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+                         for p in sorted(dest.rglob("*")) if p.is_file()}
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest

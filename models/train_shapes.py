@@ -1,0 +1,199 @@
+"""Train the bundled `shapes-tiny` model from scratch on this CPU: tokenizer, VAE, text encoder, UNet.
+
+    python models/train_shapes.py --out models/build/shapes-checkpoint
+
+writes a diffusers StableDiffusionPipeline folder; `diffrt export` turns it into the bundled package
+(see models/shapes-tiny/README.md for the exact commands, settings and measured time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffrt.models.shapes_data import sample_training_set
+from diffrt.runtime.tokenizer import BOS, CLIP_SPLIT, EOS, byte_alphabet
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def build_tokenizer(captions: list[str], out: Path, vocab_size: int) -> CLIPTokenizer:
+    """A CLIP-format BPE (vocab.json + merges.txt, CLIP's vocabulary order) trained on the captions."""
+    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False)
+    tok.train_from_iterator(captions, trainer)
+    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in json.loads(tok.to_str())["model"]["merges"]]
+    base = byte_alphabet()
+    vocab: dict[str, int] = {}
+    for token in base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + [BOS, EOS]:
+        vocab.setdefault(token, len(vocab))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    return CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), pad_token=EOS, model_max_length=77)
+
+
+def vae_config() -> dict:
+    return dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, norm_num_groups=4,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                block_out_channels=[16, 32, 64, 64])
+
+
+def unet_config(cross_dim: int) -> dict:
+    return dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=32,
+                block_out_channels=[64, 128, 128], cross_attention_dim=cross_dim, attention_head_dim=8,
+                down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"])
+
+
+def batches(n: int, batch: int, rng: np.random.Generator):
+    while True:
+        yield rng.integers(0, n, size=batch)
+
+
+def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float) -> AutoencoderKL:
+    vae = AutoencoderKL(**vae_config())
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(1)
+    t0 = time.time()
+    for step, idx in zip(range(1, steps + 1), batches(len(images), batch, rng)):
+        x = images[idx]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / (4 * 8 * 8)
+        loss = F.mse_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, step / 100) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
+        opt.step()
+        if step % 100 == 0 or step == steps:
+            log(f"vae step {step}/{steps} loss {loss.item():.5f} kl {kl.item():.2f} ({time.time() - t0:.0f} s)")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_all(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, len(images), 500):
+        d = vae.encode(images[i:i + 500]).latent_dist
+        means.append(d.mean)
+        stds.append(d.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_denoiser(mean: torch.Tensor, std: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor, vocab: int,
+                   steps: int, batch: int, lr: float, log_every: int, curve: list) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    text_config = CLIPTextConfig(vocab_size=vocab, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab - 2,
+                                 eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+    text = CLIPTextModel(text_config)
+    unet = UNet2DConditionModel(**unet_config(text_config.hidden_size))
+    noise_sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    params = list(unet.parameters()) + list(text.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    rng = np.random.default_rng(2)
+    t0 = time.time()
+    running = 0.0
+    for step, idx in zip(range(1, steps + 1), batches(len(mean), batch, rng)):
+        idx_t = torch.from_numpy(idx)
+        latents = mean[idx_t] + std[idx_t] * torch.randn_like(mean[idx_t])
+        cond = ids[idx_t].clone()
+        drop = torch.from_numpy(rng.random(batch) < 0.1)
+        cond[drop] = empty_ids
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (batch,))
+        noisy = noise_sched.add_noise(latents, noise, t)
+        hidden = text(cond).last_hidden_state
+        pred = unet(noisy, t, hidden).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, step / 200) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_mul_(ema, decay)
+            torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - decay)
+        running += loss.item()
+        if step % log_every == 0 or step == steps:
+            avg = running / (log_every if step % log_every == 0 else step % log_every)
+            running = 0.0
+            curve.append({"step": step, "loss": avg, "seconds": round(time.time() - t0, 1)})
+            log(f"unet step {step}/{steps} loss {avg:.4f} ({time.time() - t0:.0f} s)")
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    return unet.eval(), text.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "build" / "shapes-checkpoint")
+    ap.add_argument("--images", type=int, default=20000)
+    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--vae-batch", type=int, default=16)
+    ap.add_argument("--unet-steps", type=int, default=4500)
+    ap.add_argument("--unet-batch", type=int, default=48)
+    ap.add_argument("--vae-lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    start = time.time()
+
+    log(f"generating {args.images} captioned images")
+    images_u8, captions = sample_training_set(args.images, seed=args.seed)
+    images = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(captions, args.out / "tokenizer", vocab_size=600)
+    tokenizer.save_pretrained(args.out / "tokenizer")
+    ids = torch.tensor(tokenizer(captions, padding="max_length", max_length=77, truncation=True).input_ids)
+    empty_ids = torch.tensor(tokenizer("", padding="max_length", max_length=77).input_ids)
+    log(f"tokenizer: {len(tokenizer)} tokens")
+
+    vae = train_vae(images, args.vae_steps, args.vae_batch, args.vae_lr)
+    mean, std = encode_all(vae, images)
+    scaling = float(1.0 / mean.std())
+    vae.register_to_config(scaling_factor=scaling)
+    log(f"latents {tuple(mean.shape[1:])}, scaling factor {scaling:.4f}")
+
+    curve: list = []
+    unet, text = train_denoiser(mean * scaling, std * scaling, ids, empty_ids, len(tokenizer), args.unet_steps,
+                                args.unet_batch, args.lr, max(args.unet_steps // 60, 1), curve)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(args.out)
+    minutes = (time.time() - start) / 60
+    (args.out / "training.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                                        "minutes": round(minutes, 1), "curve": curve}, indent=1))
+    log(f"saved {args.out} after {minutes:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""Where the bundled default model (models/shapes-tiny) lives, in a checkout or after pip install."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+
+BUNDLED_NAME = "shapes-tiny"
+
+
+def bundled_model() -> Path:
+    import diffrt.models
+
+    for base in diffrt.models.__path__:
+        path = Path(base) / BUNDLED_NAME
+        if (path / "diffrt.json").is_file():
+            return path
+    raise UserError(f"the bundled model {BUNDLED_NAME} is not installed with this diffrt; "
+                    "pass --model PACKAGE_DIR (a folder made by `diffrt export`)")

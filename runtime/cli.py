@@ -1,0 +1,133 @@
+"""The `diffrt` command: generate images; export, benchmark and inspect models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .engines import BACKENDS
+from .errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
+def number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def seed_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0 .. 2**63-1")
+    return value
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .images import output_paths, save_png
+    from .pipeline import Pipeline
+    from .progress import ProgressBar
+
+    count = args.n
+    out = args.output or "diffrt.png"
+    paths = output_paths(out, count)  # refuse a bad -o before any work
+    pipe = Pipeline.from_package(args.model, backend=args.backend, threads=args.threads, verify_hashes=args.verify)
+    result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
+                  scheduler=args.scheduler, seed=args.seed, width=args.width, height=args.height, num_images=count,
+                  progress=None if args.quiet else ProgressBar("denoising"))
+    for i, (image, path) in enumerate(zip(result.images, paths)):
+        save_png(image, path, {**result.settings, "image_index": i})
+        print(path)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from diffrt.export import ExportOptions, export_package
+
+    options = ExportOptions(components=tuple(args.components.split(",")), opset=args.opset, exporter=args.exporter,
+                            overwrite=args.overwrite, check=not args.no_check)
+    export_package(args.checkpoint, args.out, options)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .schedulers import scheduler_names
+
+    p = Parser(prog="diffrt", description="Torch-free Stable Diffusion runtime and export toolchain.")
+    p.add_argument("--version", action="version", version=f"diffrt {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    g = sub.add_parser("generate", help="generate images from a prompt")
+    g.add_argument("prompt")
+    g.add_argument("--model", type=Path, help="model package folder (default: the bundled shapes-tiny model)")
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--steps", type=positive_int)
+    g.add_argument("--guidance", type=number, help="classifier-free guidance scale; 1 or less turns it off")
+    g.add_argument("--scheduler", choices=scheduler_names(), metavar="S",
+                   help=f"one of {', '.join(scheduler_names()[:7])} or a diffusers class name")
+    g.add_argument("--seed", type=seed_value)
+    g.add_argument("--width", type=positive_int)
+    g.add_argument("--height", type=positive_int)
+    g.add_argument("-n", type=positive_int, default=1, help="number of images")
+    g.add_argument("--backend", choices=BACKENDS, default="auto")
+    g.add_argument("--threads", type=positive_int, help="CPU threads for onnxruntime")
+    g.add_argument("--verify", action="store_true", help="check every package file's sha256 before loading")
+    g.add_argument("-o", "--output", help="PNG path (default diffrt.png; several images get -0, -1, ...)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("export", help="export a diffusers checkpoint folder to a model package (needs diffrt[export])")
+    e.add_argument("checkpoint", help="diffusers checkpoint folder (model_index.json, unet/, vae/, text_encoder/, ...)")
+    e.add_argument("out", help="package folder to write")
+    e.add_argument("--components", default="text_encoder,unet,vae_decoder,vae_encoder")
+    e.add_argument("--opset", type=positive_int, default=17)
+    e.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    e.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+    e.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"diffrt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffrt: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("diffrt: error: out of memory; use a smaller size, fewer images or a smaller model", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

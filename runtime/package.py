@@ -1,0 +1,140 @@
+"""A model package on disk: diffrt's own export (diffrt.json) or optimum's (configs and graphs only)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+MANIFEST = "diffrt.json"
+FORMAT_VERSION = 1
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+REQUIRED = ("text_encoder", "unet", "vae_decoder")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{what}: {path} is missing; re-export the package with `diffrt export`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what}: {path} is not valid JSON ({exc}); re-export the package with `diffrt export`") from None
+
+
+@dataclass
+class Package:
+    """What the runtime needs to know about a package folder."""
+
+    root: Path
+    name: str
+    family: str
+    prediction_type: str
+    vae_scaling_factor: float
+    vae_scale_factor: int
+    latent_channels: int
+    text_max_length: int
+    defaults: dict[str, Any]
+    scheduler_config: dict[str, Any]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def component(self, name: str) -> Path:
+        """Path of a component's ONNX graph; a clear error when the package lacks it."""
+        entry = self.manifest.get("components", {}).get(name)
+        path = self.root / (entry["file"] if entry else f"{name}/model.onnx")
+        if not path.is_file():
+            fix = "re-export it with `diffrt export`" if name in REQUIRED else f"export it with `--components ...,{name}`"
+            raise UserError(f"model package {self.root}: {name} is missing ({path.relative_to(self.root)}); {fix}")
+        return path
+
+    def has(self, name: str) -> bool:
+        entry = self.manifest.get("components", {}).get(name)
+        return (self.root / (entry["file"] if entry else f"{name}/model.onnx")).is_file()
+
+    def precision(self, name: str) -> str:
+        return self.manifest.get("components", {}).get(name, {}).get("precision", "fp32")
+
+    def verify(self, hashes: bool = False) -> None:
+        """Check every file the manifest lists: present, the recorded size, and (on request) the sha256."""
+        for rel, info in self.manifest.get("files", {}).items():
+            path = self.root / rel
+            if not path.is_file():
+                raise UserError(f"model package {self.root}: {rel} is missing; re-export the package or copy it whole")
+            if path.stat().st_size != info["bytes"]:
+                raise UserError(f"model package {self.root}: {rel} is {path.stat().st_size} bytes, the manifest says "
+                                f"{info['bytes']}: the copy is truncated or corrupt; copy it again or re-export")
+            if hashes and sha256(path) != info["sha256"]:
+                raise UserError(f"model package {self.root}: {rel} does not match its sha256 in {MANIFEST}; "
+                                "the file is corrupt: copy it again or re-export")
+
+    @property
+    def model_hash(self) -> str:
+        """A short id of the package for image metadata: the UNet graph's recorded sha256, else the manifest's."""
+        files = self.manifest.get("files", {})
+        unet = self.manifest.get("components", {}).get("unet", {}).get("file", "unet/model.onnx")
+        return files.get(unet, {}).get("sha256", "")[:10]
+
+
+def load_package(path: str | Path, verify: bool = True, hashes: bool = False) -> Package:
+    """Read a package folder; without diffrt.json (an optimum export) everything comes from the configs."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise UserError(f"model package {root} does not exist or is not a folder; give the folder `diffrt export` wrote")
+    if (root / MANIFEST).is_file():
+        pkg = _from_manifest(root, _read_json(root / MANIFEST, "model package manifest"))
+    elif (root / "model_index.json").is_file() or (root / "unet" / "model.onnx").is_file():
+        pkg = _from_configs(root)
+    else:
+        raise UserError(f"{root} is not a model package (no {MANIFEST}, no model_index.json); "
+                        "export one with `diffrt export CHECKPOINT OUT`")
+    for name in REQUIRED:
+        pkg.component(name)
+    if verify:
+        pkg.verify(hashes)
+    return pkg
+
+
+def _from_manifest(root: Path, m: dict) -> Package:
+    if m.get("format_version", 0) > FORMAT_VERSION:
+        raise UserError(f"{root / MANIFEST} has format version {m['format_version']}; this diffrt reads up to "
+                        f"{FORMAT_VERSION}: upgrade diffrt")
+    try:
+        return Package(root=root, name=m["name"], family=m["family"], prediction_type=m["prediction_type"],
+                       vae_scaling_factor=float(m["vae_scaling_factor"]), vae_scale_factor=int(m["vae_scale_factor"]),
+                       latent_channels=int(m["latent_channels"]), text_max_length=int(m["text_max_length"]),
+                       defaults=m["defaults"], scheduler_config=_read_json(root / "scheduler" / "scheduler_config.json",
+                                                                            "scheduler config"), manifest=m)
+    except KeyError as exc:
+        raise UserError(f"{root / MANIFEST} lacks {exc}; re-export the package with `diffrt export`") from None
+
+
+def family_of(cross_attention_dim: int, in_channels: int = 4) -> str:
+    """SD family from the UNet's text width: 768 sd1, 1024 sd2, 2048 sdxl; anything else 'custom'."""
+    return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(cross_attention_dim, "custom")
+
+
+def _from_configs(root: Path) -> Package:
+    """An optimum export: vae_decoder/config.json, unet/config.json and scheduler/scheduler_config.json say it all."""
+    vae = _read_json(root / "vae_decoder" / "config.json", "VAE decoder config")
+    unet = _read_json(root / "unet" / "config.json", "UNet config")
+    sched = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
+    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    size = int(unet.get("sample_size", 64)) * scale
+    return Package(root=root, name=root.name, family=family_of(unet.get("cross_attention_dim", 768)),
+                   prediction_type=sched.get("prediction_type", "epsilon"),
+                   vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)), vae_scale_factor=scale,
+                   latent_channels=int(vae.get("latent_channels", 4)), text_max_length=77,
+                   defaults={"width": size, "height": size, "steps": 30, "guidance_scale": 7.5,
+                             "scheduler": sched.get("_class_name", "PNDMScheduler")},
+                   scheduler_config=sched)

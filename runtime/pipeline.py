@@ -1,0 +1,148 @@
+"""Text-to-image over a model package: tokenizer -> text encoder -> numpy scheduler loop around the UNet -> VAE."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .engines import OrtEngine, resolve_backend, timestep_feed
+from .errors import UserError
+from .package import Package, load_package
+from .schedulers import make_scheduler, short_name
+from .tokenizer import ClipTokenizer
+
+MAX_STEPS = 1000
+MAX_SIDE = 4096
+MAX_IMAGES = 64
+
+
+@dataclass
+class Result:
+    """Images, the same as float arrays in [0, 1] (n, H, W, 3), and the settings that reproduce them."""
+
+    images: list[Image.Image]
+    array: np.ndarray
+    settings: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def nearest_sizes(value: int, multiple: int) -> str:
+    lo = max(multiple, value // multiple * multiple)
+    hi = lo + multiple if lo < value else lo
+    return f"{lo}" if lo == hi else f"{lo} or {hi}"
+
+
+def check_request(width: int, height: int, steps: int, num_images: int, guidance: float, multiple: int) -> None:
+    """Refuse settings the models cannot take, each with its fix."""
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, (int, np.integer)) or value < multiple or value > MAX_SIDE or value % multiple:
+            near = nearest_sizes(int(value), multiple) if isinstance(value, (int, np.integer)) and value > 0 else multiple
+            raise UserError(f"{name} {value} is not a multiple of {multiple} between {multiple} and {MAX_SIDE}; "
+                            f"use {near}")
+    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
+    if not isinstance(num_images, (int, np.integer)) or not 1 <= num_images <= MAX_IMAGES:
+        raise UserError(f"the number of images must be from 1 to {MAX_IMAGES}, not {num_images!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise UserError(f"guidance scale must be a finite number, not {guidance!r}")
+
+
+class Pipeline:
+    """Load once, call many times; every engine is created at load."""
+
+    def __init__(self, package: Package, backend: str = "auto", threads: int | None = None) -> None:
+        self.package = package
+        self.backend = resolve_backend(backend)
+        self.tokenizer = ClipTokenizer.from_folder(package.root / "tokenizer", package.text_max_length)
+        make = lambda name: OrtEngine(package.component(name), self.backend, threads)  # noqa: E731
+        self.text_encoder = make("text_encoder")
+        self.unet = make("unet")
+        self.vae_decoder = make("vae_decoder")
+
+    @classmethod
+    def from_package(cls, path: str | Path | None = None, backend: str = "auto", threads: int | None = None,
+                     verify_hashes: bool = False) -> Pipeline:
+        """Open a package folder (the bundled default model when path is None)."""
+        if path is None:
+            from .bundled import bundled_model
+
+            path = bundled_model()
+        return cls(load_package(path, hashes=verify_hashes), backend, threads)
+
+    def encode_prompts(self, prompts: list[str]) -> np.ndarray:
+        ids = self.tokenizer(prompts)
+        spec = self.text_encoder.inputs["input_ids"]
+        return self.text_encoder.run({"input_ids": ids.astype(spec.dtype)})["last_hidden_state"]
+
+    def __call__(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
+                 guidance_scale: float | None = None, scheduler: str | None = None, seed: int | None = None,
+                 width: int | None = None, height: int | None = None, num_images: int = 1,
+                 latents: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None) -> Result:
+        pkg, d = self.package, self.package.defaults
+        steps = d["steps"] if steps is None else steps
+        guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        width, height = width or d["width"], height or d["height"]
+        check_request(width, height, steps, num_images, guidance, pkg.vae_scale_factor)
+        if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
+            raise UserError("prompt and negative prompt must be text")
+        try:
+            sched = make_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config)
+            sched.set_timesteps(steps)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % 2**32)
+        rng = np.random.default_rng(seed)
+        shape = (num_images, pkg.latent_channels, height // pkg.vae_scale_factor, width // pkg.vae_scale_factor)
+        if latents is None:
+            latents = rng.standard_normal(shape, dtype=np.float32)
+        elif latents.shape != shape:
+            raise UserError(f"latents have shape {latents.shape}; {width}x{height} with {num_images} image(s) needs {shape}")
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        guided = guidance > 1.0
+        prompts = ([negative_prompt] * num_images if guided else []) + [prompt] * num_images
+        text = self.encode_prompts(prompts)
+        text_dev = self.unet.to_device(text)
+        timings["text"] = time.perf_counter() - clock
+
+        x = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
+        t_spec = self.unet.inputs["timestep"]
+        unet_time = 0.0
+        for i, t in enumerate(sched.timesteps):
+            model_in = np.concatenate([x, x]) if guided else x
+            model_in = sched.scale_model_input(model_in, t)
+            start = time.perf_counter()
+            out = self.unet.run({"sample": model_in.astype(self.unet.inputs["sample"].dtype),
+                                 "timestep": timestep_feed(t_spec, t, len(model_in)),
+                                 "encoder_hidden_states": text_dev})["out_sample"].astype(np.float32)
+            unet_time += time.perf_counter() - start
+            if guided:
+                uncond, cond = out[:num_images], out[num_images:]
+                out = uncond + np.float32(guidance) * (cond - uncond)
+            x = sched.step(out, t, x, rng)
+            if progress:
+                progress(i + 1, len(sched.timesteps))
+        timings["unet"] = unet_time
+        timings["loop"] = time.perf_counter() - clock - timings["text"]
+
+        start = time.perf_counter()
+        decoded = self.vae_decoder.run({"latent_sample": (x / np.float32(pkg.vae_scaling_factor)).astype(
+            self.vae_decoder.inputs["latent_sample"].dtype)})["sample"].astype(np.float32)
+        array = np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+        images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
+        timings["vae"] = time.perf_counter() - start
+        settings = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance,
+                    "scheduler": short_name(sched), "seed": seed, "width": width, "height": height,
+                    "num_images": num_images, "model": pkg.name, "model_hash": pkg.model_hash,
+                    "backend": self.backend, "diffrt": __version__}
+        return Result(images, array, settings, timings)

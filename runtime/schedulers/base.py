@@ -1,0 +1,67 @@
+"""The scheduler seam: config handling shared by every sampler."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+COMMON_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+}
+
+# Config values this runtime does not implement: (key, value it must keep).
+UNSUPPORTED = {"thresholding": False, "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
+               "use_flow_sigmas": False, "timestep_type": "discrete", "interpolation_type": "linear", "variance_type": None}
+
+
+class Scheduler:
+    """A numpy sampler built from a diffusers scheduler config (same keys and defaults; unknown keys ignored)."""
+
+    name: ClassVar[str]
+    class_name: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}
+    prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
+
+    def __init__(self, **config: Any) -> None:
+        known = {**COMMON_DEFAULTS, **self.defaults}
+        self.config = {k: config.get(k, v) for k, v in known.items()}
+        for key, ok in UNSUPPORTED.items():
+            if config.get(key) is not None and config[key] != ok:
+                raise ValueError(f"{self.class_name}: {key}={config[key]!r} is not supported by diffrt; set it to {ok!r}")
+        if self.config["prediction_type"] not in self.prediction_types:
+            raise ValueError(f"{self.class_name}: prediction_type {self.config['prediction_type']!r} is not supported; "
+                             f"use one of {', '.join(self.prediction_types)}")
+        self.timesteps = np.zeros(0, np.int64)
+        self.init_noise_sigma = 1.0
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        raise NotImplementedError
+
+    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
+        return sample
+
+    def step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray,
+             generator: np.random.Generator | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def order(self) -> int:
+        return 1
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+def noise_like(x: np.ndarray, generator: np.random.Generator | None) -> np.ndarray:
+    """Standard normal noise for ancestral samplers, from the pipeline's generator."""
+    rng = generator if generator is not None else np.random.default_rng()
+    return rng.standard_normal(x.shape, dtype=np.float32)

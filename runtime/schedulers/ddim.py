@@ -1,0 +1,47 @@
+"""DDIM (Song et al. 2020), deterministic (eta = 0) as in diffusers' pipelines."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Scheduler
+from .schedules import alphas_cumprod, spaced_timesteps
+
+
+def predict_x0_eps(model_output, sample, alpha_prod, prediction_type: str):
+    """(x0, eps) from the model output at a timestep with cumulative alpha alpha_prod."""
+    beta_prod = 1 - alpha_prod
+    if prediction_type == "epsilon":
+        return (sample - beta_prod**0.5 * model_output) / alpha_prod**0.5, model_output
+    if prediction_type == "v_prediction":
+        return (alpha_prod**0.5 * sample - beta_prod**0.5 * model_output,
+                alpha_prod**0.5 * model_output + beta_prod**0.5 * sample)
+    x0 = model_output
+    return x0, (sample - alpha_prod**0.5 * x0) / beta_prod**0.5
+
+
+class DDIM(Scheduler):
+    name = "ddim"
+    class_name = "DDIMScheduler"
+    defaults = {"clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True}
+    prediction_types = ("epsilon", "v_prediction", "sample")
+
+    def __init__(self, **config) -> None:
+        super().__init__(**config)
+        self.alphas_cumprod = alphas_cumprod(self.config)
+        self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = spaced_timesteps(self.config, num_inference_steps)
+
+    def step(self, model_output, timestep, sample, generator=None):
+        t = int(timestep)
+        prev = t - self.config["num_train_timesteps"] // self.num_inference_steps
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
+        x0, eps = predict_x0_eps(model_output, sample, a_t, self.config["prediction_type"])
+        if self.config["clip_sample"]:
+            r = self.config["clip_sample_range"]
+            x0 = np.clip(x0, -r, r)
+        return (a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps).astype(np.float32)

@@ -1,0 +1,91 @@
+"""DPM-Solver++ 2M (Lu et al. 2022), multistep, optionally over Karras sigmas."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Scheduler
+from .schedules import alphas_cumprod, karras_sigmas, sigma_to_t, train_sigmas
+
+
+def alpha_sigma(sigma):
+    alpha = 1 / (sigma**2 + 1) ** 0.5
+    return alpha, sigma * alpha
+
+
+class DPMSolverPP2M(Scheduler):
+    name = "dpmpp_2m"
+    class_name = "DPMSolverMultistepScheduler"
+    defaults = {"solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": True,
+                "euler_at_final": False, "use_karras_sigmas": False, "final_sigmas_type": "zero",
+                "lambda_min_clipped": -float("inf"), "timestep_spacing": "linspace"}
+    prediction_types = ("epsilon", "v_prediction", "sample")
+
+    def __init__(self, **config) -> None:
+        super().__init__(**config)
+        c = self.config
+        if c["algorithm_type"] != "dpmsolver++" or c["solver_order"] not in (1, 2):
+            raise ValueError(f"DPMSolverMultistepScheduler: diffrt implements algorithm_type 'dpmsolver++' with solver_order "
+                             f"1 or 2, not {c['algorithm_type']!r} order {c['solver_order']}")
+        self.alphas_cumprod = alphas_cumprod(c)
+        if c["rescale_betas_zero_snr"]:
+            self.alphas_cumprod[-1] = 2**-24
+        acp = self.alphas_cumprod
+        self.lambda_t = np.log(np.sqrt(acp)) - np.log(np.sqrt(1 - acp))
+
+    def _timesteps(self, n: int) -> np.ndarray:
+        c = self.config
+        clipped = int(np.searchsorted(self.lambda_t[::-1], c["lambda_min_clipped"]))
+        last = c["num_train_timesteps"] - clipped
+        if c["timestep_spacing"] == "linspace":
+            return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+        if c["timestep_spacing"] == "leading":
+            return (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1].astype(np.int64) + c["steps_offset"]
+        if c["timestep_spacing"] == "trailing":
+            return np.arange(last, 0, -c["num_train_timesteps"] / n).round().astype(np.int64) - 1
+        raise ValueError(f"timestep_spacing {c['timestep_spacing']!r} is not supported; use leading, trailing or linspace")
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        timesteps = self._timesteps(num_inference_steps)
+        sigmas = train_sigmas(self.alphas_cumprod)
+        if self.config["use_karras_sigmas"]:
+            sched = karras_sigmas(float(sigmas[0]), float(sigmas[-1]), num_inference_steps)
+            timesteps = sigma_to_t(sched, np.log(sigmas))
+            if self.config["beta_schedule"] != "squaredcos_cap_v2":
+                timesteps = timesteps.round()
+        else:
+            sched = np.interp(timesteps, np.arange(len(sigmas)), sigmas)
+        last = float(sigmas[0]) if self.config["final_sigmas_type"] == "sigma_min" else 0.0
+        self.sigmas = np.concatenate([sched, [last]]).astype(np.float32)
+        self.timesteps = timesteps.astype(np.int64)
+        matches = np.nonzero(self.timesteps == self.timesteps[0])[0]
+        self.index = int(matches[1] if len(matches) > 1 else matches[0])
+        self.previous: np.ndarray | None = None
+        self.lower_order_nums = 0
+
+    def step(self, model_output, timestep, sample, generator=None):
+        c, i, n = self.config, self.index, len(self.timesteps)
+        final = i == n - 1 and (c["euler_at_final"] or (c["lower_order_final"] and n < 15) or c["final_sigmas_type"] == "zero")
+        alpha_s0, sigma_s0 = alpha_sigma(self.sigmas[i])
+        alpha_t, sigma_t = alpha_sigma(self.sigmas[i + 1])
+        if c["prediction_type"] == "epsilon":
+            x0 = (sample - sigma_s0 * model_output) / alpha_s0
+        elif c["prediction_type"] == "v_prediction":
+            x0 = alpha_s0 * sample - sigma_s0 * model_output
+        else:
+            x0 = model_output
+        h = (np.log(alpha_t) - np.log(sigma_t)) - (np.log(alpha_s0) - np.log(sigma_s0))
+        first_order = c["solver_order"] == 1 or self.lower_order_nums < 1 or final
+        prev = (sigma_t / sigma_s0) * sample - (alpha_t * (np.exp(-h) - 1.0)) * x0
+        if not first_order:
+            alpha_s1, sigma_s1 = alpha_sigma(self.sigmas[i - 1])
+            h0 = (np.log(alpha_s0) - np.log(sigma_s0)) - (np.log(alpha_s1) - np.log(sigma_s1))
+            d1 = (1.0 / (h0 / h)) * (x0 - self.previous)
+            if c["solver_type"] == "midpoint":
+                prev = prev - 0.5 * (alpha_t * (np.exp(-h) - 1.0)) * d1
+            else:
+                prev = prev + (alpha_t * ((np.exp(-h) - 1.0) / h + 1.0)) * d1
+        self.previous = x0
+        self.lower_order_nums = min(self.lower_order_nums + 1, c["solver_order"])
+        self.index += 1
+        return prev.astype(np.float32)

@@ -1,0 +1,54 @@
+"""Euler (Karras et al. 2022, Algorithm 2 without churn) over the k-diffusion sigma schedule."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Scheduler
+from .schedules import alphas_cumprod, first_index, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
+
+
+def denoised(model_output, sample, sigma, prediction_type: str):
+    """x0 predicted from a k-diffusion style (sigma-scaled) sample."""
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+
+
+class Euler(Scheduler):
+    name = "euler"
+    class_name = "EulerDiscreteScheduler"
+    defaults = {"timestep_spacing": "linspace", "use_karras_sigmas": False, "sigma_min": None, "sigma_max": None,
+                "final_sigmas_type": "zero"}
+
+    def __init__(self, **config) -> None:
+        super().__init__(**config)
+        self.alphas_cumprod = alphas_cumprod(self.config)
+        if self.config["rescale_betas_zero_snr"]:
+            self.alphas_cumprod[-1] = 2**-24
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        sigmas = train_sigmas(self.alphas_cumprod)
+        timesteps = spaced_timesteps(self.config, num_inference_steps, np.float32)
+        log_sigmas = np.log(sigmas)
+        sched = np.interp(timesteps, np.arange(len(sigmas)), sigmas)
+        if self.config.get("use_karras_sigmas"):
+            lo = self.config["sigma_min"] if self.config.get("sigma_min") is not None else float(sched[-1])
+            hi = self.config["sigma_max"] if self.config.get("sigma_max") is not None else float(sched[0])
+            sched = karras_sigmas(lo, hi, num_inference_steps)
+            timesteps = sigma_to_t(sched, log_sigmas)
+        last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5 if self.config.get("final_sigmas_type") == "sigma_min" else 0
+        self.sigmas = np.concatenate([sched, [last]]).astype(np.float32)
+        self.timesteps = timesteps.astype(np.float32)
+        self.index = first_index(self.timesteps)
+        top = self.sigmas.max()
+        self.init_noise_sigma = top if self.config["timestep_spacing"] in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+
+    def scale_model_input(self, sample, timestep):
+        return sample / ((self.sigmas[self.index] ** 2 + 1) ** 0.5)
+
+    def step(self, model_output, timestep, sample, generator=None):
+        sigma, sigma_next = self.sigmas[self.index], self.sigmas[self.index + 1]
+        x0 = denoised(model_output, sample, sigma, self.config["prediction_type"])
+        self.index += 1
+        return (sample + (sample - x0) / sigma * (sigma_next - sigma)).astype(np.float32)

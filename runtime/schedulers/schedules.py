@@ -1,0 +1,93 @@
+"""Noise schedules shared by the samplers: betas, timestep spacings, sigmas (float32 where diffusers is)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def linspace32(start: float, end: float, n: int) -> np.ndarray:
+    """torch.linspace(start, end, n, dtype=float32), bit for bit: float32 ends and step, filled from both ends."""
+    a, b = np.float32(start), np.float32(end)
+    step = np.float32((b - a) / np.float32(max(n - 1, 1)))
+    i = np.arange(n)
+    return np.where(i < n / 2, np.float64(a) + i * np.float64(step), np.float64(b) - (n - 1 - i) * np.float64(step)).astype(np.float32)
+
+
+def betas(config: dict) -> np.ndarray:
+    """Training betas from a diffusers scheduler config, as float32."""
+    n = config["num_train_timesteps"]
+    if config.get("trained_betas") is not None:
+        b = np.asarray(config["trained_betas"], np.float32)
+    elif config["beta_schedule"] == "linear":
+        b = linspace32(config["beta_start"], config["beta_end"], n)
+    elif config["beta_schedule"] == "scaled_linear":
+        b = linspace32(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n) ** 2
+    elif config["beta_schedule"] == "squaredcos_cap_v2":
+        def alpha_bar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        b = np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], np.float32)
+    else:
+        raise ValueError(f"beta_schedule {config['beta_schedule']!r} is not supported; use linear, scaled_linear or squaredcos_cap_v2")
+    if config.get("rescale_betas_zero_snr"):
+        b = rescale_zero_terminal_snr(b)
+    return b
+
+
+def rescale_zero_terminal_snr(b: np.ndarray) -> np.ndarray:
+    """Rescale betas so the last timestep has zero SNR (Lin et al. 2023)."""
+    root = np.sqrt(np.cumprod((1.0 - b).astype(np.float64)).astype(np.float32))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    bar = root**2
+    alphas = np.concatenate([bar[:1], bar[1:] / bar[:-1]])
+    return (1 - alphas).astype(np.float32)
+
+
+def alphas_cumprod(config: dict) -> np.ndarray:
+    """Cumulative alphas as float32, accumulated in float64 as torch does on the CPU."""
+    return np.cumprod((1.0 - betas(config)).astype(np.float64)).astype(np.float32)
+
+
+def spaced_timesteps(config: dict, n: int, dtype=np.int64) -> np.ndarray:
+    """Descending timesteps for n steps by the config's timestep_spacing (leading / trailing / linspace)."""
+    total = config["num_train_timesteps"]
+    spacing = config["timestep_spacing"]
+    if spacing == "linspace":
+        if dtype == np.int64:
+            return np.linspace(0, total - 1, n).round()[::-1].astype(np.int64)
+        return np.linspace(0, total - 1, n, dtype=np.float32)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(0, n) * (total // n)).round()[::-1].astype(dtype) + config["steps_offset"]
+    if spacing == "trailing":
+        return np.arange(total, 0, -total / n).round().astype(dtype) - 1
+    raise ValueError(f"timestep_spacing {spacing!r} is not supported; use leading, trailing or linspace")
+
+
+def train_sigmas(acp: np.ndarray) -> np.ndarray:
+    """sigma_t = sqrt((1 - alpha_bar) / alpha_bar) for every training timestep (float32)."""
+    return ((1 - acp) / acp) ** 0.5
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) sigmas, descending."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma, interpolated in log-sigma."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def first_index(timesteps: np.ndarray) -> int:
+    """Where a sigma schedule starts: the second match when the first timestep repeats, as diffusers does."""
+    matches = np.nonzero(timesteps == timesteps[0])[0]
+    return int(matches[1] if len(matches) > 1 else matches[0])

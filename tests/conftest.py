@@ -1,0 +1,81 @@
+"""Shared fixtures: a tiny random diffusers checkpoint, its diffrt export, and noise patching."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+
+
+@contextlib.contextmanager
+def shared_noise(seed: int):
+    """Make diffusers' schedulers draw ancestral noise from numpy's default_rng(seed), as diffrt does."""
+    torch = pytest.importorskip("torch")
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
+    import diffusers.schedulers.scheduling_lcm as lcm
+
+    rng = np.random.default_rng(seed)
+
+    def randn(shape, generator=None, device=None, dtype=None, layout=None):
+        return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(dtype or torch.float32)
+
+    saved = ea.randn_tensor, lcm.randn_tensor
+    ea.randn_tensor = lcm.randn_tensor = randn
+    try:
+        yield
+    finally:
+        ea.randn_tensor, lcm.randn_tensor = saved
+
+
+CORPUS_WORDS = ("a photo of the red blue green small large cat dog house tree on in at with under over painting "
+                "portrait landscape city night day sun moon water mountain river car road street light dark bright "
+                "old new beautiful ugly happy sad man woman child flower garden sky cloud rain snow fire stone").split()
+
+
+def _corpus(n: int = 3000) -> list[str]:
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.choice(CORPUS_WORDS, size=rng.integers(3, 12))) for _ in range(n)]
+
+
+def make_tiny_checkpoint(root, pad_token: str | None = None):
+    """A tiny random SD-1.x-shaped diffusers checkpoint, built from configs (no download)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffrt.models.train_shapes import build_tokenizer
+
+    tokenizer = build_tokenizer(_corpus(), root / "tok-build", vocab_size=800)
+    if pad_token:
+        tokenizer.pad_token = pad_token
+    torch.manual_seed(0)
+    vocab = len(tokenizer)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=5,
+                                        num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab - 2,
+                                        eos_token_id=vocab - 1, pad_token_id=vocab - 1))
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                              steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    path = root / "checkpoint"
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_checkpoint, tmp_path_factory):
+    from diffrt.export import export_package
+
+    return export_package(tiny_checkpoint, tmp_path_factory.mktemp("pkg") / "tiny", log=lambda msg: None)

@@ -1,0 +1,75 @@
+"""diffrt (numpy loop + onnxruntime) against diffusers' StableDiffusionPipeline on the same weights and latents."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from diffrt.runtime.pipeline import Pipeline
+from diffrt.runtime.schedulers import SHORT_NAMES
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+from conftest import shared_noise  # noqa: E402
+
+PROMPT, NEGATIVE = "a beautiful painting of a red house under the night sky", "ugly dark"
+SIZES = ((32, 32), (40, 24))  # (width, height); 24/2 = 12 and 40/2 = 20 latents
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_package):
+    return Pipeline.from_package(tiny_package, backend="ort-cpu")
+
+
+def run_reference(pipe, name, latents, steps, guidance, width, height, seed):
+    cls, overrides = SHORT_NAMES[name]
+    base = {k: v for k, v in pipe.scheduler.config.items()}
+    pipe.scheduler = getattr(diffusers, cls.class_name).from_config({**base, **overrides})
+    with shared_noise(seed), torch.no_grad():
+        return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=guidance, width=width,
+                    height=height, latents=torch.from_numpy(latents), output_type="np").images
+
+
+@pytest.mark.parametrize("name", list(SHORT_NAMES))
+def test_images_match_diffusers(name, reference, ours):
+    steps = 4 if name == "lcm" else 6
+    for guidance in (1.0, 7.5):
+        for width, height in SIZES:
+            seed = 7
+            latents = np.random.default_rng(seed).standard_normal((1, 4, height // 2, width // 2), dtype=np.float32)
+            theirs = run_reference(reference, name, latents, steps, guidance, width, height, seed)
+            mine = ours(PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance_scale=guidance, scheduler=name, seed=seed,
+                        width=width, height=height, latents=latents)
+            assert mine.array.shape == theirs.shape
+            diff = np.abs(mine.array - theirs).max()
+            assert diff <= 1e-3, f"{name} guidance {guidance} {width}x{height}: max |diff| {diff:.2e}"
+            levels = np.abs(np.asarray(mine.images[0], np.int16) - (theirs[0] * 255).round().astype(np.int16)).max()
+            assert levels <= 1, f"{name} guidance {guidance} {width}x{height}: uint8 images differ by {levels} levels"
+
+
+def test_same_seed_same_image_and_guidance_one_skips_uncond(ours, monkeypatch):
+    a = ours("a cat", steps=3, seed=11, scheduler="euler_a")
+    b = ours("a cat", steps=3, seed=11, scheduler="euler_a")
+    c = ours("a cat", steps=3, seed=12, scheduler="euler_a")
+    assert np.array_equal(a.array, b.array) and not np.array_equal(a.array, c.array)
+    batches = []
+    run = ours.unet.run
+    monkeypatch.setattr(ours.unet, "run", lambda feeds: batches.append(len(feeds["sample"])) or run(feeds))
+    ours("a cat", steps=2, seed=1, guidance_scale=1.0, num_images=2, scheduler="ddim")
+    ours("a cat", steps=2, seed=1, guidance_scale=3.0, num_images=2, scheduler="ddim")
+    assert batches == [2, 2, 4, 4]
+
+
+def test_settings_reproduce_the_image(ours):
+    first = ours("a dog in the garden", steps=4, num_images=2)
+    s = first.settings
+    again = ours(s["prompt"], negative_prompt=s["negative_prompt"], steps=s["steps"], guidance_scale=s["guidance_scale"],
+                 scheduler=s["scheduler"], seed=s["seed"], width=s["width"], height=s["height"], num_images=s["num_images"])
+    assert np.array_equal(first.array, again.array)
