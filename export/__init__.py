@@ -24,6 +24,7 @@ class ExportOptions:
     exporter: str = "torchscript"
     overwrite: bool = False
     check: bool = True
+    weights_fp16: bool = False  # store weights as float16, compute in float32 (see export/weights.py)
     name: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
 

@@ -117,8 +117,14 @@ def example_inputs(name: str, ckpt: Checkpoint, batch: int, height: int, width: 
     return (torch.rand(batch, 3, height * f, width * f, generator=gen) * 2 - 1,)
 
 
+def effective_opset(opset: int, exporter: str) -> int:
+    """The dynamo exporter writes opset 18 natively; converting it down to 17 breaks its Split nodes."""
+    return max(opset, 18) if exporter == "dynamo" else opset
+
+
 def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folder: Path, opset: int, exporter: str) -> Path:
     """Write folder/model.onnx (plus model.onnx_data when the weights pass 2 GB)."""
+    opset = effective_opset(opset, exporter)
     import onnx
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -133,7 +139,7 @@ def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folde
         warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes: the check below is what counts
         torch.onnx.export(wrapped, example, str(path), input_names=list(spec.inputs), output_names=list(spec.outputs),
                           dynamic_axes={**spec.inputs, **spec.outputs}, opset_version=opset, do_constant_folding=True,
-                          dynamo=exporter == "dynamo")
+                          dynamo=exporter == "dynamo", verbose=False)
     extra = [p for p in folder.iterdir() if p.name != "model.onnx"]
     if extra or path.stat().st_size > TWO_GB:
         model = onnx.load(str(path))

@@ -19,7 +19,8 @@ from diffrt.runtime.schedulers import CLASSES
 
 from .check import check_component
 from .checkpoint import Checkpoint
-from .graphs import latent_size, vae_scale_factor
+from .graphs import effective_opset, latent_size, vae_scale_factor
+from .weights import store_weights_fp16
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "tokenizer.json")
 
@@ -90,10 +91,13 @@ def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], No
             modules.clear()
             gc.collect()
             modules[source] = ckpt.load(comp)
-        log(f"[{i + 1}/{total}] {comp}: exporting ({options.exporter}, opset {options.opset})")
+        log(f"[{i + 1}/{total}] {comp}: exporting ({options.exporter}, opset {effective_opset(options.opset, options.exporter)})")
         path = export_component(comp, modules[source], ckpt, dest / comp, options.opset, options.exporter)
-        entry: dict[str, Any] = {"file": f"{comp}/model.onnx", "precision": "fp32", "made_by": f"torch.onnx {options.exporter}",
-                                 **graph_io(path)}
+        entry: dict[str, Any] = {"file": f"{comp}/model.onnx", "precision": "fp32", "made_by": f"torch.onnx {options.exporter}"}
+        if options.weights_fp16:
+            store_weights_fp16(path)
+            entry["weights"] = "fp16"
+        entry.update(graph_io(path))
         if options.check:
             result = check_component(comp, modules[source], ckpt, path)
             entry["check"] = result.as_dict()
@@ -101,8 +105,9 @@ def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], No
             log(f"[{i + 1}/{total}] {comp}: onnxruntime vs PyTorch max abs {result.max_abs:.2e}, "
                 f"max rel {result.max_rel:.2e} over {len(result.cases)} shapes: {verdict}")
             if not result.ok:
+                other = "dynamo" if options.exporter == "torchscript" else "torchscript"
                 raise UserError(f"{comp}: onnxruntime differs from PyTorch by {result.max_rel:.2e} (relative), over the "
-                                f"tolerance {result.tolerance:g}; try --exporter {'dynamo' if options.exporter == 'torchscript' else 'torchscript'} or another --opset")
+                                f"tolerance {result.tolerance:g}; try --exporter {other} or another --opset")
         entry["seconds"] = round(time.perf_counter() - start, 2)
         components[comp] = entry
     modules.clear()
@@ -125,7 +130,8 @@ def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], No
         "text_max_length": max_len if isinstance(max_len, int) and max_len < 10_000 else 77,
         "defaults": {**default_settings(ckpt, family), **options.defaults},
         "components": components,
-        "source": {"checkpoint": str(ckpt.root), "exporter": options.exporter, "opset": options.opset},
+        "source": {"checkpoint": str(ckpt.root), "exporter": options.exporter,
+                   "opset": effective_opset(options.opset, options.exporter)},
         "versions": {"diffrt": __version__, "python": platform.python_version(), **library_versions()},
     }
     manifest["files"] = {str(p.relative_to(dest)): {"bytes": p.stat().st_size, "sha256": sha256(p)}

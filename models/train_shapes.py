@@ -89,6 +89,27 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float) -> Autoen
     return vae.eval()
 
 
+def refine_decoder(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch: int, lr: float) -> AutoencoderKL:
+    """Train the decoder alone on the frozen encoder's latents: sharper images, same latent space for the UNet."""
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(3)
+    t0 = time.time()
+    for step, idx in zip(range(1, steps + 1), batches(len(images), batch, rng)):
+        x = images[idx]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        loss = F.mse_loss(vae.decode(z).sample, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, step / 50) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
+        opt.step()
+        if step % 100 == 0 or step == steps:
+            log(f"decoder step {step}/{steps} loss {loss.item():.5f} ({time.time() - t0:.0f} s)")
+    return vae.eval()
+
+
 @torch.no_grad()
 def encode_all(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
@@ -156,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unet-steps", type=int, default=4500)
     ap.add_argument("--unet-batch", type=int, default=48)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
+    ap.add_argument("--refine-steps", type=int, default=1500, help="decoder-only steps after the UNet")
+    ap.add_argument("--from", dest="resume", type=Path, help="only refine the decoder of this saved checkpoint")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -167,6 +190,13 @@ def main(argv: list[str] | None = None) -> None:
     log(f"generating {args.images} captioned images")
     images_u8, captions = sample_training_set(args.images, seed=args.seed)
     images = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+
+    if args.resume:
+        pipe = StableDiffusionPipeline.from_pretrained(args.resume)
+        refine_decoder(pipe.vae.train(), images, args.refine_steps, args.vae_batch, args.lr)
+        pipe.save_pretrained(args.out)
+        log(f"saved {args.out} after {(time.time() - start) / 60:.1f} min")
+        return
 
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(captions, args.out / "tokenizer", vocab_size=600)
@@ -184,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     curve: list = []
     unet, text = train_denoiser(mean * scaling, std * scaling, ids, empty_ids, len(tokenizer), args.unet_steps,
                                 args.unet_batch, args.lr, max(args.unet_steps // 60, 1), curve)
+    vae = refine_decoder(vae.train(), images, args.refine_steps, args.vae_batch, args.lr)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,

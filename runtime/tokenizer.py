@@ -65,7 +65,7 @@ class ClipTokenizer:
             pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
-        self._tok.add_special_tokens([BOS, EOS])
+        self._tok.add_special_tokens(sorted({BOS, EOS, pad_token}))  # transformers never splits these, "!" included
         self.max_length = max_length
         self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
         self.pad_token = pad_token

@@ -1,0 +1,57 @@
+"""Turn the trained shapes checkpoint into the bundled package models/shapes-tiny (run after train_shapes.py).
+
+    python models/make_bundled.py [--checkpoint models/build/shapes-checkpoint]
+
+Weights are rounded to float16 (so the package can store them as float16 losslessly and stay small) and
+exported with diffrt's own exporter; the model card (README.md, card/) is kept across re-exports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffrt.export import ExportOptions, export_package
+from diffusers import StableDiffusionPipeline
+
+HERE = Path(__file__).resolve().parent
+DEFAULTS = {"steps": 20, "guidance_scale": 4.0, "scheduler": "ddim"}
+
+
+def round_weights_fp16(source: Path, dest: Path) -> Path:
+    pipe = StableDiffusionPipeline.from_pretrained(source)
+    with torch.no_grad():
+        for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+            for p in module.parameters():
+                p.copy_(p.half().float())
+    pipe.save_pretrained(dest)
+    return dest
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, default=HERE / "build" / "shapes-checkpoint")
+    ap.add_argument("--out", type=Path, default=HERE / "shapes-tiny")
+    args = ap.parse_args(argv)
+    rounded = round_weights_fp16(args.checkpoint, HERE / "build" / "shapes-checkpoint-fp16w")
+    keep = Path(tempfile.mkdtemp())
+    for name in ("README.md", "card"):
+        if (args.out / name).exists():
+            shutil.move(str(args.out / name), keep / name)
+    try:
+        export_package(rounded, args.out, ExportOptions(components=("text_encoder", "unet", "vae_decoder"), overwrite=True,
+                                                        weights_fp16=True, name="shapes-tiny", defaults=DEFAULTS))
+    finally:
+        for item in keep.iterdir():
+            target = args.out / item.name
+            if not target.exists():
+                shutil.move(str(item), target)
+    size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
+    print(f"{args.out}: {size / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Export: manifest contents, the check's numbers, bad input refused, and the optimum round trips."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from diffrt.runtime.errors import UserError
+from diffrt.runtime.package import load_package, sha256
+from diffrt.runtime.pipeline import Pipeline
+
+pytest.importorskip("torch")
+from diffrt.export import ExportOptions, export_package  # noqa: E402
+
+
+def test_manifest(tiny_package, tiny_checkpoint):
+    m = json.loads((tiny_package / "diffrt.json").read_text())
+    assert m["format_version"] == 1 and m["family"] == "custom"
+    assert m["prediction_type"] == "epsilon" and m["vae_scale_factor"] == 2 and m["latent_channels"] == 4
+    assert m["text_max_length"] == 77
+    assert m["defaults"] == {"width": 32, "height": 32, "steps": 20, "guidance_scale": 7.5, "scheduler": "pndm"}
+    unet = m["components"]["unet"]
+    assert unet["inputs"]["sample"] == {"dtype": "float32", "dims": ["batch_size", 4, "height", "width"]}
+    assert unet["inputs"]["timestep"] == {"dtype": "float32", "dims": []}
+    assert unet["outputs"]["out_sample"]["dims"] == ["batch_size", 4, "height", "width"]
+    assert set(m["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    for comp in m["components"].values():
+        assert comp["precision"] == "fp32"
+        assert comp["check"]["passed"] and comp["check"]["max_abs"] < 1e-4 and len(comp["check"]["cases"]) == 2
+    for rel, info in m["files"].items():
+        assert sha256(tiny_package / rel) == info["sha256"]
+    assert {"diffrt", "torch", "diffusers", "onnx", "onnxruntime"} <= set(m["versions"])
+    for name in ("tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json", "model_index.json",
+                 "unet/config.json", "vae_decoder/config.json"):
+        assert (tiny_package / name).is_file()
+    load_package(tiny_package, hashes=True)
+
+
+def test_bad_checkpoints(tiny_checkpoint, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="not a diffusers checkpoint"):
+        export_package(empty, tmp_path / "out1")
+    with pytest.raises(UserError, match="does not exist"):
+        export_package(tmp_path / "nowhere", tmp_path / "out1")
+
+    no_unet = tmp_path / "no_unet"
+    shutil.copytree(tiny_checkpoint, no_unet)
+    shutil.rmtree(no_unet / "unet")
+    with pytest.raises(UserError, match="unet component is missing"):
+        export_package(no_unet, tmp_path / "out2")
+
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_checkpoint, odd)
+    config = json.loads((odd / "unet" / "config.json").read_text())
+    config["_class_name"] = "UNet2DModel"
+    (odd / "unet" / "config.json").write_text(json.dumps(config))
+    index = json.loads((odd / "model_index.json").read_text())
+    index["unet"] = ["diffusers", "UNet2DModel"]
+    (odd / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="is a UNet2DModel; diffrt exports UNet2DConditionModel"):
+        export_package(odd, tmp_path / "out3")
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_existing_output_is_kept_unless_overwrite(tiny_checkpoint, tmp_path):
+    out = tmp_path / "pkg"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "export", str(tiny_checkpoint), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (out / "keep.txt").read_text() == "mine"
+    export_package(tiny_checkpoint, out, ExportOptions(overwrite=True, check=False, components=("text_encoder", "unet",
+                                                                                             "vae_decoder")),
+                   log=lambda m: None)
+    assert not (out / "keep.txt").exists() and (out / "diffrt.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"]
+
+
+def test_no_space_left_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    import diffrt.export.graphs as graphs
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(graphs, "export_component", full)
+    with pytest.raises(UserError, match="no space left"):
+        export_package(tiny_checkpoint, tmp_path / "pkg", log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_failure_names_component(tiny_checkpoint, tmp_path, monkeypatch):
+    import diffrt.export.check as check
+
+    monkeypatch.setitem(check.TOLERANCE, "fp32", 1e-12)
+    with pytest.raises(UserError, match=r"text_encoder: onnxruntime differs from PyTorch by .* over the tolerance 1e-12"):
+        export_package(tiny_checkpoint, tmp_path / "pkg", log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dynamo_exporter(tiny_checkpoint, tmp_path):
+    pytest.importorskip("onnxscript")
+    out = export_package(tiny_checkpoint, tmp_path / "pkg", ExportOptions(exporter="dynamo", components=(
+        "text_encoder", "unet", "vae_decoder")), log=lambda m: None)
+    m = json.loads((out / "diffrt.json").read_text())
+    assert all(c["check"]["passed"] for c in m["components"].values())
+
+
+optimum = pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx is not installed")
+
+
+def test_optimum_loads_our_package(tiny_package):
+    import torch
+
+    pipe = optimum.ORTStableDiffusionPipeline.from_pretrained(tiny_package)
+    latents = np.random.default_rng(3).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    theirs = pipe("a red house", num_inference_steps=5, guidance_scale=7.5, latents=torch.from_numpy(latents),
+                  output_type="np").images
+    ours = Pipeline.from_package(tiny_package, backend="ort-cpu")("a red house", steps=5, guidance_scale=7.5,
+                                                                  scheduler="pndm", seed=3, latents=latents)
+    assert np.abs(ours.array - theirs).max() <= 1e-3
+
+
+def test_we_load_optimums_export(tiny_checkpoint, tiny_package, tmp_path):
+    from optimum.exporters.onnx import main_export
+
+    main_export(str(tiny_checkpoint), output=tmp_path / "opt", task="text-to-image", do_validation=False)
+    assert not (tmp_path / "opt" / "diffrt.json").exists()
+    latents = np.random.default_rng(4).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    images = [Pipeline.from_package(p, backend="ort-cpu")("a green tree", steps=5, seed=4, latents=latents, scheduler="ddim")
+              for p in (tmp_path / "opt", tiny_package)]
+    assert np.abs(images[0].array - images[1].array).max() <= 1e-4
+    assert load_package(tmp_path / "opt").vae_scale_factor == 2
