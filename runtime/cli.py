@@ -76,6 +76,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from diffrt.benchmarks.bench import benchmark, config_from_args, write_outputs
+
+    cfg = config_from_args(args)
+    if str(cfg.package) == "sd15":
+        from diffrt.benchmarks.sd15 import prepare_package
+
+        cfg.package, cfg.checkpoint = prepare_package()
+    result = benchmark(cfg, log=lambda m: print(m, file=sys.stderr))
+    for path in write_outputs(result, cfg.out):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .schedulers import scheduler_names
 
@@ -113,6 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights-fp16", action="store_true", help="store weights as float16 (half the size), compute in float32")
     e.add_argument("--name", help="model name recorded in the manifest and in image metadata (default: OUT's name)")
     e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="latency benchmark, optionally side by side with diffusers")
+    b.add_argument("package", nargs="?", type=Path, help="package folder, `sd15` (full-size SD 1.5, random weights), "
+                   "default the bundled model")
+    b.add_argument("--backend", choices=BACKENDS, default="auto")
+    b.add_argument("--steps", type=positive_int)
+    b.add_argument("--size", help="WIDTHxHEIGHT")
+    b.add_argument("--batch", default="1", help="batch sizes, comma-separated (e.g. 1,4)")
+    b.add_argument("--runs", type=positive_int, default=5)
+    b.add_argument("--warmup", type=int, default=1)
+    b.add_argument("--scheduler", choices=scheduler_names(), metavar="S")
+    b.add_argument("--guidance", type=number)
+    b.add_argument("--threads", type=positive_int)
+    b.add_argument("--baseline", choices=("diffusers",))
+    b.add_argument("--checkpoint", type=Path, help="diffusers checkpoint for the baseline (default: the package's source)")
+    b.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process runs")
+    b.add_argument("--out", type=Path, default=Path("bench-out"))
+    b.set_defaults(func=cmd_bench)
     return p
 
 

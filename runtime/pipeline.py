@@ -26,12 +26,13 @@ MAX_IMAGES = 64
 
 @dataclass
 class Result:
-    """Images, the same as float arrays in [0, 1] (n, H, W, 3), and the settings that reproduce them."""
+    """Images, the same as float arrays in [0, 1] (n, H, W, 3), the settings that reproduce them, and stage timings
+    (seconds; unet and scheduler per step, the scheduler's including the loop's own Python)."""
 
     images: list[Image.Image]
     array: np.ndarray
     settings: dict[str, Any]
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
 
 
 def nearest_sizes(value: int, multiple: int) -> str:
@@ -77,11 +78,6 @@ class Pipeline:
             path = bundled_model()
         return cls(load_package(path, hashes=verify_hashes), backend, threads)
 
-    def encode_prompts(self, prompts: list[str]) -> np.ndarray:
-        ids = self.tokenizer(prompts)
-        spec = self.text_encoder.inputs["input_ids"]
-        return self.text_encoder.run({"input_ids": ids.astype(spec.dtype)})["last_hidden_state"]
-
     def __call__(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
                  guidance_scale: float | None = None, scheduler: str | None = None, seed: int | None = None,
                  width: int | None = None, height: int | None = None, num_images: int = 1,
@@ -106,41 +102,45 @@ class Pipeline:
             latents = rng.standard_normal(shape, dtype=np.float32)
         elif latents.shape != shape:
             raise UserError(f"latents have shape {latents.shape}; {width}x{height} with {num_images} image(s) needs {shape}")
-        timings: dict[str, float] = {}
+        timings: dict[str, Any] = {"unet": [], "scheduler": []}
         clock = time.perf_counter()
-
         guided = guidance > 1.0
         prompts = ([negative_prompt] * num_images if guided else []) + [prompt] * num_images
-        text = self.encode_prompts(prompts)
+        ids = self.tokenizer(prompts)
+        timings["tokenize"] = lap = time.perf_counter() - clock
+        spec = self.text_encoder.inputs["input_ids"]
+        text = self.text_encoder.run({"input_ids": ids.astype(spec.dtype)})["last_hidden_state"]
         text_dev = self.unet.to_device(text)
-        timings["text"] = time.perf_counter() - clock
+        timings["text_encoder"] = time.perf_counter() - clock - lap
 
         x = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
-        t_spec = self.unet.inputs["timestep"]
-        unet_time = 0.0
+        t_spec, s_spec = self.unet.inputs["timestep"], self.unet.inputs["sample"]
         for i, t in enumerate(sched.timesteps):
+            start = time.perf_counter()
             model_in = np.concatenate([x, x]) if guided else x
             model_in = sched.scale_model_input(model_in, t)
-            start = time.perf_counter()
-            out = self.unet.run({"sample": model_in.astype(self.unet.inputs["sample"].dtype),
-                                 "timestep": timestep_feed(t_spec, t, len(model_in)),
-                                 "encoder_hidden_states": text_dev})["out_sample"].astype(np.float32)
-            unet_time += time.perf_counter() - start
+            feeds = {"sample": model_in.astype(s_spec.dtype), "timestep": timestep_feed(t_spec, t, len(model_in)),
+                     "encoder_hidden_states": text_dev}
+            called = time.perf_counter()
+            out = self.unet.run(feeds)["out_sample"].astype(np.float32)
+            returned = time.perf_counter()
             if guided:
                 uncond, cond = out[:num_images], out[num_images:]
                 out = uncond + np.float32(guidance) * (cond - uncond)
             x = sched.step(out, t, x, rng)
+            timings["unet"].append(returned - called)
+            timings["scheduler"].append(time.perf_counter() - returned + called - start)
             if progress:
                 progress(i + 1, len(sched.timesteps))
-        timings["unet"] = unet_time
-        timings["loop"] = time.perf_counter() - clock - timings["text"]
 
         start = time.perf_counter()
         decoded = self.vae_decoder.run({"latent_sample": (x / np.float32(pkg.vae_scaling_factor)).astype(
             self.vae_decoder.inputs["latent_sample"].dtype)})["sample"].astype(np.float32)
+        timings["vae_decode"] = (mid := time.perf_counter()) - start
         array = np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
         images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
-        timings["vae"] = time.perf_counter() - start
+        timings["postprocess"] = time.perf_counter() - mid
+        timings["total"] = time.perf_counter() - clock
         settings = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance,
                     "scheduler": short_name(sched), "seed": seed, "width": width, "height": height,
                     "num_images": num_images, "model": pkg.name, "model_hash": pkg.model_hash,

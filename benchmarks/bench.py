@@ -1,0 +1,270 @@
+"""Latency benchmark: per stage, percentiles, images/s, cold start and peak RSS; diffusers side by side.
+
+    diffrt bench [PACKAGE | sd15] [--steps N] [--size WxH] [--batch 1,4] [--runs N] [--warmup N]
+                 [--baseline diffusers] [--out DIR]
+
+With --baseline diffusers, diffusers' StableDiffusionPipeline runs on the checkpoint the package was exported
+from, with the same latents, steps and scheduler, interleaved run by run with diffrt so machine noise hits both.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from diffrt.runtime.errors import UserError
+from diffrt.runtime.pipeline import Pipeline
+
+from .machine import describe, gpu_memory_used_mb
+
+PROMPT = "a small red circle on a blue background, top left"
+
+
+@dataclass
+class BenchConfig:
+    package: Path | None = None
+    backend: str = "auto"
+    steps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    batches: list[int] = field(default_factory=lambda: [1])
+    runs: int = 5
+    warmup: int = 1
+    scheduler: str | None = None
+    guidance: float | None = None
+    baseline: str | None = None
+    checkpoint: Path | None = None
+    threads: int | None = None
+    cold_start: bool = True
+    prompt: str = PROMPT
+    out: Path = Path("bench-out")
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, np.float64)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)),
+            "mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()), "n": len(a)}
+
+
+class Diffusers:
+    """The baseline: diffusers on the same weights, timed per stage with module hooks."""
+
+    def __init__(self, checkpoint: Path, threads: int | None) -> None:
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        start = time.perf_counter()
+        self.pipe = StableDiffusionPipeline.from_pretrained(checkpoint)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.load_seconds = time.perf_counter() - start
+        self.stages: dict[str, list[float]] = {}
+        for name, module in (("text_encoder", self.pipe.text_encoder), ("unet", self.pipe.unet)):
+            self._hook(name, module)
+        decode = self.pipe.vae.decode
+
+        def timed_decode(*args, **kwargs):
+            t = time.perf_counter()
+            out = decode(*args, **kwargs)
+            self.stages.setdefault("vae_decode", []).append(time.perf_counter() - t)
+            return out
+
+        self.pipe.vae.decode = timed_decode
+
+    def _hook(self, name: str, module) -> None:
+        marks: list[float] = []
+        module.register_forward_pre_hook(lambda *a: marks.append(time.perf_counter()))
+        module.register_forward_hook(lambda *a: self.stages.setdefault(name, []).append(time.perf_counter() - marks.pop()))
+
+    def __call__(self, cfg: BenchConfig, scheduler: str, steps: int, guidance: float, latents: np.ndarray, width: int,
+                 height: int) -> dict[str, Any]:
+        import diffusers
+        from diffrt.runtime.schedulers import SHORT_NAMES
+
+        cls, overrides = SHORT_NAMES[scheduler]
+        self.pipe.scheduler = getattr(diffusers, cls.class_name).from_config({**self.pipe.scheduler.config, **overrides})
+        self.stages = {}
+        start = time.perf_counter()
+        with self.torch.no_grad():
+            images = self.pipe([cfg.prompt] * len(latents), num_inference_steps=steps, guidance_scale=guidance, width=width,
+                               height=height, latents=self.torch.from_numpy(latents)).images
+        for image in images:
+            image.save(BytesIO(), format="PNG")
+        total = time.perf_counter() - start
+        stages = {k: float(np.sum(v)) for k, v in self.stages.items()}
+        stages["other"] = total - sum(stages.values())
+        return {"total": total, "stages": stages, "unet_calls": self.stages.get("unet", [])}
+
+
+def run_diffrt(pipe: Pipeline, cfg: BenchConfig, scheduler: str, steps: int, guidance: float, latents: np.ndarray,
+               width: int, height: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    result = pipe(cfg.prompt, steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=0, width=width, height=height,
+                  num_images=len(latents), latents=latents)
+    encode = time.perf_counter()
+    for image in result.images:
+        image.save(BytesIO(), format="PNG")
+    end = time.perf_counter()
+    t = result.timings
+    stages = {"tokenize": t["tokenize"], "text_encoder": t["text_encoder"], "unet": float(np.sum(t["unet"])),
+              "scheduler_and_loop": float(np.sum(t["scheduler"])), "vae_decode": t["vae_decode"],
+              "postprocess": t["postprocess"], "image_encode": end - encode}
+    stages["other"] = (end - start) - sum(stages.values())
+    return {"total": end - start, "stages": stages, "unet_calls": t["unet"], "scheduler_steps": t["scheduler"]}
+
+
+def cold_start(cfg: BenchConfig, impl: str, package: Path, checkpoint: Path | None, scheduler: str, steps: int,
+               guidance: float, width: int, height: int) -> dict[str, Any]:
+    """Process start to first image written, in a fresh interpreter; its own peak RSS."""
+    out = Path(tempfile.mkdtemp()) / "cold.png"
+    if impl == "diffrt":
+        body = (f"from diffrt.runtime.cli import main\n"
+                f"main(['generate', {cfg.prompt!r}, '--model', {str(package)!r}, '--steps', '{steps}', '--guidance', "
+                f"'{guidance}', '--scheduler', {scheduler!r}, '--width', '{width}', '--height', '{height}', '--seed', '0', "
+                f"'--backend', {cfg.backend!r}, '-q', '-o', {str(out)!r}])\n")
+    else:
+        body = ("import torch, diffusers\n"
+                "from diffrt.runtime.schedulers import SHORT_NAMES\n"
+                f"p = diffusers.StableDiffusionPipeline.from_pretrained({str(checkpoint)!r})\n"
+                "p.set_progress_bar_config(disable=True)\n"
+                f"cls, over = SHORT_NAMES[{scheduler!r}]\n"
+                "p.scheduler = getattr(diffusers, cls.class_name).from_config({**p.scheduler.config, **over})\n"
+                f"p({cfg.prompt!r}, num_inference_steps={steps}, guidance_scale={guidance}, width={width}, height={height},"
+                f" generator=torch.Generator().manual_seed(0)).images[0].save({str(out)!r})\n")
+    code = "import resource\n" + body + "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode or not out.is_file():
+        raise UserError(f"cold-start run of {impl} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    rss_kb = int(proc.stdout.split("MAXRSS")[-1].split()[0])
+    return {"seconds": seconds, "peak_rss_mb": rss_kb / 1024}
+
+
+def baseline_checkpoint(pipe: Pipeline, cfg: BenchConfig) -> Path:
+    path = cfg.checkpoint or Path(pipe.package.manifest.get("source", {}).get("checkpoint", ""))
+    if not path or not (Path(path) / "model_index.json").is_file():
+        raise UserError(f"--baseline diffusers needs the diffusers checkpoint this package was exported from ({path or 'unknown'} "
+                        "is not there); pass --checkpoint DIR")
+    return Path(path)
+
+
+def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
+    """Run the whole benchmark; returns {machine, settings, records, summary}."""
+    start = time.perf_counter()
+    pipe = Pipeline.from_package(cfg.package, backend=cfg.backend, threads=cfg.threads)
+    load_seconds = time.perf_counter() - start
+    d = pipe.package.defaults
+    steps, guidance = cfg.steps or d["steps"], d["guidance_scale"] if cfg.guidance is None else cfg.guidance
+    scheduler = cfg.scheduler or d["scheduler"]
+    width, height = cfg.width or d["width"], cfg.height or d["height"]
+    ref = Diffusers(baseline_checkpoint(pipe, cfg), cfg.threads) if cfg.baseline == "diffusers" else None
+    impls = {"diffrt": lambda lat: run_diffrt(pipe, cfg, scheduler, steps, guidance, lat, width, height)}
+    if ref:
+        impls["diffusers"] = lambda lat: ref(cfg, scheduler, steps, guidance, lat, width, height)
+    records: list[dict[str, Any]] = [{"kind": "load", "impl": "diffrt", "seconds": load_seconds}]
+    if ref:
+        records.append({"kind": "load", "impl": "diffusers", "seconds": ref.load_seconds})
+    f = pipe.package.vae_scale_factor
+    for batch in cfg.batches:
+        latents = np.random.default_rng(batch).standard_normal((batch, pipe.package.latent_channels, height // f, width // f),
+                                                              dtype=np.float32)
+        for fn in impls.values():
+            for _ in range(cfg.warmup):
+                fn(latents)
+        for run in range(cfg.runs):
+            order = list(impls) if run % 2 == 0 else list(impls)[::-1]
+            for name in order:
+                r = impls[name](latents)
+                records.append({"kind": "e2e", "impl": name, "batch": batch, "run": run, "seconds": r["total"],
+                                "stages": r["stages"], "unet_calls": r["unet_calls"],
+                                "scheduler_steps": r.get("scheduler_steps")})
+            log(f"batch {batch} run {run + 1}/{cfg.runs}: " + ", ".join(
+                f"{rec['impl']} {rec['seconds']:.3f} s" for rec in records[-len(order):]))
+    gpu_mb = gpu_memory_used_mb()
+    if cfg.cold_start:
+        for name in impls:
+            r = cold_start(cfg, name, pipe.package.root, ref and baseline_checkpoint(pipe, cfg), scheduler, steps, guidance,
+                           width, height)
+            records.append({"kind": "cold_start", "impl": name, **r})
+            log(f"cold start {name}: {r['seconds']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
+    settings = {"package": str(pipe.package.root), "model": pipe.package.name, "backend": pipe.backend, "steps": steps,
+                "guidance_scale": guidance, "scheduler": scheduler, "width": width, "height": height, "batches": cfg.batches,
+                "runs": cfg.runs, "warmup": cfg.warmup, "threads": cfg.threads, "baseline": cfg.baseline,
+                "gpu_memory_used_mb": gpu_mb}
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "settings": settings, "records": records,
+            "summary": summarise(records)}
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"e2e": {}, "stages": {}, "cold_start": {}, "load": {}}
+    for rec in records:
+        if rec["kind"] in ("cold_start", "load"):
+            out[rec["kind"]][rec["impl"]] = {k: v for k, v in rec.items() if k not in ("kind", "impl")}
+    keys = sorted({(r["impl"], r["batch"]) for r in records if r["kind"] == "e2e"})
+    for impl, batch in keys:
+        rs = [r for r in records if r["kind"] == "e2e" and r["impl"] == impl and r["batch"] == batch]
+        s = stats([r["seconds"] for r in rs])
+        s["images_per_s"] = batch / s["mean"]
+        out["e2e"][f"{impl}/b{batch}"] = s
+        stages = {k: float(np.mean([r["stages"][k] for r in rs])) for k in rs[0]["stages"]}
+        unet_call = float(np.mean([c for r in rs for c in r["unet_calls"]])) if rs[0]["unet_calls"] else None
+        entry = {"mean_seconds": stages, "unet_call": unet_call}
+        if rs[0].get("scheduler_steps") and unet_call:
+            entry["scheduler_step_share_of_unet_call"] = float(np.mean([c for r in rs for c in r["scheduler_steps"]])) / unet_call
+        out["stages"][f"{impl}/b{batch}"] = entry
+    ratios = {}
+    for key, s in out["e2e"].items():
+        impl, batch = key.split("/")
+        if impl == "diffrt" and f"diffusers/{batch}" in out["e2e"]:
+            ratios[f"e2e_speedup/{batch}"] = out["e2e"][f"diffusers/{batch}"]["p50"] / s["p50"]
+    cs = out["cold_start"]
+    if "diffrt" in cs and "diffusers" in cs:
+        ratios["cold_start_ratio"] = cs["diffrt"]["seconds"] / cs["diffusers"]["seconds"]
+        ratios["peak_rss_ratio"] = cs["diffrt"]["peak_rss_mb"] / cs["diffusers"]["peak_rss_mb"]
+    out["ratios"] = ratios
+    return out
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
+    """results.json (every record), report.md (tables) and report.png (stages and latency distribution)."""
+    from .report import markdown, plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "report.md", out / "report.png"]
+    paths[0].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    paths[1].write_text(markdown(result))
+    plot(result, paths[2])
+    return paths
+
+
+def config_from_args(args) -> BenchConfig:
+    width = height = None
+    if args.size:
+        try:
+            width, height = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--size {args.size!r} is not WIDTHxHEIGHT, e.g. 512x512") from None
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise UserError(f"--batch {args.batch!r} is not a list of whole numbers, e.g. 1,4") from None
+    if any(b < 1 for b in batches):
+        raise UserError("--batch sizes must be 1 or more")
+    return BenchConfig(package=args.package, backend=args.backend, steps=args.steps, width=width, height=height,
+                       batches=batches, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler, guidance=args.guidance,
+                       baseline=args.baseline, checkpoint=args.checkpoint, threads=args.threads, cold_start=not args.no_cold_start,
+                       out=args.out)
+
+
+__all__ = ["BenchConfig", "benchmark", "write_outputs", "config_from_args"]

@@ -1,0 +1,42 @@
+"""The benchmark harness on the tiny model: every measurement recorded, reports written, baseline interleaved."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+
+def test_bench_with_diffusers_baseline(tiny_package, tiny_checkpoint, tmp_path):
+    from diffrt.benchmarks.bench import BenchConfig, benchmark, write_outputs
+
+    cfg = BenchConfig(package=tiny_package, backend="ort-cpu", steps=3, scheduler="ddim", batches=[1, 2], runs=2, warmup=1,
+                      baseline="diffusers", checkpoint=tiny_checkpoint, out=tmp_path / "out")
+    result = benchmark(cfg, log=lambda m: None)
+    paths = write_outputs(result, cfg.out)
+    assert [p.name for p in paths] == ["results.json", "report.md", "report.png"]
+    data = json.loads(paths[0].read_text())
+    e2e = [r for r in data["records"] if r["kind"] == "e2e"]
+    assert len(e2e) == 2 * 2 * 2  # two impls, two batch sizes, two runs
+    assert [r["impl"] for r in e2e[:4]] == ["diffrt", "diffusers", "diffusers", "diffrt"]  # interleaved
+    summary = data["summary"]
+    assert set(summary["e2e"]) == {"diffrt/b1", "diffrt/b2", "diffusers/b1", "diffusers/b2"}
+    for s in summary["e2e"].values():
+        assert s["min"] <= s["p50"] <= s["p90"] <= s["p99"] and s["images_per_s"] > 0
+    assert len(e2e[0]["unet_calls"]) == 3
+    assert set(summary["cold_start"]) == {"diffrt", "diffusers"}
+    assert summary["cold_start"]["diffrt"]["peak_rss_mb"] > 0
+    assert {"e2e_speedup/b1", "cold_start_ratio", "peak_rss_ratio"} <= set(summary["ratios"])
+    assert "scheduler_step_share_of_unet_call" in summary["stages"]["diffrt/b1"]
+    assert data["machine"]["cpu"] and "onnxruntime" in data["machine"]["versions"]
+    assert "| diffrt/b1 |" in paths[1].read_text()
+
+
+def test_bench_needs_checkpoint_for_baseline(tiny_package, tmp_path):
+    from diffrt.benchmarks.bench import BenchConfig, benchmark
+    from diffrt.runtime.errors import UserError
+
+    with pytest.raises(UserError, match="pass --checkpoint"):
+        benchmark(BenchConfig(package=tiny_package, baseline="diffusers", checkpoint=tmp_path, runs=1), log=lambda m: None)
