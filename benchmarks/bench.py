@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.pipeline import Pipeline
 
@@ -89,6 +90,7 @@ class Diffusers:
     def __call__(self, cfg: BenchConfig, scheduler: str, steps: int, guidance: float, latents: np.ndarray, width: int,
                  height: int) -> dict[str, Any]:
         import diffusers
+
         from diffrt.runtime.schedulers import SHORT_NAMES
 
         cls, overrides = SHORT_NAMES[scheduler]

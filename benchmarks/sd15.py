@@ -35,9 +35,10 @@ def make_checkpoint(path: Path, seed: int = 0) -> Path:
     if (path / "model_index.json").is_file():
         return path
     import torch
-    from diffrt.models.train_shapes import build_tokenizer
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffrt.models.train_shapes import build_tokenizer
 
     torch.manual_seed(seed)
     words = "a photo of the red blue green cat dog house tree city night painting portrait".split()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from diffrt.runtime.engines import OrtEngine
 
 from .checkpoint import Checkpoint

@@ -25,6 +25,12 @@ from .weights import store_weights_fp16
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "tokenizer.json")
 
 
+def file_hashes(root: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under root but the manifest itself, by relative path."""
+    return {str(p.relative_to(root)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
 def library_versions() -> dict[str, str]:
     found = {}
     for name in ("torch", "diffusers", "transformers", "onnx", "onnxruntime"):
@@ -134,7 +140,6 @@ def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], No
                    "opset": effective_opset(options.opset, options.exporter)},
         "versions": {"diffrt": __version__, "python": platform.python_version(), **library_versions()},
     }
-    manifest["files"] = {str(p.relative_to(dest)): {"bytes": p.stat().st_size, "sha256": sha256(p)}
-                         for p in sorted(dest.rglob("*")) if p.is_file()}
+    manifest["files"] = file_hashes(dest)
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return manifest

@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
 from diffrt.models.shapes_data import POSITIONS, SIZES, Scene, held_out_triples, read_image
 from diffrt.runtime.pipeline import Pipeline
-from PIL import Image
 
 TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.75}
 

@@ -14,8 +14,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffrt.export import ExportOptions, export_package
 from diffusers import StableDiffusionPipeline
+
+from diffrt.export import ExportOptions, export_package
 
 HERE = Path(__file__).resolve().parent
 DEFAULTS = {"steps": 20, "guidance_scale": 4.0, "scheduler": "ddim"}

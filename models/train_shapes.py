@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffrt.models.shapes_data import sample_training_set
-from diffrt.runtime.tokenizer import BOS, CLIP_SPLIT, EOS, byte_alphabet
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from diffrt.models.shapes_data import sample_training_set
+from diffrt.runtime.tokenizer import BOS, CLIP_SPLIT, EOS, byte_alphabet
 
 
 def log(msg: str) -> None:

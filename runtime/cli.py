@@ -56,7 +56,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     count = args.n
     out = args.output or "diffrt.png"
     paths = output_paths(out, count)  # refuse a bad -o before any work
-    pipe = Pipeline.from_package(args.model, backend=args.backend, threads=args.threads, verify_hashes=args.verify)
+    pipe = Pipeline.from_package(args.model, backend=args.backend, threads=args.threads, verify_hashes=args.verify,
+                                 fp32_fallback=args.fp32_fallback)
     result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   scheduler=args.scheduler, seed=args.seed, width=args.width, height=args.height, num_images=count,
                   progress=None if args.quiet else ProgressBar("denoising"))
@@ -73,6 +74,20 @@ def cmd_export(args: argparse.Namespace) -> int:
                             overwrite=args.overwrite, check=not args.no_check, weights_fp16=args.weights_fp16,
                             name=args.name)
     export_package(args.checkpoint, args.out, options)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from diffrt.export.precision import QuantizeOptions, quantize_package
+
+    split = lambda text: tuple(t for t in text.split(",") if t)  # noqa: E731
+    options = QuantizeOptions(precision=args.precision, keep_fp32_ops=split(args.keep_fp32_ops),
+                              keep_fp32_components=split(args.keep_fp32_components), keep_fp32_layers=split(args.keep_fp32_layers),
+                              calibration_prompts=args.calibration_prompts, keep_fallback=not args.no_fallback,
+                              accept_quality=args.accept_quality, overwrite=args.overwrite, steps=args.steps,
+                              adherence=args.adherence)
+    quantize_package(args.package, args.out, options, log=lambda m: print(m, file=sys.stderr))
+    print(args.out)
     return 0
 
 
@@ -112,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=BACKENDS, default="auto")
     g.add_argument("--threads", type=positive_int, help="CPU threads for onnxruntime")
     g.add_argument("--verify", action="store_true", help="check every package file's sha256 before loading")
+    g.add_argument("--fp32-fallback", action="store_true", help="rerun a reduced-precision stage in float32 if it makes NaN/inf")
     g.add_argument("-o", "--output", help="PNG path (default diffrt.png; several images get -0, -1, ...)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
@@ -127,6 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights-fp16", action="store_true", help="store weights as float16 (half the size), compute in float32")
     e.add_argument("--name", help="model name recorded in the manifest and in image metadata (default: OUT's name)")
     e.set_defaults(func=cmd_export)
+
+    from diffrt.export.precision import FP16_KEEP_OPS, INT8_KEEP_LAYERS
+
+    q = sub.add_parser("quantize", help="fp16 or int8 copy of an fp32 package, with quality gates (needs diffrt[export])")
+    q.add_argument("package", type=Path)
+    q.add_argument("out", type=Path)
+    q.add_argument("--precision", choices=("fp16", "int8"), required=True)
+    q.add_argument("--keep-fp32-ops", default=",".join(FP16_KEEP_OPS), help="fp16: op types left in float32")
+    q.add_argument("--keep-fp32-components", default="", help="fp16: components left in float32, e.g. vae_decoder")
+    q.add_argument("--keep-fp32-layers", default=",".join(INT8_KEEP_LAYERS),
+                   help="int8: layers (module-path fragments) left unquantized")
+    q.add_argument("--calibration-prompts", type=positive_int, default=8, help="int8: prompts whose trajectories calibrate")
+    q.add_argument("--steps", type=positive_int, help="steps per trajectory (default: the package's)")
+    q.add_argument("--no-fallback", action="store_true", help="do not keep the float32 graphs for the NaN/inf fallback")
+    q.add_argument("--adherence", action="store_true", help="also gate on the shapes model's prompt-adherence scores")
+    q.add_argument("--accept-quality", action="store_true", help="write the package even if it misses its quality gate")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_quantize)
 
     b = sub.add_parser("bench", help="latency benchmark, optionally side by side with diffusers")
     b.add_argument("package", nargs="?", type=Path, help="package folder, `sd15` (full-size SD 1.5, random weights), "

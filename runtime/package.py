@@ -62,6 +62,15 @@ class Package:
         entry = self.manifest.get("components", {}).get(name)
         return (self.root / (entry["file"] if entry else f"{name}/model.onnx")).is_file()
 
+    def fallback(self, name: str) -> Path:
+        """The float32 copy of a reduced-precision component, kept for the NaN/inf fallback."""
+        rel = self.manifest.get("components", {}).get(name, {}).get("fallback")
+        return self.root / rel if rel else self.component(name)
+
+    def has_fallback(self, name: str) -> bool:
+        rel = self.manifest.get("components", {}).get(name, {}).get("fallback")
+        return bool(rel) and (self.root / rel).is_file()
+
     def precision(self, name: str) -> str:
         return self.manifest.get("components", {}).get(name, {}).get("precision", "fp32")
 

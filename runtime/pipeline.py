@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,11 @@ from .schedulers import make_scheduler, short_name
 from .tokenizer import ClipTokenizer
 
 MAX_STEPS = 1000
+
+
+class NonFiniteError(UserError):
+    """A stage produced NaN or inf."""
+
 MAX_SIDE = 4096
 MAX_IMAGES = 64
 
@@ -57,26 +63,53 @@ def check_request(width: int, height: int, steps: int, num_images: int, guidance
 
 
 class Pipeline:
-    """Load once, call many times; every engine is created at load."""
+    """Load once, call many times; every engine is created at load.
 
-    def __init__(self, package: Package, backend: str = "auto", threads: int | None = None) -> None:
+    Every stage's output is checked for NaN and inf (reduced-precision graphs can overflow); with
+    fp32_fallback the stage is rerun, then kept, on the package's float32 copy of that graph."""
+
+    def __init__(self, package: Package, backend: str = "auto", threads: int | None = None, fp32_fallback: bool = False) -> None:
         self.package = package
         self.backend = resolve_backend(backend)
+        self.threads = threads
+        self.fp32_fallback = fp32_fallback
         self.tokenizer = ClipTokenizer.from_folder(package.root / "tokenizer", package.text_max_length)
-        make = lambda name: OrtEngine(package.component(name), self.backend, threads)  # noqa: E731
-        self.text_encoder = make("text_encoder")
-        self.unet = make("unet")
-        self.vae_decoder = make("vae_decoder")
+        self.text_encoder = self._engine("text_encoder")
+        self.unet = self._engine("unet")
+        self.vae_decoder = self._engine("vae_decoder")
+        self.fell_back: list[str] = []
+
+    def _engine(self, name: str, fallback: bool = False) -> OrtEngine:
+        path = self.package.fallback(name) if fallback else self.package.component(name)
+        return OrtEngine(path, self.backend, self.threads)
+
+    def _guarded(self, name: str, feeds: dict[str, Any], output: str, where: str) -> np.ndarray:
+        """Run stage `name`; on NaN/inf, fall back to its float32 graph or stop with an error that says what to do."""
+        out = getattr(self, name).run(feeds)[output]
+        if np.isfinite(out).all():
+            return out
+        precision = self.package.precision(name)
+        if not self.fp32_fallback or name in self.fell_back:
+            hint = ("retry with --fp32-fallback (Pipeline(fp32_fallback=True)) to rerun it in float32, or use the fp32 package"
+                    if name not in self.fell_back else "the float32 graph overflows too: check the inputs and the model")
+            raise NonFiniteError(f"the {name} ({precision}) produced NaN or inf {where}; {hint}")
+        if not self.package.has_fallback(name):
+            raise NonFiniteError(f"the {name} ({precision}) produced NaN or inf {where} and the package keeps no float32 copy "
+                                 f"of it; use the fp32 package, or re-quantize with --keep-fp32-fallback")
+        warnings.warn(f"{name} ({precision}) produced NaN or inf {where}; rerunning it in float32", stacklevel=3)
+        setattr(self, name, self._engine(name, fallback=True))
+        self.fell_back.append(name)
+        return self._guarded(name, feeds, output, where)
 
     @classmethod
     def from_package(cls, path: str | Path | None = None, backend: str = "auto", threads: int | None = None,
-                     verify_hashes: bool = False) -> Pipeline:
+                     verify_hashes: bool = False, fp32_fallback: bool = False) -> Pipeline:
         """Open a package folder (the bundled default model when path is None)."""
         if path is None:
             from .bundled import bundled_model
 
             path = bundled_model()
-        return cls(load_package(path, hashes=verify_hashes), backend, threads)
+        return cls(load_package(path, hashes=verify_hashes), backend, threads, fp32_fallback)
 
     def __call__(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
                  guidance_scale: float | None = None, scheduler: str | None = None, seed: int | None = None,
@@ -109,20 +142,20 @@ class Pipeline:
         ids = self.tokenizer(prompts)
         timings["tokenize"] = lap = time.perf_counter() - clock
         spec = self.text_encoder.inputs["input_ids"]
-        text = self.text_encoder.run({"input_ids": ids.astype(spec.dtype)})["last_hidden_state"]
+        text = self._guarded("text_encoder", {"input_ids": ids.astype(spec.dtype)}, "last_hidden_state", "on the prompt")
         text_dev = self.unet.to_device(text)
         timings["text_encoder"] = time.perf_counter() - clock - lap
 
         x = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
-        t_spec, s_spec = self.unet.inputs["timestep"], self.unet.inputs["sample"]
         for i, t in enumerate(sched.timesteps):
+            t_spec, s_spec = self.unet.inputs["timestep"], self.unet.inputs["sample"]
             start = time.perf_counter()
             model_in = np.concatenate([x, x]) if guided else x
             model_in = sched.scale_model_input(model_in, t)
             feeds = {"sample": model_in.astype(s_spec.dtype), "timestep": timestep_feed(t_spec, t, len(model_in)),
                      "encoder_hidden_states": text_dev}
             called = time.perf_counter()
-            out = self.unet.run(feeds)["out_sample"].astype(np.float32)
+            out = self._guarded("unet", feeds, "out_sample", f"at step {i + 1} of {len(sched.timesteps)}").astype(np.float32)
             returned = time.perf_counter()
             if guided:
                 uncond, cond = out[:num_images], out[num_images:]
@@ -134,8 +167,8 @@ class Pipeline:
                 progress(i + 1, len(sched.timesteps))
 
         start = time.perf_counter()
-        decoded = self.vae_decoder.run({"latent_sample": (x / np.float32(pkg.vae_scaling_factor)).astype(
-            self.vae_decoder.inputs["latent_sample"].dtype)})["sample"].astype(np.float32)
+        latent_in = (x / np.float32(pkg.vae_scaling_factor)).astype(self.vae_decoder.inputs["latent_sample"].dtype)
+        decoded = self._guarded("vae_decoder", {"latent_sample": latent_in}, "sample", "decoding the latents").astype(np.float32)
         timings["vae_decode"] = (mid := time.perf_counter()) - start
         array = np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
         images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]

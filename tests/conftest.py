@@ -41,9 +41,10 @@ def _corpus(n: int = 3000) -> list[str]:
 def make_tiny_checkpoint(root, pad_token: str | None = None):
     """A tiny random SD-1.x-shaped diffusers checkpoint, built from configs (no download)."""
     import torch
-    from diffrt.models.train_shapes import build_tokenizer
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffrt.models.train_shapes import build_tokenizer
 
     tokenizer = build_tokenizer(_corpus(), root / "tok-build", vocab_size=800)
     if pad_token:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from diffrt.runtime.pipeline import Pipeline
 from diffrt.runtime.schedulers import SHORT_NAMES
 

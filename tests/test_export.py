@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.package import load_package, sha256
 from diffrt.runtime.pipeline import Pipeline

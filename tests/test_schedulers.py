@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from diffrt.runtime.schedulers import CLASSES, SHORT_NAMES, make_scheduler, scheduler_names
 
 torch = pytest.importorskip("torch")

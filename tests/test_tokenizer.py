@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+
 from diffrt.runtime.tokenizer import ClipTokenizer
 
 transformers = pytest.importorskip("transformers")

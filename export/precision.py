@@ -1,0 +1,236 @@
+"""fp16 and int8 (QDQ) packages made from an fp32 package, with quality gates against it.
+
+fp16: onnxruntime's float16 converter, graph I/O kept float32, chosen ops and components kept float32.
+int8: the UNet quantized by onnxruntime's static QDQ quantizer (symmetric int8, per-channel weights: the
+explicit-quantization form TensorRT's builder takes), calibrated on the UNet's real inputs captured from
+denoising trajectories of the fp32 package; sensitive layers stay in float.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffrt.runtime.errors import UserError
+from diffrt.runtime.package import MANIFEST, load_package
+from diffrt.runtime.pipeline import Pipeline
+
+FP16_KEEP_OPS = ("Softmax", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Pow", "ReduceMean")
+INT8_KEEP_LAYERS = ("time_embedding", "time_proj", "conv_in", "conv_out", "norm")
+GATES = {"fp16": 35.0, "int8": 22.0}
+CALIBRATION_PROMPTS = (
+    "a small red circle on a blue background, top left", "a large yellow square on a black background, center",
+    "a green triangle on a white background", "a small cyan diamond on a magenta background, bottom right",
+    "a photo of a cat sitting on a red sofa", "a mountain landscape at sunset, oil painting",
+    "a city street at night in the rain", "a bowl of fruit on a wooden table",
+)
+GATE_PROMPTS = (
+    "a large magenta cross on a green background, top right", "a small white circle on a black background, center",
+    "a portrait of an old man, charcoal drawing", "a red sports car on a mountain road",
+)
+
+
+@dataclass
+class QuantizeOptions:
+    precision: str = "fp16"
+    keep_fp32_ops: tuple[str, ...] = FP16_KEEP_OPS
+    keep_fp32_components: tuple[str, ...] = ()
+    keep_fp32_layers: tuple[str, ...] = INT8_KEEP_LAYERS
+    calibration_prompts: int = 8
+    calibration_seeds: int = 1
+    gate_seeds: int = 2
+    keep_fallback: bool = True
+    accept_quality: bool = False
+    overwrite: bool = False
+    steps: int | None = None
+    adherence: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Recorder:
+    """Wraps an engine and keeps a copy of every feed and output (a UNet's real inputs along trajectories)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.inputs, self.outputs, self.to_device = engine, engine.inputs, engine.outputs, engine.to_device
+        self.calls: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+
+    def run(self, feeds):
+        out = self.engine.run(feeds)
+        self.calls.append(({k: np.array(v) for k, v in feeds.items()}, {k: np.array(v) for k, v in out.items()}))
+        return out
+
+
+def trajectories(pipe: Pipeline, prompts: list[str], seeds: int, steps: int | None) -> list[tuple[dict, dict]]:
+    """Every UNet call (feeds, outputs) made while generating each prompt with each seed."""
+    recorder = Recorder(pipe.unet)
+    pipe.unet = recorder
+    try:
+        for prompt in prompts:
+            for seed in range(seeds):
+                pipe(prompt, seed=seed, steps=steps)
+    finally:
+        pipe.unet = recorder.engine
+    return recorder.calls
+
+
+def save_calibration(calls: list[tuple[dict, dict]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{i:05d}/{k}": v for i, (feeds, _) in enumerate(calls) for k, v in feeds.items()}
+    np.savez_compressed(path, **arrays)
+
+
+def load_calibration(path: Path) -> list[dict[str, np.ndarray]]:
+    data = np.load(path)
+    calls: dict[str, dict[str, np.ndarray]] = {}
+    for key in data.files:
+        i, name = key.split("/", 1)
+        calls.setdefault(i, {})[name] = data[key]
+    return [calls[i] for i in sorted(calls)]
+
+
+def convert_fp16(src: Path, dst: Path, keep_ops: tuple[str, ...]) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    model = onnx.load(str(src))
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_ops)))
+    onnx.save(model, str(dst))
+
+
+def sensitive_nodes(path: Path, patterns: tuple[str, ...]) -> list[str]:
+    """Nodes whose name or weight names mention one of the patterns (module paths such as time_embedding)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return [n.name for n in model.graph.node if any(p in n.name or any(p in i for i in n.input) for p in patterns)]
+
+
+def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], keep_layers: tuple[str, ...]) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(calibration)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    big = src.stat().st_size > 1_500_000_000 or (src.parent / "model.onnx_data").exists()
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=sensitive_nodes(src, keep_layers), use_external_data_format=big,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def quality(reference: Pipeline, candidate: Pipeline, prompts: list[str], seeds: int, steps: int | None) -> dict[str, Any]:
+    """PSNR of final images (same prompts, seeds, latents) and per-step relative error of the UNet output on
+    identical inputs (the reference's own trajectory fed to both)."""
+    psnrs = []
+    for prompt in prompts:
+        for seed in range(seeds):
+            a, b = reference(prompt, seed=seed, steps=steps), candidate(prompt, seed=seed, steps=steps)
+            psnrs.append(psnr(a.array, b.array))
+    calls = trajectories(reference, prompts[:1], 1, steps)
+    per_step = []
+    for feeds, outs in calls:
+        got = candidate.unet.run(feeds)["out_sample"]
+        ref = outs["out_sample"]
+        per_step.append(float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12)))
+    return {"psnr_db_min": min(psnrs), "psnr_db_mean": float(np.mean(psnrs)), "images": len(psnrs),
+            "unet_step_rel_err_max": max(per_step), "unet_step_rel_err_mean": float(np.mean(per_step)),
+            "unet_step_rel_err": per_step}
+
+
+def quantize_package(package: str | Path, out: str | Path, options: QuantizeOptions,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write a reduced-precision copy of package to out; returns the quality gates (also stored in its manifest)."""
+    from . import _prepare_out, _publish
+    from .writer import file_hashes
+
+    if options.precision not in GATES:
+        raise UserError(f"precision {options.precision!r} is not one of fp16, int8 (fp32 is what `diffrt export` writes)")
+    source = load_package(package, hashes=False)
+    if any(source.precision(c) != "fp32" for c in ("text_encoder", "unet", "vae_decoder")):
+        raise UserError(f"{source.root} is not an fp32 package; quantize the package `diffrt export` wrote")
+    out = Path(out).expanduser()
+    tmp = _prepare_out(out, options.overwrite)
+    try:
+        shutil.rmtree(tmp)
+        shutil.copytree(source.root, tmp, ignore=shutil.ignore_patterns("card", "README.md"))
+        manifest = json.loads((tmp / MANIFEST).read_text())
+        reference = Pipeline(source, backend="ort-cpu")
+        if options.precision == "fp16":
+            targets = [c for c in manifest["components"] if c not in options.keep_fp32_components]
+        else:
+            targets = ["unet"]
+        calibration_file = None
+        if options.precision == "int8":
+            prompts = [CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)] for i in range(options.calibration_prompts)]
+            log(f"capturing UNet inputs along {len(prompts) * options.calibration_seeds} fp32 trajectories")
+            calls = trajectories(reference, prompts, options.calibration_seeds, options.steps)
+            calibration_file = tmp / "build" / "calibration" / "unet.npz"
+            save_calibration(calls, calibration_file)
+        for comp in targets:
+            entry = manifest["components"][comp]
+            graph = tmp / entry["file"]
+            fp32 = graph.with_name("model.fp32.onnx")
+            graph.rename(fp32)
+            log(f"{comp}: {options.precision}")
+            if options.precision == "fp16":
+                convert_fp16(fp32, graph, options.keep_fp32_ops)
+                entry["made_by"] = f"onnxruntime float16 converter, kept float32: {', '.join(options.keep_fp32_ops)}"
+            else:
+                quantize_int8(fp32, graph, load_calibration(calibration_file), options.keep_fp32_layers)
+                entry["made_by"] = (f"onnxruntime quantize_static QDQ, symmetric int8, per-channel weights, MinMax calibration "
+                                    f"on {len(calls)} UNet calls ({calibration_file.relative_to(tmp)}); kept float: "
+                                    f"{', '.join(options.keep_fp32_layers)}")
+            entry["precision"] = options.precision
+            entry.pop("weights", None)
+            if options.keep_fallback:
+                entry["fallback"] = str(fp32.relative_to(tmp))
+            else:
+                fp32.unlink()
+        manifest["precision"] = options.precision
+        manifest["files"] = file_hashes(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+        log("quality gates against the fp32 package")
+        candidate = Pipeline(load_package(tmp), backend="ort-cpu")
+        gates = quality(reference, candidate, list(GATE_PROMPTS), options.gate_seeds, options.steps)
+        gates["psnr_gate_db"] = GATES[options.precision]
+        gates["passed"] = bool(gates["psnr_db_min"] >= GATES[options.precision])
+        if options.adherence:
+            from diffrt.models.evaluate_shapes import evaluate
+
+            ref_scores = evaluate(reference, seeds=2)["scores"]
+            new_scores = evaluate(candidate, seeds=2)["scores"]
+            gates["adherence"] = {"fp32": ref_scores, options.precision: new_scores}
+            gates["adherence_passed"] = bool(all(ref_scores[k] - new_scores[k] <= 0.03 for k in ref_scores))
+            gates["passed"] = gates["passed"] and gates["adherence_passed"]
+        manifest["quality"] = gates
+        manifest["files"] = file_hashes(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        log(f"PSNR min {gates['psnr_db_min']:.1f} dB (gate {GATES[options.precision]:.0f} dB), mean "
+            f"{gates['psnr_db_mean']:.1f} dB over {gates['images']} images; UNet per-step relative error max "
+            f"{gates['unet_step_rel_err_max']:.2e}, mean {gates['unet_step_rel_err_mean']:.2e}")
+        if not gates["passed"] and not options.accept_quality:
+            adherence = "" if gates.get("adherence_passed", True) else "; prompt adherence fell more than 3 points"
+            raise UserError(f"the {options.precision} package misses its quality gate (PSNR {gates['psnr_db_min']:.1f} dB, "
+                            f"needs {GATES[options.precision]:.0f} dB{adherence}); nothing was written: keep more layers "
+                            "in float, or pass --accept-quality to write it anyway")
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return gates

@@ -1,0 +1,112 @@
+"""fp16 and int8 packages of the tiny model: end to end, gates computed and stored, NaN/inf guard and fallback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from diffrt.runtime.errors import UserError
+from diffrt.runtime.package import load_package
+from diffrt.runtime.pipeline import NonFiniteError, Pipeline
+
+pytest.importorskip("torch")
+from diffrt.export.precision import QuantizeOptions, quantize_package  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def fp16_package(tiny_package, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp16") / "tiny-fp16"
+    quantize_package(tiny_package, out, QuantizeOptions(precision="fp16", steps=6, gate_seeds=1), log=lambda m: None)
+    return out
+
+
+def test_fp16_package(fp16_package, tiny_package):
+    m = json.loads((fp16_package / "diffrt.json").read_text())
+    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        assert m["components"][name]["precision"] == "fp16"
+        assert m["components"][name]["fallback"] == f"{name}/model.fp32.onnx"
+    q = m["quality"]
+    assert q["passed"] and q["psnr_db_min"] >= 35 and len(q["unet_step_rel_err"]) > 0
+    load_package(fp16_package, hashes=True)
+    pipe = Pipeline.from_package(fp16_package, backend="ort-cpu")
+    assert pipe.unet.inputs["sample"].dtype == np.float32  # graph I/O stays float32
+    a = pipe("a red cat", steps=4, seed=1, scheduler="ddim")
+    b = Pipeline.from_package(tiny_package, backend="ort-cpu")("a red cat", steps=4, seed=1, scheduler="ddim")
+    assert np.abs(a.array - b.array).max() < 0.05
+
+
+def test_int8_package_is_qdq_and_runs(tiny_package, tmp_path):
+    import onnx
+
+    out = tmp_path / "tiny-int8"
+    gates = quantize_package(tiny_package, out, QuantizeOptions(precision="int8", steps=6, calibration_prompts=2,
+                                                                accept_quality=True, gate_seeds=1), log=lambda m: None)
+    m = json.loads((out / "diffrt.json").read_text())
+    assert m["components"]["unet"]["precision"] == "int8" and m["components"]["vae_decoder"]["precision"] == "fp32"
+    assert (out / "build" / "calibration" / "unet.npz").is_file()
+    assert m["quality"]["psnr_db_min"] == gates["psnr_db_min"]
+    graph = onnx.load(str(out / "unet" / "model.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "QLinearConv" not in ops
+    inits = {i.name: i for i in graph.graph.initializer}
+    for node in graph.graph.node:
+        if node.op_type == "QuantizeLinear":  # symmetric int8: zero point 0, as TensorRT requires
+            zp = onnx.numpy_helper.to_array(inits[node.input[2]])
+            assert zp.dtype == np.int8 and not zp.any()
+    dequantized = {o for n in graph.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    kept = [n for n in graph.graph.node if n.op_type == "Conv" and ("conv_in" in n.name or "conv_out" in n.name)]
+    assert kept and all(not dequantized & set(n.input) for n in kept)
+    assert any(dequantized & set(n.input) for n in graph.graph.node if n.op_type == "Conv")
+    image = Pipeline.from_package(out, backend="ort-cpu")("a red cat", steps=4, seed=1)
+    assert np.isfinite(image.array).all()
+
+
+def test_quality_gate_refuses(tiny_package, tmp_path, monkeypatch):
+    import diffrt.export.precision as precision
+
+    monkeypatch.setitem(precision.GATES, "fp16", 500.0)
+    with pytest.raises(UserError, match="misses its quality gate"):
+        quantize_package(tiny_package, tmp_path / "x", QuantizeOptions(precision="fp16", steps=3, gate_seeds=1), log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def plant_overflow(package, name="unet"):
+    """Make a component's graph multiply its output by 60000 twice in float16: inf, as a real fp16 overflow gives."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = package / name / "model.onnx"
+    model = onnx.load(str(path))
+    g = model.graph
+    old = g.output[0].name
+    for node in g.node:
+        node.output[:] = [f"{o}__pre" if o == old else o for o in node.output]
+    g.node.extend([
+        helper.make_node("Cast", [f"{old}__pre"], [f"{old}__h"], to=TensorProto.FLOAT16),
+        helper.make_node("Constant", [], [f"{old}__k"], value=helper.make_tensor("k", TensorProto.FLOAT16, [], [60000.0])),
+        helper.make_node("Mul", [f"{old}__h", f"{old}__k"], [f"{old}__m"]),
+        helper.make_node("Mul", [f"{old}__m", f"{old}__k"], [f"{old}__n"]),
+        helper.make_node("Cast", [f"{old}__n"], [old], to=TensorProto.FLOAT),
+    ])
+    onnx.save(model, str(path))
+    manifest = json.loads((package / "diffrt.json").read_text())
+    manifest["files"].pop(f"{name}/model.onnx")
+    (package / "diffrt.json").write_text(json.dumps(manifest))
+
+
+def test_nan_guard_and_fp32_fallback(fp16_package, tiny_package, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(fp16_package, broken)
+    plant_overflow(broken)
+    with pytest.raises(NonFiniteError, match=r"the unet \(fp16\) produced NaN or inf at step \d of 3; retry with --fp32-fallback"):
+        Pipeline.from_package(broken, backend="ort-cpu")("a cat", steps=3, seed=2, scheduler="ddim")
+    with pytest.warns(UserWarning, match="rerunning it in float32"):
+        rescued = Pipeline.from_package(broken, backend="ort-cpu", fp32_fallback=True)("a cat", steps=3, seed=2, scheduler="ddim")
+    reference = Pipeline.from_package(tiny_package, backend="ort-cpu")("a cat", steps=3, seed=2, scheduler="ddim")
+    assert np.abs(rescued.array - reference.array).max() < 0.05
+    (broken / "unet" / "model.fp32.onnx").unlink()
+    with pytest.raises(NonFiniteError, match="keeps no float32 copy"):
+        Pipeline.from_package(broken, backend="ort-cpu", fp32_fallback=True)("a cat", steps=3, seed=2, scheduler="ddim")
