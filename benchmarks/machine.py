@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 
+from diffrt.runtime.doctor import gpu_info
+
 
 def cpu_model() -> str:
     try:
@@ -21,11 +23,8 @@ def cpu_model() -> str:
 
 
 def gpu_name() -> str | None:
-    if not shutil.which("nvidia-smi"):
-        return None
-    proc = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                          capture_output=True, text=True)
-    return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else None
+    gpus = gpu_info()
+    return f"{gpus[0]['name']}, {gpus[0]['memory']}, driver {gpus[0]['driver']}" if gpus else None
 
 
 def gpu_memory_used_mb() -> float | None:

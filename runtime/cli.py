@@ -91,6 +91,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from diffrt.export.trt_build import BuildOptions, build_engines
+    from diffrt.runtime.trt_backend import import_tensorrt
+
+    import_tensorrt()
+    options = BuildOptions(precision=args.precision, batch=args.batch, size=args.size, static=args.static,
+                           timing_cache=args.timing_cache, version_compatible=args.version_compatible, opt_level=args.opt_level,
+                           workspace_gb=args.workspace)
+    for path in build_engines(args.package, options, log=lambda m: print(m, file=sys.stderr)):
+        print(path)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import available_backends, check_backends, format_report, machine_report
+
+    report = machine_report()
+    checks = check_backends(args.check, available_backends(report)) if args.check else None
+    print(format_report(report, checks))
+    return 0 if not checks or all(c["ok"] for c in checks.values()) else 1
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from diffrt.benchmarks.bench import benchmark, config_from_args, write_outputs
 
@@ -161,6 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--accept-quality", action="store_true", help="write the package even if it misses its quality gate")
     q.add_argument("--overwrite", action="store_true")
     q.set_defaults(func=cmd_quantize)
+
+    t = sub.add_parser("build", help="build TensorRT engines for this GPU (needs diffrt[trt])")
+    t.add_argument("package", type=Path)
+    t.add_argument("--precision", choices=("fp16", "int8", "fp32"), default="fp16")
+    t.add_argument("--batch", default="1", help="images per request: N or N-M (guidance doubles the UNet's batch)")
+    t.add_argument("--size", help="WIDTHxHEIGHT or MIN-MAX (default: the package's size)")
+    t.add_argument("--static", action="store_true", help="one fixed shape (enables CUDA graphs)")
+    t.add_argument("--timing-cache", type=Path)
+    t.add_argument("--version-compatible", action="store_true", help="engines the lean runtime (tensorrt_lean) can run")
+    t.add_argument("--opt-level", type=int, default=3, choices=range(0, 6))
+    t.add_argument("--workspace", type=number, default=4.0, help="GB")
+    t.set_defaults(func=cmd_build)
+
+    dr = sub.add_parser("doctor", help="what this machine offers; with --check, every backend compared")
+    dr.add_argument("--check", type=Path, metavar="PACKAGE")
+    dr.set_defaults(func=cmd_doctor)
 
     b = sub.add_parser("bench", help="latency benchmark, optionally side by side with diffusers")
     b.add_argument("package", nargs="?", type=Path, help="package folder, `sd15` (full-size SD 1.5, random weights), "

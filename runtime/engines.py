@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import UserError
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda")
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt")
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(double)": np.float64}
 
@@ -43,6 +43,11 @@ def resolve_backend(backend: str) -> str:
         raise UserError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if backend == "auto":
         return "ort-cuda" if cuda_available() else "ort-cpu"
+    if backend == "trt":
+        from .trt_backend import import_tensorrt
+
+        import_tensorrt()
+        return backend
     if backend == "ort-cuda" and not cuda_available():
         raise UserError("backend ort-cuda needs onnxruntime's CUDA provider, which is not installed: "
                         "`pip install diffrt[gpu]` on a machine with an NVIDIA GPU, or use --backend ort-cpu")

@@ -74,6 +74,14 @@ class Pipeline:
         self.threads = threads
         self.fp32_fallback = fp32_fallback
         self.tokenizer = ClipTokenizer.from_folder(package.root / "tokenizer", package.text_max_length)
+        if self.backend == "trt":
+            from .trt_backend import open_engines
+
+            precision = "int8" if package.precision("unet") == "int8" else "fp16"
+            engines = open_engines(package.root, precision, ("text_encoder", "unet", "vae_decoder"))
+            self.text_encoder, self.unet, self.vae_decoder = (engines[c] for c in ("text_encoder", "unet", "vae_decoder"))
+            self.fell_back: list[str] = []
+            return
         self.text_encoder = self._engine("text_encoder")
         self.unet = self._engine("unet")
         self.vae_decoder = self._engine("vae_decoder")

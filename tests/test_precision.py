@@ -74,7 +74,7 @@ def test_quality_gate_refuses(tiny_package, tmp_path, monkeypatch):
 
 
 def plant_overflow(package, name="unet"):
-    """Make a component's graph multiply its output by 60000 twice in float16: inf, as a real fp16 overflow gives."""
+    """Make a component's graph add +inf to its output: the inf that an fp16 overflow gives, planted."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -84,12 +84,10 @@ def plant_overflow(package, name="unet"):
     old = g.output[0].name
     for node in g.node:
         node.output[:] = [f"{o}__pre" if o == old else o for o in node.output]
+        node.input[:] = [f"{o}__pre" if o == old else o for o in node.input]
     g.node.extend([
-        helper.make_node("Cast", [f"{old}__pre"], [f"{old}__h"], to=TensorProto.FLOAT16),
-        helper.make_node("Constant", [], [f"{old}__k"], value=helper.make_tensor("k", TensorProto.FLOAT16, [], [60000.0])),
-        helper.make_node("Mul", [f"{old}__h", f"{old}__k"], [f"{old}__m"]),
-        helper.make_node("Mul", [f"{old}__m", f"{old}__k"], [f"{old}__n"]),
-        helper.make_node("Cast", [f"{old}__n"], [old], to=TensorProto.FLOAT),
+        helper.make_node("Constant", [], [f"{old}__inf"], value=helper.make_tensor("inf", TensorProto.FLOAT, [], [np.inf])),
+        helper.make_node("Add", [f"{old}__pre", f"{old}__inf"], [old]),
     ])
     onnx.save(model, str(path))
     manifest = json.loads((package / "diffrt.json").read_text())
@@ -101,12 +99,15 @@ def test_nan_guard_and_fp32_fallback(fp16_package, tiny_package, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(fp16_package, broken)
     plant_overflow(broken)
-    with pytest.raises(NonFiniteError, match=r"the unet \(fp16\) produced NaN or inf at step \d of 3; retry with --fp32-fallback"):
+    with pytest.raises(NonFiniteError, match=r"the unet \(fp16\) produced NaN or inf at step 1 of 3; retry with --fp32-fallback"):
         Pipeline.from_package(broken, backend="ort-cpu")("a cat", steps=3, seed=2, scheduler="ddim")
     with pytest.warns(UserWarning, match="rerunning it in float32"):
         rescued = Pipeline.from_package(broken, backend="ort-cpu", fp32_fallback=True)("a cat", steps=3, seed=2, scheduler="ddim")
     reference = Pipeline.from_package(tiny_package, backend="ort-cpu")("a cat", steps=3, seed=2, scheduler="ddim")
     assert np.abs(rescued.array - reference.array).max() < 0.05
-    (broken / "unet" / "model.fp32.onnx").unlink()
+    (broken / "unet" / "model.fp32.onnx").unlink()  # as `--no-fallback` leaves it
+    manifest = json.loads((broken / "diffrt.json").read_text())
+    del manifest["components"]["unet"]["fallback"], manifest["files"]["unet/model.fp32.onnx"]
+    (broken / "diffrt.json").write_text(json.dumps(manifest))
     with pytest.raises(NonFiniteError, match="keeps no float32 copy"):
         Pipeline.from_package(broken, backend="ort-cpu", fp32_fallback=True)("a cat", steps=3, seed=2, scheduler="ddim")

@@ -1,0 +1,184 @@
+"""TensorRT path: profiles, engine naming and selection, QDQ readiness, errors (no TensorRT needed);
+engine builds and runs marked `trt`, run wherever TensorRT and a GPU exist."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from diffrt.runtime.engine_store import Device, engine_dir_name, engine_file, gpu_slug, select_engine, write_engine_meta
+from diffrt.runtime.errors import UserError
+
+pytest.importorskip("onnx")
+from diffrt.export.profiles import Span, derive_profiles, parse_batch, parse_size  # noqa: E402
+from diffrt.export.trt_build import build_flags  # noqa: E402
+from diffrt.export.trt_ready import trt_problems  # noqa: E402
+
+MANIFEST = {
+    "vae_scale_factor": 8, "text_max_length": 77,
+    "components": {
+        "text_encoder": {"inputs": {"input_ids": {"dims": ["batch_size", "sequence_length"]}}},
+        "unet": {"inputs": {"sample": {"dims": ["batch_size", 4, "height", "width"]}, "timestep": {"dims": []},
+                            "encoder_hidden_states": {"dims": ["batch_size", "sequence_length", 768]}}},
+        "vae_decoder": {"inputs": {"latent_sample": {"dims": ["batch_size", 4, "latent_height", "latent_width"]}}},
+        "vae_encoder": {"inputs": {"sample": {"dims": ["batch_size", 3, "sample_height", "sample_width"]}}},
+    },
+}
+H100 = Device("NVIDIA H100 80GB HBM3", (9, 0), "10.7.0")
+
+
+def test_batch_one_with_guidance_doubles_the_unet_batch():
+    w, h = parse_size("512x512", 8, 512)
+    p = derive_profiles(MANIFEST, parse_batch("1"), w, h)
+    assert p["unet"]["sample"] == {"min": [1, 4, 64, 64], "opt": [2, 4, 64, 64], "max": [2, 4, 64, 64]}
+    assert p["text_encoder"]["input_ids"] == {"min": [1, 77], "opt": [2, 77], "max": [2, 77]}
+    assert p["vae_decoder"]["latent_sample"] == {"min": [1, 4, 64, 64], "opt": [1, 4, 64, 64], "max": [1, 4, 64, 64]}
+    assert p["unet"]["timestep"] == {"min": [], "opt": [], "max": []}
+    assert p["unet"]["encoder_hidden_states"]["max"] == [2, 77, 768]
+    unguided = derive_profiles(MANIFEST, parse_batch("1"), w, h, guided=False)
+    assert unguided["unet"]["sample"]["opt"] == [1, 4, 64, 64]
+
+
+def test_ranges_static_and_not_multiples():
+    w, h = parse_size("250-1030", 8, 512)
+    assert (w, h) == (Span(256, 512, 1024), Span(256, 512, 1024))
+    p = derive_profiles(MANIFEST, parse_batch("1-4"), w, h)
+    assert p["unet"]["sample"]["min"] == [1, 4, 32, 32] and p["unet"]["sample"]["max"] == [8, 4, 128, 128]
+    assert p["vae_encoder"]["sample"]["max"] == [4, 3, 1024, 1024]
+    static = derive_profiles(MANIFEST, parse_batch("1-4"), w, h, static=True)
+    for inputs in static.values():
+        for spec in inputs.values():
+            assert spec["min"] == spec["opt"] == spec["max"]
+    assert static["unet"]["sample"]["opt"] == [2, 4, 64, 64]
+    with pytest.raises(UserError, match="holds no multiple of 8"):
+        parse_size("250-254", 8, 512)
+    with pytest.raises(UserError, match="513 is not a multiple of 8; use 512 or 520"):
+        parse_size("513x512", 8, 512)
+    with pytest.raises(UserError, match="N or N-M"):
+        parse_batch("4-1")
+    odd = json.loads(json.dumps(MANIFEST))
+    odd["components"]["unet"]["inputs"]["sample"]["dims"][2] = "frames"
+    with pytest.raises(UserError, match="dynamic axis 'frames'"):
+        derive_profiles(odd, parse_batch("1"), w, h)
+
+
+def test_flags_by_precision_and_version():
+    assert build_flags("int8", "int8", 10, False) == {"strongly_typed": True, "builder": []}
+    assert build_flags("fp16", "fp32", 10, False) == {"strongly_typed": False, "builder": ["FP16"]}
+    assert build_flags("fp16", "fp16", 11, True)["builder"] == ["VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"]
+    with pytest.raises(UserError, match="TensorRT 11 builds fp16 only from fp16 graphs"):
+        build_flags("fp16", "fp32", 11, False)
+
+
+def fake_engine(package, device, component="unet", precision="fp16", batch=(1, 2), side=(32, 96), vc=False):
+    plan = engine_file(package, device.gpu, device.compute_capability, device.trt_version, component, precision)
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    plan.write_bytes(b"not a real plan")
+    write_engine_meta(plan, {"component": component, "precision": precision, "gpu": gpu_slug(device.gpu),
+                             "compute_capability": list(device.compute_capability), "tensorrt": device.trt_version,
+                             "version_compatible": vc, "profiles": [{"sample": {"min": [batch[0], 4, side[0], side[0]],
+                                                                                "opt": [batch[1], 4, 64, 64],
+                                                                                "max": [batch[1], 4, side[1], side[1]]}}]})
+    return plan
+
+
+def test_engine_naming_and_selection(tmp_path):
+    assert gpu_slug("NVIDIA GeForce RTX 4090") == "nvidia-geforce-rtx-4090"
+    assert engine_dir_name(H100.gpu, H100.compute_capability, H100.trt_version) == "nvidia-h100-80gb-hbm3_sm90_trt10.7.0"
+    plan = fake_engine(tmp_path, H100)
+    assert plan.relative_to(tmp_path).as_posix() == "engines/nvidia-h100-80gb-hbm3_sm90_trt10.7.0/unet.fp16.plan"
+    assert select_engine(tmp_path, "unet", "fp16", H100, {"sample": (2, 4, 64, 64)}).plan == plan
+    with pytest.raises(UserError, match=r"no unet.fp16 engine takes sample \[4, 4, 64, 64\].*rebuild with wider ranges"):
+        select_engine(tmp_path, "unet", "fp16", H100, {"sample": (4, 4, 64, 64)})
+    orin = Device("Orin", (8, 7), "10.3.0")
+    with pytest.raises(UserError, match=r"built for nvidia-h100-80gb-hbm3 \(sm90\), TensorRT 10.7.0, not for Orin \(sm87\)"
+                                        r".*diffrt build"):
+        select_engine(tmp_path, "unet", "fp16", orin)
+    with pytest.raises(UserError, match=r"no unet.int8 TensorRT engine.*diffrt build .* --precision int8"):
+        select_engine(tmp_path, "unet", "int8", H100)
+    newer = Device(H100.gpu, (9, 0), "10.9.1")
+    with pytest.raises(UserError, match="not for"):
+        select_engine(tmp_path, "unet", "fp16", newer)
+    fake_engine(tmp_path, H100, precision="int8", vc=True)
+    assert select_engine(tmp_path, "unet", "int8", newer).precision == "int8"  # version-compatible runs on later TRT
+    (plan.with_suffix(".json")).write_text("{oops")
+    with pytest.raises(UserError, match="not valid JSON"):
+        select_engine(tmp_path, "unet", "fp16", H100)
+
+
+def test_int8_qdq_graph_is_tensorrt_ready(tiny_package, tmp_path):
+    from diffrt.export.precision import QuantizeOptions, quantize_package
+
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        assert trt_problems(tiny_package / name / "model.onnx") == []
+    out = quantize_package(tiny_package, tmp_path / "int8", QuantizeOptions(precision="int8", steps=3, calibration_prompts=1,
+                                                                            accept_quality=True, gate_seeds=1), log=lambda m: None)
+    assert out is not None
+    assert trt_problems(tmp_path / "int8" / "unet" / "model.onnx") == []
+
+
+def test_tensorrt_missing_is_a_clear_error(tiny_package):
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    for args in (["build", str(tiny_package)], ["generate", "a cat", "--model", str(tiny_package), "--backend", "trt"]):
+        proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and "TensorRT is not installed" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "doctor"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "TensorRT: not installed" in proc.stdout and "ort-cpu" in proc.stdout
+
+
+trt = pytest.mark.trt
+
+
+@trt
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_trt_engines_match_onnxruntime(tiny_package, tmp_path, precision):
+    pytest.importorskip("tensorrt")
+    pytest.importorskip("polygraphy")
+    import shutil
+
+    from diffrt.export.precision import QuantizeOptions, quantize_package
+    from diffrt.export.trt_build import BuildOptions, build_engines
+    from diffrt.runtime.pipeline import Pipeline
+
+    package = tmp_path / "pkg"
+    if precision == "int8":
+        quantize_package(tiny_package, package, QuantizeOptions(precision="int8", steps=4, accept_quality=True), log=lambda m: None)
+    else:
+        shutil.copytree(tiny_package, package)
+    build_engines(package, BuildOptions(precision=precision, batch="1-2", size="32-64"), log=lambda m: None)
+    a = Pipeline.from_package(package, backend="trt")("a red cat", steps=4, seed=1)
+    b = Pipeline.from_package(package, backend="ort-cpu")("a red cat", steps=4, seed=1)
+    assert np.abs(a.array - b.array).max() < (0.05 if precision == "fp16" else 0.15)
+
+
+@trt
+def test_cuda_graph_replay_is_timed(tiny_package, tmp_path):
+    pytest.importorskip("tensorrt")
+    import shutil
+    import time
+
+    from diffrt.export.trt_build import BuildOptions, build_engines
+    from diffrt.runtime.pipeline import Pipeline
+
+    package = tmp_path / "pkg"
+    shutil.copytree(tiny_package, package)
+    build_engines(package, BuildOptions(precision="fp16", static=True), log=lambda m: None)
+    pipe = Pipeline.from_package(package, backend="trt")
+    timings = {}
+    for graphs in (False, True):
+        pipe.unet.static = graphs  # False: plain execute_async_v3 every step
+        pipe("warm-up", steps=2, seed=0)
+        start = time.perf_counter()
+        result = pipe("a cat", steps=20, seed=0)
+        timings[graphs] = (time.perf_counter() - start, result.array)
+    print(f"20 steps: plain {timings[False][0]:.4f} s, CUDA graph replay {timings[True][0]:.4f} s")
+    assert np.abs(timings[True][1] - timings[False][1]).max() < 1e-3
