@@ -40,3 +40,13 @@ def test_bench_needs_checkpoint_for_baseline(tiny_package, tmp_path):
 
     with pytest.raises(UserError, match="pass --checkpoint"):
         benchmark(BenchConfig(package=tiny_package, baseline="diffusers", checkpoint=tmp_path, runs=1), log=lambda m: None)
+
+
+def test_gpu_check_script_at_toy_size(tmp_path, capsys):
+    from diffrt.benchmarks import gpu_check
+
+    assert gpu_check.main(["--tiny", "--out", str(tmp_path), "--steps", "2", "--batches", "1,2", "--runs", "1"]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [r["batch"] for r in report["rows"]] == [1, 2]
+    assert all(r["max_abs_diff"] < 1e-2 for r in report["rows"])  # same weights, same latents, fp32 on the CPU
+    assert "| batch | diffrt s | diffusers s |" in capsys.readouterr().out
