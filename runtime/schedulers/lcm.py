@@ -6,7 +6,7 @@ import numpy as np
 
 from .base import Scheduler, noise_like
 from .ddim import predict_x0_eps
-from .schedules import alphas_cumprod
+from .schedules import alphas_with_final
 
 
 class LCM(Scheduler):
@@ -18,8 +18,7 @@ class LCM(Scheduler):
 
     def __init__(self, **config) -> None:
         super().__init__(**config)
-        self.alphas_cumprod = alphas_cumprod(self.config)
-        self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
+        self.alphas_cumprod, self.final_alpha_cumprod = alphas_with_final(self.config)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         original = self.config["original_inference_steps"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import alphas_cumprod, spaced_timesteps
+from .schedules import alphas_with_final, spaced_timesteps
 
 
 class PNDM(Scheduler):
@@ -15,8 +15,7 @@ class PNDM(Scheduler):
 
     def __init__(self, **config) -> None:
         super().__init__(**config)
-        self.alphas_cumprod = alphas_cumprod(self.config)
-        self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
+        self.alphas_cumprod, self.final_alpha_cumprod = alphas_with_final(self.config)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         self.num_inference_steps = n = num_inference_steps

@@ -50,6 +50,12 @@ def alphas_cumprod(config: dict) -> np.ndarray:
     return np.cumprod((1.0 - betas(config)).astype(np.float64)).astype(np.float32)
 
 
+def alphas_with_final(config: dict) -> tuple[np.ndarray, np.float32]:
+    """Cumulative alphas and the one used past the last step (1, or alpha_bar_0, by set_alpha_to_one)."""
+    acp = alphas_cumprod(config)
+    return acp, np.float32(1.0) if config["set_alpha_to_one"] else acp[0]
+
+
 def spaced_timesteps(config: dict, n: int, dtype=np.int64) -> np.ndarray:
     """Descending timesteps for n steps by the config's timestep_spacing (leading / trailing / linspace)."""
     total = config["num_train_timesteps"]
