@@ -27,7 +27,7 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=512, la
            block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
            up_block_types=["UpDecoderBlock2D"] * 4, scaling_factor=0.18215)
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1,
-                 set_alpha_to_one=False, clip_sample=False)
+                 set_alpha_to_one=False)
 
 
 def make_checkpoint(path: Path, seed: int = 0) -> Path:

@@ -32,6 +32,28 @@ def round_weights_fp16(source: Path, dest: Path) -> Path:
     return dest
 
 
+def plot_curve(training_json: Path, out: Path) -> None:
+    """The UNet's training loss (moving average per logging interval) as a PNG for the model card."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = json.loads(training_json.read_text())["curve"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot([c["step"] for c in curve], [c["loss"] for c in curve])
+    ax.set_xlabel("UNet step")
+    ax.set_ylabel("noise-prediction MSE")
+    ax.set_yscale("log")
+    ax.set_title("shapes-tiny training")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=HERE / "build" / "shapes-checkpoint")
@@ -50,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
             target = args.out / item.name
             if not target.exists():
                 shutil.move(str(item), target)
+    if (args.checkpoint / "training.json").is_file():
+        plot_curve(args.checkpoint / "training.json", args.out / "card" / "curve.png")
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
     print(f"{args.out}: {size / 1e6:.1f} MB")
 

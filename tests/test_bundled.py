@@ -1,0 +1,42 @@
+"""The bundled shapes-tiny model: found without --model, small, and its images follow the prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffrt.models.shapes_data import read_image
+from diffrt.runtime.bundled import bundled_model
+from diffrt.runtime.pipeline import Pipeline
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+CASES = [  # prompt, seed, expected (background, colour, shape)
+    ("a red circle on a blue background", 1, ("blue", "red", "circle")),
+    ("a large yellow square on a black background, center", 2, ("black", "yellow", "square")),
+    ("a small white triangle on a green background, top left", 3, ("green", "white", "triangle")),
+]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.from_package(None, backend="ort-cpu")
+
+
+def test_bundled_model_is_the_default_and_small(pipe):
+    assert pipe.package.root == bundled_model() and pipe.package.name == "shapes-tiny"
+    tracked = sum(p.stat().st_size for p in MODELS.rglob("*") if p.is_file() and "build" not in p.parts
+                  and "__pycache__" not in p.parts)
+    assert tracked < 20 * 2**20, f"models/ holds {tracked / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("prompt, seed, expected", CASES)
+def test_images_follow_the_prompt(pipe, prompt, seed, expected):
+    image = np.asarray(pipe(prompt, seed=seed).images[0])
+    reading = read_image(image)
+    background, colour, shape = expected
+    assert reading.background == background, reading
+    assert reading.colour == colour, reading
+    if shape in ("circle", "square"):
+        assert reading.shape == shape, reading
