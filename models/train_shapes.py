@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
         pipe = StableDiffusionPipeline.from_pretrained(args.resume)
         refine_decoder(pipe.vae.train(), images, args.refine_steps, args.vae_batch, args.lr)
         pipe.save_pretrained(args.out)
+        record = json.loads((args.resume / "training.json").read_text()) if (args.resume / "training.json").is_file() else {}
+        record["refine"] = {"steps": args.refine_steps, "minutes": round((time.time() - start) / 60, 1), "from": str(args.resume)}
+        (args.out / "training.json").write_text(json.dumps(record, indent=1))
         log(f"saved {args.out} after {(time.time() - start) / 60:.1f} min")
         return
 
