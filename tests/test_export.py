@@ -138,3 +138,17 @@ def test_we_load_optimums_export(tiny_checkpoint, tiny_package, tmp_path):
               for p in (tmp_path / "opt", tiny_package)]
     assert np.abs(images[0].array - images[1].array).max() <= 1e-4
     assert load_package(tmp_path / "opt").vae_scale_factor == 2
+
+
+def test_killed_export_leaves_nothing(tiny_checkpoint, tmp_path):
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "diffrt.runtime.cli", "export", str(tiny_checkpoint), str(tmp_path / "pkg")],
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "unet: exporting" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert list(tmp_path.iterdir()) == []
