@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import sys
 import tempfile
@@ -50,6 +51,9 @@ def _publish(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{int(time.time())}")
         out.rename(old)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a package is an ordinary folder
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
