@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from diffrt.export.precision import quantize_int8
+    from diffrt.export.precision import INT8_KEEP_LAYERS, quantize_int8
 
     package, ckpt = prepare_package()
     fp32 = package / "unet" / "model.onnx"
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         calib = [{k: (v * (0.5 + i) if k != "timestep" else np.array(100.0 + 300 * i, np.float32)) for k, v in feeds.items()}
                  for i in range(2)]
-        quantize_int8(fp32, int8, calib, ("time_embedding", "time_proj", "conv_in", "conv_out", "norm"))
+        quantize_int8(fp32, int8, calib, INT8_KEEP_LAYERS)
         print(f"quantized in {time.perf_counter() - start:.0f} s")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads

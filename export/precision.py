@@ -22,7 +22,7 @@ from diffrt.runtime.package import MANIFEST, load_package
 from diffrt.runtime.pipeline import Pipeline
 
 FP16_KEEP_OPS = ("Softmax", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Pow", "ReduceMean")
-INT8_KEEP_LAYERS = ("time_embedding", "time_proj", "conv_in", "conv_out", "norm")
+INT8_KEEP_LAYERS = ("time_embedding", "time_proj", "conv_in", "conv_out", "norm", "attn", "proj_in", "proj_out")
 GATES = {"fp16": 35.0, "int8": 22.0}
 CALIBRATION_PROMPTS = (
     "a small red circle on a blue background, top left", "a large yellow square on a black background, center",
