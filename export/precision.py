@@ -125,7 +125,7 @@ def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]
     quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
                     per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     nodes_to_exclude=sensitive_nodes(src, keep_layers), use_external_data_format=big,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -192,7 +192,8 @@ def quantize_package(package: str | Path, out: str | Path, options: QuantizeOpti
                 entry["made_by"] = f"onnxruntime float16 converter, kept float32: {', '.join(options.keep_fp32_ops)}"
             else:
                 quantize_int8(fp32, graph, load_calibration(calibration_file), options.keep_fp32_layers)
-                entry["made_by"] = (f"onnxruntime quantize_static QDQ, symmetric int8, per-channel weights, MinMax calibration "
+                entry["made_by"] = (f"onnxruntime quantize_static QDQ, symmetric int8, per-channel weights, float biases, MinMax "
+                                    f"calibration "
                                     f"on {len(calls)} UNet calls ({calibration_file.relative_to(tmp)}); kept float: "
                                     f"{', '.join(options.keep_fp32_layers)}")
             entry["precision"] = options.precision
