@@ -143,7 +143,8 @@ def cold_start(cfg: BenchConfig, impl: str, package: Path, checkpoint: Path | No
                 "p.scheduler = getattr(diffusers, cls.class_name).from_config({**p.scheduler.config, **over})\n"
                 f"p({cfg.prompt!r}, num_inference_steps={steps}, guidance_scale={guidance}, width={width}, height={height},"
                 f" generator=torch.Generator().manual_seed(0)).images[0].save({str(out)!r})\n")
-    code = "import resource\n" + body + "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report its parent's peak
+    code = body + "print('MAXRSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     seconds = time.perf_counter() - start
