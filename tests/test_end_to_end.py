@@ -73,3 +73,20 @@ def test_settings_reproduce_the_image(ours):
     again = ours(s["prompt"], negative_prompt=s["negative_prompt"], steps=s["steps"], guidance_scale=s["guidance_scale"],
                  scheduler=s["scheduler"], seed=s["seed"], width=s["width"], height=s["height"], num_images=s["num_images"])
     assert np.array_equal(first.array, again.array)
+
+
+@pytest.mark.gpu
+def test_ort_cuda_matches_cpu(tiny_package):
+    """Runs wherever onnxruntime has its CUDA provider (onnxruntime-gpu and an NVIDIA GPU); skipped elsewhere."""
+    from diffrt.runtime.engines import cuda_available
+
+    if not cuda_available():
+        pytest.skip("onnxruntime's CUDA provider is not available here")
+    gpu = Pipeline.from_package(tiny_package, backend="ort-cuda")
+    assert gpu.backend == "ort-cuda"
+    cpu = Pipeline.from_package(tiny_package, backend="ort-cpu")
+    for guidance in (1.0, 7.5):
+        a = gpu("a red house", steps=6, seed=3, guidance_scale=guidance, num_images=2)
+        b = cpu("a red house", steps=6, seed=3, guidance_scale=guidance, num_images=2)
+        assert np.abs(a.array - b.array).max() <= 1e-3
+    assert Pipeline.from_package(tiny_package, backend="auto").backend == "ort-cuda"
