@@ -27,13 +27,9 @@ TINY = {"unet": dict(sample_size=8, block_out_channels=[32, 64], layers_per_bloc
 
 
 def make_model(path: Path, tiny: bool) -> Path:
-    from . import sd15
+    from .sd15 import make_checkpoint
 
-    if tiny:
-        sd15.UNET.update(TINY["unet"])
-        sd15.TEXT_ENCODER.update(TINY["text"])
-        sd15.VAE.update(TINY["vae"])
-    return sd15.make_checkpoint(path)
+    return make_checkpoint(path, overrides=TINY if tiny else None)
 
 
 def to_fp16(package: Path, out: Path) -> Path:

@@ -30,8 +30,10 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
                  set_alpha_to_one=False)
 
 
-def make_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Save a random-weight SD 1.5-shaped StableDiffusionPipeline at path (about 4.3 GB in float32)."""
+def make_checkpoint(path: Path, seed: int = 0, overrides: dict[str, dict] | None = None) -> Path:
+    """Save a random-weight SD 1.5-shaped StableDiffusionPipeline at path (about 4.3 GB in float32).
+
+    overrides: {"unet" | "text" | "vae": config keys} replacing SD 1.5's, e.g. for a toy-size test."""
     if (path / "model_index.json").is_file():
         return path
     import torch
@@ -43,8 +45,11 @@ def make_checkpoint(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     words = "a photo of the red blue green cat dog house tree city night painting portrait".split()
     tokenizer = build_tokenizer([" ".join(words[i:] + words[:i]) for i in range(len(words))], path / "tok-build", 600)
-    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER)),
-                                   tokenizer=tokenizer, unet=UNet2DConditionModel(**UNET), scheduler=PNDMScheduler(**SCHEDULER),
+    o = overrides or {}
+    pipe = StableDiffusionPipeline(vae=AutoencoderKL(**{**VAE, **o.get("vae", {})}),
+                                   text_encoder=CLIPTextModel(CLIPTextConfig(**{**TEXT_ENCODER, **o.get("text", {})})),
+                                   tokenizer=tokenizer, unet=UNet2DConditionModel(**{**UNET, **o.get("unet", {})}),
+                                   scheduler=PNDMScheduler(**SCHEDULER),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
     return path
