@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,17 +54,82 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-class OrtEngine:
-    """One onnxruntime session; on CUDA, inputs may be OrtValues already on the GPU (see `to_device`)."""
+@dataclass
+class FixedBuffers:
+    """Inputs and outputs of one input shape in buffers that never move, bound once: what a CUDA graph replays.
 
-    def __init__(self, path: Path, backend: str = "ort-cpu", threads: int | None = None) -> None:
+    Each call copies the inputs into the same device memory (`update_inplace`) and runs with the graph id of
+    this shape, so onnxruntime captures the graph on the first call and replays it after."""
+
+    binding: Any
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    run_options: Any = None
+
+    @classmethod
+    def allocate(cls, session: Any, arrays: dict[str, np.ndarray], device: str, graph_id: int) -> FixedBuffers:
         import onnxruntime as ort
 
+        probe = ort.RunOptions()
+        probe.add_run_config_entry("gpu_graph_id", "-1")  # a plain run, only to learn the output shapes
+        binding = session.io_binding()
+        for name, array in arrays.items():
+            binding.bind_cpu_input(name, array)
+        names = [o.name for o in session.get_outputs()]
+        for name in names:
+            binding.bind_output(name, device, 0)
+        session.run_with_iobinding(binding, probe)
+        shapes = {name: (v.shape(), ORT_DTYPES[v.data_type()]) for name, v in zip(names, binding.get_outputs())}
+        fixed = cls(session.io_binding(), {n: ort.OrtValue.ortvalue_from_numpy(a, device, 0) for n, a in arrays.items()},
+                    {n: ort.OrtValue.ortvalue_from_shape_and_type(s, t, device, 0) for n, (s, t) in shapes.items()},
+                    ort.RunOptions())
+        fixed.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        for name, value in fixed.inputs.items():
+            fixed.binding.bind_ortvalue_input(name, value)
+        for name, value in fixed.outputs.items():
+            fixed.binding.bind_ortvalue_output(name, value)
+        return fixed
+
+    def run(self, session: Any, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name, array in arrays.items():
+            self.inputs[name].update_inplace(array)
+        session.run_with_iobinding(self.binding, self.run_options)
+        return {name: value.numpy() for name, value in self.outputs.items()}
+
+
+@dataclass
+class GraphCache:
+    """FixedBuffers per input shape; the n-th shape seen gets CUDA graph id n."""
+
+    device: str
+    shapes: dict[tuple, FixedBuffers] = field(default_factory=dict)
+
+    def run(self, session: Any, specs: dict[str, TensorSpec], feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+        arrays = {name: np.require(feeds[name], spec.dtype, "C") for name, spec in specs.items()}
+        key = tuple(a.shape for a in arrays.values())
+        if key not in self.shapes:
+            self.shapes[key] = FixedBuffers.allocate(session, arrays, self.device, len(self.shapes))
+        return self.shapes[key].run(session, arrays)
+
+
+class OrtEngine:
+    """One onnxruntime session; on CUDA, inputs may be OrtValues already on the GPU (see `to_device`).
+
+    With cuda_graph (ort-cuda only) every input shape is captured as a CUDA graph on its first call and
+    replayed after: inputs are copied into fixed device buffers, so `to_device` leaves arrays on the host."""
+
+    def __init__(self, path: Path, backend: str = "ort-cpu", threads: int | None = None, cuda_graph: bool = False) -> None:
+        import onnxruntime as ort
+
+        if cuda_graph and backend != "ort-cuda":
+            raise UserError(f"CUDA graphs need the ort-cuda backend, not {backend}: use --backend ort-cuda, "
+                            "or leave out --cuda-graph")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
+        cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if cuda_graph else "CUDAExecutionProvider"
+        providers = [cuda, "CPUExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
@@ -73,6 +138,7 @@ class OrtEngine:
                             "the file is corrupt or not an ONNX graph: re-export the package") from None
         self.backend = backend
         self.path = path
+        self.graphs = GraphCache("cuda") if cuda_graph else None
         self.inputs = {i.name: TensorSpec(i.name, tuple(i.shape), ORT_DTYPES.get(i.type, np.float32))
                        for i in self.session.get_inputs()}
         self.outputs = {o.name: TensorSpec(o.name, tuple(o.shape), ORT_DTYPES.get(o.type, np.float32))
@@ -80,16 +146,18 @@ class OrtEngine:
 
     def to_device(self, array: np.ndarray):
         """Put an array where the engine runs: an OrtValue on the GPU for CUDA, the array itself on the CPU."""
-        if self.backend != "ort-cuda":
+        if self.backend != "ort-cuda" or self.graphs:
             return array
         import onnxruntime as ort
 
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), "cuda", 0)
+        return ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C"), "cuda", 0)
 
     def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         missing = set(self.inputs) - set(feeds)
         if missing:
             raise ValueError(f"{self.path}: missing inputs {sorted(missing)}")
+        if self.graphs:
+            return self.graphs.run(self.session, self.inputs, feeds)
         if self.backend != "ort-cuda":
             names = list(self.outputs)
             return dict(zip(names, self.session.run(names, {k: feeds[k] for k in self.inputs})))
@@ -97,7 +165,7 @@ class OrtEngine:
         for name in self.inputs:
             value = feeds[name]
             if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+                binding.bind_cpu_input(name, np.require(value, requirements="C"))
             else:
                 binding.bind_ortvalue_input(name, value)
         for name in self.outputs:

@@ -124,7 +124,7 @@ class TrtEngine:
             self.context.device_memory = self.shared.ensure(self.memory_size)
         for name, shape in shapes.items():
             buf = self._buffer(name, shape, self.inputs[name].dtype)
-            buf.copy_from(np.ascontiguousarray(feeds[name], dtype=self.inputs[name].dtype), stream=self.stream)
+            buf.copy_from(np.require(feeds[name], self.inputs[name].dtype, "C"), stream=self.stream)
             self.context.set_input_shape(name, shape)
             self.context.set_tensor_address(name, buf.ptr)
         outs = {}

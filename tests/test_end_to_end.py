@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from diffrt.runtime.errors import UserError
 from diffrt.runtime.pipeline import Pipeline
 from diffrt.runtime.schedulers import SHORT_NAMES
 
@@ -90,3 +91,41 @@ def test_ort_cuda_matches_cpu(tiny_package):
         b = cpu("a red house", steps=6, seed=3, guidance_scale=guidance, num_images=2)
         assert np.abs(a.array - b.array).max() <= 1e-3
     assert Pipeline.from_package(tiny_package, backend="auto").backend == "ort-cuda"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_matches_cpu(tiny_package):
+    """The UNet captured as CUDA graphs (one per shape) gives the CPU's images, across prompts, batches and sizes."""
+    from diffrt.runtime.engines import cuda_available
+
+    if not cuda_available():
+        pytest.skip("onnxruntime's CUDA provider is not available here")
+    graphed = Pipeline.from_package(tiny_package, backend="ort-cuda", cuda_graph=True)
+    cpu = Pipeline.from_package(tiny_package, backend="ort-cpu")
+    for prompt, n, size in (("a red house", 1, 32), ("a blue car", 1, 32), ("a red house", 2, 32), ("a cat", 1, 40)):
+        a = graphed(prompt, steps=5, seed=4, num_images=n, width=size, height=size)
+        b = cpu(prompt, steps=5, seed=4, num_images=n, width=size, height=size)
+        assert np.abs(a.array - b.array).max() <= 1e-3, (prompt, n, size)
+    assert len(graphed.unet.graphs.shapes) == 3
+
+
+def test_fixed_buffers_follow_new_inputs(tiny_package):
+    """The bookkeeping a CUDA graph relies on, run on the CPU: buffers bound once per shape, refilled every call."""
+    from diffrt.runtime.engines import GraphCache, OrtEngine, timestep_feed
+
+    engine = OrtEngine(tiny_package / "unet" / "model.onnx")
+    cache = GraphCache("cpu")
+    rng = np.random.default_rng(0)
+    for batch, side in ((2, 4), (2, 4), (1, 5), (2, 4)):
+        feeds = {"sample": rng.standard_normal((batch, 4, side, side), dtype=np.float32),
+                 "timestep": timestep_feed(engine.inputs["timestep"], rng.uniform(0, 999), batch),
+                 "encoder_hidden_states": rng.standard_normal((batch, 77, 32), dtype=np.float32)}
+        want = engine.run(feeds)["out_sample"]
+        got = cache.run(engine.session, engine.inputs, feeds)["out_sample"]
+        assert np.array_equal(want, got)
+    assert len(cache.shapes) == 2
+
+
+def test_cuda_graph_needs_ort_cuda(tiny_package):
+    with pytest.raises(UserError, match="ort-cuda"):
+        Pipeline.from_package(tiny_package, backend="ort-cpu", cuda_graph=True)
