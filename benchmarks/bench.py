@@ -44,6 +44,7 @@ class BenchConfig:
     baseline: str | None = None
     checkpoint: Path | None = None
     threads: int | None = None
+    cuda_graph: bool = False
     cold_start: bool = True
     prompt: str = PROMPT
     out: Path = Path("bench-out")
@@ -165,7 +166,7 @@ def baseline_checkpoint(pipe: Pipeline, cfg: BenchConfig) -> Path:
 def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
     """Run the whole benchmark; returns {machine, settings, records, summary}."""
     start = time.perf_counter()
-    pipe = Pipeline.from_package(cfg.package, backend=cfg.backend, threads=cfg.threads)
+    pipe = Pipeline.from_package(cfg.package, backend=cfg.backend, threads=cfg.threads, cuda_graph=cfg.cuda_graph)
     load_seconds = time.perf_counter() - start
     d = pipe.package.defaults
     steps, guidance = cfg.steps or d["steps"], d["guidance_scale"] if cfg.guidance is None else cfg.guidance
@@ -204,7 +205,7 @@ def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
     settings = {"package": str(pipe.package.root), "model": pipe.package.name, "backend": pipe.backend, "steps": steps,
                 "guidance_scale": guidance, "scheduler": scheduler, "width": width, "height": height, "batches": cfg.batches,
                 "runs": cfg.runs, "warmup": cfg.warmup, "threads": cfg.threads, "baseline": cfg.baseline,
-                "gpu_memory_used_mb": gpu_mb}
+                "cuda_graph": cfg.cuda_graph, "gpu_memory_used_mb": gpu_mb}
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "settings": settings, "records": records,
             "summary": summarise(records)}
 
@@ -266,8 +267,8 @@ def config_from_args(args) -> BenchConfig:
         raise UserError("--batch sizes must be 1 or more")
     return BenchConfig(package=args.package, backend=args.backend, steps=args.steps, width=width, height=height,
                        batches=batches, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler, guidance=args.guidance,
-                       baseline=args.baseline, checkpoint=args.checkpoint, threads=args.threads, cold_start=not args.no_cold_start,
-                       out=args.out)
+                       baseline=args.baseline, checkpoint=args.checkpoint, threads=args.threads, cuda_graph=args.cuda_graph,
+                       cold_start=not args.no_cold_start, out=args.out)
 
 
 __all__ = ["BenchConfig", "benchmark", "write_outputs", "config_from_args"]

@@ -1,5 +1,6 @@
 """One-GPU check, at most 8 minutes on an H100/H200: full-size SD 1.5 architecture (random weights) exported with
-diffrt, converted to fp16, timed on onnxruntime CUDA (I/O binding) against diffusers fp16, same latents.
+diffrt, converted to fp16, timed on onnxruntime CUDA (I/O binding, and again with the UNet replayed from CUDA graphs)
+against diffusers fp16, same latents.
 
     python -m diffrt.benchmarks.gpu_check --out $OUT              # on the GPU box (see README, "GPU check")
     python -m diffrt.benchmarks.gpu_check --tiny --out /tmp/gc    # the same steps at toy size, on the CPU
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available() and not args.tiny
     backend = "ort-cuda" if gpu and cuda_available() else "ort-cpu"
     ours = Pipeline.from_package(pkg16 if gpu else pkg, backend=backend)
+    graphed = Pipeline.from_package(pkg16, backend=backend, cuda_graph=True) if backend == "ort-cuda" else None
     dtype, device = (torch.float16, "cuda") if gpu else (torch.float32, "cpu")
     ref = StableDiffusionPipeline.from_pretrained(ckpt, torch_dtype=dtype).to(device)
     ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
@@ -92,10 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     for batch in (int(b) for b in args.batches.split(",")):
         f = ours.package.vae_scale_factor
         latents = np.random.default_rng(batch).standard_normal((batch, 4, size // f, size // f), dtype=np.float32)
-        runs = {"diffrt": [], "diffusers": []}
 
-        def run_ours(batch=batch, latents=latents):
-            return ours("a photo", steps=args.steps, guidance_scale=7.5, scheduler="euler", seed=0, width=size, height=size,
+        def run_diffrt(pipe, batch=batch, latents=latents):
+            return pipe("a photo", steps=args.steps, guidance_scale=7.5, scheduler="euler", seed=0, width=size, height=size,
                         num_images=batch, latents=latents).array
 
         def run_ref(batch=batch, latents=latents):
@@ -106,25 +107,36 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize()
             return out
 
-        a, b = run_ours(), run_ref()  # warm-up, and the images compared
+        impls = {"diffrt": lambda: run_diffrt(ours), "diffusers": run_ref}
+        if graphed:
+            impls["diffrt_graph"] = lambda: run_diffrt(graphed)
+        images = {name: fn() for name, fn in impls.items()}  # warm-up (and graph capture), and the images compared
+        runs: dict[str, list[float]] = {name: [] for name in impls}
+        order = list(impls)
         for i in range(args.runs):
-            for name, fn in ((("diffrt", run_ours), ("diffusers", run_ref)) if i % 2 == 0 else
-                             (("diffusers", run_ref), ("diffrt", run_ours))):
+            for name in order[i % len(order):] + order[:i % len(order)]:  # rotate, so machine noise hits each alike
                 start = time.perf_counter()
-                fn()
+                impls[name]()
                 runs[name].append(time.perf_counter() - start)
         med = {k: float(np.median(v)) for k, v in runs.items()}
-        rows.append({"batch": batch, "diffrt_s": med["diffrt"], "diffusers_s": med["diffusers"],
-                     "speedup": med["diffusers"] / med["diffrt"], "max_abs_diff": float(np.abs(a - b).max()), "runs": runs})
+        row = {"batch": batch, "diffrt_s": med["diffrt"], "diffusers_s": med["diffusers"],
+               "speedup": med["diffusers"] / med["diffrt"],
+               "max_abs_diff": float(np.abs(images["diffrt"] - images["diffusers"]).max()), "runs": runs}
+        if graphed:
+            row.update(graph_s=med["diffrt_graph"], graph_speedup=med["diffusers"] / med["diffrt_graph"],
+                       graph_max_abs_diff=float(np.abs(images["diffrt_graph"] - images["diffrt"]).max()))
+        rows.append(row)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "backend": backend, "tiny": args.tiny,
               "size": size, "steps": args.steps, "scheduler": "euler", "guidance": 7.5, "timings": timings,
               "gpu_memory_used_mb": gpu_memory_used_mb(), "rows": rows, "total_s": time.perf_counter() - t0}
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     print(f"\n{report['machine']['gpu'] or report['machine']['cpu']} | {backend} vs diffusers {'fp16' if gpu else 'fp32'} | "
           f"{size}x{size}, {args.steps} steps")
-    print("| batch | diffrt s | diffusers s | speedup | max |diff| |")
+    print("| batch | diffrt s | diffusers s | speedup | max |diff| | diffrt + CUDA graph s | speedup |")
     for r in rows:
-        print(f"| {r['batch']} | {r['diffrt_s']:.3f} | {r['diffusers_s']:.3f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.3f} |")
+        graph = f"{r['graph_s']:.3f} | {r['graph_speedup']:.2f}x" if "graph_s" in r else "- | -"
+        print(f"| {r['batch']} | {r['diffrt_s']:.3f} | {r['diffusers_s']:.3f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.3f} "
+              f"| {graph} |")
     return 0
 
 

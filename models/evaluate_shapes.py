@@ -17,17 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diffrt.models.shapes_data import POSITIONS, SIZES, Scene, held_out_triples, read_image
+from diffrt.models.shapes_data import held_out_scenes, read_image
 from diffrt.runtime.pipeline import Pipeline
 
 TARGETS = {"background": 0.95, "colour": 0.90, "shape": 0.75}
-
-
-def held_out_scenes() -> list[Scene]:
-    """One scene per held-out triple, size and position cycling so each appears about equally."""
-    sizes, positions = list(SIZES), list(POSITIONS)
-    return [Scene(s, c, b, sizes[i % len(sizes)], positions[i % len(positions)])
-            for i, (s, c, b) in enumerate(sorted(held_out_triples()))]
 
 
 def evaluate(pipe: Pipeline, seeds: int, steps: int | None = None, scheduler: str | None = None,

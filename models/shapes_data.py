@@ -62,6 +62,13 @@ def held_out_triples() -> set[tuple[str, str, str]]:
     return {triples[i] for i in sorted(picked)}
 
 
+def held_out_scenes() -> list[Scene]:
+    """One scene per held-out triple, size and position cycling so each appears about equally."""
+    sizes, positions = list(SIZES), list(POSITIONS)
+    return [Scene(s, c, b, sizes[i % len(sizes)], positions[i % len(positions)])
+            for i, (s, c, b) in enumerate(sorted(held_out_triples()))]
+
+
 def shape_polygon(shape: str, box: tuple[float, float, float, float]) -> list[tuple[float, float]] | None:
     x0, y0, x1, y1 = box
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
