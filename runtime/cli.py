@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = args.output or "diffrt.png"
     paths = output_paths(out, count)  # refuse a bad -o before any work
     pipe = Pipeline.from_package(args.model, backend=args.backend, threads=args.threads, verify_hashes=args.verify,
-                                 fp32_fallback=args.fp32_fallback, cuda_graph=args.cuda_graph)
+                                 fp32_fallback=args.fp32_fallback, cuda_graph=args.cuda_graph, graph_cache=args.graph_cache)
     result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   scheduler=args.scheduler, seed=args.seed, width=args.width, height=args.height, num_images=count,
                   progress=None if args.quiet else ProgressBar("denoising"))
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--verify", action="store_true", help="check every package file's sha256 before loading")
     g.add_argument("--fp32-fallback", action="store_true", help="rerun a reduced-precision stage in float32 if it makes NaN/inf")
     g.add_argument("--cuda-graph", action="store_true", help="ort-cuda: replay the UNet from a CUDA graph per shape")
+    g.add_argument("--graph-cache", type=Path, metavar="DIR", default=os.environ.get("DIFFRT_GRAPH_CACHE") or None,
+                   help="keep onnxruntime's optimized graphs here; later loads skip optimization (env DIFFRT_GRAPH_CACHE)")
     g.add_argument("-o", "--output", help="PNG path (default diffrt.png; several images get -0, -1, ...)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
@@ -215,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--guidance", type=number)
     b.add_argument("--threads", type=positive_int)
     b.add_argument("--cuda-graph", action="store_true", help="ort-cuda: replay the UNet from a CUDA graph per shape")
+    b.add_argument("--graph-cache", type=Path, metavar="DIR",
+                   help="also time a cold start that loads onnxruntime's optimized graphs from DIR")
     b.add_argument("--baseline", choices=("diffusers",))
     b.add_argument("--checkpoint", type=Path, help="diffusers checkpoint for the baseline (default: the package's source)")
     b.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process runs")

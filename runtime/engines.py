@@ -98,7 +98,7 @@ class FixedBuffers:
 
 
 @dataclass
-class GraphCache:
+class CudaGraphs:
     """FixedBuffers per input shape; the n-th shape seen gets CUDA graph id n."""
 
     device: str
@@ -112,33 +112,63 @@ class GraphCache:
         return self.shapes[key].run(session, arrays)
 
 
+def session_options(threads: int | None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
+def open_session(path: Path, backend: str, providers: list, threads: int | None, graph_cache: Path | None):
+    """An onnxruntime session; with graph_cache, from the optimized graph saved by an earlier session when there is
+    one (no graph optimization then), else optimized here and saved for the next."""
+    import onnxruntime as ort
+
+    from . import optimized
+
+    cached = optimized.cached_graph(graph_cache, path, backend) if graph_cache else None
+    if cached:
+        opts = session_options(threads)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(str(cached), opts, providers=providers)
+        except Exception:  # a damaged cache entry: drop it and optimize the source again
+            optimized.forget(cached)
+    opts = session_options(threads)
+    staging = optimized.save_optimized(opts, graph_cache) if graph_cache else None
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
+        if staging:
+            optimized.forget(staging / optimized.GRAPH)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path} could not be loaded by onnxruntime ({first[:200]}); "
+                        "the file is corrupt or not an ONNX graph: re-export the package") from None
+    if staging:
+        optimized.publish(staging, graph_cache, path, backend)
+    return session
+
+
 class OrtEngine:
     """One onnxruntime session; on CUDA, inputs may be OrtValues already on the GPU (see `to_device`).
 
     With cuda_graph (ort-cuda only) every input shape is captured as a CUDA graph on its first call and
     replayed after: inputs are copied into fixed device buffers, so `to_device` leaves arrays on the host."""
 
-    def __init__(self, path: Path, backend: str = "ort-cpu", threads: int | None = None, cuda_graph: bool = False) -> None:
-        import onnxruntime as ort
-
+    def __init__(self, path: Path, backend: str = "ort-cpu", threads: int | None = None, cuda_graph: bool = False,
+                 graph_cache: Path | None = None) -> None:
         if cuda_graph and backend != "ort-cuda":
             raise UserError(f"CUDA graphs need the ort-cuda backend, not {backend}: use --backend ort-cuda, "
                             "or leave out --cuda-graph")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
         cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if cuda_graph else "CUDAExecutionProvider"
         providers = [cuda, "CPUExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"{path} could not be loaded by onnxruntime ({first[:200]}); "
-                            "the file is corrupt or not an ONNX graph: re-export the package") from None
+        self.session = open_session(path, backend, providers, threads, graph_cache)
         self.backend = backend
         self.path = path
-        self.graphs = GraphCache("cuda") if cuda_graph else None
+        self.graphs = CudaGraphs("cuda") if cuda_graph else None
         self.inputs = {i.name: TensorSpec(i.name, tuple(i.shape), ORT_DTYPES.get(i.type, np.float32))
                        for i in self.session.get_inputs()}
         self.outputs = {o.name: TensorSpec(o.name, tuple(o.shape), ORT_DTYPES.get(o.type, np.float32))

@@ -67,15 +67,18 @@ class Pipeline:
 
     Every stage's output is checked for NaN and inf (reduced-precision graphs can overflow); with
     fp32_fallback the stage is rerun, then kept, on the package's float32 copy of that graph.
-    cuda_graph (ort-cuda) captures the UNet, the one stage called every step, as a CUDA graph per shape."""
+    cuda_graph (ort-cuda) captures the UNet, the one stage called every step, as a CUDA graph per shape.
+    graph_cache is a folder for onnxruntime's optimized graphs: the first load writes them, later loads skip
+    graph optimization (most of a large model's session creation)."""
 
     def __init__(self, package: Package, backend: str = "auto", threads: int | None = None, fp32_fallback: bool = False,
-                 cuda_graph: bool = False) -> None:
+                 cuda_graph: bool = False, graph_cache: Path | None = None) -> None:
         self.package = package
         self.backend = resolve_backend(backend)
         self.threads = threads
         self.fp32_fallback = fp32_fallback
         self.cuda_graph = cuda_graph
+        self.graph_cache = Path(graph_cache) if graph_cache else None
         self.tokenizer = ClipTokenizer.from_folder(package.root / "tokenizer", package.text_max_length)
         if self.backend == "trt":
             from .trt_backend import open_engines
@@ -92,7 +95,8 @@ class Pipeline:
 
     def _engine(self, name: str, fallback: bool = False) -> OrtEngine:
         path = self.package.fallback(name) if fallback else self.package.component(name)
-        return OrtEngine(path, self.backend, self.threads, cuda_graph=self.cuda_graph and name == "unet")
+        return OrtEngine(path, self.backend, self.threads, cuda_graph=self.cuda_graph and name == "unet",
+                         graph_cache=self.graph_cache)
 
     def _guarded(self, name: str, feeds: dict[str, Any], output: str, where: str) -> np.ndarray:
         """Run stage `name`; on NaN/inf, fall back to its float32 graph or stop with an error that says what to do."""
@@ -114,13 +118,15 @@ class Pipeline:
 
     @classmethod
     def from_package(cls, path: str | Path | None = None, backend: str = "auto", threads: int | None = None,
-                     verify_hashes: bool = False, fp32_fallback: bool = False, cuda_graph: bool = False) -> Pipeline:
+                     verify_hashes: bool = False, fp32_fallback: bool = False, cuda_graph: bool = False,
+                     graph_cache: str | Path | None = None) -> Pipeline:
         """Open a package folder (the bundled default model when path is None)."""
         if path is None:
             from .bundled import bundled_model
 
             path = bundled_model()
-        return cls(load_package(path, hashes=verify_hashes), backend, threads, fp32_fallback, cuda_graph)
+        return cls(load_package(path, hashes=verify_hashes), backend, threads, fp32_fallback, cuda_graph,
+                   Path(graph_cache) if graph_cache else None)
 
     def __call__(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
                  guidance_scale: float | None = None, scheduler: str | None = None, seed: int | None = None,

@@ -62,6 +62,8 @@ def test_several_images_get_numbered_names(tiny_package, tmp_path):
     (["--guidance", "nan"], ["not a finite number"]),
     (["--seed", "-1"], ["--seed"]),
     (["--backend", "tensorrt"], ["invalid choice"]),
+    (["--cuda-graph", "--backend", "ort-cpu"], ["CUDA graphs need the ort-cuda backend"]),
+    (["--graph-cache", "/dev/null/graphs"], ["graph cache /dev/null/graphs cannot be written"]),
 ])
 def test_bad_settings_are_refused(tiny_package, tmp_path, args, fragments):
     out = tmp_path / "x.png"

@@ -111,10 +111,10 @@ def test_cuda_graph_replay_matches_cpu(tiny_package):
 
 def test_fixed_buffers_follow_new_inputs(tiny_package):
     """The bookkeeping a CUDA graph relies on, run on the CPU: buffers bound once per shape, refilled every call."""
-    from diffrt.runtime.engines import GraphCache, OrtEngine, timestep_feed
+    from diffrt.runtime.engines import CudaGraphs, OrtEngine, timestep_feed
 
     engine = OrtEngine(tiny_package / "unet" / "model.onnx")
-    cache = GraphCache("cpu")
+    cache = CudaGraphs("cpu")
     rng = np.random.default_rng(0)
     for batch, side in ((2, 4), (2, 4), (1, 5), (2, 4)):
         feeds = {"sample": rng.standard_normal((batch, 4, side, side), dtype=np.float32),
@@ -129,3 +129,33 @@ def test_fixed_buffers_follow_new_inputs(tiny_package):
 def test_cuda_graph_needs_ort_cuda(tiny_package):
     with pytest.raises(UserError, match="ort-cuda"):
         Pipeline.from_package(tiny_package, backend="ort-cpu", cuda_graph=True)
+
+
+def test_graph_cache_skips_optimization_on_later_loads(tiny_package, tmp_path):
+    """The first load saves onnxruntime's optimized graphs; later loads use them and give the same image."""
+    cache = tmp_path / "graphs"
+    first = Pipeline.from_package(tiny_package, backend="ort-cpu", graph_cache=cache)("a red house", steps=3, seed=5)
+    entries = sorted(p for p in cache.iterdir())
+    assert len(entries) == 3 and all((p / "model.onnx").is_file() for p in entries)
+    stamps = [(p / "model.onnx").stat().st_mtime_ns for p in entries]
+    again = Pipeline.from_package(tiny_package, backend="ort-cpu", graph_cache=cache)("a red house", steps=3, seed=5)
+    assert sorted(cache.iterdir()) == entries and [(p / "model.onnx").stat().st_mtime_ns for p in entries] == stamps
+    plain = Pipeline.from_package(tiny_package, backend="ort-cpu")("a red house", steps=3, seed=5)
+    assert np.array_equal(first.array, plain.array) and np.array_equal(again.array, plain.array)
+
+
+def test_graph_cache_drops_a_damaged_entry(tiny_package, tmp_path):
+    cache = tmp_path / "graphs"
+    Pipeline.from_package(tiny_package, backend="ort-cpu", graph_cache=cache)
+    for entry in cache.iterdir():
+        (entry / "model.onnx").write_bytes(b"not a graph")
+    out = Pipeline.from_package(tiny_package, backend="ort-cpu", graph_cache=cache)("a red house", steps=3, seed=5)
+    plain = Pipeline.from_package(tiny_package, backend="ort-cpu")("a red house", steps=3, seed=5)
+    assert np.array_equal(out.array, plain.array)
+    assert all((e / "model.onnx").read_bytes() != b"not a graph" for e in cache.iterdir())
+
+
+def test_graph_cache_that_cannot_be_written(tiny_package, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="graph cache .* cannot be written"):
+        Pipeline.from_package(tiny_package, backend="ort-cpu", graph_cache=tmp_path / "file" / "graphs")
