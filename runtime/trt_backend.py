@@ -118,10 +118,11 @@ class TrtEngine:
         shapes = {n: tuple(np.shape(feeds[n])) for n in self.inputs}
         if not self.info.accepts(shapes):
             raise UserError(f"{self.info.plan.name} does not take {shapes}; rebuild it with wider --batch/--size ranges")
+        memory = self.shared.ensure(self.memory_size)
         if hasattr(self.context, "set_device_memory"):
-            self.context.set_device_memory(self.shared.ensure(self.memory_size), self.memory_size)
+            self.context.set_device_memory(memory, self.memory_size)
         else:
-            self.context.device_memory = self.shared.ensure(self.memory_size)
+            self.context.device_memory = memory
         for name, shape in shapes.items():
             buf = self._buffer(name, shape, self.inputs[name].dtype)
             buf.copy_from(np.require(feeds[name], self.inputs[name].dtype, "C"), stream=self.stream)
@@ -132,7 +133,7 @@ class TrtEngine:
             shape = tuple(self.context.get_tensor_shape(name))
             outs[name] = self._buffer(name, shape, spec.dtype)
             self.context.set_tensor_address(name, outs[name].ptr)
-        key = tuple(sorted(shapes.items()))
+        key = (tuple(sorted(shapes.items())), memory)  # a graph holds addresses: a moved shared block needs a new one
         if self.static and key in self.graphs:
             _check(cudart().cudaGraphLaunch(self.graphs[key], self.stream.ptr))
         elif self.static:
@@ -161,4 +162,6 @@ def open_engines(package: Path, precision: str, components: tuple[str, ...]) -> 
 
     device = current_device()
     stream, shared = cuda.Stream(), SharedMemory()
-    return {c: TrtEngine(select_engine(package, c, precision, device), stream, shared) for c in components}
+    engines = {c: TrtEngine(select_engine(package, c, precision, device), stream, shared) for c in components}
+    shared.ensure(max(e.memory_size for e in engines.values()))  # sized once, so captured graphs' addresses stay valid
+    return engines
