@@ -84,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available() and not args.tiny
     backend = "ort-cuda" if gpu and cuda_available() else "ort-cpu"
     ours = Pipeline.from_package(pkg16 if gpu else pkg, backend=backend)
-    graphed = Pipeline.from_package(pkg16, backend=backend, cuda_graph=True) if backend == "ort-cuda" else None
+    graphed, graph_error = None, None
+    if backend == "ort-cuda":
+        try:  # not run anywhere before: a failure here is reported, not fatal to the rest of the check
+            graphed = Pipeline.from_package(pkg16, backend=backend, cuda_graph=True)
+        except Exception as exc:
+            graph_error = f"{type(exc).__name__}: {exc}"[:500]
     dtype, device = (torch.float16, "cuda") if gpu else (torch.float32, "cpu")
     ref = StableDiffusionPipeline.from_pretrained(ckpt, torch_dtype=dtype).to(device)
     ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
@@ -108,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             return out
 
         impls = {"diffrt": lambda: run_diffrt(ours), "diffusers": run_ref}
+        images = {name: fn() for name, fn in impls.items()}  # warm-up, and the images compared
         if graphed:
-            impls["diffrt_graph"] = lambda: run_diffrt(graphed)
-        images = {name: fn() for name, fn in impls.items()}  # warm-up (and graph capture), and the images compared
+            try:
+                images["diffrt_graph"] = run_diffrt(graphed)  # captures the UNet's graph for this shape
+                impls["diffrt_graph"] = lambda g=graphed: run_diffrt(g)
+            except Exception as exc:
+                graph_error, graphed = f"{type(exc).__name__}: {exc}"[:500], None
         runs: dict[str, list[float]] = {name: [] for name in impls}
         order = list(impls)
         for i in range(args.runs):
@@ -128,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "backend": backend, "tiny": args.tiny,
               "size": size, "steps": args.steps, "scheduler": "euler", "guidance": 7.5, "timings": timings,
-              "gpu_memory_used_mb": gpu_memory_used_mb(), "rows": rows, "total_s": time.perf_counter() - t0}
+              "gpu_memory_used_mb": gpu_memory_used_mb(), "cuda_graph_error": graph_error, "rows": rows,
+              "total_s": time.perf_counter() - t0}
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     print(f"\n{report['machine']['gpu'] or report['machine']['cpu']} | {backend} vs diffusers {'fp16' if gpu else 'fp32'} | "
           f"{size}x{size}, {args.steps} steps")
@@ -137,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         graph = f"{r['graph_s']:.3f} | {r['graph_speedup']:.2f}x" if "graph_s" in r else "- | -"
         print(f"| {r['batch']} | {r['diffrt_s']:.3f} | {r['diffusers_s']:.3f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.3f} "
               f"| {graph} |")
+    if graph_error:
+        print(f"CUDA graphs failed: {graph_error.splitlines()[0]}")
     return 0
 
 
