@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--unet-batch", type=int, default=48)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--refine-steps", type=int, default=1500, help="decoder-only steps after the VAE")
+    ap.add_argument("--final-refine-steps", type=int, default=1500, help="decoder-only steps after the UNet")
     ap.add_argument("--from", dest="resume", type=Path, help="only refine the decoder of this saved checkpoint")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
@@ -210,10 +211,14 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.resume:
         pipe = StableDiffusionPipeline.from_pretrained(args.resume)
+        log("VAE read-back before: " + ", ".join(f"{k} {v:.1%}" for k, v in vae_readback(pipe.vae.eval()).items()))
         refine_decoder(pipe.vae.train(), images, args.refine_steps, args.vae_batch, args.lr)
+        readback = vae_readback(pipe.vae)
+        log("VAE read-back after: " + ", ".join(f"{k} {v:.1%}" for k, v in readback.items()))
         pipe.save_pretrained(args.out)
         record = json.loads((args.resume / "training.json").read_text()) if (args.resume / "training.json").is_file() else {}
-        record["refine"] = {"steps": args.refine_steps, "minutes": round((time.time() - start) / 60, 1), "from": str(args.resume)}
+        record["refine"] = {"steps": args.refine_steps, "minutes": round((time.time() - start) / 60, 1), "from": str(args.resume),
+                            "vae_readback": readback}
         (args.out / "training.json").write_text(json.dumps(record, indent=1))
         log(f"saved {args.out} after {(time.time() - start) / 60:.1f} min")
         return
@@ -237,6 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     curve: list = []
     unet, text = train_denoiser(mean * scaling, std * scaling, ids, empty_ids, len(tokenizer), args.unet_steps,
                                 args.unet_batch, args.lr, max(args.unet_steps // 60, 1), curve)
+    if args.final_refine_steps:  # same latent space, so the UNet is unaffected; a sharper decoder is all it changes
+        vae = refine_decoder(vae.train(), images, args.final_refine_steps, args.vae_batch, args.lr)
+        readback = vae_readback(vae)
+        log("after the final refinement: " + ", ".join(f"{k} {v:.1%}" for k, v in readback.items()))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
