@@ -138,7 +138,11 @@ def encode_all(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def train_denoiser(mean: torch.Tensor, std: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor, vocab: int,
-                   steps: int, batch: int, lr: float, log_every: int, curve: list) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+                   steps: int, batch: int, lr: float, log_every: int, curve: list,
+                   offset_noise: float) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Epsilon prediction on the SD schedule. Offset noise (a per-image, per-channel constant added to the noise):
+    16x16 latents average the noise away, so without it the UNet reads the background colour off the noisy
+    latent's mean even at t=950 and, sampling from pure noise, ignores the prompt's background."""
     text_config = CLIPTextConfig(vocab_size=vocab, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
                                  num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab - 2,
                                  eos_token_id=vocab - 1, pad_token_id=vocab - 1)
@@ -157,7 +161,7 @@ def train_denoiser(mean: torch.Tensor, std: torch.Tensor, ids: torch.Tensor, emp
         cond = ids[idx_t].clone()
         drop = torch.from_numpy(rng.random(batch) < 0.1)
         cond[drop] = empty_ids
-        noise = torch.randn_like(latents)
+        noise = torch.randn_like(latents) + offset_noise * torch.randn(batch, latents.shape[1], 1, 1)
         t = torch.randint(0, 1000, (batch,))
         noisy = noise_sched.add_noise(latents, noise, t)
         hidden = text(cond).last_hidden_state
@@ -191,11 +195,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--images", type=int, default=20000)
     ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--vae-batch", type=int, default=16)
-    ap.add_argument("--unet-steps", type=int, default=5200)
+    ap.add_argument("--unet-steps", type=int, default=3800)
+    ap.add_argument("--offset-noise", type=float, default=0.15)
     ap.add_argument("--unet-batch", type=int, default=48)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--refine-steps", type=int, default=1500, help="decoder-only steps after the VAE")
     ap.add_argument("--final-refine-steps", type=int, default=1500, help="decoder-only steps after the UNet")
+    ap.add_argument("--vae-from", type=Path, help="take the tokenizer and trained VAE of this checkpoint; train the rest")
     ap.add_argument("--from", dest="resume", type=Path, help="only refine the decoder of this saved checkpoint")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
@@ -224,24 +230,30 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     args.out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(captions, args.out / "tokenizer", vocab_size=600)
+    if args.vae_from:
+        tokenizer = CLIPTokenizer.from_pretrained(args.vae_from / "tokenizer")
+    else:
+        tokenizer = build_tokenizer(captions, args.out / "tokenizer", vocab_size=600)
     tokenizer.save_pretrained(args.out / "tokenizer")
     ids = torch.tensor(tokenizer(captions, padding="max_length", max_length=77, truncation=True).input_ids)
     empty_ids = torch.tensor(tokenizer("", padding="max_length", max_length=77).input_ids)
     log(f"tokenizer: {len(tokenizer)} tokens")
 
-    vae = train_vae(images, args.vae_steps, args.vae_batch, args.vae_lr)
-    vae = refine_decoder(vae.train(), images, args.refine_steps, args.vae_batch, args.lr)
+    if args.vae_from:
+        vae = AutoencoderKL.from_pretrained(args.vae_from / "vae").eval()
+    else:
+        vae = train_vae(images, args.vae_steps, args.vae_batch, args.vae_lr)
+        vae = refine_decoder(vae.train(), images, args.refine_steps, args.vae_batch, args.lr)
     readback = vae_readback(vae)
     log("VAE reconstructions of held-out scenes read back as " + ", ".join(f"{k} {v:.1%}" for k, v in readback.items()))
     mean, std = encode_all(vae, images)
-    scaling = float(1.0 / mean.std())
+    scaling = vae.config.scaling_factor if args.vae_from else float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scaling)
     log(f"latents {tuple(mean.shape[1:])}, scaling factor {scaling:.4f}")
 
     curve: list = []
     unet, text = train_denoiser(mean * scaling, std * scaling, ids, empty_ids, len(tokenizer), args.unet_steps,
-                                args.unet_batch, args.lr, max(args.unet_steps // 60, 1), curve)
+                                args.unet_batch, args.lr, max(args.unet_steps // 60, 1), curve, args.offset_noise)
     if args.final_refine_steps:  # same latent space, so the UNet is unaffected; a sharper decoder is all it changes
         vae = refine_decoder(vae.train(), images, args.final_refine_steps, args.vae_batch, args.lr)
         readback = vae_readback(vae)
