@@ -1,0 +1,80 @@
+"""Session creation with and without the optimized-graph cache (`--graph-cache`), each in a fresh process.
+
+    python -m diffrt.benchmarks.session_load PACKAGE [--component unet] [--cache DIR] [--threads 2]
+
+Times three loads of one component: plain (onnxruntime optimizes the graph), first with the cache (optimizes and
+saves), second with the cache (loads the saved graph, no optimization); then checks the cached session's output
+equals the plain one's on the same inputs. Prints a markdown table; --json writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LOAD = """
+import json, sys, time
+from pathlib import Path
+from diffrt.runtime.engines import OrtEngine
+path, cache, threads = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+start = time.perf_counter()
+OrtEngine(path, "ort-cpu", threads, graph_cache=Path(cache) if cache else None)
+seconds = time.perf_counter() - start
+rss = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
+print(json.dumps({"seconds": seconds, "peak_rss_mb": int(rss) / 1024}))
+"""
+
+
+def load(model: Path, cache: Path | None, threads: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", LOAD, str(model), str(cache or ""), str(threads)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def same_outputs(model: Path, cache: Path, threads: int) -> float:
+    """Max |difference| between a plain session and one from the cache on the same random inputs."""
+    import numpy as np
+
+    from diffrt.runtime.engines import OrtEngine
+
+    plain, cached = OrtEngine(model, "ort-cpu", threads), OrtEngine(model, "ort-cpu", threads, graph_cache=cache)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for name, spec in plain.inputs.items():
+        shape = [d if isinstance(d, int) else {"sequence_length": 77}.get(d, 2 if "batch" in str(d) else 8)
+                 for d in spec.shape]
+        feeds[name] = (rng.integers(0, 100, shape) if np.issubdtype(spec.dtype, np.integer)
+                       else rng.standard_normal(shape)).astype(spec.dtype)
+    a, b = plain.run(feeds), cached.run(feeds)
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("package", type=Path)
+    ap.add_argument("--component", default="unet")
+    ap.add_argument("--cache", type=Path, help="cache folder (default: a fresh temporary one)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    model = args.package / args.component / "model.onnx"
+    cache = args.cache or Path(tempfile.mkdtemp(prefix="diffrt-graphs-"))
+    rows = {"plain": load(model, None, args.threads), "cache, first (optimize + save)": load(model, cache, args.threads),
+            "cache, later (saved graph)": load(model, cache, args.threads)}
+    diff = same_outputs(model, cache, args.threads)
+    print(f"{model}, {args.threads} threads; outputs plain vs cached: max |diff| {diff:.3g}")
+    print("| load | seconds | peak RSS (MB) |\n|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['seconds']:.2f} | {r['peak_rss_mb']:.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"model": str(model), "threads": args.threads, "loads": rows, "max_abs_diff": diff},
+                                        indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
