@@ -34,7 +34,7 @@ def markdown(result: dict[str, Any]) -> str:
         for impl in sorted(set(summary["load"]) | set(summary["cold_start"])):
             load = summary["load"].get(impl, {}).get("seconds")
             cold = summary["cold_start"].get(impl, {})
-            lines.append(f"| {impl} | {load:.2f} | {cold.get('seconds', float('nan')):.2f} | "
+            lines.append(f"| {impl} | {'-' if load is None else f'{load:.2f}'} | {cold.get('seconds', float('nan')):.2f} | "
                          f"{cold.get('peak_rss_mb', float('nan')):.0f} |")
     if summary["ratios"]:
         lines += ["", "## Ratios", ""] + [f"- {k}: {v:.2f}" for k, v in summary["ratios"].items()]

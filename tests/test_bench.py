@@ -13,7 +13,7 @@ def test_bench_with_diffusers_baseline(tiny_package, tiny_checkpoint, tmp_path):
     from diffrt.benchmarks.bench import BenchConfig, benchmark, write_outputs
 
     cfg = BenchConfig(package=tiny_package, backend="ort-cpu", steps=3, scheduler="ddim", batches=[1, 2], runs=2, warmup=1,
-                      baseline="diffusers", checkpoint=tiny_checkpoint, out=tmp_path / "out")
+                      baseline="diffusers", checkpoint=tiny_checkpoint, graph_cache=tmp_path / "graphs", out=tmp_path / "out")
     result = benchmark(cfg, log=lambda m: None)
     paths = write_outputs(result, cfg.out)
     assert [p.name for p in paths] == ["results.json", "report.md", "report.png"]
@@ -26,12 +26,13 @@ def test_bench_with_diffusers_baseline(tiny_package, tiny_checkpoint, tmp_path):
     for s in summary["e2e"].values():
         assert s["min"] <= s["p50"] <= s["p90"] <= s["p99"] and s["images_per_s"] > 0
     assert len(e2e[0]["unet_calls"]) == 3
-    assert set(summary["cold_start"]) == {"diffrt", "diffusers"}
+    assert set(summary["cold_start"]) == {"diffrt", "diffrt_graph_cache", "diffusers"}
+    assert len(list((tmp_path / "graphs").iterdir())) == 3  # the timed cold start found the three graphs saved
     assert summary["cold_start"]["diffrt"]["peak_rss_mb"] > 0
-    assert {"e2e_speedup/b1", "cold_start_ratio", "peak_rss_ratio"} <= set(summary["ratios"])
+    assert {"e2e_speedup/b1", "cold_start_ratio", "peak_rss_ratio", "cold_start_ratio_graph_cache"} <= set(summary["ratios"])
     assert "scheduler_step_share_of_unet_call" in summary["stages"]["diffrt/b1"]
     assert data["machine"]["cpu"] and "onnxruntime" in data["machine"]["versions"]
-    assert "| diffrt/b1 |" in paths[1].read_text()
+    assert "| diffrt/b1 |" in paths[1].read_text() and "| diffrt_graph_cache | - |" in paths[1].read_text()
 
 
 def test_bench_needs_checkpoint_for_baseline(tiny_package, tmp_path):
