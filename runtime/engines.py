@@ -129,26 +129,26 @@ def open_session(path: Path, backend: str, providers: list, threads: int | None,
 
     from . import optimized
 
-    cached = optimized.cached_graph(graph_cache, path, backend) if graph_cache else None
-    if cached:
+    entry = graph_cache / optimized.cache_key(path, backend) if graph_cache else None
+    if entry and (entry / optimized.GRAPH).is_file():
         opts = session_options(threads)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
-            return ort.InferenceSession(str(cached), opts, providers=providers)
+            return ort.InferenceSession(str(entry / optimized.GRAPH), opts, providers=providers)
         except Exception:  # a damaged cache entry: drop it and optimize the source again
-            optimized.forget(cached)
+            optimized.forget(entry)
     opts = session_options(threads)
-    staging = optimized.save_optimized(opts, graph_cache) if graph_cache else None
+    staging = optimized.save_optimized(opts, graph_cache) if entry else None
     try:
         session = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
         if staging:
-            optimized.forget(staging / optimized.GRAPH)
+            optimized.forget(staging)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} could not be loaded by onnxruntime ({first[:200]}); "
                         "the file is corrupt or not an ONNX graph: re-export the package") from None
     if staging:
-        optimized.publish(staging, graph_cache, path, backend)
+        optimized.publish(staging, entry)
     return session
 
 

@@ -41,12 +41,6 @@ def cache_key(model: Path, backend: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def cached_graph(cache: Path, model: Path, backend: str) -> Path | None:
-    """The optimized graph for `model` if the cache holds it."""
-    graph = cache / cache_key(model, backend) / GRAPH
-    return graph if graph.is_file() else None
-
-
 def save_optimized(opts: Any, cache: Path) -> Path:
     """Ask onnxruntime to write the graph it optimizes into a fresh folder of the cache; `publish` it after."""
     try:
@@ -61,14 +55,14 @@ def save_optimized(opts: Any, cache: Path) -> Path:
     return staging
 
 
-def publish(staging: Path, cache: Path, model: Path, backend: str) -> None:
+def publish(staging: Path, entry: Path) -> None:
     """Move a finished staging folder to its key; a copy published first by another process wins."""
     try:
-        os.rename(staging, cache / cache_key(model, backend))
+        os.rename(staging, entry)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def forget(graph: Path) -> None:
-    """Drop a cached graph that onnxruntime could not load."""
-    shutil.rmtree(graph.parent, ignore_errors=True)
+def forget(folder: Path) -> None:
+    """Drop a cache entry (or staging folder) onnxruntime could not load or finish."""
+    shutil.rmtree(folder, ignore_errors=True)
