@@ -128,7 +128,7 @@ def _from_manifest(root: Path, m: dict) -> Package:
         raise UserError(f"{root / MANIFEST} lacks {exc}; re-export the package with `diffrt export`") from None
 
 
-def family_of(cross_attention_dim: int, in_channels: int = 4) -> str:
+def family_of(cross_attention_dim: int) -> str:
     """SD family from the UNet's text width: 768 sd1, 1024 sd2, 2048 sdxl; anything else 'custom'."""
     return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(cross_attention_dim, "custom")
 
