@@ -23,6 +23,7 @@ def fake_model(sample: np.ndarray, t: float) -> np.ndarray:
     return (0.3 * sample + np.sin(sample * 1.7 + float(t) * 0.01)).astype(np.float32)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's divide/overflow warnings would reach users' terminals
 @pytest.mark.parametrize("name", list(SHORT_NAMES))
 def test_scheduler_trajectories_match_diffusers(name):
     checked = 0

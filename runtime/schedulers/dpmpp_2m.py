@@ -74,7 +74,8 @@ class DPMSolverPP2M(Scheduler):
             x0 = alpha_s0 * sample - sigma_s0 * model_output
         else:
             x0 = model_output
-        h = (np.log(alpha_t) - np.log(sigma_t)) - (np.log(alpha_s0) - np.log(sigma_s0))
+        with np.errstate(divide="ignore"):  # sigma 0 at a final "zero" step: h = inf, exp(-h) = 0, prev = x0
+            h = (np.log(alpha_t) - np.log(sigma_t)) - (np.log(alpha_s0) - np.log(sigma_s0))
         first_order = c["solver_order"] == 1 or self.lower_order_nums < 1 or final
         prev = (sigma_t / sigma_s0) * sample - (alpha_t * (np.exp(-h) - 1.0)) * x0
         if not first_order:
