@@ -225,6 +225,10 @@ def quantize_package(package: str | Path, out: str | Path, options: QuantizeOpti
         log(f"PSNR min {gates['psnr_db_min']:.1f} dB (gate {GATES[options.precision]:.0f} dB), mean "
             f"{gates['psnr_db_mean']:.1f} dB over {gates['images']} images; UNet per-step relative error max "
             f"{gates['unet_step_rel_err_max']:.2e}, mean {gates['unet_step_rel_err_mean']:.2e}")
+        if options.adherence:
+            log("held-out prompt adherence (background / colour / shape), fp32 -> " + options.precision + ": "
+                + " / ".join(f"{ref_scores[k]:.0%}" for k in ref_scores) + " -> "
+                + " / ".join(f"{new_scores[k]:.0%}" for k in new_scores))
         if not gates["passed"] and not options.accept_quality:
             adherence = "" if gates.get("adherence_passed", True) else "; prompt adherence fell more than 3 points"
             raise UserError(f"the {options.precision} package misses its quality gate (PSNR {gates['psnr_db_min']:.1f} dB, "
