@@ -146,15 +146,21 @@ def cold_start(cfg: BenchConfig, impl: str, package: Path, checkpoint: Path | No
                 "p.scheduler = getattr(diffusers, cls.class_name).from_config({**p.scheduler.config, **over})\n"
                 f"p({cfg.prompt!r}, num_inference_steps={steps}, guidance_scale={guidance}, width={width}, height={height},"
                 f" generator=torch.Generator().manual_seed(0)).images[0].save({str(out)!r})\n")
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report its parent's peak
-    code = body + "print('MAXRSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc, peak_rss_mb = run_fresh(body)
     seconds = time.perf_counter() - start
     if proc.returncode or not out.is_file():
         raise UserError(f"cold-start run of {impl} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    rss_kb = int(proc.stdout.split("MAXRSS")[-1].split()[0])
-    return {"seconds": seconds, "peak_rss_mb": rss_kb / 1024}
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb}
+
+
+def run_fresh(code: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Run Python code in a fresh interpreter; its result and its own peak RSS in MB (nan if it failed)."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report its parent's peak
+    code += "\nprint('MAXRSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    rss_kb = float(proc.stdout.split("MAXRSS")[-1].split()[0]) if "MAXRSS" in proc.stdout else float("nan")
+    return proc, rss_kb / 1024
 
 
 def baseline_checkpoint(pipe: Pipeline, cfg: BenchConfig) -> Path:

@@ -11,28 +11,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-LOAD = """
-import json, sys, time
-from pathlib import Path
-from diffrt.runtime.engines import OrtEngine
-path, cache, threads = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-start = time.perf_counter()
-OrtEngine(path, "ort-cpu", threads, graph_cache=Path(cache) if cache else None)
-seconds = time.perf_counter() - start
-rss = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
-print(json.dumps({"seconds": seconds, "peak_rss_mb": int(rss) / 1024}))
-"""
+from diffrt.benchmarks.bench import run_fresh
 
 
 def load(model: Path, cache: Path | None, threads: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", LOAD, str(model), str(cache or ""), str(threads)],
-                          capture_output=True, text=True, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """Session creation time in a fresh process, and that process's peak RSS."""
+    graph_cache = f"Path({str(cache)!r})" if cache else "None"
+    proc, peak_rss_mb = run_fresh(
+        "import time\nfrom pathlib import Path\nfrom diffrt.runtime.engines import OrtEngine\nstart = time.perf_counter()\n"
+        f"OrtEngine(Path({str(model)!r}), 'ort-cpu', {threads}, graph_cache={graph_cache})\n"
+        "print('SECONDS', time.perf_counter() - start)")
+    if proc.returncode:
+        raise RuntimeError(f"loading {model} failed: {proc.stderr.strip()}")
+    return {"seconds": float(proc.stdout.split("SECONDS")[-1].split()[0]), "peak_rss_mb": peak_rss_mb}
 
 
 def same_outputs(model: Path, cache: Path, threads: int) -> float:

@@ -51,3 +51,12 @@ def test_gpu_check_script_at_toy_size(tmp_path, capsys):
     assert [r["batch"] for r in report["rows"]] == [1, 2]
     assert all(r["max_abs_diff"] < 1e-2 for r in report["rows"])  # same weights, same latents, fp32 on the CPU
     assert "| batch | diffrt s | diffusers s |" in capsys.readouterr().out
+
+
+def test_session_load_with_and_without_the_graph_cache(tiny_package, tmp_path):
+    from diffrt.benchmarks.session_load import main
+
+    assert main([str(tiny_package), "--cache", str(tmp_path / "graphs"), "--json", str(tmp_path / "load.json")]) == 0
+    result = json.loads((tmp_path / "load.json").read_text())
+    assert result["max_abs_diff"] == 0 and len(result["loads"]) == 3
+    assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in result["loads"].values())
