@@ -66,6 +66,12 @@ def unet_config(cross_dim: int, latent_channels: int) -> dict:
                 up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
 
 
+def schedule_config(zero_snr: bool) -> dict:
+    """SD's betas; with zero_snr, rescaled so the last step is pure noise (Lin et al. 2023), which needs v-prediction."""
+    return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                rescale_betas_zero_snr=zero_snr, prediction_type="v_prediction" if zero_snr else "epsilon")
+
+
 def batches(n: int, batch: int, rng: np.random.Generator):
     while True:
         yield rng.integers(0, n, size=batch)
@@ -139,16 +145,20 @@ def encode_all(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor, 
 
 def train_denoiser(mean: torch.Tensor, std: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor, vocab: int,
                    steps: int, batch: int, lr: float, log_every: int, curve: list,
-                   offset_noise: float) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Epsilon prediction on the SD schedule. Offset noise (a per-image, per-channel constant added to the noise):
-    16x16 latents average the noise away, so without it the UNet reads the background colour off the noisy
-    latent's mean even at t=950 and, sampling from pure noise, ignores the prompt's background."""
+                   offset_noise: float, zero_snr: bool, snapshot=None, snapshot_every: int = 0,
+                   ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Epsilon prediction on the SD schedule, or v-prediction on zero-terminal-SNR betas (zero_snr).
+
+    On SD's betas, 16x16 latents average the noise away, so the UNet reads the background colour off the noisy
+    latent's mean even at t=950 and, sampling from pure noise, ignores the prompt's background. Offset noise (a
+    per-image, per-channel constant added to the noise) drowns that leak; zero terminal SNR removes it.
+    snapshot(step, unet, text) is called with the EMA weights every snapshot_every steps."""
     text_config = CLIPTextConfig(vocab_size=vocab, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
                                  num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab - 2,
                                  eos_token_id=vocab - 1, pad_token_id=vocab - 1)
     text = CLIPTextModel(text_config)
     unet = UNet2DConditionModel(**unet_config(text_config.hidden_size, mean.shape[1]))
-    noise_sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    noise_sched = DDPMScheduler(**schedule_config(zero_snr))
     params = list(unet.parameters()) + list(text.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -166,7 +176,7 @@ def train_denoiser(mean: torch.Tensor, std: torch.Tensor, ids: torch.Tensor, emp
         noisy = noise_sched.add_noise(latents, noise, t)
         hidden = text(cond).last_hidden_state
         pred = unet(noisy, t, hidden).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, noise_sched.get_velocity(latents, noise, t) if zero_snr else noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -183,9 +193,16 @@ def train_denoiser(mean: torch.Tensor, std: torch.Tensor, ids: torch.Tensor, emp
             running = 0.0
             curve.append({"step": step, "loss": avg, "seconds": round(time.time() - t0, 1)})
             log(f"unet step {step}/{steps} loss {avg:.4f} ({time.time() - t0:.0f} s)")
+        if snapshot and step % snapshot_every == 0 and step < steps:
+            live = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                torch._foreach_copy_(params, ema)
+            snapshot(step, unet.eval(), text.eval())
+            with torch.no_grad():
+                torch._foreach_copy_(params, live)
+            unet.train(), text.train()
     with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
+        torch._foreach_copy_(params, ema)
     return unet.eval(), text.eval()
 
 
@@ -199,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="8 reconstructs crosses and diamonds better, but its UNet ignored the prompt (model card)")
     ap.add_argument("--unet-steps", type=int, default=3800)
     ap.add_argument("--offset-noise", type=float, default=0.15)
+    ap.add_argument("--zero-snr", action="store_true",
+                    help="v-prediction on zero-terminal-SNR betas, sampled with trailing timesteps (instead of offset noise)")
+    ap.add_argument("--snapshot-every", type=int, default=0, help="also save the EMA weights every N UNet steps (snapshot-N/)")
     ap.add_argument("--unet-batch", type=int, default=48)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--refine-steps", type=int, default=1500, help="decoder-only steps after the VAE")
@@ -253,18 +273,26 @@ def main(argv: list[str] | None = None) -> None:
     vae.register_to_config(scaling_factor=scaling)
     log(f"latents {tuple(mean.shape[1:])}, scaling factor {scaling:.4f}")
 
+    def pipeline(unet: UNet2DConditionModel, text: CLIPTextModel) -> StableDiffusionPipeline:
+        sched = schedule_config(args.zero_snr)
+        scheduler = DDIMScheduler(**sched, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                  timestep_spacing="trailing" if args.zero_snr else "leading")
+        return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def snapshot(step: int, unet: UNet2DConditionModel, text: CLIPTextModel) -> None:
+        pipeline(unet, text).save_pretrained(args.out / f"snapshot-{step}")
+        log(f"saved {args.out / f'snapshot-{step}'}")
+
     curve: list = []
     unet, text = train_denoiser(mean * scaling, std * scaling, ids, empty_ids, len(tokenizer), args.unet_steps,
-                                args.unet_batch, args.lr, max(args.unet_steps // 60, 1), curve, args.offset_noise)
+                                args.unet_batch, args.lr, max(args.unet_steps // 60, 1), curve, args.offset_noise,
+                                args.zero_snr, snapshot, args.snapshot_every)
     if args.final_refine_steps:  # same latent space, so the UNet is unaffected; a sharper decoder is all it changes
         vae = refine_decoder(vae.train(), images, args.final_refine_steps, args.vae_batch, args.lr)
         readback = vae_readback(vae)
         log("after the final refinement: " + ", ".join(f"{k} {v:.1%}" for k, v in readback.items()))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(args.out)
+    pipeline(unet, text).save_pretrained(args.out)
     minutes = (time.time() - start) / 60
     (args.out / "training.json").write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
                                                         "minutes": round(minutes, 1), "vae_readback": readback,
