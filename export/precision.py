@@ -26,7 +26,7 @@ INT8_KEEP_LAYERS = ("time_embedding", "time_proj", "conv_in", "conv_out", "norm"
 GATES = {"fp16": 35.0, "int8": 22.0}
 CALIBRATION_PROMPTS = (
     "a small red circle on a blue background, top left", "a large yellow square on a black background, center",
-    "a green triangle on a white background", "a small cyan diamond on a magenta background, bottom right",
+    "a green triangle on a white background", "a small cyan bar on a magenta background, bottom right",
     "a photo of a cat sitting on a red sofa", "a mountain landscape at sunset, oil painting",
     "a city street at night in the rain", "a bowl of fruit on a wooden table",
 )

@@ -22,7 +22,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
     "black": (20, 20, 20),
 }
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+# A diamond was the fifth shape once: at 16x16 latents it and the cross came out as the same four-pointed blob
+# (model card). A bar differs from everything else in its outline, which the latents keep.
+SHAPES = ("circle", "square", "triangle", "bar", "cross")
+BAR_ASPECT = 2.5  # width / height
+
 SIZES = {"small": (14, 18), "large": (24, 28)}
 POSITIONS = {
     "center": (32, 32),
@@ -69,16 +73,6 @@ def held_out_scenes() -> list[Scene]:
             for i, (s, c, b) in enumerate(sorted(held_out_triples()))]
 
 
-def shape_polygon(shape: str, box: tuple[float, float, float, float]) -> list[tuple[float, float]] | None:
-    x0, y0, x1, y1 = box
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    if shape == "triangle":
-        return [(cx, y0), (x1, y1), (x0, y1)]
-    if shape == "diamond":
-        return [(cx, y0), (x1, cy), (cx, y1), (x0, cy)]
-    return None
-
-
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
     """Draw one filled shape inside box (x0, y0, x1, y1), inclusive pixel bounds."""
     x0, y0, x1, y1 = box
@@ -90,8 +84,11 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, f
         w, h = (x1 - x0) / 3, (y1 - y0) / 3
         draw.rectangle((x0 + w, y0, x1 - w, y1), fill=fill)
         draw.rectangle((x0, y0 + h, x1, y1 - h), fill=fill)
-    elif shape in ("triangle", "diamond"):
-        draw.polygon(shape_polygon(shape, box), fill=fill)
+    elif shape == "bar":
+        cy, h = (y0 + y1) / 2, (x1 - x0 + 1) / BAR_ASPECT
+        draw.rectangle((x0, cy - h / 2 + 0.5, x1, cy + h / 2 - 0.5), fill=fill)
+    elif shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
@@ -141,8 +138,9 @@ def _mode(labels: np.ndarray) -> int:
 
 
 def template_mask(shape: str, height: int, width: int) -> np.ndarray:
+    """The shape drawn to fill a height x width box (a bar fills it, like a square)."""
     img = Image.new("L", (width, height), 0)
-    draw_shape(ImageDraw.Draw(img), shape, (0, 0, width - 1, height - 1), 255)
+    draw_shape(ImageDraw.Draw(img), "square" if shape == "bar" else shape, (0, 0, width - 1, height - 1), 255)
     return np.asarray(img) > 0
 
 
@@ -157,7 +155,8 @@ class Reading:
 
 def read_image(image: np.ndarray) -> Reading:
     """Background = commonest named colour on the border; shape = pixels of another colour,
-    its colour their commonest named colour, its kind the template with the best IoU in its box."""
+    its colour their commonest named colour, its kind the template with the best IoU in its box (for a filled box,
+    square or bar by the box's width / height, split at the geometric mean of theirs)."""
     names = list(COLOURS)
     labels = nearest_colour(image)
     border = np.concatenate([labels[:2].ravel(), labels[-2:].ravel(), labels[:, :2].ravel(), labels[:, -2:].ravel()])
@@ -170,8 +169,9 @@ def read_image(image: np.ndarray) -> Reading:
     ys, xs = np.nonzero(mask)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     crop = mask[y0:y1, x0:x1]
-    ious = []
-    for shape in SHAPES:
-        t = template_mask(shape, y1 - y0, x1 - x0)
-        ious.append((t & crop).sum() / max((t | crop).sum(), 1))
-    return Reading(names[bg], names[colour], SHAPES[int(np.argmax(ious))])
+    kinds = [s for s in SHAPES if s != "bar"]
+    ious = [(t & crop).sum() / max((t | crop).sum(), 1) for t in (template_mask(s, y1 - y0, x1 - x0) for s in kinds)]
+    shape = kinds[int(np.argmax(ious))]
+    if shape == "square" and (x1 - x0) / (y1 - y0) >= BAR_ASPECT**0.5:
+        shape = "bar"
+    return Reading(names[bg], names[colour], shape)

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--latent-channels", type=int, default=4,
-                    help="8 reconstructs crosses and diamonds better, but its UNet ignored the prompt (model card)")
+                    help="8 reconstructs shapes better, but its UNet learnt them slower (model card)")
     ap.add_argument("--unet-steps", type=int, default=3800)
     ap.add_argument("--offset-noise", type=float, default=0.15)
     ap.add_argument("--zero-snr", action="store_true",
