@@ -37,7 +37,7 @@ def test_background_follows_the_prompt(pipe, prompt, seed, expected):
 
 
 def test_red_circle_on_blue(pipe):
-    """Colours right for every seed; the shape, like the model's held-out shape score, for most (7 of 8 here)."""
+    """Colours right for every seed; the shape for most (6 of 8 here: seeds 1 and 2 give rounded squares)."""
     readings = [read_image(np.asarray(pipe("a red circle on a blue background", seed=seed).images[0])) for seed in range(8)]
     assert all((r.background, r.colour) == ("blue", "red") for r in readings), readings
     assert sum(r.shape == "circle" for r in readings) >= 6, readings
