@@ -138,9 +138,9 @@ def _mode(labels: np.ndarray) -> int:
 
 
 def template_mask(shape: str, height: int, width: int) -> np.ndarray:
-    """The shape drawn to fill a height x width box (a bar fills it, like a square)."""
+    """The shape drawn to fill a height x width box (the reader has no bar template: a bar fills its box)."""
     img = Image.new("L", (width, height), 0)
-    draw_shape(ImageDraw.Draw(img), "square" if shape == "bar" else shape, (0, 0, width - 1, height - 1), 255)
+    draw_shape(ImageDraw.Draw(img), shape, (0, 0, width - 1, height - 1), 255)
     return np.asarray(img) > 0
 
 

@@ -200,7 +200,8 @@ def train_denoiser(mean: torch.Tensor, std: torch.Tensor, ids: torch.Tensor, emp
             snapshot(step, unet.eval(), text.eval())
             with torch.no_grad():
                 torch._foreach_copy_(params, live)
-            unet.train(), text.train()
+            unet.train()
+            text.train()
     with torch.no_grad():
         torch._foreach_copy_(params, ema)
     return unet.eval(), text.eval()
