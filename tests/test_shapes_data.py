@@ -1,0 +1,23 @@
+"""The bundled model's data and its reader: the evaluation can only be trusted if it reads the renders right."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from diffrt.models.shapes_data import COLOURS, POSITIONS, SHAPES, SIZES, Scene, held_out_triples, read_image, render
+
+
+def test_reader_reads_every_render_right():
+    rng = np.random.default_rng(0)
+    for shape, colour, background, size, position in itertools.product(SHAPES, COLOURS, COLOURS, SIZES, POSITIONS):
+        if colour != background:
+            reading = read_image(render(Scene(shape, colour, background, size, position), rng))
+            assert (reading.shape, reading.colour, reading.background) == (shape, colour, background), reading
+
+
+def test_held_out_set_is_fixed_and_covers_every_shape():
+    held = held_out_triples()
+    assert len(held) == 28 and held == held_out_triples()
+    assert {shape for shape, _, _ in held} == set(SHAPES)
