@@ -4,7 +4,9 @@
                  [--baseline diffusers] [--out DIR]
 
 With --baseline diffusers, diffusers' StableDiffusionPipeline runs on the checkpoint the package was exported
-from, with the same latents, steps and scheduler, interleaved run by run with diffrt so machine noise hits both.
+from, with the same latents, steps and scheduler, interleaved run by run with diffrt so machine noise hits both,
+on the same kind of device: the CPU in float32 beside ort-cpu, the GPU beside ort-cuda and trt (float16 there
+unless the package is float32).
 """
 
 from __future__ import annotations
@@ -57,18 +59,26 @@ def stats(values: list[float]) -> dict[str, float]:
             "mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()), "n": len(a)}
 
 
+def baseline_placement(backend: str, unet_precision: str) -> tuple[str, str]:
+    """(torch device, torch dtype name) for diffusers beside a diffrt backend: the same kind of device, and the
+    package's precision where torch has it (int8 packages are compared with float16 on the GPU)."""
+    if backend == "ort-cpu":
+        return "cpu", "float32"
+    return "cuda", "float32" if backend == "ort-cuda" and unet_precision == "fp32" else "float16"
+
+
 class Diffusers:
     """The baseline: diffusers on the same weights, timed per stage with module hooks."""
 
-    def __init__(self, checkpoint: Path, threads: int | None) -> None:
+    def __init__(self, checkpoint: Path, threads: int | None, device: str = "cpu", dtype: str = "float32") -> None:
         import torch
         from diffusers import StableDiffusionPipeline
 
         if threads:
             torch.set_num_threads(threads)
-        self.torch = torch
+        self.torch, self.device, self.dtype = torch, device, getattr(torch, dtype)
         start = time.perf_counter()
-        self.pipe = StableDiffusionPipeline.from_pretrained(checkpoint)
+        self.pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=self.dtype).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.load_seconds = time.perf_counter() - start
         self.stages: dict[str, list[float]] = {}
@@ -77,17 +87,23 @@ class Diffusers:
         decode = self.pipe.vae.decode
 
         def timed_decode(*args, **kwargs):
-            t = time.perf_counter()
+            t = self._now()
             out = decode(*args, **kwargs)
-            self.stages.setdefault("vae_decode", []).append(time.perf_counter() - t)
+            self.stages.setdefault("vae_decode", []).append(self._now() - t)
             return out
 
         self.pipe.vae.decode = timed_decode
 
+    def _now(self) -> float:
+        """The time once the GPU has finished what was queued (CUDA kernels run asynchronously)."""
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+        return time.perf_counter()
+
     def _hook(self, name: str, module) -> None:
         marks: list[float] = []
-        module.register_forward_pre_hook(lambda *a: marks.append(time.perf_counter()))
-        module.register_forward_hook(lambda *a: self.stages.setdefault(name, []).append(time.perf_counter() - marks.pop()))
+        module.register_forward_pre_hook(lambda *a: marks.append(self._now()))
+        module.register_forward_hook(lambda *a: self.stages.setdefault(name, []).append(self._now() - marks.pop()))
 
     def __call__(self, cfg: BenchConfig, scheduler: str, steps: int, guidance: float, latents: np.ndarray, width: int,
                  height: int) -> dict[str, Any]:
@@ -101,7 +117,7 @@ class Diffusers:
         start = time.perf_counter()
         with self.torch.no_grad():
             images = self.pipe([cfg.prompt] * len(latents), num_inference_steps=steps, guidance_scale=guidance, width=width,
-                               height=height, latents=self.torch.from_numpy(latents)).images
+                               height=height, latents=self.torch.from_numpy(latents).to(self.device, self.dtype)).images
         for image in images:
             image.save(BytesIO(), format="PNG")
         total = time.perf_counter() - start
@@ -128,8 +144,8 @@ def run_diffrt(pipe: Pipeline, cfg: BenchConfig, scheduler: str, steps: int, gui
 
 
 def cold_start(cfg: BenchConfig, impl: str, package: Path, checkpoint: Path | None, scheduler: str, steps: int,
-               guidance: float, width: int, height: int) -> dict[str, Any]:
-    """Process start to first image written, in a fresh interpreter; its own peak RSS."""
+               guidance: float, width: int, height: int, placement: tuple[str, str]) -> dict[str, Any]:
+    """Process start to first image written, in a fresh interpreter; its own peak RSS, and the GPU memory it held."""
     out = Path(tempfile.mkdtemp()) / "cold.png"
     if impl.startswith("diffrt"):
         cache = ["--graph-cache", str(cfg.graph_cache)] if impl == "diffrt_graph_cache" else []
@@ -138,29 +154,53 @@ def cold_start(cfg: BenchConfig, impl: str, package: Path, checkpoint: Path | No
                 f"'{guidance}', '--scheduler', {scheduler!r}, '--width', '{width}', '--height', '{height}', '--seed', '0', "
                 f"'--backend', {cfg.backend!r}, '-q', '-o', {str(out)!r}, *{cache!r}])\n")
     else:
+        device, dtype = placement
         body = ("import torch, diffusers\n"
                 "from diffrt.runtime.schedulers import SHORT_NAMES\n"
-                f"p = diffusers.StableDiffusionPipeline.from_pretrained({str(checkpoint)!r})\n"
+                f"p = diffusers.StableDiffusionPipeline.from_pretrained({str(checkpoint)!r}, torch_dtype=torch.{dtype})"
+                f".to({device!r})\n"
                 "p.set_progress_bar_config(disable=True)\n"
                 f"cls, over = SHORT_NAMES[{scheduler!r}]\n"
                 "p.scheduler = getattr(diffusers, cls.class_name).from_config({**p.scheduler.config, **over})\n"
                 f"p({cfg.prompt!r}, num_inference_steps={steps}, guidance_scale={guidance}, width={width}, height={height},"
                 f" generator=torch.Generator().manual_seed(0)).images[0].save({str(out)!r})\n")
-    start = time.perf_counter()
-    proc, peak_rss_mb = run_fresh(body)
-    seconds = time.perf_counter() - start
-    if proc.returncode or not out.is_file():
-        raise UserError(f"cold-start run of {impl} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb}
+    fresh = run_fresh(body + "import time\nprint('FIRST_IMAGE', time.time())\n")
+    if fresh.proc.returncode or not out.is_file():
+        raise UserError(f"cold-start run of {impl} failed: {fresh.proc.stderr.strip().splitlines()[-1:]}")
+    return {"seconds": fresh.value("FIRST_IMAGE") - fresh.started, "peak_rss_mb": fresh.peak_rss_mb,
+            "gpu_memory_mb": fresh.gpu_mb}
 
 
-def run_fresh(code: str) -> tuple[subprocess.CompletedProcess, float]:
-    """Run Python code in a fresh interpreter; its result and its own peak RSS in MB (nan if it failed)."""
+@dataclass
+class Fresh:
+    """A fresh interpreter's run: its result, wall-clock start, peak RSS (MB, nan if it failed) and, where nvidia-smi
+    sees a GPU, the GPU memory it held when it ended (the card's used memory then, less that before it started)."""
+
+    proc: subprocess.CompletedProcess
+    started: float
+    peak_rss_mb: float
+    gpu_mb: float | None
+
+    def value(self, tag: str) -> float:
+        return printed(self.proc.stdout, tag)
+
+
+def printed(stdout: str, tag: str) -> float:
+    """The number a run printed after `tag` (nan if it printed none)."""
+    return float(stdout.split(tag)[-1].split()[0]) if tag in stdout else float("nan")
+
+
+def run_fresh(code: str) -> Fresh:
+    """Run Python code in a fresh interpreter (what it times ends before the memory readings added here)."""
+    gpu_before = gpu_memory_used_mb()
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report its parent's peak
     code += "\nprint('MAXRSS', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+    if gpu_before is not None:
+        code += "from diffrt.benchmarks.machine import gpu_memory_used_mb\nprint('GPUMB', gpu_memory_used_mb())\n"
+    started = time.time()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    rss_kb = float(proc.stdout.split("MAXRSS")[-1].split()[0]) if "MAXRSS" in proc.stdout else float("nan")
-    return proc, rss_kb / 1024
+    gpu_mb = printed(proc.stdout, "GPUMB") - gpu_before if gpu_before is not None and "GPUMB" in proc.stdout else None
+    return Fresh(proc, started, printed(proc.stdout, "MAXRSS") / 1024, gpu_mb)
 
 
 def baseline_checkpoint(pipe: Pipeline, cfg: BenchConfig) -> Path:
@@ -180,7 +220,8 @@ def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
     steps, guidance = cfg.steps or d["steps"], d["guidance_scale"] if cfg.guidance is None else cfg.guidance
     scheduler = cfg.scheduler or d["scheduler"]
     width, height = cfg.width or d["width"], cfg.height or d["height"]
-    ref = Diffusers(baseline_checkpoint(pipe, cfg), cfg.threads) if cfg.baseline == "diffusers" else None
+    placement = baseline_placement(pipe.backend, pipe.package.precision("unet"))
+    ref = Diffusers(baseline_checkpoint(pipe, cfg), cfg.threads, *placement) if cfg.baseline == "diffusers" else None
     impls = {"diffrt": lambda lat: run_diffrt(pipe, cfg, scheduler, steps, guidance, lat, width, height)}
     if ref:
         impls["diffusers"] = lambda lat: ref(cfg, scheduler, steps, guidance, lat, width, height)
@@ -203,23 +244,22 @@ def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
                                 "scheduler_steps": r.get("scheduler_steps")})
             log(f"batch {batch} run {run + 1}/{cfg.runs}: " + ", ".join(
                 f"{rec['impl']} {rec['seconds']:.3f} s" for rec in records[-len(order):]))
-    gpu_mb = gpu_memory_used_mb()
     if cfg.cold_start:
         cold = list(impls)
         if cfg.graph_cache:
             cold.insert(1, "diffrt_graph_cache")
         for name in cold:
             if name == "diffrt_graph_cache":  # the first such load optimizes and saves; the one timed loads the saved graphs
-                cold_start(cfg, name, pipe.package.root, None, scheduler, steps, guidance, width, height)
+                cold_start(cfg, name, pipe.package.root, None, scheduler, steps, guidance, width, height, placement)
             r = cold_start(cfg, name, pipe.package.root, ref and baseline_checkpoint(pipe, cfg), scheduler, steps, guidance,
-                           width, height)
+                           width, height, placement)
             records.append({"kind": "cold_start", "impl": name, **r})
             log(f"cold start {name}: {r['seconds']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
     settings = {"package": str(pipe.package.root), "model": pipe.package.name, "backend": pipe.backend, "steps": steps,
                 "guidance_scale": guidance, "scheduler": scheduler, "width": width, "height": height, "batches": cfg.batches,
                 "runs": cfg.runs, "warmup": cfg.warmup, "threads": cfg.threads, "baseline": cfg.baseline,
                 "cuda_graph": cfg.cuda_graph, "graph_cache": str(cfg.graph_cache) if cfg.graph_cache else None,
-                "gpu_memory_used_mb": gpu_mb}
+                "baseline_device": placement[0] if ref else None, "baseline_dtype": placement[1] if ref else None}
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "settings": settings, "records": records,
             "summary": summarise(records)}
 
@@ -250,6 +290,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     if "diffrt" in cs and "diffusers" in cs:
         ratios["cold_start_ratio"] = cs["diffrt"]["seconds"] / cs["diffusers"]["seconds"]
         ratios["peak_rss_ratio"] = cs["diffrt"]["peak_rss_mb"] / cs["diffusers"]["peak_rss_mb"]
+        if cs["diffrt"].get("gpu_memory_mb") and cs["diffusers"].get("gpu_memory_mb"):
+            ratios["gpu_memory_ratio"] = cs["diffrt"]["gpu_memory_mb"] / cs["diffusers"]["gpu_memory_mb"]
     if "diffrt_graph_cache" in cs and "diffusers" in cs:
         ratios["cold_start_ratio_graph_cache"] = cs["diffrt_graph_cache"]["seconds"] / cs["diffusers"]["seconds"]
     out["ratios"] = ratios

@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "backend": backend, "tiny": args.tiny,
               "size": size, "steps": args.steps, "scheduler": "euler", "guidance": 7.5, "timings": timings,
-              "gpu_memory_used_mb": gpu_memory_used_mb(), "cuda_graph_error": graph_error, "rows": rows,
+              "gpu_memory_used_mb": gpu_memory_used_mb(),  # the card's, both pipelines loaded
+              "diffusers_peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20 if gpu else None,
+              "cuda_graph_error": graph_error, "rows": rows,
               "total_s": time.perf_counter() - t0}
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     print(f"\n{report['machine']['gpu'] or report['machine']['cpu']} | {backend} vs diffusers {'fp16' if gpu else 'fp32'} | "

@@ -16,7 +16,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
              f"Model {s['model']} on {s['backend']}, {s['width']}x{s['height']}, {s['steps']} steps, {s['scheduler']}, "
-             f"guidance {s['guidance_scale']}, {s['runs']} runs after {s['warmup']} warm-up, interleaved", "",
+             f"guidance {s['guidance_scale']}, {s['runs']} runs after {s['warmup']} warm-up, interleaved"
+             + (f"; diffusers on {s['baseline_device']} in {s['baseline_dtype']}" if s.get("baseline_device") else ""), "",
              "## End to end (ms)", "", "| impl / batch | p50 | p90 | p99 | mean | min | images/s |", "|---|---|---|---|---|---|---|"]
     for key, e in summary["e2e"].items():
         lines.append(f"| {key} | {_ms(e['p50'])} | {_ms(e['p90'])} | {_ms(e['p99'])} | {_ms(e['mean'])} | {_ms(e['min'])} | "
@@ -29,16 +30,28 @@ def markdown(result: dict[str, Any]) -> str:
             extra = f"; scheduler step + loop = {st['scheduler_step_share_of_unet_call']:.2%} of one UNet call"
         lines.append(f"- {key}: {parts}; one UNet call {_ms(st['unet_call'])}{extra}")
     if summary["load"] or summary["cold_start"]:
-        lines += ["", "## Start-up", "", "| impl | package load (s) | cold start to first image (s) | peak RSS (MB) |",
-                  "|---|---|---|---|"]
-        for impl in sorted(set(summary["load"]) | set(summary["cold_start"])):
-            load = summary["load"].get(impl, {}).get("seconds")
-            cold = summary["cold_start"].get(impl, {})
-            lines.append(f"| {impl} | {'-' if load is None else f'{load:.2f}'} | {cold.get('seconds', float('nan')):.2f} | "
-                         f"{cold.get('peak_rss_mb', float('nan')):.0f} |")
+        lines += ["", "## Start-up", ""] + startup_table(summary)
     if summary["ratios"]:
         lines += ["", "## Ratios", ""] + [f"- {k}: {v:.2f}" for k, v in summary["ratios"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def startup_table(summary: dict[str, Any]) -> list[str]:
+    """Package load, cold start and peak RSS per implementation; GPU memory where a GPU was measured."""
+    gpu = any(c.get("gpu_memory_mb") is not None for c in summary["cold_start"].values())
+    head = ["impl", "package load (s)", "cold start to first image (s)", "peak RSS (MB)"]
+    head += ["GPU memory held after the first image (MB)"] if gpu else []
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for impl in sorted(set(summary["load"]) | set(summary["cold_start"])):
+        cold = summary["cold_start"].get(impl, {})
+        cells = [impl, _number(summary["load"].get(impl, {}).get("seconds"), 2), _number(cold.get("seconds"), 2),
+                 _number(cold.get("peak_rss_mb"), 0)] + ([_number(cold.get("gpu_memory_mb"), 0)] if gpu else [])
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

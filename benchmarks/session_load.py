@@ -21,13 +21,13 @@ from diffrt.benchmarks.bench import run_fresh
 def load(model: Path, cache: Path | None, threads: int) -> dict:
     """Session creation time in a fresh process, and that process's peak RSS."""
     graph_cache = f"Path({str(cache)!r})" if cache else "None"
-    proc, peak_rss_mb = run_fresh(
+    fresh = run_fresh(
         "import time\nfrom pathlib import Path\nfrom diffrt.runtime.engines import OrtEngine\nstart = time.perf_counter()\n"
         f"OrtEngine(Path({str(model)!r}), 'ort-cpu', {threads}, graph_cache={graph_cache})\n"
         "print('SECONDS', time.perf_counter() - start)")
-    if proc.returncode:
-        raise RuntimeError(f"loading {model} failed: {proc.stderr.strip()}")
-    return {"seconds": float(proc.stdout.split("SECONDS")[-1].split()[0]), "peak_rss_mb": peak_rss_mb}
+    if fresh.proc.returncode:
+        raise RuntimeError(f"loading {model} failed: {fresh.proc.stderr.strip()}")
+    return {"seconds": fresh.value("SECONDS"), "peak_rss_mb": fresh.peak_rss_mb}
 
 
 def same_outputs(model: Path, cache: Path, threads: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -43,6 +44,42 @@ def test_bench_needs_checkpoint_for_baseline(tiny_package, tmp_path):
         benchmark(BenchConfig(package=tiny_package, baseline="diffusers", checkpoint=tmp_path, runs=1), log=lambda m: None)
 
 
+def test_baseline_runs_where_diffrt_runs():
+    """diffusers beside ort-cpu stays on the CPU in float32; beside a GPU backend it moves to the GPU, in float16
+    unless the package is float32 on onnxruntime (a TensorRT engine is never float32)."""
+    from diffrt.benchmarks.bench import baseline_placement
+
+    assert baseline_placement("ort-cpu", "fp16") == ("cpu", "float32")
+    assert baseline_placement("ort-cuda", "fp32") == ("cuda", "float32")
+    assert baseline_placement("ort-cuda", "fp16") == ("cuda", "float16")
+    assert baseline_placement("ort-cuda", "int8") == ("cuda", "float16")
+    assert baseline_placement("trt", "fp32") == ("cuda", "float16")
+
+
+def test_fresh_process_reports_its_own_gpu_memory(tmp_path, monkeypatch):
+    """The GPU memory of a fresh process is the card's reading after it, less the one before it started; with a
+    stand-in nvidia-smi whose reading grows 300 MB per call, that is 300 MB. The report then gets the column."""
+    from diffrt.benchmarks.bench import run_fresh
+    from diffrt.benchmarks.report import startup_table
+
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text('#!/bin/sh\nn=$(cat "$SMI_COUNT" 2>/dev/null || echo 0); n=$((n + 300)); echo $n > "$SMI_COUNT"; echo $n\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("SMI_COUNT", str(tmp_path / "count"))
+    fresh = run_fresh("import time\nprint('DONE', time.time())")
+    assert fresh.proc.returncode == 0 and fresh.gpu_mb == 300
+    assert fresh.started <= fresh.value("DONE") and fresh.peak_rss_mb > 0
+    table = startup_table({"load": {}, "cold_start": {"diffrt": {"seconds": 1.0, "peak_rss_mb": 100.0,
+                                                                  "gpu_memory_mb": fresh.gpu_mb}}})
+    assert table[0].endswith("| GPU memory held after the first image (MB) |") and table[2] == "| diffrt | - | 1.00 | 100 | 300 |"
+
+    monkeypatch.setenv("PATH", os.environ["PATH"].split(":", 1)[1])  # no nvidia-smi: no GPU figure, no column
+    assert run_fresh("pass").gpu_mb is None
+    assert "GPU" not in startup_table({"load": {}, "cold_start": {"diffrt": {"seconds": 1.0, "peak_rss_mb": 1.0}}})[0]
+
+
 def test_gpu_check_script_at_toy_size(tmp_path, capsys):
     from diffrt.benchmarks import gpu_check
 
@@ -60,3 +97,21 @@ def test_session_load_with_and_without_the_graph_cache(tiny_package, tmp_path):
     result = json.loads((tmp_path / "load.json").read_text())
     assert result["max_abs_diff"] == 0 and len(result["loads"]) == 3
     assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in result["loads"].values())
+
+
+@pytest.mark.gpu
+def test_bench_on_the_gpu_puts_diffusers_on_the_gpu(tiny_package, tiny_checkpoint, tmp_path):
+    """Runs wherever onnxruntime has its CUDA provider and torch sees the GPU; skipped elsewhere."""
+    import torch
+
+    from diffrt.benchmarks.bench import BenchConfig, benchmark
+    from diffrt.runtime.engines import cuda_available
+
+    if not (cuda_available() and torch.cuda.is_available()):
+        pytest.skip("needs onnxruntime's CUDA provider and a CUDA build of torch")
+    cfg = BenchConfig(package=tiny_package, backend="ort-cuda", steps=3, runs=1, warmup=1, baseline="diffusers",
+                      checkpoint=tiny_checkpoint, out=tmp_path)
+    result = benchmark(cfg, log=lambda m: None)
+    assert (result["settings"]["baseline_device"], result["settings"]["baseline_dtype"]) == ("cuda", "float32")
+    cold = result["summary"]["cold_start"]
+    assert cold["diffrt"]["gpu_memory_mb"] > 0 and cold["diffusers"]["gpu_memory_mb"] > 0
