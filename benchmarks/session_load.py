@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from diffrt.benchmarks.bench import run_fresh
+from diffrt.benchmarks.opt_level import random_feeds
 
 
 def load(model: Path, cache: Path | None, threads: int) -> dict:
@@ -37,13 +38,7 @@ def same_outputs(model: Path, cache: Path, threads: int) -> float:
     from diffrt.runtime.engines import OrtEngine
 
     plain, cached = OrtEngine(model, "ort-cpu", threads), OrtEngine(model, "ort-cpu", threads, graph_cache=cache)
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for name, spec in plain.inputs.items():
-        shape = [d if isinstance(d, int) else {"sequence_length": 77}.get(d, 2 if "batch" in str(d) else 8)
-                 for d in spec.shape]
-        feeds[name] = (rng.integers(0, 100, shape) if np.issubdtype(spec.dtype, np.integer)
-                       else rng.standard_normal(shape)).astype(spec.dtype)
+    feeds = random_feeds(plain.session, latent=8, batch=2)
     a, b = plain.run(feeds), cached.run(feeds)
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 

@@ -112,11 +112,13 @@ class CudaGraphs:
         return self.shapes[key].run(session, arrays)
 
 
-def session_options(threads: int | None):
+def session_options(threads: int | None, level=None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if level is not None:
+        opts.graph_optimization_level = level
     if threads:
         opts.intra_op_num_threads = threads
     return opts
@@ -131,8 +133,7 @@ def open_session(path: Path, backend: str, providers: list, threads: int | None,
 
     entry = graph_cache / optimized.cache_key(path, backend) if graph_cache else None
     if entry and (entry / optimized.GRAPH).is_file():
-        opts = session_options(threads)
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts = session_options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         try:
             return ort.InferenceSession(str(entry / optimized.GRAPH), opts, providers=providers)
         except Exception:  # a damaged cache entry: drop it and optimize the source again

@@ -115,3 +115,14 @@ def test_bench_on_the_gpu_puts_diffusers_on_the_gpu(tiny_package, tiny_checkpoin
     assert (result["settings"]["baseline_device"], result["settings"]["baseline_dtype"]) == ("cuda", "float32")
     cold = result["summary"]["cold_start"]
     assert cold["diffrt"]["gpu_memory_mb"] > 0 and cold["diffusers"]["gpu_memory_mb"] > 0
+
+
+def test_optimization_levels_side_by_side(tiny_package, tmp_path, capsys):
+    from diffrt.benchmarks.opt_level import main
+
+    assert main([str(tiny_package), "--runs", "2", "--json", str(tmp_path / "levels.json")]) == 0
+    rows = json.loads((tmp_path / "levels.json").read_text())["rows"]
+    assert [(r["component"], r["level"][11:]) for r in rows] == [(c, lv) for c in ("text_encoder", "unet", "vae_decoder")
+                                                                 for lv in ("EXTENDED", "ALL")]
+    assert all(r["load_s"] > 0 and len(r["runs_s"]) == 2 for r in rows)
+    assert "| unet | ORT_ENABLE_ALL |" in capsys.readouterr().out
