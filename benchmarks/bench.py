@@ -206,8 +206,9 @@ def run_fresh(code: str) -> Fresh:
 def baseline_checkpoint(pipe: Pipeline, cfg: BenchConfig) -> Path:
     path = cfg.checkpoint or Path(pipe.package.manifest.get("source", {}).get("checkpoint", ""))
     if not path or not (Path(path) / "model_index.json").is_file():
-        raise UserError(f"--baseline diffusers needs the diffusers checkpoint this package was exported from ({path or 'unknown'} "
-                        "is not there); pass --checkpoint DIR")
+        where = f"{path} has no model_index.json" if path else "the package does not name it"
+        raise UserError(f"--baseline diffusers needs the diffusers checkpoint this package was exported from ({where}); "
+                        "pass --checkpoint DIR")
     return Path(path)
 
 

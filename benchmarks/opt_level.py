@@ -74,9 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    from diffrt.runtime.errors import UserError
     from diffrt.runtime.package import load_package
 
-    pkg = load_package(args.package)
+    try:
+        pkg = load_package(args.package)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     size = args.size or pkg.defaults["width"]
     rows = []
     for comp in COMPONENTS:
