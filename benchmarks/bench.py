@@ -81,29 +81,35 @@ class Diffusers:
         self.pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=self.dtype).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.load_seconds = time.perf_counter() - start
-        self.stages: dict[str, list[float]] = {}
+        self.stages: dict[str, list[tuple[Any, Any]]] = {}  # (start mark, end mark) per call
         for name, module in (("text_encoder", self.pipe.text_encoder), ("unet", self.pipe.unet)):
             self._hook(name, module)
         decode = self.pipe.vae.decode
 
         def timed_decode(*args, **kwargs):
-            t = self._now()
+            start = self._mark()
             out = decode(*args, **kwargs)
-            self.stages.setdefault("vae_decode", []).append(self._now() - t)
+            self.stages.setdefault("vae_decode", []).append((start, self._mark()))
             return out
 
         self.pipe.vae.decode = timed_decode
 
-    def _now(self) -> float:
-        """The time once the GPU has finished what was queued (CUDA kernels run asynchronously)."""
-        if self.device == "cuda":
-            self.torch.cuda.synchronize()
-        return time.perf_counter()
+    def _mark(self) -> Any:
+        """A point in time: on the GPU a CUDA event in the stream, so that timing a stage does not stall the queue."""
+        if self.device != "cuda":
+            return time.perf_counter()
+        event = self.torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _seconds(self, start: Any, end: Any) -> float:
+        """Seconds between two marks; on the GPU only once both events have run (after the images reached the host)."""
+        return start.elapsed_time(end) / 1000 if self.device == "cuda" else end - start
 
     def _hook(self, name: str, module) -> None:
-        marks: list[float] = []
-        module.register_forward_pre_hook(lambda *a: marks.append(self._now()))
-        module.register_forward_hook(lambda *a: self.stages.setdefault(name, []).append(self._now() - marks.pop()))
+        marks: list[Any] = []
+        module.register_forward_pre_hook(lambda *a: marks.append(self._mark()))
+        module.register_forward_hook(lambda *a: self.stages.setdefault(name, []).append((marks.pop(), self._mark())))
 
     def __call__(self, cfg: BenchConfig, scheduler: str, steps: int, guidance: float, latents: np.ndarray, width: int,
                  height: int) -> dict[str, Any]:
@@ -121,9 +127,10 @@ class Diffusers:
         for image in images:
             image.save(BytesIO(), format="PNG")
         total = time.perf_counter() - start
-        stages = {k: float(np.sum(v)) for k, v in self.stages.items()}
+        calls = {k: [self._seconds(a, b) for a, b in v] for k, v in self.stages.items()}
+        stages = {k: float(np.sum(v)) for k, v in calls.items()}
         stages["other"] = total - sum(stages.values())
-        return {"total": total, "stages": stages, "unet_calls": self.stages.get("unet", [])}
+        return {"total": total, "stages": stages, "unet_calls": calls.get("unet", [])}
 
 
 def run_diffrt(pipe: Pipeline, cfg: BenchConfig, scheduler: str, steps: int, guidance: float, latents: np.ndarray,

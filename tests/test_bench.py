@@ -115,6 +115,8 @@ def test_bench_on_the_gpu_puts_diffusers_on_the_gpu(tiny_package, tiny_checkpoin
     assert (result["settings"]["baseline_device"], result["settings"]["baseline_dtype"]) == ("cuda", "float32")
     cold = result["summary"]["cold_start"]
     assert cold["diffrt"]["gpu_memory_mb"] > 0 and cold["diffusers"]["gpu_memory_mb"] > 0
+    stages = result["summary"]["stages"]["diffusers/b1"]  # timed with CUDA events
+    assert 0 < stages["unet_call"] and 0 < stages["mean_seconds"]["unet"] < result["summary"]["e2e"]["diffusers/b1"]["mean"]
 
 
 def test_optimization_levels_side_by_side(tiny_package, tmp_path, capsys):
