@@ -1,23 +1,29 @@
-"""One-GPU check, at most 8 minutes on an H100/H200: full-size SD 1.5 architecture (random weights) exported with
-diffrt, converted to fp16, timed on onnxruntime CUDA (I/O binding, and again with the UNet replayed from CUDA graphs)
-against diffusers fp16, same latents.
+"""One-GPU check, about 6 minutes on an H100/H200: the full-size SD 1.5 architecture (random weights) exported by
+diffrt (fused attention), made fp16, and timed on onnxruntime CUDA (plain, and with the UNet replayed from CUDA
+graphs) against diffusers on the same GPU, same latents, fp32 (TF32 on both sides) and fp16; each
+implementation's GPU memory is read in a fresh process of its own.
 
-    python -m diffrt.benchmarks.gpu_check --out $OUT              # on the GPU box (see README, "GPU check")
+    python -m diffrt.benchmarks.gpu_check --out $OUT              # on the GPU box (README, "GPU check")
     python -m diffrt.benchmarks.gpu_check --tiny --out /tmp/gc    # the same steps at toy size, on the CPU
 
-Prints a short table last; details go to OUT/gpu_check.json.
+Working files go to --work (default: a temporary folder), only gpu_check.json and a short log to --out.
+Prints a short table last.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from .machine import describe, gpu_memory_used_mb
 
 TINY = {"unet": dict(sample_size=8, block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32,
                      down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
@@ -25,34 +31,210 @@ TINY = {"unet": dict(sample_size=8, block_out_channels=[32, 64], layers_per_bloc
         "text": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
         "vae": dict(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
                     up_block_types=["UpDecoderBlock2D"] * 2, sample_size=16)}
+PROMPT = "a photo of a cat"
 
 
-def make_model(path: Path, tiny: bool) -> Path:
+def prepare(work: Path, tiny: bool, timings: dict) -> tuple[Path, Path, Path]:
+    """Checkpoint, fp32 package (fused attention) and its fp16 copy, each timed."""
+    from diffrt.export import ExportOptions, export_package
+    from diffrt.export.precision import fp16_copy
+
     from .sd15 import make_checkpoint
 
-    return make_checkpoint(path, overrides=TINY if tiny else None)
+    t = time.perf_counter()
+    ckpt = make_checkpoint(work / "checkpoint", overrides=TINY if tiny else None)
+    timings["checkpoint_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    options = ExportOptions(components=("text_encoder", "unet", "vae_decoder"), check=False, overwrite=True)
+    fp32 = export_package(ckpt, work / "fp32", options, log=lambda m: print(m, file=sys.stderr))
+    timings["export_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    fp16 = fp16_copy(fp32, work / "fp16", log=lambda m: print(m, file=sys.stderr))
+    timings["fp16_s"] = time.perf_counter() - t
+    return ckpt, fp32, fp16
 
 
-def to_fp16(package: Path, out: Path) -> Path:
-    """The fp16 package without quality gates (random weights make them meaningless; speed is what is measured)."""
-    from diffrt.export.precision import FP16_KEEP_OPS, convert_fp16
-    from diffrt.export.writer import file_hashes
-    from diffrt.runtime.package import MANIFEST
+def load_diffusers(ckpt: Path, dtype_name: str, device: str):
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    shutil.copytree(package, out, dirs_exist_ok=True)
-    manifest = json.loads((out / MANIFEST).read_text())
-    for entry in manifest["components"].values():
-        graph = out / entry["file"]
-        convert_fp16(package / entry["file"], graph, FP16_KEEP_OPS)
-        entry["precision"] = "fp16"
-    manifest["files"] = file_hashes(out)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return out
+    torch.backends.cuda.matmul.allow_tf32 = True  # onnxruntime's CUDA provider uses TF32 for fp32 by default
+    torch.backends.cudnn.allow_tf32 = True
+    pipe = StableDiffusionPipeline.from_pretrained(ckpt, torch_dtype=getattr(torch, dtype_name)).to(device)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def runner(impl, size: int, steps: int, batch: int, latents: np.ndarray) -> Callable[[], np.ndarray]:
+    """A call that makes `batch` images with impl (a diffrt Pipeline or a diffusers pipeline) and waits for them."""
+    if hasattr(impl, "package"):
+        return lambda: impl(PROMPT, steps=steps, guidance_scale=7.5, scheduler="euler", seed=0, width=size, height=size,
+                            num_images=batch, latents=latents).array
+    import torch
+
+    def run() -> np.ndarray:
+        with torch.no_grad():
+            out = impl([PROMPT] * batch, num_inference_steps=steps, guidance_scale=7.5, width=size, height=size,
+                       latents=torch.from_numpy(latents).to(impl.device, impl.unet.dtype), output_type="np").images
+        if impl.device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def timed(fns: dict[str, Callable[[], np.ndarray]], runs: int) -> tuple[dict[str, float], dict[str, np.ndarray], dict]:
+    """Median seconds per implementation (rotated run by run so machine noise hits each alike), the warm-up images,
+    and the errors of implementations that failed (left out of the timings)."""
+    images, errors = {}, {}
+    for name, fn in list(fns.items()):
+        try:
+            images[name] = fn()
+        except Exception as exc:  # reported beside the other figures, not fatal to them
+            errors[name] = f"{type(exc).__name__}: {exc}"[:400]
+            fns.pop(name)
+    order, times = list(fns), {name: [] for name in fns}
+    for i in range(runs):
+        for name in order[i % len(order):] + order[:i % len(order)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {k: float(np.median(v)) for k, v in times.items()}, images, errors
+
+
+def compare(pipes: dict[str, dict], size: int, steps: int, batches: list[int], runs: int) -> list[dict]:
+    """One row per precision and batch: each implementation's median seconds, and images against diffusers'."""
+    rows = []
+    for precision, impls in pipes.items():
+        factor = impls["diffrt"].package.vae_scale_factor
+        for batch in batches:
+            latents = np.random.default_rng(batch).standard_normal((batch, 4, size // factor, size // factor), dtype=np.float32)
+            fns = {name: runner(impl, size, steps, batch, latents) for name, impl in impls.items()}
+            med, images, errors = timed(fns, runs)
+            row = {"precision": precision, "batch": batch, "seconds": med, "errors": errors}
+            if "diffusers" in images:
+                row["max_abs_diff"] = {k: float(np.abs(v - images["diffusers"]).max()) for k, v in images.items()
+                                       if k != "diffusers"}
+                row["speedup"] = {k: med["diffusers"] / v for k, v in med.items() if k != "diffusers"}
+            rows.append(row)
+    return rows
+
+
+def memory_probe(argv: list[str]) -> int:
+    """In a fresh process: load one implementation, make one batch of images, print the GPU memory it holds."""
+    impl, path, size, batch, steps = argv[0], Path(argv[1]), int(argv[2]), int(argv[3]), int(argv[4])
+    before = gpu_memory_used_mb()
+    if impl == "diffusers":
+        import torch
+
+        pipe = load_diffusers(path, "float16", "cuda")
+    else:
+        from diffrt.runtime.pipeline import Pipeline
+
+        pipe = Pipeline.from_package(path, backend="ort-cuda", cuda_graph=impl == "diffrt_graph")
+    latents = np.random.default_rng(0).standard_normal((batch, 4, size // 8, size // 8), dtype=np.float32)
+    runner(pipe, size, steps, batch, latents)()
+    report = {"impl": impl, "card_used_delta_mb": gpu_memory_used_mb() - before, "process_mb": process_gpu_mb()}
+    if impl == "diffusers":
+        report["torch_peak_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
+    print(json.dumps(report))
+    return 0
+
+
+def process_gpu_mb() -> float | None:
+    """This process's GPU memory as nvidia-smi lists it (None where it lists no processes, as in some VMs)."""
+    import os
+
+    proc = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                          capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        pid, _, used = line.partition(",")
+        if pid.strip() == str(os.getpid()):
+            return float(used)
+    return None
+
+
+def memory(fp16: Path, ckpt: Path, size: int, batch: int, steps: int) -> dict[str, dict]:
+    """GPU memory of each implementation, each in a fresh process, one after the other."""
+    found = {}
+    for impl, path in (("diffrt", fp16), ("diffrt_graph", fp16), ("diffusers", ckpt)):
+        proc = subprocess.run([sys.executable, "-m", "diffrt.benchmarks.gpu_check", "--memory-probe", impl, str(path),
+                               str(size), str(batch), str(steps)], capture_output=True, text=True)
+        lines = proc.stdout.strip().splitlines()
+        found[impl] = json.loads(lines[-1]) if proc.returncode == 0 and lines else {"error": proc.stderr.strip()[-400:]}
+    return found
+
+
+def unet_layouts(unet: Path, size: int, calls: int = 20) -> dict[str, float]:
+    """Median seconds of one fp16 UNet call (batch 2) with onnxruntime's default NCHW convolutions and with
+    prefer_nhwc: whether its NHWC kernels are worth a provider option."""
+    import onnxruntime as ort
+
+    from diffrt.runtime.engines import ORT_DTYPES, cuda_provider, session_options
+
+    found = {}
+    feeds = {"sample": np.zeros((2, 4, size // 8, size // 8), np.float32), "encoder_hidden_states": np.zeros((2, 77, 768), np.float32)}
+    for name, extra in (("nchw", {}), ("prefer_nhwc", {"prefer_nhwc": "1"})):
+        provider, options = cuda_provider(False, None)
+        session = ort.InferenceSession(str(unet), session_options(None), providers=[(provider, {**options, **extra})])
+        spec = next(i for i in session.get_inputs() if i.name == "timestep")
+        run_feeds = {**feeds, "timestep": np.ones([d if isinstance(d, int) else 2 for d in spec.shape], ORT_DTYPES[spec.type])}
+        times = []
+        for _ in range(calls + 2):
+            start = time.perf_counter()
+            session.run(None, run_feeds)
+            times.append(time.perf_counter() - start)
+        found[name] = float(np.median(times[2:]))
+        del session
+    return found
+
+
+def load_pipelines(fp32: Path, fp16: Path, ckpt: Path, gpu: bool) -> tuple[dict[str, dict], dict[str, str]]:
+    """diffrt and diffusers per precision; on the GPU also diffrt with CUDA graphs (a failure is reported)."""
+    from diffrt.runtime.pipeline import Pipeline
+
+    backend, device = ("ort-cuda", "cuda") if gpu else ("ort-cpu", "cpu")
+    pipes = {"fp32": {"diffrt": Pipeline.from_package(fp32, backend=backend),
+                      "diffusers": load_diffusers(ckpt, "float32", device)}}
+    errors = {}
+    if gpu:
+        pipes["fp16"] = {"diffrt": Pipeline.from_package(fp16, backend=backend),
+                         "diffusers": load_diffusers(ckpt, "float16", device)}
+        try:
+            pipes["fp16"]["diffrt_graph"] = Pipeline.from_package(fp16, backend=backend, cuda_graph=True)
+        except Exception as exc:
+            errors["diffrt_graph"] = f"{type(exc).__name__}: {exc}"[:400]
+    return pipes, errors
+
+
+def print_table(report: dict) -> None:
+    print(f"\n{report['machine']['gpu'] or report['machine']['cpu']} | {report['backend']} vs diffusers on the same device | "
+          f"{report['size']}x{report['size']}, {report['steps']} Euler steps, guidance 7.5")
+    print("| precision | batch | implementation | seconds | vs diffusers | max abs diff to diffusers |")
+    print("|---|---|---|---|---|---|")
+    for row in report["rows"]:
+        for name, sec in row["seconds"].items():
+            speed = row.get("speedup", {}).get(name)
+            diff = row.get("max_abs_diff", {}).get(name)
+            print(f"| {row['precision']} | {row['batch']} | {name} | {sec:.3f} | {f'{speed:.2f}x' if speed else '-'} | "
+                  f"{f'{diff:.4f}' if diff is not None else '-'} |")
+        for name, err in row["errors"].items():
+            print(f"| {row['precision']} | {row['batch']} | {name} | failed: {err.splitlines()[0][:120]} | | |")
+    for name, mem in report.get("gpu_memory_mb", {}).items():
+        print(f"GPU memory, {name}: {json.dumps(mem)}")
+    if "unet_call_s" in report:
+        print(f"fp16 UNet call, batch 2: {json.dumps(report['unet_call_s'])}")
+    print(f"UNet fp16 graph, float shape arithmetic on the CPU: {report['cuda_graph_blockers'] or 'none'}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--memory-probe"]:
+        return memory_probe(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, help="checkpoint and packages (default: a temporary folder)")
     ap.add_argument("--tiny", action="store_true", help="toy-size model on the CPU, to test this script")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=30)
@@ -60,97 +242,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args(argv)
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-    from diffrt.export import ExportOptions, export_package
+    from diffrt.export.cuda_ready import check_cuda_graph_ready
     from diffrt.runtime.engines import cuda_available
-    from diffrt.runtime.pipeline import Pipeline
 
-    from .machine import describe, gpu_memory_used_mb
-
-    work = args.out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    ckpt = make_model(work / "checkpoint", args.tiny)
-    timings["build_checkpoint_s"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    pkg = export_package(ckpt, work / "fp32", ExportOptions(components=("text_encoder", "unet", "vae_decoder"), check=False,
-                                                            overwrite=True), log=lambda m: print(m, file=sys.stderr))
-    timings["export_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    pkg16 = to_fp16(pkg, work / "fp16")
-    timings["fp16_s"] = time.perf_counter() - t
-    gpu = torch.cuda.is_available() and not args.tiny
-    backend = "ort-cuda" if gpu and cuda_available() else "ort-cpu"
-    ours = Pipeline.from_package(pkg16 if gpu else pkg, backend=backend)
-    graphed, graph_error = None, None
-    if backend == "ort-cuda":
-        try:  # not run anywhere before: a failure here is reported, not fatal to the rest of the check
-            graphed = Pipeline.from_package(pkg16, backend=backend, cuda_graph=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.work or Path(tempfile.mkdtemp(prefix="diffrt-gpu-check-"))
+    t0, timings = time.perf_counter(), {}
+    ckpt, fp32, fp16 = prepare(work, args.tiny, timings)
+    gpu = torch.cuda.is_available() and cuda_available() and not args.tiny
+    size = json.loads((fp32 / "diffrt.json").read_text())["defaults"]["width"] if args.tiny else args.size
+    batches = [int(b) for b in args.batches.split(",")]
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "backend": "ort-cuda" if gpu else "ort-cpu",
+              "size": size, "steps": args.steps, "scheduler": "euler", "guidance": 7.5, "tf32": "on for fp32, both sides",
+              "cuda_graph_blockers": check_cuda_graph_ready(fp16 / "unet" / "model.onnx"), "timings": timings}
+    if gpu:
+        report["gpu_memory_mb"] = memory(fp16, ckpt, size, max(batches), 2)  # fresh processes, before this one holds any
+    if gpu:
+        try:
+            report["unet_call_s"] = unet_layouts(fp16 / "unet" / "model.onnx", size)
         except Exception as exc:
-            graph_error = f"{type(exc).__name__}: {exc}"[:500]
-    dtype, device = (torch.float16, "cuda") if gpu else (torch.float32, "cpu")
-    ref = StableDiffusionPipeline.from_pretrained(ckpt, torch_dtype=dtype).to(device)
-    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
-    ref.set_progress_bar_config(disable=True)
-    size = ours.package.defaults["width"] if args.tiny else args.size
-    rows = []
-    for batch in (int(b) for b in args.batches.split(",")):
-        f = ours.package.vae_scale_factor
-        latents = np.random.default_rng(batch).standard_normal((batch, 4, size // f, size // f), dtype=np.float32)
-
-        def run_diffrt(pipe, batch=batch, latents=latents):
-            return pipe("a photo", steps=args.steps, guidance_scale=7.5, scheduler="euler", seed=0, width=size, height=size,
-                        num_images=batch, latents=latents).array
-
-        def run_ref(batch=batch, latents=latents):
-            with torch.no_grad():
-                out = ref(["a photo"] * batch, num_inference_steps=args.steps, guidance_scale=7.5, width=size, height=size,
-                          latents=torch.from_numpy(latents).to(device, dtype), output_type="np").images
-            if gpu:
-                torch.cuda.synchronize()
-            return out
-
-        impls = {"diffrt": lambda: run_diffrt(ours), "diffusers": run_ref}
-        images = {name: fn() for name, fn in impls.items()}  # warm-up, and the images compared
-        if graphed:
-            try:
-                images["diffrt_graph"] = run_diffrt(graphed)  # captures the UNet's graph for this shape
-                impls["diffrt_graph"] = lambda g=graphed: run_diffrt(g)
-            except Exception as exc:
-                graph_error, graphed = f"{type(exc).__name__}: {exc}"[:500], None
-        runs: dict[str, list[float]] = {name: [] for name in impls}
-        order = list(impls)
-        for i in range(args.runs):
-            for name in order[i % len(order):] + order[:i % len(order)]:  # rotate, so machine noise hits each alike
-                start = time.perf_counter()
-                impls[name]()
-                runs[name].append(time.perf_counter() - start)
-        med = {k: float(np.median(v)) for k, v in runs.items()}
-        row = {"batch": batch, "diffrt_s": med["diffrt"], "diffusers_s": med["diffusers"],
-               "speedup": med["diffusers"] / med["diffrt"],
-               "max_abs_diff": float(np.abs(images["diffrt"] - images["diffusers"]).max()), "runs": runs}
-        if graphed:
-            row.update(graph_s=med["diffrt_graph"], graph_speedup=med["diffusers"] / med["diffrt_graph"],
-                       graph_max_abs_diff=float(np.abs(images["diffrt_graph"] - images["diffrt"]).max()))
-        rows.append(row)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "backend": backend, "tiny": args.tiny,
-              "size": size, "steps": args.steps, "scheduler": "euler", "guidance": 7.5, "timings": timings,
-              "gpu_memory_used_mb": gpu_memory_used_mb(),  # the card's, both pipelines loaded
-              "diffusers_peak_reserved_mb": torch.cuda.max_memory_reserved() / 2**20 if gpu else None,
-              "cuda_graph_error": graph_error, "rows": rows,
-              "total_s": time.perf_counter() - t0}
+            report["unet_call_s"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+    pipes, report["load_errors"] = load_pipelines(fp32, fp16, ckpt, gpu)
+    report["rows"] = compare(pipes, size, args.steps, batches, args.runs)
+    report["total_s"] = time.perf_counter() - t0
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
-    print(f"\n{report['machine']['gpu'] or report['machine']['cpu']} | {backend} vs diffusers {'fp16' if gpu else 'fp32'} | "
-          f"{size}x{size}, {args.steps} steps")
-    print("| batch | diffrt s | diffusers s | speedup | max |diff| | diffrt + CUDA graph s | speedup |")
-    for r in rows:
-        graph = f"{r['graph_s']:.3f} | {r['graph_speedup']:.2f}x" if "graph_s" in r else "- | -"
-        print(f"| {r['batch']} | {r['diffrt_s']:.3f} | {r['diffusers_s']:.3f} | {r['speedup']:.2f}x | {r['max_abs_diff']:.3f} "
-              f"| {graph} |")
-    if graph_error:
-        print(f"CUDA graphs failed: {graph_error.splitlines()[0]}")
+    print_table(report)
     return 0
 
 

@@ -25,6 +25,9 @@ class ExportOptions:
     exporter: str = "torchscript"
     overwrite: bool = False
     check: bool = True
+    # "mha": onnxruntime's fused MultiHeadAttention (fast on CUDA, CUDA graphs); "plain": MatMul/Softmax (TensorRT);
+    # "auto": mha with the torchscript exporter, plain with dynamo
+    attention: str = "auto"
     weights_fp16: bool = False  # store weights as float16, compute in float32 (see export/weights.py)
     name: str | None = None
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +74,12 @@ def export_package(checkpoint: str | Path, out: str | Path, options: ExportOptio
             raise UserError(f"a package needs {needed}; add it to --components")
     if options.exporter not in ("torchscript", "dynamo"):
         raise UserError(f"unknown exporter {options.exporter!r}; use torchscript or dynamo")
+    if options.attention == "auto":
+        options.attention = "mha" if options.exporter == "torchscript" else "plain"
+    if options.attention not in ("mha", "plain"):
+        raise UserError(f"unknown attention form {options.attention!r}; use mha (onnxruntime) or plain (TensorRT, dynamo)")
+    if options.attention == "mha" and options.exporter == "dynamo":
+        raise UserError("--attention mha needs the torchscript exporter; with --exporter dynamo pass --attention plain")
     if not 14 <= options.opset <= 21:
         raise UserError(f"opset {options.opset} is outside 14..21; TensorRT 10 parses opset 17 best")
     from .checkpoint import open_checkpoint

@@ -122,10 +122,15 @@ def effective_opset(opset: int, exporter: str) -> int:
     return max(opset, 18) if exporter == "dynamo" else opset
 
 
-def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folder: Path, opset: int, exporter: str) -> Path:
-    """Write folder/model.onnx (plus model.onnx_data when the weights pass 2 GB)."""
+def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folder: Path, opset: int, exporter: str,
+                     attention: str = "mha") -> tuple[Path, str]:
+    """Write folder/model.onnx (plus model.onnx_data when the weights pass 2 GB); returns it and the attention form
+    written ("mha": onnxruntime's fused MultiHeadAttention, "plain": MatMul/Softmax (always so in the text encoder),
+    "none": no attention layers)."""
     opset = effective_opset(opset, exporter)
     import onnx
+
+    from .attention import DOMAIN, use_fused_attention
 
     folder.mkdir(parents=True, exist_ok=True)
     spec = SPECS[name]
@@ -135,11 +140,13 @@ def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folde
     example = example_inputs(name, ckpt, 2, size, size, gen)
     path = folder / "model.onnx"
     wrapped = WRAPPERS[name](module).eval()
+    fused = attention == "mha" and name != "text_encoder" and use_fused_attention(module)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes: the check below is what counts
         torch.onnx.export(wrapped, example, str(path), input_names=list(spec.inputs), output_names=list(spec.outputs),
                           dynamic_axes={**spec.inputs, **spec.outputs}, opset_version=opset, do_constant_folding=True,
-                          dynamo=exporter == "dynamo", verbose=False)
+                          dynamo=exporter == "dynamo", verbose=False,
+                          custom_opsets={DOMAIN: 1} if fused else None)
     extra = [p for p in folder.iterdir() if p.name != "model.onnx"]
     if extra or path.stat().st_size > TWO_GB:
         model = onnx.load(str(path))
@@ -148,7 +155,8 @@ def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folde
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA)
     if exporter == "dynamo":
         _check_io_names(path, spec)
-    return path
+    has_attention = name == "text_encoder" or bool(getattr(module, "attn_processors", None))
+    return path, "mha" if fused else "plain" if has_attention else "none"
 
 
 def _check_io_names(path: Path, spec: ComponentSpec) -> None:

@@ -23,6 +23,7 @@ from diffrt.runtime.pipeline import Pipeline
 
 FP16_KEEP_OPS = ("Softmax", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Pow", "ReduceMean")
 INT8_KEEP_LAYERS = ("time_embedding", "time_proj", "conv_in", "conv_out", "norm", "attn", "proj_in", "proj_out")
+FP16_EXTERNAL = 1_500_000_000  # bytes of float16 weights past which they go to a file of their own (protobuf's limit is 2 GB)
 GATES = {"fp16": 35.0, "int8": 22.0}
 CALIBRATION_PROMPTS = (
     "a small red circle on a blue background, top left", "a large yellow square on a black background, center",
@@ -95,12 +96,43 @@ def load_calibration(path: Path) -> list[dict[str, np.ndarray]]:
 
 
 def convert_fp16(src: Path, dst: Path, keep_ops: tuple[str, ...]) -> None:
+    """Write dst, the float16 form of src with float32 I/O and keep_ops left in float32, at any size.
+
+    Types come from ONNX shape inference run on the graph without its weights (a > 2 GB model cannot be
+    serialized whole for it); the converter then needs no inference of its own. Past FP16_EXTERNAL bytes of
+    weights the result keeps them in `<dst stem>.fp16.onnx_data` beside it (never the name src's data has)."""
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+    typed = onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False))
     model = onnx.load(str(src))
-    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_ops)))
-    onnx.save(model, str(dst))
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(typed.graph.value_info)
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True,
+                                     op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_ops)))
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    data = f"{dst.stem}.fp16.onnx_data"
+    for stale in (dst, dst.with_name(data)):
+        stale.unlink(missing_ok=True)
+    onnx.save(model, str(dst), save_as_external_data=weights > FP16_EXTERNAL, all_tensors_to_one_file=True, location=data)
+
+
+def fp16_copy(package: Path, out: Path, keep_ops: tuple[str, ...] = FP16_KEEP_OPS, log: Callable[[str], None] = print) -> Path:
+    """out: package with every graph in float16 and no quality gates or float32 copies (for speed and memory
+    measurements on random weights, where image gates mean nothing); the fp32 graphs are read, never copied."""
+    from .writer import file_hashes
+
+    graphs = {p for p in package.rglob("*") if p.suffix == ".onnx" or p.name.endswith("onnx_data")}
+    shutil.copytree(package, out, ignore=lambda d, names: [n for n in names if Path(d) / n in graphs], dirs_exist_ok=True)
+    manifest = json.loads((out / MANIFEST).read_text())
+    for comp, entry in manifest["components"].items():
+        log(f"{comp}: fp16")
+        convert_fp16(package / entry["file"], out / entry["file"], keep_ops)
+        entry.update(precision="fp16", made_by=f"onnxruntime float16 converter, kept float32: {', '.join(keep_ops)}")
+    manifest["precision"] = "fp16"
+    manifest["files"] = file_hashes(out)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out
 
 
 def sensitive_nodes(path: Path, patterns: tuple[str, ...]) -> list[str]:

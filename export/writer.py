@@ -98,8 +98,10 @@ def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], No
             gc.collect()
             modules[source] = ckpt.load(comp)
         log(f"[{i + 1}/{total}] {comp}: exporting ({options.exporter}, opset {effective_opset(options.opset, options.exporter)})")
-        path = export_component(comp, modules[source], ckpt, dest / comp, options.opset, options.exporter)
-        entry: dict[str, Any] = {"file": f"{comp}/model.onnx", "precision": "fp32", "made_by": f"torch.onnx {options.exporter}"}
+        path, attention = export_component(comp, modules[source], ckpt, dest / comp, options.opset, options.exporter,
+                                           options.attention)
+        entry: dict[str, Any] = {"file": f"{comp}/model.onnx", "precision": "fp32", "made_by": f"torch.onnx {options.exporter}",
+                                 "attention": attention}
         if options.weights_fp16:
             store_weights_fp16(path)
             entry["weights"] = "fp16"

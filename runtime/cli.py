@@ -73,7 +73,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from diffrt.export import ExportOptions, export_package
 
     options = ExportOptions(components=tuple(args.components.split(",")), opset=args.opset, exporter=args.exporter,
-                            overwrite=args.overwrite, check=not args.no_check, weights_fp16=args.weights_fp16,
+                            attention=args.attention, overwrite=args.overwrite, check=not args.no_check, weights_fp16=args.weights_fp16,
                             name=args.name)
     export_package(args.checkpoint, args.out, options)
     return 0
@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
     e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     e.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+    e.add_argument("--attention", choices=("auto", "mha", "plain"), default="auto",
+                   help="mha: onnxruntime's fused attention (fast on GPUs, CUDA graphs); plain: MatMul/Softmax, for TensorRT "
+                        "(auto: mha with torchscript, plain with dynamo)")
     e.add_argument("--weights-fp16", action="store_true", help="store weights as float16 (half the size), compute in float32")
     e.add_argument("--name", help="model name recorded in the manifest and in image metadata (default: OUT's name)")
     e.set_defaults(func=cmd_export)

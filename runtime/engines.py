@@ -25,10 +25,17 @@ class TensorSpec:
 
 
 class Engine(Protocol):
+    """What every backend implements: its graph's inputs and outputs, run, to_device and close."""
+
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
 
     def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]: ...
+
+    def to_device(self, array: np.ndarray) -> Any:
+        """An input that stays the same over many calls (the text embeddings), in the form run takes fastest."""
+
+    def close(self) -> None: ...
 
 
 def cuda_available() -> bool:
@@ -54,17 +61,23 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+MAX_SHAPES = 8  # input shapes an engine keeps device buffers (and CUDA graphs) for
+
+
 @dataclass
 class FixedBuffers:
-    """Inputs and outputs of one input shape in buffers that never move, bound once: what a CUDA graph replays.
+    """Inputs and outputs of one input shape in device buffers that never move, bound once.
 
-    Each call copies the inputs into the same device memory (`update_inplace`) and runs with the graph id of
-    this shape, so onnxruntime captures the graph on the first call and replays it after."""
+    Each call copies the inputs into the same device memory (`update_inplace`) and runs the same binding; with a
+    CUDA graph id onnxruntime captures the graph on the first call and replays it after. A read-only input that
+    is the same array as on the last call (what `to_device` returns) is not copied again."""
 
     binding: Any
     inputs: dict[str, Any]
     outputs: dict[str, Any]
-    run_options: Any = None
+    run_options: Any
+    graph_id: int = -1
+    last: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def allocate(cls, session: Any, arrays: dict[str, np.ndarray], device: str, graph_id: int) -> FixedBuffers:
@@ -80,9 +93,10 @@ class FixedBuffers:
             binding.bind_output(name, device, 0)
         session.run_with_iobinding(binding, probe)
         shapes = {name: (v.shape(), ORT_DTYPES[v.data_type()]) for name, v in zip(names, binding.get_outputs())}
+        del binding
         fixed = cls(session.io_binding(), {n: ort.OrtValue.ortvalue_from_numpy(a, device, 0) for n, a in arrays.items()},
                     {n: ort.OrtValue.ortvalue_from_shape_and_type(s, t, device, 0) for n, (s, t) in shapes.items()},
-                    ort.RunOptions())
+                    ort.RunOptions(), graph_id)
         fixed.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
         for name, value in fixed.inputs.items():
             fixed.binding.bind_ortvalue_input(name, value)
@@ -92,24 +106,43 @@ class FixedBuffers:
 
     def run(self, session: Any, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, array in arrays.items():
-            self.inputs[name].update_inplace(array)
+            if not (array is self.last.get(name) and not array.flags.writeable):
+                self.inputs[name].update_inplace(array)
+                self.last[name] = array
         session.run_with_iobinding(self.binding, self.run_options)
         return {name: value.numpy() for name, value in self.outputs.items()}
 
 
 @dataclass
-class CudaGraphs:
-    """FixedBuffers per input shape; the n-th shape seen gets CUDA graph id n."""
+class ShapeBuffers:
+    """FixedBuffers per input shape, at most MAX_SHAPES of them. With graphs, the n-th shape gets CUDA graph id n
+    (onnxruntime keeps a captured graph for the session's life, so shapes past the cap run without one);
+    without, the least recently used shape's buffers make room."""
 
     device: str
+    graphs: bool
     shapes: dict[tuple, FixedBuffers] = field(default_factory=dict)
+    captured: int = 0
 
     def run(self, session: Any, specs: dict[str, TensorSpec], feeds: dict[str, Any]) -> dict[str, np.ndarray]:
-        arrays = {name: np.require(feeds[name], spec.dtype, "C") for name, spec in specs.items()}
+        arrays = {name: as_input(feeds[name], spec.dtype) for name, spec in specs.items()}
         key = tuple(a.shape for a in arrays.values())
         if key not in self.shapes:
-            self.shapes[key] = FixedBuffers.allocate(session, arrays, self.device, len(self.shapes))
+            if len(self.shapes) >= MAX_SHAPES:
+                evict = next((k for k, b in self.shapes.items() if b.graph_id < 0), None)
+                if evict is not None:
+                    del self.shapes[evict]
+            graph_id = self.captured if self.graphs and self.captured < MAX_SHAPES else -1
+            self.captured += graph_id >= 0
+            self.shapes[key] = FixedBuffers.allocate(session, arrays, self.device, graph_id)
+        self.shapes[key] = self.shapes.pop(key)  # most recently used last
         return self.shapes[key].run(session, arrays)
+
+
+def as_input(value: Any, dtype: type) -> np.ndarray:
+    """value as a C-contiguous array of dtype, the same object when it already is one."""
+    return value if isinstance(value, np.ndarray) and value.dtype == dtype and value.flags.c_contiguous else \
+        np.require(value, dtype, "C")
 
 
 def session_options(threads: int | None, level=None):
@@ -124,6 +157,56 @@ def session_options(threads: int | None, level=None):
     return opts
 
 
+def cuda_provider(cuda_graph: bool, gpu_mem_limit: int | None) -> tuple[str, dict[str, str]]:
+    """onnxruntime's CUDA provider with its arena growing only by what is asked (its default doubles, which left
+    tens of GB reserved beside SD 1.5), optionally capped, and CUDA graphs when asked."""
+    options = {"arena_extend_strategy": "kSameAsRequested", "cudnn_conv_algo_search": "EXHAUSTIVE"}
+    if gpu_mem_limit:
+        options["gpu_mem_limit"] = str(int(gpu_mem_limit))
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
+    return "CUDAExecutionProvider", options
+
+
+def load_error(path: Path, exc: Exception) -> UserError:
+    """onnxruntime's error on loading `path`, said as what it is, with its fix."""
+    text = str(exc).strip()
+    first = (text.splitlines()[0] if text else type(exc).__name__)[:200]
+    low = text.lower()
+    if "graph capture" in low or "cuda graph" in low:
+        return UserError(f"onnxruntime cannot capture {path} as a CUDA graph ({first}); re-export the package with "
+                         "`diffrt export ... --attention mha` (no float shape arithmetic left on the CPU) or leave out --cuda-graph")
+    if "out of memory" in low or "failed to allocate" in low or "bad_alloc" in low:
+        return UserError(f"out of memory loading {path} ({first}); close other GPU work, use the fp16 package, or a smaller "
+                         "size or batch")
+    if "cannot open shared object" in low or ("error loading" in low and ".so" in low) or "loadlibrary" in low:
+        return UserError(f"a library onnxruntime needs for {path} is missing ({first}); install CUDA 12/13 with cuDNN 9 "
+                         "(e.g. the nvidia-* pip packages PyTorch brings) or use --backend ort-cpu")
+    if "protobuf" in low or "invalid_graph" in low or "no such file" in low or "modelproto" in low or "external data" in low:
+        return UserError(f"{path} could not be loaded by onnxruntime ({first}); the file is corrupt, incomplete or not "
+                         "an ONNX graph: re-export the package")
+    return UserError(f"onnxruntime could not load {path}: {first}")
+
+
+def preload_cuda() -> None:
+    """Load CUDA and cuDNN from the nvidia-* pip packages where onnxruntime can (1.21+), before a CUDA session."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload:
+        try:
+            preload()
+        except Exception:  # best effort: the libraries may come from the system instead
+            pass
+
+
+def check_provider(session: Any, path: Path, backend: str) -> None:
+    """onnxruntime lists the CUDA provider even when its libraries fail to load, then runs on the CPU: refuse that."""
+    if backend == "ort-cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise UserError(f"onnxruntime's CUDA provider did not start for {path} (its CUDA or cuDNN libraries failed to "
+                        "load; onnxruntime's log above says which): install them, or use --backend ort-cpu")
+
+
 def open_session(path: Path, backend: str, providers: list, threads: int | None, graph_cache: Path | None):
     """An onnxruntime session; with graph_cache, from the optimized graph saved by an earlier session when there is
     one (no graph optimization then), else optimized here and saved for the next."""
@@ -131,6 +214,8 @@ def open_session(path: Path, backend: str, providers: list, threads: int | None,
 
     from . import optimized
 
+    if backend == "ort-cuda":
+        preload_cuda()
     entry = graph_cache / optimized.cache_key(path, backend) if graph_cache else None
     if entry and (entry / optimized.GRAPH).is_file():
         opts = session_options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -142,67 +227,61 @@ def open_session(path: Path, backend: str, providers: list, threads: int | None,
     staging = optimized.save_optimized(opts, graph_cache) if entry else None
     try:
         session = ort.InferenceSession(str(path), opts, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
+    except Exception as exc:  # onnxruntime raises its own exception types
         if staging:
             optimized.forget(staging)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} could not be loaded by onnxruntime ({first[:200]}); "
-                        "the file is corrupt or not an ONNX graph: re-export the package") from None
+        raise load_error(path, exc) from None
     if staging:
         optimized.publish(staging, entry)
     return session
 
 
 class OrtEngine:
-    """One onnxruntime session; on CUDA, inputs may be OrtValues already on the GPU (see `to_device`).
-
-    With cuda_graph (ort-cuda only) every input shape is captured as a CUDA graph on its first call and
-    replayed after: inputs are copied into fixed device buffers, so `to_device` leaves arrays on the host."""
+    """One onnxruntime session. On CUDA every input shape gets device buffers bound once (ShapeBuffers); with
+    cuda_graph each shape is also captured as a CUDA graph on its first call and replayed after."""
 
     def __init__(self, path: Path, backend: str = "ort-cpu", threads: int | None = None, cuda_graph: bool = False,
-                 graph_cache: Path | None = None) -> None:
+                 graph_cache: Path | None = None, gpu_mem_limit: int | None = None) -> None:
         if cuda_graph and backend != "ort-cuda":
             raise UserError(f"CUDA graphs need the ort-cuda backend, not {backend}: use --backend ort-cuda, "
                             "or leave out --cuda-graph")
-        cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if cuda_graph else "CUDAExecutionProvider"
-        providers = [cuda, "CPUExecutionProvider"] if backend == "ort-cuda" else ["CPUExecutionProvider"]
+        cuda = backend == "ort-cuda"
+        providers = [cuda_provider(cuda_graph, gpu_mem_limit), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         self.session = open_session(path, backend, providers, threads, graph_cache)
+        check_provider(self.session, path, backend)
         self.backend = backend
         self.path = path
-        self.graphs = CudaGraphs("cuda") if cuda_graph else None
+        self.buffers = ShapeBuffers("cuda", cuda_graph) if cuda else None
         self.inputs = {i.name: TensorSpec(i.name, tuple(i.shape), ORT_DTYPES.get(i.type, np.float32))
                        for i in self.session.get_inputs()}
         self.outputs = {o.name: TensorSpec(o.name, tuple(o.shape), ORT_DTYPES.get(o.type, np.float32))
                         for o in self.session.get_outputs()}
 
-    def to_device(self, array: np.ndarray):
-        """Put an array where the engine runs: an OrtValue on the GPU for CUDA, the array itself on the CPU."""
-        if self.backend != "ort-cuda" or self.graphs:
-            return array
-        import onnxruntime as ort
-
-        return ort.OrtValue.ortvalue_from_numpy(np.require(array, requirements="C"), "cuda", 0)
+    def to_device(self, array: np.ndarray) -> np.ndarray:
+        """A read-only copy: on CUDA it is copied to the device on its first call with a shape, not on every call."""
+        frozen = np.array(array, copy=True, order="C")
+        frozen.flags.writeable = False
+        return frozen
 
     def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
         missing = set(self.inputs) - set(feeds)
         if missing:
             raise ValueError(f"{self.path}: missing inputs {sorted(missing)}")
-        if self.graphs:
-            return self.graphs.run(self.session, self.inputs, feeds)
-        if self.backend != "ort-cuda":
+        try:
+            if self.buffers is not None:
+                return self.buffers.run(self.session, self.inputs, feeds)
             names = list(self.outputs)
             return dict(zip(names, self.session.run(names, {k: feeds[k] for k in self.inputs})))
-        binding = self.session.io_binding()
-        for name in self.inputs:
-            value = feeds[name]
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, np.require(value, requirements="C"))
-            else:
-                binding.bind_ortvalue_input(name, value)
-        for name in self.outputs:
-            binding.bind_output(name, "cuda", 0)
-        self.session.run_with_iobinding(binding)
-        return dict(zip(self.outputs, binding.copy_outputs_to_cpu()))
+        except Exception as exc:
+            if "out of memory" in str(exc).lower() or "failed to allocate" in str(exc).lower():
+                raise UserError(f"out of memory running {self.path.parent.name}; use a smaller size or fewer images "
+                                "at once") from None
+            raise
+
+    def close(self) -> None:
+        """Release the session and its device buffers (and CUDA graphs)."""
+        self.buffers = None
+        self.session = None
 
 
 def timestep_feed(spec: TensorSpec, t: float, batch: int) -> np.ndarray:

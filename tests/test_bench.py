@@ -81,13 +81,20 @@ def test_fresh_process_reports_its_own_gpu_memory(tmp_path, monkeypatch):
 
 
 def test_gpu_check_script_at_toy_size(tmp_path, capsys):
+    """The GPU check's steps at toy size on the CPU: its fp16 copy is made, fp32 rows match diffusers, working
+    files stay out of --out, and the fused-attention UNet has no float shape arithmetic to stop CUDA graphs."""
     from diffrt.benchmarks import gpu_check
 
-    assert gpu_check.main(["--tiny", "--out", str(tmp_path), "--steps", "2", "--batches", "1,2", "--runs", "1"]) == 0
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [r["batch"] for r in report["rows"]] == [1, 2]
-    assert all(r["max_abs_diff"] < 1e-2 for r in report["rows"])  # same weights, same latents, fp32 on the CPU
-    assert "| batch | diffrt s | diffusers s |" in capsys.readouterr().out
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert gpu_check.main(["--tiny", "--out", str(out), "--work", str(work), "--steps", "2", "--batches", "1,2",
+                           "--runs", "1"]) == 0
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert [(r["precision"], r["batch"]) for r in report["rows"]] == [("fp32", 1), ("fp32", 2)]
+    assert all(r["max_abs_diff"]["diffrt"] < 1e-2 and not r["errors"] for r in report["rows"])
+    assert report["cuda_graph_blockers"] == [] and sorted(p.name for p in out.iterdir()) == ["gpu_check.json"]
+    manifest = json.loads((work / "fp16" / "diffrt.json").read_text())
+    assert {c["precision"] for c in manifest["components"].values()} == {"fp16"}
+    assert "| fp32 | 2 | diffrt |" in capsys.readouterr().out
 
 
 def test_session_load_with_and_without_the_graph_cache(tiny_package, tmp_path):

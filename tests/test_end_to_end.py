@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from diffrt.runtime.engines import timestep_feed
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.pipeline import Pipeline
 from diffrt.runtime.schedulers import SHORT_NAMES
@@ -106,24 +107,77 @@ def test_cuda_graph_replay_matches_cpu(tiny_package):
         a = graphed(prompt, steps=5, seed=4, num_images=n, width=size, height=size)
         b = cpu(prompt, steps=5, seed=4, num_images=n, width=size, height=size)
         assert np.abs(a.array - b.array).max() <= 1e-3, (prompt, n, size)
-    assert len(graphed.unet.graphs.shapes) == 3
+    assert len(graphed.unet.buffers.shapes) == 3 and graphed.unet.buffers.captured == 3
+
+
+@pytest.mark.gpu
+def test_fp16_fused_attention_package_with_cuda_graphs(tiny_package, tmp_path):
+    """The fp16 copy of the fused-attention package runs on CUDA, captured as CUDA graphs, within fp16's error of
+    the fp32 package on the CPU."""
+    from diffrt.export.precision import fp16_copy
+    from diffrt.runtime.engines import cuda_available
+
+    if not cuda_available():
+        pytest.skip("onnxruntime's CUDA provider is not available here")
+    fp16 = fp16_copy(tiny_package, tmp_path / "fp16", log=lambda m: None)
+    cpu = Pipeline.from_package(tiny_package, backend="ort-cpu")
+    for graph in (False, True):
+        gpu = Pipeline.from_package(fp16, backend="ort-cuda", cuda_graph=graph)
+        a = gpu("a red house", steps=5, seed=4, num_images=2)
+        assert np.abs(a.array - cpu("a red house", steps=5, seed=4, num_images=2).array).max() <= 2e-2
+    assert gpu.unet.buffers.captured == 1
+
+
+def unet_feeds(engine, rng, batch: int, side: int) -> dict:
+    return {"sample": rng.standard_normal((batch, 4, side, side), dtype=np.float32),
+            "timestep": timestep_feed(engine.inputs["timestep"], rng.uniform(0, 999), batch),
+            "encoder_hidden_states": rng.standard_normal((batch, 77, 32), dtype=np.float32)}
 
 
 def test_fixed_buffers_follow_new_inputs(tiny_package):
     """The bookkeeping a CUDA graph relies on, run on the CPU: buffers bound once per shape, refilled every call."""
-    from diffrt.runtime.engines import CudaGraphs, OrtEngine, timestep_feed
+    from diffrt.runtime.engines import OrtEngine, ShapeBuffers
 
     engine = OrtEngine(tiny_package / "unet" / "model.onnx")
-    cache = CudaGraphs("cpu")
+    cache = ShapeBuffers("cpu", graphs=True)
     rng = np.random.default_rng(0)
     for batch, side in ((2, 4), (2, 4), (1, 5), (2, 4)):
-        feeds = {"sample": rng.standard_normal((batch, 4, side, side), dtype=np.float32),
-                 "timestep": timestep_feed(engine.inputs["timestep"], rng.uniform(0, 999), batch),
-                 "encoder_hidden_states": rng.standard_normal((batch, 77, 32), dtype=np.float32)}
+        feeds = unet_feeds(engine, rng, batch, side)
         want = engine.run(feeds)["out_sample"]
         got = cache.run(engine.session, engine.inputs, feeds)["out_sample"]
         assert np.array_equal(want, got)
-    assert len(cache.shapes) == 2
+    assert len(cache.shapes) == 2 and cache.captured == 2
+
+
+def test_fixed_buffers_copy_a_frozen_input_once_and_a_new_one_always(tiny_package):
+    from diffrt.runtime.engines import OrtEngine, ShapeBuffers
+
+    engine = OrtEngine(tiny_package / "unet" / "model.onnx")
+    cache = ShapeBuffers("cpu", graphs=False)
+    feeds = unet_feeds(engine, np.random.default_rng(1), 2, 4)
+    text = engine.to_device(feeds["encoder_hidden_states"])
+    assert not text.flags.writeable
+    first = cache.run(engine.session, engine.inputs, {**feeds, "encoder_hidden_states": text})["out_sample"]
+    assert np.array_equal(first, engine.run(feeds)["out_sample"])
+    other = {**feeds, "encoder_hidden_states": feeds["encoder_hidden_states"][::-1].copy()}
+    assert np.array_equal(cache.run(engine.session, engine.inputs, other)["out_sample"], engine.run(other)["out_sample"])
+    assert np.array_equal(cache.run(engine.session, engine.inputs, {**feeds, "encoder_hidden_states": text})["out_sample"],
+                          first)
+
+
+def test_buffers_are_kept_for_a_bounded_number_of_shapes(tiny_package):
+    """Past MAX_SHAPES shapes no new CUDA graph is captured and plain buffers make room, least recently used first."""
+    from diffrt.runtime.engines import MAX_SHAPES, OrtEngine, ShapeBuffers
+
+    engine = OrtEngine(tiny_package / "unet" / "model.onnx")
+    rng = np.random.default_rng(2)
+    for graphs in (True, False):
+        cache = ShapeBuffers("cpu", graphs=graphs)
+        for side in range(2, MAX_SHAPES + 6):
+            feeds = unet_feeds(engine, rng, 1, side)
+            assert np.array_equal(cache.run(engine.session, engine.inputs, feeds)["out_sample"], engine.run(feeds)["out_sample"])
+        assert len(cache.shapes) <= MAX_SHAPES + 1 and cache.captured == (MAX_SHAPES if graphs else 0)
+        assert ((1, 4, MAX_SHAPES + 5, MAX_SHAPES + 5)) in [k[0] for k in cache.shapes]
 
 
 def test_cuda_graph_needs_ort_cuda(tiny_package):
