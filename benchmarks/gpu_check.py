@@ -166,39 +166,17 @@ def memory(fp16: Path, ckpt: Path, size: int, batch: int, steps: int) -> dict[st
     return found
 
 
-def unet_layouts(unet: Path, size: int, calls: int = 20) -> dict[str, float]:
-    """Median seconds of one fp16 UNet call (batch 2) with onnxruntime's default NCHW convolutions and with
-    prefer_nhwc: whether its NHWC kernels are worth a provider option."""
-    import onnxruntime as ort
-
-    from diffrt.runtime.engines import ORT_DTYPES, cuda_provider, session_options
-
-    found = {}
-    feeds = {"sample": np.zeros((2, 4, size // 8, size // 8), np.float32), "encoder_hidden_states": np.zeros((2, 77, 768), np.float32)}
-    for name, extra in (("nchw", {}), ("prefer_nhwc", {"prefer_nhwc": "1"})):
-        provider, options = cuda_provider(False, None)
-        session = ort.InferenceSession(str(unet), session_options(None), providers=[(provider, {**options, **extra})])
-        spec = next(i for i in session.get_inputs() if i.name == "timestep")
-        run_feeds = {**feeds, "timestep": np.ones([d if isinstance(d, int) else 2 for d in spec.shape], ORT_DTYPES[spec.type])}
-        times = []
-        for _ in range(calls + 2):
-            start = time.perf_counter()
-            session.run(None, run_feeds)
-            times.append(time.perf_counter() - start)
-        found[name] = float(np.median(times[2:]))
-        del session
-    return found
-
-
-def load_pipelines(fp32: Path, fp16: Path, ckpt: Path, gpu: bool) -> tuple[dict[str, dict], dict[str, str]]:
-    """diffrt and diffusers per precision; on the GPU also diffrt with CUDA graphs (a failure is reported)."""
+def load_pipelines(fp32: Path, fp16: Path, ckpt: Path, gpu: bool, precisions: list[str]) -> tuple[dict[str, dict], dict]:
+    """diffrt and diffusers per precision (fp16 on the GPU only); on the GPU also diffrt with CUDA graphs (a failure
+    is reported)."""
     from diffrt.runtime.pipeline import Pipeline
 
     backend, device = ("ort-cuda", "cuda") if gpu else ("ort-cpu", "cpu")
-    pipes = {"fp32": {"diffrt": Pipeline.from_package(fp32, backend=backend),
-                      "diffusers": load_diffusers(ckpt, "float32", device)}}
-    errors = {}
-    if gpu:
+    pipes, errors = {}, {}
+    if "fp32" in precisions:
+        pipes["fp32"] = {"diffrt": Pipeline.from_package(fp32, backend=backend),
+                         "diffusers": load_diffusers(ckpt, "float32", device)}
+    if gpu and "fp16" in precisions:
         pipes["fp16"] = {"diffrt": Pipeline.from_package(fp16, backend=backend),
                          "diffusers": load_diffusers(ckpt, "float16", device)}
         try:
@@ -223,8 +201,6 @@ def print_table(report: dict) -> None:
             print(f"| {row['precision']} | {row['batch']} | {name} | failed: {err.splitlines()[0][:120]} | | |")
     for name, mem in report.get("gpu_memory_mb", {}).items():
         print(f"GPU memory, {name}: {json.dumps(mem)}")
-    if "unet_call_s" in report:
-        print(f"fp16 UNet call, batch 2: {json.dumps(report['unet_call_s'])}")
     print(f"UNet fp16 graph, float shape arithmetic on the CPU: {report['cuda_graph_blockers'] or 'none'}")
 
 
@@ -240,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--precisions", default="fp32,fp16", help="rows to time (fp16 on a GPU only)")
     args = ap.parse_args(argv)
     import torch
 
@@ -258,12 +235,7 @@ def main(argv: list[str] | None = None) -> int:
               "cuda_graph_blockers": check_cuda_graph_ready(fp16 / "unet" / "model.onnx"), "timings": timings}
     if gpu:
         report["gpu_memory_mb"] = memory(fp16, ckpt, size, max(batches), 2)  # fresh processes, before this one holds any
-    if gpu:
-        try:
-            report["unet_call_s"] = unet_layouts(fp16 / "unet" / "model.onnx", size)
-        except Exception as exc:
-            report["unet_call_s"] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
-    pipes, report["load_errors"] = load_pipelines(fp32, fp16, ckpt, gpu)
+    pipes, report["load_errors"] = load_pipelines(fp32, fp16, ckpt, gpu, args.precisions.split(","))
     report["rows"] = compare(pipes, size, args.steps, batches, args.runs)
     report["total_s"] = time.perf_counter() - t0
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
