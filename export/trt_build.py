@@ -50,7 +50,17 @@ def build_flags(precision: str, graph_precision: str, trt_major: int, version_co
     return {"strongly_typed": strongly_typed, "builder": builder}
 
 
+def check_trt_package(package: Path) -> None:
+    """Refuse, before TensorRT is needed, a package whose graphs TensorRT's parser cannot read."""
+    pkg = load_package(package)
+    fused = [c for c, e in pkg.manifest.get("components", {}).items() if e.get("attention") == "mha"]
+    if fused:
+        raise UserError(f"{package} was exported with onnxruntime's fused attention ({', '.join(fused)}), which TensorRT "
+                        f"cannot parse; export a package for TensorRT with `diffrt export CHECKPOINT OUT --attention plain`")
+
+
 def build_engines(package: Path, options: BuildOptions, log: Callable[[str], None] = print) -> list[Path]:
+    check_trt_package(package)
     import tensorrt as trt
 
     from diffrt.runtime.trt_backend import current_device

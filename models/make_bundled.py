@@ -9,6 +9,7 @@ exported with diffrt's own exporter; the model card (README.md, card/) is kept a
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
             target = args.out / item.name
             if not target.exists():
                 shutil.move(str(item), target)
+    manifest = json.loads((args.out / "diffrt.json").read_text())
+    manifest["source"]["checkpoint"] = rounded.name  # a shipped manifest names no path of the machine that made it
+    (args.out / "diffrt.json").write_text(json.dumps(manifest, indent=1) + "\n")
     if (args.checkpoint / "training.json").is_file():
         plot_curve(args.checkpoint / "training.json", args.out / "card" / "curve.png")
     size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())

@@ -10,9 +10,11 @@ BUNDLED_NAME = "shapes-tiny"
 
 
 def bundled_model() -> Path:
-    import diffrt.models
+    """The bundled package's folder, found without importing diffrt.models' code."""
+    from importlib.util import find_spec
 
-    for base in diffrt.models.__path__:
+    spec = find_spec("diffrt.models")
+    for base in (spec.submodule_search_locations or []) if spec else []:
         path = Path(base) / BUNDLED_NAME
         if (path / "diffrt.json").is_file():
             return path

@@ -40,36 +40,99 @@ def number(text: str) -> float:
     return value
 
 
+def positive_number(text: str) -> float:
+    value = number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value:g} must be more than 0")
+    return value
+
+
 def seed_value(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"{value} is outside 0 .. 2**63-1")
+    if not -1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0 .. 2**63-1 (-1: random)")
     return value
 
 
+def scheduler_name(text: str) -> str:
+    from .schedulers import SHORT_NAMES, canonical_name
+
+    name = canonical_name(text)
+    if name is None:
+        raise argparse.ArgumentTypeError(f"unknown scheduler {text!r}; choose one of {', '.join(SHORT_NAMES)} (or a "
+                                         "diffusers class or AUTOMATIC1111 name such as 'Euler a')")
+    return name
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .images import output_paths, save_png
+    from .images import output_paths, read_settings, save_image
     from .pipeline import Pipeline
     from .progress import ProgressBar
+    from .request import check_text, image_seeds
 
-    count = args.n
-    out = args.output or "diffrt.png"
-    paths = output_paths(out, count)  # refuse a bad -o before any work
+    if args.from_image:
+        apply_settings(args, read_settings(args.from_image))
+    if args.prompt is None:
+        raise UserError("give a prompt (or --from IMAGE to make an image again)")
+    check_text(args.prompt, "prompt")
+    check_text(args.negative, "negative prompt")
+    seeds = image_seeds(args.seed, args.n)
+    paths = output_paths(args.output, seeds, args.overwrite)  # refuse a bad -o before any work
     pipe = Pipeline.from_package(args.model, backend=args.backend, threads=args.threads, verify_hashes=args.verify,
-                                 fp32_fallback=args.fp32_fallback, cuda_graph=args.cuda_graph, graph_cache=args.graph_cache)
+                                 fp32_fallback=args.fp32_fallback, cuda_graph=args.cuda_graph, graph_cache=args.graph_cache,
+                                 gpu_mem_limit=int(args.gpu_mem_limit * 2**30) if args.gpu_mem_limit else None)
+    note = size_note(pipe.package.defaults, args.width, args.height)
+    if note:
+        print(f"diffrt: note: {note}", file=sys.stderr)
     result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
-                  scheduler=args.scheduler, seed=args.seed, width=args.width, height=args.height, num_images=count,
+                  scheduler=args.scheduler, seed=seeds[0], width=args.width, height=args.height, num_images=args.n,
                   progress=None if args.quiet else ProgressBar("denoising"))
     for i, (image, path) in enumerate(zip(result.images, paths)):
-        save_png(image, path, {**result.settings, "image_index": i})
+        save_image(image, path, result.image_settings(i))
         print(path)
+    if args.seed is None or args.seed == -1:
+        print(f"diffrt: random seed {seeds[0]}" + (f" (images: {seeds[0]}..{seeds[-1]})" if len(seeds) > 1 else ""),
+              file=sys.stderr)
     return 0
 
 
+def apply_settings(args: argparse.Namespace, settings: dict) -> None:
+    """Fill what the command line left out from an image's saved settings (diffrt generate --from IMAGE)."""
+    from .schedulers import scheduler_names
+
+    for key, name in (("prompt", "prompt"), ("negative_prompt", "negative"), ("steps", "steps"), ("seed", "seed"),
+                      ("guidance_scale", "guidance"), ("scheduler", "scheduler"), ("width", "width"), ("height", "height")):
+        if getattr(args, name) in (None, "") and settings.get(key) is not None:
+            setattr(args, name, settings[key])
+    if args.scheduler not in (None, *scheduler_names()):
+        raise UserError(f"{args.from_image} was made with scheduler {args.scheduler!r}, which this diffrt does not have")
+
+
+def size_note(defaults: dict, width: int | None, height: int | None) -> str | None:
+    """A warning when the size is far from the model's native one (models tile or break up there)."""
+    w, h = width or defaults["width"], height or defaults["height"]
+    native = defaults["width"] * defaults["height"]
+    if not 0.25 <= (w * h) / native <= 4:
+        return (f"{w}x{h} is far from the {defaults['width']}x{defaults['height']} this model was made for; "
+                "expect repeated or broken-up subjects")
+    return None
+
+
+def require(extra: str, *modules: str) -> None:
+    """Refuse before any work when an optional part's libraries are missing, naming the extra that installs them."""
+    from importlib.util import find_spec
+
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        raise UserError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; this command needs "
+                        f'`pip install "diffrt[{extra}]"`')
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    require("export", "torch", "diffusers", "transformers", "onnx")
     from diffrt.export import ExportOptions, export_package
 
     options = ExportOptions(components=tuple(args.components.split(",")), opset=args.opset, exporter=args.exporter,
@@ -80,11 +143,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from diffrt.export.precision import QuantizeOptions, quantize_package
+    require("export", "torch", "onnx")
+    from diffrt.export.precision import FP16_KEEP_OPS, INT8_KEEP_LAYERS, QuantizeOptions, quantize_package
 
     split = lambda text: tuple(t for t in text.split(",") if t)  # noqa: E731
-    options = QuantizeOptions(precision=args.precision, keep_fp32_ops=split(args.keep_fp32_ops),
-                              keep_fp32_components=split(args.keep_fp32_components), keep_fp32_layers=split(args.keep_fp32_layers),
+    keep_ops = split(args.keep_fp32_ops) if args.keep_fp32_ops is not None else FP16_KEEP_OPS
+    keep_layers = split(args.keep_fp32_layers) if args.keep_fp32_layers is not None else INT8_KEEP_LAYERS
+    options = QuantizeOptions(precision=args.precision, keep_fp32_ops=keep_ops,
+                              keep_fp32_components=split(args.keep_fp32_components), keep_fp32_layers=keep_layers,
                               calibration_prompts=args.calibration_prompts, keep_fallback=not args.no_fallback,
                               accept_quality=args.accept_quality, overwrite=args.overwrite, steps=args.steps,
                               adherence=args.adherence)
@@ -94,9 +160,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from diffrt.export.trt_build import BuildOptions, build_engines
+    from diffrt.export.trt_build import BuildOptions, build_engines, check_trt_package
     from diffrt.runtime.trt_backend import import_tensorrt
 
+    check_trt_package(args.package)
     import_tensorrt()
     options = BuildOptions(precision=args.precision, batch=args.batch, size=args.size, static=args.static,
                            timing_cache=args.timing_cache, version_compatible=args.version_compatible, opt_level=args.opt_level,
@@ -116,6 +183,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    require("bench", "matplotlib", "psutil")
+    if str(args.package) == "sd15" or args.baseline:
+        require("export", "torch", "diffusers", "transformers", "onnx")
     from diffrt.benchmarks.bench import benchmark, config_from_args, write_outputs
 
     cfg = config_from_args(args)
@@ -129,105 +199,170 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .schedulers import scheduler_names
+def cmd_info(args: argparse.Namespace) -> int:
+    """A package's contents, or an image's settings and the command that makes it again."""
+    import json
 
-    p = Parser(prog="diffrt", description="Torch-free Stable Diffusion runtime and export toolchain.")
-    p.add_argument("--version", action="version", version=f"diffrt {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    from .images import read_settings
 
+    if args.path.is_file():
+        settings = read_settings(args.path)
+        print(json.dumps(settings, indent=1, ensure_ascii=False))
+        print(f"make it again: diffrt generate --from {args.path}" + (f" --model PACKAGE   (model {settings['model']})"
+                                                                       if settings.get("model") else ""))
+        return 0
+    from .engine_store import list_engines
+    from .package import load_package
+
+    pkg = load_package(args.path)
+    size = sum(p.stat().st_size for p in pkg.root.rglob("*") if p.is_file())
+    print(f"{pkg.root}: {pkg.name}, family {pkg.manifest.get('family', 'unknown')}, {size / 1e6:.1f} MB")
+    for comp, entry in pkg.manifest.get("components", {}).items():
+        print(f"  {comp}: {entry.get('precision', 'fp32')}, attention {entry.get('attention', 'unrecorded')}"
+              + (", float32 fallback kept" if entry.get("fallback") else ""))
+    print("  defaults: " + ", ".join(f"{k} {v}" for k, v in pkg.defaults.items()))
+    engines = list_engines(pkg.root)
+    print("  TensorRT engines: " + (", ".join(f"{e.component}.{e.precision} ({e.plan.parent.name})" for e in engines)
+                                  if engines else "none built"))
+    return 0
+
+
+def bundled_defaults() -> dict:
+    """The bundled model's defaults, for --help (a package given with --model brings its own)."""
+    import json
+
+    from .bundled import bundled_model
+
+    try:
+        return json.loads((bundled_model() / "diffrt.json").read_text())["defaults"]
+    except (UserError, OSError, ValueError, KeyError):
+        return {}
+
+
+def add_generate(sub) -> None:
+    d = bundled_defaults()
+    own = "default: the model's own" + ("; the bundled model's is {}" if d else "{}")
     g = sub.add_parser("generate", help="generate images from a prompt")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="?", help="what to draw (may be left out with --from)")
     g.add_argument("--model", type=Path, help="model package folder (default: the bundled shapes-tiny model)")
-    g.add_argument("--negative", default="", help="negative prompt")
-    g.add_argument("--steps", type=positive_int)
-    g.add_argument("--guidance", type=number, help="classifier-free guidance scale; 1 or less turns it off")
-    g.add_argument("--scheduler", choices=scheduler_names(), metavar="S",
-                   help=f"one of {', '.join(scheduler_names()[:7])} or a diffusers class name")
-    g.add_argument("--seed", type=seed_value)
-    g.add_argument("--width", type=positive_int)
-    g.add_argument("--height", type=positive_int)
-    g.add_argument("-n", type=positive_int, default=1, help="number of images")
-    g.add_argument("--backend", choices=BACKENDS, default="auto")
-    g.add_argument("--threads", type=positive_int, help="CPU threads for onnxruntime")
+    g.add_argument("--negative", default="", help="negative prompt: what to steer away from (default: none)")
+    g.add_argument("--steps", type=positive_int, help=own.format(d.get("steps", "")))
+    g.add_argument("--guidance", type=number, help="classifier-free guidance scale, 0 or more; 1 or less turns it off; "
+                   + own.format(d.get("guidance_scale", "")))
+    g.add_argument("--scheduler", type=scheduler_name, metavar="S",
+                   help="ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, lcm, a diffusers class or an "
+                        f"AUTOMATIC1111 name (\"Euler a\"), any case; {own.format(d.get('scheduler', ''))}")
+    g.add_argument("--seed", type=seed_value, help="first image's seed; image i gets seed + i (default or -1: random, printed)")
+    g.add_argument("--width", type=positive_int, help=own.format(d.get("width", "")))
+    g.add_argument("--height", type=positive_int, help=own.format(d.get("height", "")))
+    g.add_argument("-n", type=positive_int, default=1, help="number of images (default 1)")
+    g.add_argument("--from", dest="from_image", type=Path, metavar="IMAGE",
+                   help="take the settings an image made by diffrt was saved with (options given here win)")
+    g.add_argument("--backend", choices=BACKENDS, default="auto", help="default auto: the fastest present")
+    g.add_argument("--threads", type=positive_int, help="CPU threads for onnxruntime (default: all cores)")
     g.add_argument("--verify", action="store_true", help="check every package file's sha256 before loading")
     g.add_argument("--fp32-fallback", action="store_true", help="rerun a reduced-precision stage in float32 if it makes NaN/inf")
     g.add_argument("--cuda-graph", action="store_true", help="ort-cuda: replay the UNet from a CUDA graph per shape")
+    g.add_argument("--gpu-mem-limit", type=positive_number, metavar="GB", help="ort-cuda: cap each engine's CUDA memory arena")
     g.add_argument("--graph-cache", type=Path, metavar="DIR", default=os.environ.get("DIFFRT_GRAPH_CACHE") or None,
                    help="keep onnxruntime's optimized graphs here; later loads skip optimization (env DIFFRT_GRAPH_CACHE)")
-    g.add_argument("-o", "--output", help="PNG path (default diffrt.png; several images get -0, -1, ...)")
+    g.add_argument("-o", "--output", help="a .png, .jpg or .webp file (several images: name-0, name-1, ...) or a folder "
+                   "for numbered names 00001-<seed>.png (default: the current folder)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
+
+def add_export(sub) -> None:
     e = sub.add_parser("export", help="export a diffusers checkpoint folder to a model package (needs diffrt[export])")
     e.add_argument("checkpoint", help="diffusers checkpoint folder (model_index.json, unet/, vae/, text_encoder/, ...)")
     e.add_argument("out", help="package folder to write")
-    e.add_argument("--components", default="text_encoder,unet,vae_decoder,vae_encoder")
-    e.add_argument("--opset", type=positive_int, default=17)
-    e.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript")
-    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
-    e.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+    e.add_argument("--components", default="text_encoder,unet,vae_decoder,vae_encoder", help="default: %(default)s")
+    e.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default %(default)s)")
+    e.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript", help="default %(default)s")
     e.add_argument("--attention", choices=("auto", "mha", "plain"), default="auto",
                    help="mha: onnxruntime's fused attention (fast on GPUs, CUDA graphs); plain: MatMul/Softmax, for TensorRT "
-                        "(auto: mha with torchscript, plain with dynamo)")
+                        "(default auto: mha with torchscript, plain with dynamo)")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    e.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     e.add_argument("--weights-fp16", action="store_true", help="store weights as float16 (half the size), compute in float32")
     e.add_argument("--name", help="model name recorded in the manifest and in image metadata (default: OUT's name)")
     e.set_defaults(func=cmd_export)
 
-    from diffrt.export.precision import FP16_KEEP_OPS, INT8_KEEP_LAYERS
 
+def add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="fp16 or int8 copy of an fp32 package, with quality gates (needs diffrt[export])")
     q.add_argument("package", type=Path)
     q.add_argument("out", type=Path)
     q.add_argument("--precision", choices=("fp16", "int8"), required=True)
-    q.add_argument("--keep-fp32-ops", default=",".join(FP16_KEEP_OPS), help="fp16: op types left in float32")
+    q.add_argument("--keep-fp32-ops", help="fp16: op types left in float32, comma-separated (default: the normalizations, "
+                   "Softmax, Pow and ReduceMean)")
     q.add_argument("--keep-fp32-components", default="", help="fp16: components left in float32, e.g. vae_decoder")
-    q.add_argument("--keep-fp32-layers", default=",".join(INT8_KEEP_LAYERS),
-                   help="int8: layers (module-path fragments) left unquantized")
-    q.add_argument("--calibration-prompts", type=positive_int, default=8, help="int8: prompts whose trajectories calibrate")
+    q.add_argument("--keep-fp32-layers", help="int8: layers (module-path fragments) left unquantized (default: time "
+                   "embedding, conv_in/out, normalizations, attention and its projections)")
+    q.add_argument("--calibration-prompts", type=positive_int, default=8, help="int8: prompts whose trajectories calibrate "
+                   "(default %(default)s)")
     q.add_argument("--steps", type=positive_int, help="steps per trajectory (default: the package's)")
     q.add_argument("--no-fallback", action="store_true", help="do not keep the float32 graphs for the NaN/inf fallback")
     q.add_argument("--adherence", action="store_true", help="also gate on the shapes model's prompt-adherence scores")
     q.add_argument("--accept-quality", action="store_true", help="write the package even if it misses its quality gate")
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.set_defaults(func=cmd_quantize)
 
+
+def add_build(sub) -> None:
     t = sub.add_parser("build", help="build TensorRT engines for this GPU (needs diffrt[trt])")
     t.add_argument("package", type=Path)
-    t.add_argument("--precision", choices=("fp16", "int8", "fp32"), default="fp16")
-    t.add_argument("--batch", default="1", help="images per request: N or N-M (guidance doubles the UNet's batch)")
+    t.add_argument("--precision", choices=("fp16", "int8", "fp32"), default="fp16", help="default %(default)s")
+    t.add_argument("--batch", default="1", help="images per request: N or N-M (guidance doubles the UNet's batch; "
+                   "default %(default)s)")
     t.add_argument("--size", help="WIDTHxHEIGHT or MIN-MAX (default: the package's size)")
     t.add_argument("--static", action="store_true", help="one fixed shape (enables CUDA graphs)")
-    t.add_argument("--timing-cache", type=Path)
+    t.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file, read and updated")
     t.add_argument("--version-compatible", action="store_true", help="engines the lean runtime (tensorrt_lean) can run")
-    t.add_argument("--opt-level", type=int, default=3, choices=range(0, 6))
-    t.add_argument("--workspace", type=number, default=4.0, help="GB")
+    t.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), help="builder optimization level (default 3)")
+    t.add_argument("--workspace", type=positive_number, default=4.0, help="GB (default %(default)s)")
     t.set_defaults(func=cmd_build)
 
-    dr = sub.add_parser("doctor", help="what this machine offers; with --check, every backend compared")
-    dr.add_argument("--check", type=Path, metavar="PACKAGE")
-    dr.set_defaults(func=cmd_doctor)
 
+def add_bench(sub) -> None:
     b = sub.add_parser("bench", help="latency benchmark, optionally side by side with diffusers")
     b.add_argument("package", nargs="?", type=Path, help="package folder, `sd15` (full-size SD 1.5, random weights), "
                    "default the bundled model")
-    b.add_argument("--backend", choices=BACKENDS, default="auto")
-    b.add_argument("--steps", type=positive_int)
-    b.add_argument("--size", help="WIDTHxHEIGHT")
-    b.add_argument("--batch", default="1", help="batch sizes, comma-separated (e.g. 1,4)")
-    b.add_argument("--runs", type=positive_int, default=5)
-    b.add_argument("--warmup", type=int, default=1)
-    b.add_argument("--scheduler", choices=scheduler_names(), metavar="S")
-    b.add_argument("--guidance", type=number)
-    b.add_argument("--threads", type=positive_int)
+    b.add_argument("--backend", choices=BACKENDS, default="auto", help="default auto")
+    b.add_argument("--steps", type=positive_int, help="default: the package's")
+    b.add_argument("--size", help="WIDTHxHEIGHT (default: the package's)")
+    b.add_argument("--batch", default="1", help="batch sizes, comma-separated (e.g. 1,4; default 1)")
+    b.add_argument("--runs", type=positive_int, default=5, help="timed runs (default 5)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
+    b.add_argument("--scheduler", type=scheduler_name, metavar="S", help="default: the package's")
+    b.add_argument("--guidance", type=number, help="default: the package's")
+    b.add_argument("--threads", type=positive_int, help="CPU threads for onnxruntime (default: all cores)")
     b.add_argument("--cuda-graph", action="store_true", help="ort-cuda: replay the UNet from a CUDA graph per shape")
     b.add_argument("--graph-cache", type=Path, metavar="DIR",
                    help="also time a cold start that loads onnxruntime's optimized graphs from DIR")
-    b.add_argument("--baseline", choices=("diffusers",))
+    b.add_argument("--baseline", choices=("diffusers",), help="run diffusers side by side (needs diffrt[export])")
     b.add_argument("--checkpoint", type=Path, help="diffusers checkpoint for the baseline (default: the package's source)")
     b.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process runs")
-    b.add_argument("--out", type=Path, default=Path("bench-out"))
+    b.add_argument("--out", type=Path, default=Path("bench-out"), help="report folder (default %(default)s)")
     b.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="diffrt", description="Torch-free Stable Diffusion runtime and export toolchain.")
+    p.add_argument("--version", action="version", version=f"diffrt {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_generate(sub)
+    add_export(sub)
+    add_quantize(sub)
+    add_build(sub)
+    dr = sub.add_parser("doctor", help="what this machine offers; with --check, every backend compared")
+    dr.add_argument("--check", type=Path, metavar="PACKAGE", help="run every usable backend on this package and compare")
+    dr.set_defaults(func=cmd_doctor)
+    add_bench(sub)
+    i = sub.add_parser("info", help="what a package holds, or the settings an image was made with")
+    i.add_argument("path", type=Path, help="a package folder, or an image made by diffrt generate")
+    i.set_defaults(func=cmd_info)
     return p
 
 

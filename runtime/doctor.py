@@ -31,12 +31,14 @@ def _version(dist: str) -> str | None:
 
 
 def machine_report() -> dict[str, Any]:
-    import onnxruntime as ort
+    from .engines import both_onnxruntimes, onnxruntime
+
+    ort = onnxruntime()
 
     return {"onnxruntime": ort.__version__, "providers": ort.get_available_providers(),
             "tensorrt": _version("tensorrt") or _version("tensorrt-cu12") or _version("tensorrt-cu13"),
             "tensorrt_lean": _version("tensorrt-lean") or _version("tensorrt-lean-cu12") or _version("tensorrt-lean-cu13"),
-            "gpus": gpu_info()}
+            "gpus": gpu_info(), "both_onnxruntimes": both_onnxruntimes()}
 
 
 def available_backends(report: dict[str, Any]) -> list[str]:
@@ -72,6 +74,9 @@ def format_report(report: dict[str, Any], checks: dict[str, Any] | None = None) 
              f"TensorRT: {report['tensorrt'] or 'not installed'}; lean runtime: {report['tensorrt_lean'] or 'not installed'}"]
     lines += [f"GPU: {g['name']}, {g['memory']}, driver {g['driver']}, compute capability {g['compute_capability']}"
               for g in report["gpus"]] or ["GPU: none found (nvidia-smi absent or sees none)"]
+    if report.get("both_onnxruntimes"):
+        lines.append("warning: onnxruntime and onnxruntime-gpu are both installed (one import folder): keep one, "
+                     "`pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu` on a GPU machine")
     lines.append(f"backends usable here: {', '.join(available_backends(report))}")
     for backend, r in (checks or {}).items():
         if r["ok"]:

@@ -38,10 +38,28 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def cuda_available() -> bool:
-    import onnxruntime as ort
+def onnxruntime():
+    """The onnxruntime module, or a one-line error naming the extra that installs it."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError('onnxruntime is not installed: `pip install "diffrt[cpu]"`, or `pip install "diffrt[gpu]"` on a '
+                        "machine with an NVIDIA GPU (one or the other: both share one import folder)") from None
+    return ort
 
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+def both_onnxruntimes() -> bool:
+    """onnxruntime and onnxruntime-gpu installed together: they overwrite each other's files."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return bool(version("onnxruntime") and version("onnxruntime-gpu"))
+    except PackageNotFoundError:
+        return False
+
+
+def cuda_available() -> bool:
+    return "CUDAExecutionProvider" in onnxruntime().get_available_providers()
 
 
 def resolve_backend(backend: str) -> str:
@@ -56,8 +74,11 @@ def resolve_backend(backend: str) -> str:
         import_tensorrt()
         return backend
     if backend == "ort-cuda" and not cuda_available():
+        if both_onnxruntimes():
+            raise UserError("onnxruntime and onnxruntime-gpu are both installed and the CPU one shadows the GPU one: "
+                            "`pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu`")
         raise UserError("backend ort-cuda needs onnxruntime's CUDA provider, which is not installed: "
-                        "`pip install diffrt[gpu]` on a machine with an NVIDIA GPU, or use --backend ort-cpu")
+                        '`pip install "diffrt[gpu]"` on a machine with an NVIDIA GPU, or use --backend ort-cpu')
     return backend
 
 
@@ -245,6 +266,8 @@ class OrtEngine:
         if cuda_graph and backend != "ort-cuda":
             raise UserError(f"CUDA graphs need the ort-cuda backend, not {backend}: use --backend ort-cuda, "
                             "or leave out --cuda-graph")
+        if gpu_mem_limit and backend != "ort-cuda":
+            raise UserError(f"a GPU memory limit needs the ort-cuda backend, not {backend}: leave out --gpu-mem-limit")
         cuda = backend == "ort-cuda"
         providers = [cuda_provider(cuda_graph, gpu_mem_limit), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         self.session = open_session(path, backend, providers, threads, graph_cache)

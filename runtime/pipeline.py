@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -16,50 +15,46 @@ from PIL import Image
 from . import __version__
 from .engines import OrtEngine, resolve_backend, timestep_feed
 from .errors import UserError
+from .generators import ImageGenerators
 from .package import Package, load_package
-from .schedulers import make_scheduler, short_name
+from .request import Request, check_request, expand_prompts, image_seeds, make_checked_scheduler
+from .schedulers import short_name
 from .tokenizer import ClipTokenizer
-
-MAX_STEPS = 1000
 
 
 class NonFiniteError(UserError):
     """A stage produced NaN or inf."""
 
-MAX_SIDE = 4096
-MAX_IMAGES = 64
-
 
 @dataclass
 class Result:
     """Images, the same as float arrays in [0, 1] (n, H, W, 3), the settings that reproduce them, and stage timings
-    (seconds; unet and scheduler per step, the scheduler's including the loop's own Python)."""
+    (seconds; unet and scheduler per step, the scheduler's including the loop's own Python).
+
+    settings describe the whole call (`seed` is the first image's); `image_settings(i)` those that make image i
+    again alone (its own prompt and seed)."""
 
     images: list[Image.Image]
     array: np.ndarray
     settings: dict[str, Any]
     timings: dict[str, Any] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)
+    negatives: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
 
+    def image_settings(self, i: int) -> dict[str, Any]:
+        return {**self.settings, "prompt": self.prompts[i], "negative_prompt": self.negatives[i], "seed": self.seeds[i],
+                "image_index": i}
 
-def nearest_sizes(value: int, multiple: int) -> str:
-    lo = max(multiple, value // multiple * multiple)
-    hi = lo + multiple if lo < value else lo
-    return f"{lo}" if lo == hi else f"{lo} or {hi}"
+    def save(self, path: str | Path | None = None, overwrite: bool = False) -> list[Path]:
+        """Write every image (PNG, JPEG or WebP by the suffix) with its settings in the metadata: path itself for one
+        image, path-0, path-1, ... for several, numbered names (00001-<seed>.png) in a folder; returns the paths."""
+        from .images import output_paths, save_image
 
-
-def check_request(width: int, height: int, steps: int, num_images: int, guidance: float, multiple: int) -> None:
-    """Refuse settings the models cannot take, each with its fix."""
-    for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, (int, np.integer)) or value < multiple or value > MAX_SIDE or value % multiple:
-            near = nearest_sizes(int(value), multiple) if isinstance(value, (int, np.integer)) and value > 0 else multiple
-            raise UserError(f"{name} {value} is not a multiple of {multiple} between {multiple} and {MAX_SIDE}; "
-                            f"use {near}")
-    if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-        raise UserError(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
-    if not isinstance(num_images, (int, np.integer)) or not 1 <= num_images <= MAX_IMAGES:
-        raise UserError(f"the number of images must be from 1 to {MAX_IMAGES}, not {num_images!r}")
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-        raise UserError(f"guidance scale must be a finite number, not {guidance!r}")
+        paths = output_paths(path, self.seeds, overwrite)
+        for i, (image, target) in enumerate(zip(self.images, paths)):
+            save_image(image, target, self.image_settings(i))
+        return paths
 
 
 class Pipeline:
@@ -69,16 +64,18 @@ class Pipeline:
     fp32_fallback the stage is rerun, then kept, on the package's float32 copy of that graph.
     cuda_graph (ort-cuda) captures the UNet, the one stage called every step, as a CUDA graph per shape.
     graph_cache is a folder for onnxruntime's optimized graphs: the first load writes them, later loads skip
-    graph optimization (most of a large model's session creation)."""
+    graph optimization (most of a large model's session creation). gpu_mem_limit (bytes, ort-cuda) caps each
+    engine's CUDA memory arena."""
 
     def __init__(self, package: Package, backend: str = "auto", threads: int | None = None, fp32_fallback: bool = False,
-                 cuda_graph: bool = False, graph_cache: Path | None = None) -> None:
+                 cuda_graph: bool = False, graph_cache: Path | None = None, gpu_mem_limit: int | None = None) -> None:
         self.package = package
         self.backend = resolve_backend(backend)
         self.threads = threads
         self.fp32_fallback = fp32_fallback
         self.cuda_graph = cuda_graph
         self.graph_cache = Path(graph_cache) if graph_cache else None
+        self.gpu_mem_limit = gpu_mem_limit
         self.tokenizer = ClipTokenizer.from_folder(package.root / "tokenizer", package.text_max_length)
         if self.backend == "trt":
             from .trt_backend import open_engines
@@ -96,7 +93,7 @@ class Pipeline:
     def _engine(self, name: str, fallback: bool = False) -> OrtEngine:
         path = self.package.fallback(name) if fallback else self.package.component(name)
         return OrtEngine(path, self.backend, self.threads, cuda_graph=self.cuda_graph and name == "unet",
-                         graph_cache=self.graph_cache)
+                         graph_cache=self.graph_cache, gpu_mem_limit=self.gpu_mem_limit)
 
     def _guarded(self, name: str, feeds: dict[str, Any], output: str, where: str) -> np.ndarray:
         """Run stage `name`; on NaN/inf, fall back to its float32 graph or stop with an error that says what to do."""
@@ -119,59 +116,57 @@ class Pipeline:
     @classmethod
     def from_package(cls, path: str | Path | None = None, backend: str = "auto", threads: int | None = None,
                      verify_hashes: bool = False, fp32_fallback: bool = False, cuda_graph: bool = False,
-                     graph_cache: str | Path | None = None) -> Pipeline:
+                     graph_cache: str | Path | None = None, gpu_mem_limit: int | None = None) -> Pipeline:
         """Open a package folder (the bundled default model when path is None)."""
         if path is None:
             from .bundled import bundled_model
 
             path = bundled_model()
         return cls(load_package(path, hashes=verify_hashes), backend, threads, fp32_fallback, cuda_graph,
-                   Path(graph_cache) if graph_cache else None)
+                   Path(graph_cache) if graph_cache else None, gpu_mem_limit)
 
-    def __call__(self, prompt: str, negative_prompt: str = "", steps: int | None = None,
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", steps: int | None = None,
                  guidance_scale: float | None = None, scheduler: str | None = None, seed: int | None = None,
                  width: int | None = None, height: int | None = None, num_images: int = 1,
-                 latents: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None) -> Result:
+                 latents: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None,
+                 num_inference_steps: int | None = None, num_images_per_prompt: int | None = None) -> Result:
+        """Images for prompt (or each of a list of prompts), num_images each. Image i gets seed + i (seed None or -1:
+        random), so any image can be made again alone; steps and num_images also go by diffusers' names."""
         pkg, d = self.package, self.package.defaults
-        steps = d["steps"] if steps is None else steps
+        steps = next((v for v in (steps, num_inference_steps) if v is not None), d["steps"])
+        num_images = num_images_per_prompt if num_images_per_prompt is not None else num_images
         guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
         width, height = width or d["width"], height or d["height"]
         check_request(width, height, steps, num_images, guidance, pkg.vae_scale_factor)
-        if not isinstance(prompt, str) or not isinstance(negative_prompt, str):
-            raise UserError("prompt and negative prompt must be text")
-        try:
-            sched = make_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config)
-            sched.set_timesteps(steps)
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        if seed is None:
-            seed = int(np.random.SeedSequence().entropy % 2**32)
-        rng = np.random.default_rng(seed)
-        shape = (num_images, pkg.latent_channels, height // pkg.vae_scale_factor, width // pkg.vae_scale_factor)
+        prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
+        req = Request(prompts, negatives, image_seeds(seed, len(prompts)), steps, guidance, width, height)
+        sched = make_checked_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config, steps)
+        rng = ImageGenerators(req.seeds)
+        f = pkg.vae_scale_factor
+        shape = (len(prompts), pkg.latent_channels, height // f, width // f)
         if latents is None:
             latents = rng.standard_normal(shape, dtype=np.float32)
         elif latents.shape != shape:
-            raise UserError(f"latents have shape {latents.shape}; {width}x{height} with {num_images} image(s) needs {shape}")
+            raise UserError(f"latents have shape {latents.shape}; {width}x{height} with {len(prompts)} image(s) needs {shape}")
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
         clock = time.perf_counter()
-        text = self._encode_prompt(prompt, negative_prompt, num_images, guidance > 1.0, timings)
+        text = self._encode_prompt(req, timings)
         x = self._denoise(sched, latents, text, guidance, rng, timings, progress)
         array = self._decode(x, timings)
         start = time.perf_counter()
         images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
         timings["postprocess"] = time.perf_counter() - start
         timings["total"] = time.perf_counter() - clock
-        settings = {"prompt": prompt, "negative_prompt": negative_prompt, "steps": steps, "guidance_scale": guidance,
-                    "scheduler": short_name(sched), "seed": seed, "width": width, "height": height,
-                    "num_images": num_images, "model": pkg.name, "model_hash": pkg.model_hash,
+        settings = {"prompt": prompts[0], "negative_prompt": negatives[0], "steps": steps, "guidance_scale": guidance,
+                    "scheduler": short_name(sched), "seed": req.seeds[0], "width": width, "height": height,
+                    "num_images": len(prompts), "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.backend, "diffrt": __version__}
-        return Result(images, array, settings, timings)
+        return Result(images, array, settings, timings, prompts, negatives, req.seeds)
 
-    def _encode_prompt(self, prompt: str, negative_prompt: str, num_images: int, guided: bool, timings: dict) -> Any:
-        """Text embeddings for the UNet, [negative] * n + [prompt] * n when guided, already in the UNet's input form."""
+    def _encode_prompt(self, req: Request, timings: dict) -> Any:
+        """Text embeddings for the UNet, negatives then prompts when guided, already in the UNet's input form."""
         start = time.perf_counter()
-        prompts = ([negative_prompt] * num_images if guided else []) + [prompt] * num_images
-        ids = self.tokenizer(prompts)
+        ids = self.tokenizer((req.negatives if req.guided else []) + req.prompts)
         timings["tokenize"] = lap = time.perf_counter() - start
         spec = self.text_encoder.inputs["input_ids"]
         text = self._guarded("text_encoder", {"input_ids": ids.astype(spec.dtype)}, "last_hidden_state", "on the prompt")
@@ -179,7 +174,7 @@ class Pipeline:
         timings["text_encoder"] = time.perf_counter() - start - lap
         return text
 
-    def _denoise(self, sched, latents: np.ndarray, text: Any, guidance: float, rng: np.random.Generator, timings: dict,
+    def _denoise(self, sched, latents: np.ndarray, text: Any, guidance: float, rng: ImageGenerators, timings: dict,
                  progress: Callable[[int, int], None] | None) -> np.ndarray:
         """The scheduler loop around the UNet, classifier-free guidance batched into one call per step."""
         guided, n = guidance > 1.0, len(latents)
@@ -196,6 +191,10 @@ class Pipeline:
             if guided:
                 out = out[:n] + np.float32(guidance) * (out[n:] - out[:n])
             x = sched.step(out, t, x, rng)
+            if not np.isfinite(x).all():
+                raise NonFiniteError(f"the {sched.name} scheduler's step made NaN or inf at step {i + 1} of "
+                                     f"{len(sched.timesteps)} (the UNet's output was finite); use fewer steps or another "
+                                     "scheduler")
             timings["unet"].append(returned - called)
             timings["scheduler"].append(time.perf_counter() - returned + called - start)
             if progress:

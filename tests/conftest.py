@@ -79,3 +79,12 @@ def tiny_package(tiny_checkpoint, tmp_path_factory):
     from diffrt.export import export_package
 
     return export_package(tiny_checkpoint, tmp_path_factory.mktemp("pkg") / "tiny", log=lambda msg: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_plain_package(tiny_checkpoint, tmp_path_factory):
+    """The tiny model exported with plain (MatMul/Softmax) attention: the form TensorRT parses."""
+    from diffrt.export import ExportOptions, export_package
+
+    return export_package(tiny_checkpoint, tmp_path_factory.mktemp("plain") / "tiny-plain", ExportOptions(attention="plain"),
+                          log=lambda msg: None)

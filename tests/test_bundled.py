@@ -47,3 +47,11 @@ def test_red_circle_on_blue(pipe):
 def test_shape_colour_follows_the_prompt(pipe, prompt, seed, expected):
     reading = read_image(np.asarray(pipe(prompt, seed=seed).images[0]))
     assert reading.colour == expected[1], reading
+
+
+def test_bundled_manifest_names_no_path_of_the_machine_that_made_it():
+    import json
+
+    text = (bundled_model() / "diffrt.json").read_text()
+    assert "/work/" not in text and "/tmp/" not in text and "/home/" not in text
+    assert json.loads(text)["source"]["checkpoint"] == "shapes-checkpoint-fp16w"

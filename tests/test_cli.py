@@ -53,14 +53,18 @@ def test_several_images_get_numbered_names(tiny_package, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--scheduler", "heun"], ["invalid choice", "heun"]),
+    (["--scheduler", "heun"], ["unknown scheduler 'heun'", "dpmpp_2m_karras", "Euler a"]),
     (["--width", "33"], ["width 33 is not a multiple of 2", "use 32 or 34"]),
     (["--steps", "0"], ["--steps", "1 or more"]),
     (["--steps", "5000"], ["steps must be a whole number from 1 to 1000"]),
     (["-n", "0"], ["-n", "1 or more"]),
     (["--guidance", "lots"], ["--guidance", "'lots' is not a number"]),
     (["--guidance", "nan"], ["not a finite number"]),
-    (["--seed", "-1"], ["--seed"]),
+    (["--seed", "-2"], ["--seed", "-1: random"]),
+    (["--guidance", "-3"], ["guidance scale must be 0 or more"]),
+    (["--steps", "1000", "--scheduler", "ddim"], ["ddim scheduler cannot take 1000 steps", "at most 999"]),
+    (["--steps", "1000", "--scheduler", "pndm"], ["pndm scheduler cannot take 1000 steps", "at most"]),
+    (["--gpu-mem-limit", "2"], ["GPU memory limit needs the ort-cuda backend"]),
     (["--backend", "tensorrt"], ["invalid choice"]),
     (["--cuda-graph", "--backend", "ort-cpu"], ["CUDA graphs need the ort-cuda backend"]),
     (["--graph-cache", "/dev/null/graphs"], ["graph cache /dev/null/graphs cannot be written"]),
@@ -74,7 +78,10 @@ def test_bad_settings_are_refused(tiny_package, tmp_path, args, fragments):
 def test_bad_output_paths(tiny_package, tmp_path):
     assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "-o", tmp_path / "missing" / "x.png"),
                    "does not exist")
-    assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "-o", tmp_path / "x.jpg"), "must end in .png")
+    assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "-o", tmp_path / "x.gif"), "must end in .png, .jpg")
+    (tmp_path / "taken.png").write_bytes(b"precious")
+    assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "-o", tmp_path / "taken.png"), "exists", "--overwrite")
+    assert (tmp_path / "taken.png").read_bytes() == b"precious"
     if os.geteuid() != 0:  # root writes anywhere, so this case is only testable as a normal user
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
@@ -106,19 +113,23 @@ def test_bad_packages(tiny_package, tmp_path):
     (garbled / "diffrt.json").write_text("{not json")
     assert_refused(diffrt("generate", "a cat", "--model", garbled), "not valid JSON")
     (garbled / "diffrt.json").unlink()
-    assert_refused(diffrt("generate", "a cat", "--model", garbled), "could not be loaded by onnxruntime")
+    assert_refused(diffrt("generate", "a cat", "--model", garbled), "could not be loaded by onnxruntime", "corrupt")
 
 
 def test_runtime_never_imports_torch(tiny_package, tmp_path):
+    """A whole `diffrt generate` run, CLI included, loads none of the export stack nor diffrt's own export,
+    benchmarks or models code."""
     code = (
         "import sys\n"
-        "from diffrt.runtime.pipeline import Pipeline\n"
-        f"r = Pipeline.from_package({str(tiny_package)!r}, backend='ort-cpu')('a cat', steps=2, seed=1)\n"
-        "r.images[0].save(sys.argv[1])\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers'))\n"
-        "print('HEAVY', heavy)\n"
+        "from diffrt.runtime.cli import main\n"
+        f"rc = main(['generate', 'a cat', '--model', {str(tiny_package)!r}, '--steps', '2', '-q', '-o', sys.argv[1]])\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')\n"
+        "               or m.startswith(('diffrt.export', 'diffrt.benchmarks', 'diffrt.models')))\n"
+        "print('RC', rc, 'HEAVY', heavy)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, tmp_path / "x.png"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "HEAVY []" in proc.stdout
+    assert "RC 0 HEAVY []" in proc.stdout
     assert Path(tmp_path / "x.png").stat().st_size > 0
+
+

@@ -152,3 +152,33 @@ def test_killed_export_leaves_nothing(tiny_checkpoint, tmp_path):
     proc.communicate(timeout=120)
     assert proc.returncode == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fused_attention_leaves_no_float_shape_arithmetic(tiny_package, tiny_plain_package):
+    """The default export writes onnxruntime's MultiHeadAttention (CUDA graphs can then capture the UNet); the plain
+    form keeps the Shape -> Cast -> Sqrt scale that onnxruntime must run on the CPU, and the check flags it."""
+    import onnx
+
+    from diffrt.export.cuda_ready import check_cuda_graph_ready
+
+    m = json.loads((tiny_package / "diffrt.json").read_text())
+    assert {c: e["attention"] for c, e in m["components"].items()} == {
+        "text_encoder": "plain", "unet": "mha", "vae_decoder": "mha", "vae_encoder": "mha"}
+    unet = onnx.load(str(tiny_package / "unet" / "model.onnx"))
+    assert sum(n.op_type == "MultiHeadAttention" for n in unet.graph.node) == 12 and not any(
+        n.op_type == "Softmax" for n in unet.graph.node)
+    assert check_cuda_graph_ready(tiny_package / "unet" / "model.onnx") == []
+    plain = tiny_plain_package
+    assert json.loads((plain / "diffrt.json").read_text())["components"]["unet"]["attention"] == "plain"
+    problems = check_cuda_graph_ready(plain / "unet" / "model.onnx")
+    assert len(problems) == 1 and "--attention mha" in problems[0]
+    a = Pipeline.from_package(plain, backend="ort-cpu")("a red house", steps=4, seed=2)
+    b = Pipeline.from_package(tiny_package, backend="ort-cpu")("a red house", steps=4, seed=2)
+    assert np.abs(a.array - b.array).max() < 1e-4
+
+
+def test_attention_options_refused(tiny_checkpoint, tmp_path):
+    with pytest.raises(UserError, match="unknown attention form"):
+        export_package(tiny_checkpoint, tmp_path / "a", ExportOptions(attention="flash"))
+    with pytest.raises(UserError, match="needs the torchscript exporter"):
+        export_package(tiny_checkpoint, tmp_path / "b", ExportOptions(attention="mha", exporter="dynamo"))

@@ -111,3 +111,37 @@ def test_nan_guard_and_fp32_fallback(fp16_package, tiny_package, tmp_path):
     (broken / "diffrt.json").write_text(json.dumps(manifest))
     with pytest.raises(NonFiniteError, match="keeps no float32 copy"):
         Pipeline.from_package(broken, backend="ort-cpu", fp32_fallback=True)("a cat", steps=3, seed=2, scheduler="ddim")
+
+
+@pytest.mark.slow
+def test_fp16_of_a_graph_over_two_gigabytes(tmp_path):
+    """A > 2 GB float32 graph (external data; protobuf cannot serialize it whole) becomes fp16 with its
+    LayerNormalization kept in float32, loads, and computes what the float32 graph does."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from diffrt.export.precision import FP16_KEEP_OPS, convert_fp16
+
+    n = 16384  # two n x n float32 weights: 2.1 GB
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32) / n**0.5, f"w{i}") for i in range(2)]
+    norm = [numpy_helper.from_array(np.ones(n, np.float32), "gamma"), numpy_helper.from_array(np.zeros(n, np.float32), "beta")]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"]), helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["n"]),
+             helper.make_node("MatMul", ["n", "w1"], ["y"])]
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", n])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", n])], weights + norm)
+    src = tmp_path / "fp32" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="model.onnx_data")
+    del weights, graph
+    dst = tmp_path / "fp16" / "model.onnx"
+    dst.parent.mkdir()
+    convert_fp16(src, dst, FP16_KEEP_OPS)
+    import onnxruntime as ort
+
+    x = rng.standard_normal((2, n), dtype=np.float32)
+    want = ort.InferenceSession(str(src)).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(dst)).run(None, {"x": x})[0]
+    assert got.dtype == np.float32 and np.abs(got - want).max() / np.abs(want).max() < 1e-2
+    assert (dst.parent / "model.fp16.onnx_data").is_file() is False  # 1.07 GB of fp16 weights fit inline

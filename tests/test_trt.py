@@ -110,25 +110,48 @@ def test_engine_naming_and_selection(tmp_path):
         select_engine(tmp_path, "unet", "fp16", H100)
 
 
-def test_int8_qdq_graph_is_tensorrt_ready(tiny_package, tmp_path):
+def test_int8_qdq_graph_is_tensorrt_ready(tiny_plain_package, tmp_path):
     from diffrt.export.precision import QuantizeOptions, quantize_package
 
     for name in ("text_encoder", "unet", "vae_decoder"):
-        assert trt_problems(tiny_package / name / "model.onnx") == []
-    out = quantize_package(tiny_package, tmp_path / "int8", QuantizeOptions(precision="int8", steps=3, calibration_prompts=1,
-                                                                            accept_quality=True, gate_seeds=1), log=lambda m: None)
-    assert out is not None
+        assert trt_problems(tiny_plain_package / name / "model.onnx") == []
+    gates = quantize_package(tiny_plain_package, tmp_path / "int8", QuantizeOptions(
+        precision="int8", steps=3, calibration_prompts=1, accept_quality=True, gate_seeds=1), log=lambda m: None)
+    assert gates["unet_step_rel_err_max"] > 0
     assert trt_problems(tmp_path / "int8" / "unet" / "model.onnx") == []
 
 
-def test_tensorrt_missing_is_a_clear_error(tiny_package):
+def test_trt_problems_flags_what_the_parser_refuses(tiny_package, tmp_path):
+    """Fused attention (a contrib-op domain), an opset past TensorRT 10's, refused ops and asymmetric zero points."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    assert any("com.microsoft" in p for p in trt_problems(tiny_package / "unet" / "model.onnx"))
+    zp = numpy_helper.from_array(np.array(3, np.uint8), "zp")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"], name="q"), helper.make_node("Unique", ["q"], ["y"])]
+    graph = helper.make_graph(nodes, "bad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [None])], [zp, scale])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), str(tmp_path / "bad.onnx"))
+    problems = trt_problems(tmp_path / "bad.onnx")
+    assert len(problems) == 3 and "opset 21" in problems[0] and "zero point" in problems[1] and "Unique" in problems[2]
+
+
+def test_build_refuses_a_fused_attention_package_before_needing_tensorrt(tiny_package):
+    from diffrt.export.trt_build import check_trt_package
+
+    with pytest.raises(UserError, match="--attention plain"):
+        check_trt_package(tiny_package)
+
+
+def test_tensorrt_missing_is_a_clear_error(tiny_plain_package):
     try:
         import tensorrt  # noqa: F401
 
         pytest.skip("TensorRT is installed here")
     except ImportError:
         pass
-    for args in (["build", str(tiny_package)], ["generate", "a cat", "--model", str(tiny_package), "--backend", "trt"]):
+    for args in (["build", str(tiny_plain_package)], ["generate", "a cat", "--model", str(tiny_plain_package), "--backend", "trt"]):
         proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", *args], capture_output=True, text=True)
         assert proc.returncode == 2 and "TensorRT is not installed" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "doctor"], capture_output=True, text=True)
@@ -140,7 +163,7 @@ trt = pytest.mark.trt
 
 @trt
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_trt_engines_match_onnxruntime(tiny_package, tmp_path, precision):
+def test_trt_engines_match_onnxruntime(tiny_plain_package, tmp_path, precision):
     pytest.importorskip("tensorrt")
     pytest.importorskip("polygraphy")
     import shutil
@@ -151,9 +174,9 @@ def test_trt_engines_match_onnxruntime(tiny_package, tmp_path, precision):
 
     package = tmp_path / "pkg"
     if precision == "int8":
-        quantize_package(tiny_package, package, QuantizeOptions(precision="int8", steps=4, accept_quality=True), log=lambda m: None)
+        quantize_package(tiny_plain_package, package, QuantizeOptions(precision="int8", steps=4, accept_quality=True), log=lambda m: None)
     else:
-        shutil.copytree(tiny_package, package)
+        shutil.copytree(tiny_plain_package, package)
     build_engines(package, BuildOptions(precision=precision, batch="1-2", size="32-64"), log=lambda m: None)
     a = Pipeline.from_package(package, backend="trt")("a red cat", steps=4, seed=1)
     b = Pipeline.from_package(package, backend="ort-cpu")("a red cat", steps=4, seed=1)
@@ -161,7 +184,7 @@ def test_trt_engines_match_onnxruntime(tiny_package, tmp_path, precision):
 
 
 @trt
-def test_cuda_graph_replay_is_timed(tiny_package, tmp_path):
+def test_cuda_graph_replay_is_timed(tiny_plain_package, tmp_path):
     pytest.importorskip("tensorrt")
     import shutil
     import time
@@ -170,7 +193,7 @@ def test_cuda_graph_replay_is_timed(tiny_package, tmp_path):
     from diffrt.runtime.pipeline import Pipeline
 
     package = tmp_path / "pkg"
-    shutil.copytree(tiny_package, package)
+    shutil.copytree(tiny_plain_package, package)
     build_engines(package, BuildOptions(precision="fp16", static=True), log=lambda m: None)
     pipe = Pipeline.from_package(package, backend="trt")
     timings = {}

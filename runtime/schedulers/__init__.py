@@ -26,19 +26,34 @@ SHORT_NAMES: dict[str, tuple[type[Scheduler], dict]] = {
 }
 
 
+# AUTOMATIC1111's sampler names (what diffrt writes into image metadata) -> short name
+A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "euler_a", "DPM++ 2M": "dpmpp_2m",
+               "DPM++ 2M Karras": "dpmpp_2m_karras", "LCM": "lcm"}
+
+
 def scheduler_names() -> list[str]:
-    return list(SHORT_NAMES) + list(CLASSES)
+    return list(SHORT_NAMES) + list(CLASSES) + list(A1111_NAMES)
+
+
+def canonical_name(name: str) -> str | None:
+    """The short or class name for any accepted spelling (short, diffusers class or A1111 name, any case)."""
+    folded = {n.lower(): n for n in list(SHORT_NAMES) + list(CLASSES)}
+    folded.update({k.lower(): v for k, v in A1111_NAMES.items()})
+    return folded.get(name.strip().lower())
 
 
 def make_scheduler(name: str | None, config: dict) -> Scheduler:
-    """Build scheduler `name` (short or class name; None = the config's own class) from a diffusers config."""
-    name = name or config.get("_class_name")
+    """Build scheduler `name` (short, class or A1111 name, any case; None = the config's own class) from a diffusers
+    config."""
+    given = name or config.get("_class_name")
+    name = canonical_name(given) if isinstance(given, str) else None
     if name in SHORT_NAMES:
         cls, overrides = SHORT_NAMES[name]
     elif name in CLASSES:
         cls, overrides = CLASSES[name], {}
     else:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(scheduler_names())}")
+        raise ValueError(f"unknown scheduler {given!r}; choose one of: {', '.join(SHORT_NAMES)} (or their diffusers class "
+                         f"or AUTOMATIC1111 names: {', '.join(A1111_NAMES)})")
     return cls(**{**config, **overrides})
 
 
@@ -53,4 +68,5 @@ def load_config(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-__all__ = ["Scheduler", "make_scheduler", "scheduler_names", "short_name", "load_config", "CLASSES", "SHORT_NAMES"]
+__all__ = ["Scheduler", "make_scheduler", "scheduler_names", "canonical_name", "short_name", "load_config", "CLASSES",
+           "SHORT_NAMES", "A1111_NAMES"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import alphas_cumprod, karras_sigmas, sigma_to_t, train_sigmas
+from .schedules import alphas_cumprod, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
 
 
 def alpha_sigma(sigma):
@@ -34,16 +34,13 @@ class DPMSolverPP2M(Scheduler):
         self.lambda_t = np.log(np.sqrt(acp)) - np.log(np.sqrt(1 - acp))
 
     def _timesteps(self, n: int) -> np.ndarray:
+        """The shared spacings over the timesteps above lambda_min_clipped; linspace and leading space n + 1 points
+        and drop the last, as diffusers' DPM-Solver does."""
         c = self.config
-        clipped = int(np.searchsorted(self.lambda_t[::-1], c["lambda_min_clipped"]))
-        last = c["num_train_timesteps"] - clipped
-        if c["timestep_spacing"] == "linspace":
-            return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-        if c["timestep_spacing"] == "leading":
-            return (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1].astype(np.int64) + c["steps_offset"]
+        last = c["num_train_timesteps"] - int(np.searchsorted(self.lambda_t[::-1], c["lambda_min_clipped"]))
         if c["timestep_spacing"] == "trailing":
-            return np.arange(last, 0, -c["num_train_timesteps"] / n).round().astype(np.int64) - 1
-        raise ValueError(f"timestep_spacing {c['timestep_spacing']!r} is not supported; use leading, trailing or linspace")
+            return spaced_timesteps(c, n, last=last)
+        return spaced_timesteps(c, n + 1, last=last)[:-1]
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         timesteps = self._timesteps(num_inference_steps)

@@ -56,18 +56,20 @@ def alphas_with_final(config: dict) -> tuple[np.ndarray, np.float32]:
     return acp, np.float32(1.0) if config["set_alpha_to_one"] else acp[0]
 
 
-def spaced_timesteps(config: dict, n: int, dtype=np.int64) -> np.ndarray:
-    """Descending timesteps for n steps by the config's timestep_spacing (leading / trailing / linspace)."""
+def spaced_timesteps(config: dict, n: int, dtype=np.int64, last: int | None = None) -> np.ndarray:
+    """Descending timesteps for n steps by the config's timestep_spacing (leading / trailing / linspace), over the
+    training timesteps below `last` (default: all of them)."""
     total = config["num_train_timesteps"]
+    last = total if last is None else last
     spacing = config["timestep_spacing"]
     if spacing == "linspace":
         if dtype == np.int64:
-            return np.linspace(0, total - 1, n).round()[::-1].astype(np.int64)
-        return np.linspace(0, total - 1, n, dtype=np.float32)[::-1].copy()
+            return np.linspace(0, last - 1, n).round()[::-1].astype(np.int64)
+        return np.linspace(0, last - 1, n, dtype=np.float32)[::-1].copy()
     if spacing == "leading":
-        return (np.arange(0, n) * (total // n)).round()[::-1].astype(dtype) + config["steps_offset"]
+        return (np.arange(0, n) * (last // n)).round()[::-1].astype(dtype) + config["steps_offset"]
     if spacing == "trailing":
-        return np.arange(total, 0, -total / n).round().astype(dtype) - 1
+        return np.arange(last, 0, -total / n).round().astype(dtype) - 1
     raise ValueError(f"timestep_spacing {spacing!r} is not supported; use leading, trailing or linspace")
 
 

@@ -1,0 +1,7 @@
+"""`python -m diffrt`: the diffrt command."""
+
+import sys
+
+from diffrt.runtime.cli import main
+
+sys.exit(main())

@@ -1,0 +1,129 @@
+"""A generation request checked before any work: sizes, steps, guidance, prompts, seeds and the scheduler."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import UserError
+from .generators import MAX_SEED, random_seed
+from .schedulers import make_scheduler
+
+MAX_STEPS = 1000
+MAX_SIDE = 4096
+MAX_IMAGES = 64
+
+
+@dataclass
+class Request:
+    """What one call of the pipeline makes: a prompt and negative prompt per image, and each image's seed."""
+
+    prompts: list[str]
+    negatives: list[str]
+    seeds: list[int]
+    steps: int
+    guidance: float
+    width: int
+    height: int
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance > 1.0
+
+
+def nearest_sizes(value: int, multiple: int) -> str:
+    lo = max(multiple, value // multiple * multiple)
+    hi = lo + multiple if lo < value else lo
+    return f"{lo}" if lo == hi else f"{lo} or {hi}"
+
+
+def is_whole(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_request(width: int, height: int, steps: int, num_images: int, guidance: float, multiple: int) -> None:
+    """Refuse settings the models cannot take, each with its fix."""
+    for name, value in (("width", width), ("height", height)):
+        if not is_whole(value) or value < multiple or value > MAX_SIDE or value % multiple:
+            near = nearest_sizes(int(value), multiple) if is_whole(value) and value > 0 else multiple
+            raise UserError(f"{name} {value} is not a multiple of {multiple} between {multiple} and {MAX_SIDE}; "
+                            f"use {near}")
+    if not is_whole(steps) or not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
+    if not is_whole(num_images) or not 1 <= num_images <= MAX_IMAGES:
+        raise UserError(f"the number of images must be from 1 to {MAX_IMAGES}, not {num_images!r}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise UserError(f"guidance scale must be a finite number, not {guidance!r}")
+    if guidance < 0:
+        raise UserError(f"guidance scale must be 0 or more, not {guidance:g} (1 or less turns guidance off; "
+                        "to steer away from something, put it in the negative prompt)")
+
+
+def check_text(text: Any, what: str) -> str:
+    """A prompt as text that can be encoded: invalid UTF-8 from a shell arrives as surrogate escapes."""
+    if not isinstance(text, str):
+        raise UserError(f"the {what} must be text, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start].encode("utf-8", "surrogateescape")
+        raise UserError(f"the {what} is not valid UTF-8 text (byte {bad!r} at position {exc.start}); "
+                        "fix its encoding") from None
+    return text
+
+
+def as_list(value: Any, what: str) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise UserError(f"no {what} given")
+    return [check_text(v, what) for v in items]
+
+
+def expand_prompts(prompt: Any, negative: Any, per_prompt: int) -> tuple[list[str], list[str]]:
+    """One prompt and one negative prompt per image: each prompt repeated per_prompt times, in order."""
+    prompts = as_list(prompt, "prompt")
+    negatives = as_list(negative, "negative prompt")
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    elif len(negatives) != len(prompts):
+        raise UserError(f"{len(prompts)} prompts but {len(negatives)} negative prompts; give one, or one per prompt")
+    if len(prompts) * per_prompt > MAX_IMAGES:
+        raise UserError(f"{len(prompts)} prompts x {per_prompt} images is more than {MAX_IMAGES} images in one call; "
+                        "split the request")
+    return ([p for p in prompts for _ in range(per_prompt)], [n for n in negatives for _ in range(per_prompt)])
+
+
+def image_seeds(seed: Any, count: int) -> list[int]:
+    """seed, seed + 1, ... one per image; None or -1 picks a random first seed."""
+    if seed is None or (is_whole(seed) and seed == -1):
+        seed = random_seed()
+    if not is_whole(seed) or not 0 <= seed <= MAX_SEED - count:
+        raise UserError(f"seed must be a whole number from 0 to {MAX_SEED - count} (or -1 for a random one), not {seed!r}")
+    return [int(seed) + i for i in range(count)]
+
+
+def make_checked_scheduler(name: str | None, config: dict, steps: int):
+    """The scheduler set to `steps`, refused in one line when it cannot take that many (naming the most it can)."""
+    try:
+        sched = make_scheduler(name, config)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if schedule_fits(sched, steps):
+        return sched
+    most = max((n for n in range(1, steps) if schedule_fits(sched, n)), default=0)
+    raise UserError(f"the {type(sched).name} scheduler cannot take {steps} steps with this model's scheduler config; "
+                    f"use at most {most}")
+
+
+def schedule_fits(sched, steps: int) -> bool:
+    """Whether every timestep of a `steps`-step schedule is a training timestep the scheduler can index."""
+    try:
+        sched.set_timesteps(steps)
+    except (ValueError, IndexError):
+        return False
+    total = sched.config["num_train_timesteps"]
+    t = np.asarray(sched.timesteps, np.float64)
+    return len(t) > 0 and bool(np.all(t >= 0) and np.all(t <= total - 1))
