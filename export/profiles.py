@@ -70,6 +70,7 @@ def derive_profiles(manifest: dict[str, Any], batch: Span, width: Span, height: 
     """{component: {input: {"min": dims, "opt": dims, "max": dims}}} for every component of the package."""
     f = int(manifest["vae_scale_factor"])
     text_len = int(manifest["text_max_length"])
+    channels = int(manifest.get("latent_channels", 4))
     out: dict[str, dict[str, dict[str, list[int]]]] = {}
     for comp, entry in manifest["components"].items():
         if comp in GUIDED:
@@ -82,7 +83,10 @@ def derive_profiles(manifest: dict[str, Any], batch: Span, width: Span, height: 
         axes = {"batch_size": b, "sequence_length": Span(text_len, text_len, text_len),
                 "height": Span(h.lo // f, h.opt // f, h.hi // f), "width": Span(w.lo // f, w.opt // f, w.hi // f),
                 "latent_height": Span(h.lo // f, h.opt // f, h.hi // f), "latent_width": Span(w.lo // f, w.opt // f, w.hi // f),
-                "sample_height": h, "sample_width": w}
+                "sample_height": h, "sample_width": w,
+                # optimum's names for the same axes
+                "height_latent": Span(h.lo // f, h.opt // f, h.hi // f), "width_latent": Span(w.lo // f, w.opt // f, w.hi // f),
+                "num_channels": Span(channels, channels, channels), "num_channels_latent": Span(channels, channels, channels)}
         inputs = {}
         for name, spec in entry["inputs"].items():
             dims = []

@@ -59,6 +59,19 @@ def check_trt_package(package: Path) -> None:
                         f"cannot parse; export a package for TensorRT with `diffrt export CHECKPOINT OUT --attention plain`")
 
 
+def package_profiles(pkg, batch, width, height, static: bool = False) -> dict[str, dict[str, dict[str, list[int]]]]:
+    """Optimization profiles for every graph of the package, from its manifest or, for an optimum export without
+    one, from the graphs' declared inputs."""
+    from .writer import graph_io
+
+    components = {c: {"inputs": (pkg.manifest.get("components", {}).get(c, {}).get("inputs")
+                                 or graph_io(pkg.component(c))["inputs"])}
+                  for c in ("text_encoder", "unet", "vae_decoder", "vae_encoder") if pkg.has(c)}
+    shape = {"vae_scale_factor": pkg.vae_scale_factor, "text_max_length": pkg.text_max_length,
+             "latent_channels": pkg.latent_channels, "components": components}
+    return derive_profiles(shape, batch, width, height, static, guided=pkg.defaults["guidance_scale"] > 1)
+
+
 def build_engines(package: Path, options: BuildOptions, log: Callable[[str], None] = print) -> list[Path]:
     check_trt_package(package)
     import tensorrt as trt
@@ -66,14 +79,12 @@ def build_engines(package: Path, options: BuildOptions, log: Callable[[str], Non
     from diffrt.runtime.trt_backend import current_device
 
     pkg = load_package(package)
-    manifest = pkg.manifest
     if options.precision == "int8" and pkg.precision("unet") != "int8":
         raise UserError(f"{package} has no int8 (QDQ) UNet; make one with `diffrt quantize {package} OUT --precision int8` "
                         "and build that package")
     size = options.size or f"{pkg.defaults['width']}x{pkg.defaults['height']}"
     width, height = parse_size(size, pkg.vae_scale_factor, pkg.defaults["width"])
-    profiles = derive_profiles(manifest, parse_batch(options.batch), width, height, options.static,
-                               guided=pkg.defaults["guidance_scale"] > 1)
+    profiles = package_profiles(pkg, parse_batch(options.batch), width, height, options.static)
     device = current_device()
     major = int(trt.__version__.split(".")[0])
     logger = trt.Logger(trt.Logger.WARNING)

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .engines import BACKENDS
 from .errors import UserError
 
 
@@ -258,6 +257,8 @@ def add_generate(sub) -> None:
     g.add_argument("-n", type=positive_int, default=1, help="number of images (default 1)")
     g.add_argument("--from", dest="from_image", type=Path, metavar="IMAGE",
                    help="take the settings an image made by diffrt was saved with (options given here win)")
+    from .engines import BACKENDS
+
     g.add_argument("--backend", choices=BACKENDS, default="auto", help="default auto: the fastest present")
     g.add_argument("--threads", type=positive_int, help="CPU threads for onnxruntime (default: all cores)")
     g.add_argument("--verify", action="store_true", help="check every package file's sha256 before loading")
@@ -292,9 +293,9 @@ def add_export(sub) -> None:
 
 def add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="fp16 or int8 copy of an fp32 package, with quality gates (needs diffrt[export])")
-    q.add_argument("package", type=Path)
-    q.add_argument("out", type=Path)
-    q.add_argument("--precision", choices=("fp16", "int8"), required=True)
+    q.add_argument("package", type=Path, help="an fp32 package folder written by diffrt export")
+    q.add_argument("out", type=Path, help="package folder to write")
+    q.add_argument("--precision", choices=("fp16", "int8"), required=True, help="fp16 (any GPU) or int8 (QDQ UNet)")
     q.add_argument("--keep-fp32-ops", help="fp16: op types left in float32, comma-separated (default: the normalizations, "
                    "Softmax, Pow and ReduceMean)")
     q.add_argument("--keep-fp32-components", default="", help="fp16: components left in float32, e.g. vae_decoder")
@@ -312,7 +313,7 @@ def add_quantize(sub) -> None:
 
 def add_build(sub) -> None:
     t = sub.add_parser("build", help="build TensorRT engines for this GPU (needs diffrt[trt])")
-    t.add_argument("package", type=Path)
+    t.add_argument("package", type=Path, help="package folder; engines go to its engines/ folder")
     t.add_argument("--precision", choices=("fp16", "int8", "fp32"), default="fp16", help="default %(default)s")
     t.add_argument("--batch", default="1", help="images per request: N or N-M (guidance doubles the UNet's batch; "
                    "default %(default)s)")
@@ -329,6 +330,8 @@ def add_bench(sub) -> None:
     b = sub.add_parser("bench", help="latency benchmark, optionally side by side with diffusers")
     b.add_argument("package", nargs="?", type=Path, help="package folder, `sd15` (full-size SD 1.5, random weights), "
                    "default the bundled model")
+    from .engines import BACKENDS
+
     b.add_argument("--backend", choices=BACKENDS, default="auto", help="default auto")
     b.add_argument("--steps", type=positive_int, help="default: the package's")
     b.add_argument("--size", help="WIDTHxHEIGHT (default: the package's)")
@@ -370,19 +373,34 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt  # so a `kill` cleans up like Ctrl-C: no half-written package or image is left
 
 
+def _plain_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one plain line (no source line), after the progress bar's line if one is open."""
+    from . import progress
+
+    progress.end_line()
+    print(f"diffrt: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    import warnings
+
+    from . import progress
+
     signal.signal(signal.SIGTERM, _terminate)
+    warnings.showwarning = _plain_warning
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as exc:
+        progress.end_line()
         print(f"diffrt: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        progress.end_line()
         print("diffrt: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
+        progress.end_line()
         print("diffrt: error: out of memory; use a smaller size, fewer images or a smaller model", file=sys.stderr)
         return 2
 

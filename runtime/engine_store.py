@@ -129,5 +129,23 @@ def select_engine(package: Path, component: str, precision: str, device: Device,
                     f"e.g. {build_command(package, precision, shapes)}")
 
 
+def pick_engine(package: Path, component: str, precisions: tuple[str, ...], device: Device) -> EngineInfo:
+    """The first precision (in the order given) with an engine for this component that runs here; the first
+    precision's error when there is none."""
+    errors = []
+    for precision in precisions:
+        try:
+            return select_engine(package, component, precision, device)
+        except UserError as exc:
+            errors.append(exc)
+    raise errors[0]
+
+
+def engine_precisions(unet_precision: str) -> tuple[str, ...]:
+    """Which engine precisions a package's TensorRT backend takes, most preferred first: an int8 package's int8
+    engines; otherwise fp16 engines, else fp32 ones (`diffrt build --precision fp32`)."""
+    return ("int8",) if unet_precision == "int8" else ("fp16", "fp32")
+
+
 def describe_profiles(profiles: list[dict[str, dict[str, list[int]]]]) -> str:
     return " | ".join(", ".join(f"{n} {p['min']}..{p['max']}" for n, p in prof.items()) for prof in profiles)

@@ -13,13 +13,24 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .engines import OrtEngine, resolve_backend, timestep_feed
+from .engines import Engine, OrtEngine, resolve_backend, timestep_feed
 from .errors import UserError
 from .generators import ImageGenerators
 from .package import Package, load_package
 from .request import Request, check_request, expand_prompts, image_seeds, make_checked_scheduler
 from .schedulers import short_name
 from .tokenizer import ClipTokenizer
+
+STAGES = ("text_encoder", "unet", "vae_decoder")
+
+
+def refuse_for_trt(**options: Any) -> None:
+    """The TensorRT backend's engines are built ahead: options that only onnxruntime sessions take are refused."""
+    given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v]
+    if given:
+        raise UserError(f"the TensorRT backend does not take {', '.join(given)} (engines capture CUDA graphs when built with "
+                        "--static; fp32 engines come from `diffrt build --precision fp32`): leave them out or use "
+                        "--backend ort-cuda")
 
 
 class NonFiniteError(UserError):
@@ -70,6 +81,9 @@ class Pipeline:
     def __init__(self, package: Package, backend: str = "auto", threads: int | None = None, fp32_fallback: bool = False,
                  cuda_graph: bool = False, graph_cache: Path | None = None, gpu_mem_limit: int | None = None) -> None:
         self.package = package
+        if backend == "trt":
+            refuse_for_trt(threads=threads, fp32_fallback=fp32_fallback, cuda_graph=cuda_graph, graph_cache=graph_cache,
+                           gpu_mem_limit=gpu_mem_limit)
         self.backend = resolve_backend(backend)
         self.threads = threads
         self.fp32_fallback = fp32_fallback
@@ -77,18 +91,26 @@ class Pipeline:
         self.graph_cache = Path(graph_cache) if graph_cache else None
         self.gpu_mem_limit = gpu_mem_limit
         self.tokenizer = ClipTokenizer.from_folder(package.root / "tokenizer", package.text_max_length)
-        if self.backend == "trt":
-            from .trt_backend import open_engines
-
-            precision = "int8" if package.precision("unet") == "int8" else "fp16"
-            engines = open_engines(package.root, precision, ("text_encoder", "unet", "vae_decoder"))
-            self.text_encoder, self.unet, self.vae_decoder = (engines[c] for c in ("text_encoder", "unet", "vae_decoder"))
-            self.fell_back: list[str] = []
-            return
-        self.text_encoder = self._engine("text_encoder")
-        self.unet = self._engine("unet")
-        self.vae_decoder = self._engine("vae_decoder")
         self.fell_back: list[str] = []
+        engines = self._open_engines()
+        self.text_encoder, self.unet, self.vae_decoder = (engines[c] for c in STAGES)
+
+    def _open_engines(self) -> dict[str, Engine]:
+        """Every stage's engine on the chosen backend: one construction path, options a backend cannot honour refused."""
+        if self.backend != "trt":
+            return {c: self._engine(c) for c in STAGES}
+        from .engine_store import engine_precisions
+        from .trt_backend import open_engines
+
+        return open_engines(self.package.root, engine_precisions(self.package.precision("unet")), STAGES)
+
+    def close(self) -> None:
+        """Release every engine (device memory, CUDA graphs); the pipeline cannot be called after."""
+        for name in STAGES:
+            getattr(self, name).close()
+        shared = getattr(self.unet, "shared", None)
+        if shared is not None:
+            shared.free()
 
     def _engine(self, name: str, fallback: bool = False) -> OrtEngine:
         path = self.package.fallback(name) if fallback else self.package.component(name)
@@ -107,7 +129,7 @@ class Pipeline:
             raise NonFiniteError(f"the {name} ({precision}) produced NaN or inf {where}; {hint}")
         if not self.package.has_fallback(name):
             raise NonFiniteError(f"the {name} ({precision}) produced NaN or inf {where} and the package keeps no float32 copy "
-                                 f"of it; use the fp32 package, or or re-quantize without --no-fallback")
+                                 f"of it; use the fp32 package, or re-quantize without --no-fallback")
         warnings.warn(f"{name} ({precision}) produced NaN or inf {where}; rerunning it in float32", stacklevel=3)
         setattr(self, name, self._engine(name, fallback=True))
         self.fell_back.append(name)

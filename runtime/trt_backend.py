@@ -66,6 +66,11 @@ class SharedMemory:
     def __init__(self) -> None:
         self.ptr, self.size = 0, 0
 
+    def free(self) -> None:
+        if self.ptr:
+            _check(cudart().cudaFree(self.ptr))
+        self.ptr, self.size = 0, 0
+
     def ensure(self, size: int) -> int:
         if size > self.size:
             rt = cudart()
@@ -137,7 +142,8 @@ class TrtEngine:
         if self.static and key in self.graphs:
             _check(cudart().cudaGraphLaunch(self.graphs[key], self.stream.ptr))
         elif self.static:
-            self.context.execute_async_v3(self.stream.ptr)  # first run settles shapes, then capture
+            if not self.context.execute_async_v3(self.stream.ptr):  # the first run settles shapes; capture only after it works
+                raise RuntimeError(f"TensorRT failed to run {self.info.plan.name}")
             self.graphs[key] = self._capture()
         elif not self.context.execute_async_v3(self.stream.ptr):
             raise RuntimeError(f"TensorRT failed to run {self.info.plan.name}")
@@ -145,6 +151,16 @@ class TrtEngine:
                   for n, buf in outs.items()}
         self.stream.synchronize()
         return result
+
+    def close(self) -> None:
+        """Free this engine's CUDA graphs and buffers (the shared block is freed by SharedMemory.free)."""
+        rt = cudart()
+        for graph in self.graphs.values():
+            _check(rt.cudaGraphExecDestroy(graph))
+        for buf in self.buffers.values():
+            buf.free()
+        self.graphs, self.buffers = {}, {}
+        self.context = self.engine = None
 
     def _capture(self):
         rt = cudart()
@@ -154,14 +170,15 @@ class TrtEngine:
         return _check(rt.cudaGraphInstantiate(graph, 0))
 
 
-def open_engines(package: Path, precision: str, components: tuple[str, ...]) -> dict[str, TrtEngine]:
-    """The engines for this machine's GPU and TensorRT, sharing one stream and one device-memory block."""
+def open_engines(package: Path, precisions: tuple[str, ...], components: tuple[str, ...]) -> dict[str, TrtEngine]:
+    """The engines for this machine's GPU and TensorRT (per component the first of precisions built), sharing one
+    stream and one device-memory block."""
     from polygraphy import cuda
 
-    from .engine_store import select_engine
+    from .engine_store import pick_engine
 
     device = current_device()
     stream, shared = cuda.Stream(), SharedMemory()
-    engines = {c: TrtEngine(select_engine(package, c, precision, device), stream, shared) for c in components}
+    engines = {c: TrtEngine(pick_engine(package, c, precisions, device), stream, shared) for c in components}
     shared.ensure(max(e.memory_size for e in engines.values()))  # sized once, so captured graphs' addresses stay valid
     return engines

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -133,3 +134,67 @@ def test_runtime_never_imports_torch(tiny_package, tmp_path):
     assert Path(tmp_path / "x.png").stat().st_size > 0
 
 
+
+
+def test_invalid_utf8_prompt_is_refused_before_any_work(tiny_package, tmp_path):
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"diffrt.runtime.cli", b"generate", b"a \xff\xfe cat", b"--model",
+                           str(tiny_package).encode(), b"-o", str(tmp_path / "x.png").encode()], capture_output=True, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and len(err.strip().splitlines()) == 1 and "not valid UTF-8" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_folder_output_info_and_from(tiny_package, tmp_path):
+    """-o FOLDER numbers the images by seed; `diffrt info` reads one back; `generate --from` makes it again."""
+    proc = diffrt("generate", "a red cat", "--model", tiny_package, "--steps", 2, "--seed", 7, "-n", 2, "-q",
+                  "--scheduler", "euler A", "-o", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00001-7.png", "00002-8.png"]
+    info = diffrt("info", tmp_path / "00002-8.png")
+    assert info.returncode == 0 and '"seed": 8' in info.stdout and "diffrt generate --from" in info.stdout
+    assert '"scheduler": "euler_a"' in info.stdout
+    again = diffrt("generate", "--from", tmp_path / "00002-8.png", "--model", tiny_package, "-q", "-o", tmp_path / "again.png")
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "00002-8.png")))
+    pkg = diffrt("info", tiny_package)
+    assert pkg.returncode == 0 and "unet: fp32, attention mha" in pkg.stdout and "TensorRT engines: none built" in pkg.stdout
+    assert_refused(diffrt("generate", "--model", tiny_package), "give a prompt")
+    (tmp_path / "plain.png").write_bytes((tmp_path / "00001-7.png").read_bytes()[:100])
+    assert_refused(diffrt("info", tmp_path / "plain.png"), "could not be read as an image")
+
+
+def test_random_seed_is_printed(tiny_package, tmp_path):
+    proc = diffrt("generate", "a cat", "--model", tiny_package, "--steps", 1, "--seed", -1, "-q", "-o", tmp_path / "r.png")
+    assert proc.returncode == 0 and "random seed" in proc.stderr
+    seed = int(proc.stderr.split("random seed")[1].split()[0])
+    from diffrt.runtime.images import read_settings
+
+    assert read_settings(tmp_path / "r.png")["seed"] == seed
+
+
+def test_help_shows_defaults_and_every_option_has_help():
+    proc = diffrt("generate", "--help")
+    assert proc.returncode == 0
+    assert "the bundled model's is 20" in proc.stdout or "the bundled model's is" in proc.stdout
+    parser = __import__("diffrt.runtime.cli", fromlist=["build_parser"]).build_parser()
+    for action in parser._subparsers._group_actions[0].choices.values():
+        for option in action._actions:
+            assert option.help, f"{action.prog} {option.option_strings or option.dest} has no help line"
+
+
+@pytest.mark.parametrize("after", [0.3, 2.0])
+def test_ctrl_c_is_one_line_on_its_own(tiny_package, tmp_path, after):
+    """Ctrl-C while onnxruntime loads or mid-denoising: exit 130, 'interrupted' on a line of its own, no traceback,
+    no image file."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "diffrt.runtime.cli", "generate", "a cat", "--model", str(tiny_package),
+                             "--steps", "999", "--scheduler", "euler", "--width", "64", "--height", "64",
+                             "-o", str(tmp_path / "x.png")], stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.endswith("diffrt: interrupted\n") and "\rdenoising" not in err.splitlines()[-1]
+    assert not list(tmp_path.iterdir())

@@ -213,3 +213,48 @@ def test_graph_cache_that_cannot_be_written(tiny_package, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="graph cache .* cannot be written"):
         Pipeline.from_package(tiny_package, backend="ort-cpu", graph_cache=tmp_path / "file" / "graphs")
+
+
+def test_each_image_has_its_own_seed_and_can_be_made_alone(ours):
+    """Image i of a batch with seed s is the one-image result for seed s + i, for a stochastic sampler too."""
+    batch = ours("a red house", steps=3, seed=40, num_images=3, scheduler="euler_a", guidance_scale=5.0)
+    assert batch.seeds == [40, 41, 42] and [batch.image_settings(i)["seed"] for i in range(3)] == [40, 41, 42]
+    for i in range(3):
+        alone = ours("a red house", steps=3, seed=40 + i, scheduler="euler_a", guidance_scale=5.0)
+        assert np.abs(alone.array[0] - batch.array[i]).max() <= 1e-5
+    assert not np.array_equal(batch.array[0], batch.array[1])
+
+
+def test_diffusers_style_arguments(ours):
+    """A list of prompts, num_images_per_prompt, num_inference_steps, seed -1; the order is diffusers'."""
+    out = ours(["a red house", "a blue car"], negative_prompt="ugly", num_inference_steps=2, num_images_per_prompt=2, seed=3)
+    assert out.prompts == ["a red house", "a red house", "a blue car", "a blue car"] and out.settings["steps"] == 2
+    assert out.seeds == [3, 4, 5, 6] and out.negatives == ["ugly"] * 4
+    blue = ours("a blue car", negative_prompt="ugly", steps=2, seed=5)
+    assert np.abs(blue.array[0] - out.array[2]).max() <= 1e-5
+    random = ours("a cat", steps=1, seed=-1)
+    assert 0 <= random.settings["seed"] < 2**32
+    with pytest.raises(UserError, match="2 prompts but 3 negative prompts"):
+        ours(["a", "b"], negative_prompt=["x", "y", "z"], steps=1)
+    with pytest.raises(UserError, match="not valid UTF-8"):
+        ours("a \udcff cat", steps=1)
+    with pytest.raises(UserError, match="0 or more"):
+        ours("a cat", steps=1, guidance_scale=-2)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
+def test_result_save_keeps_the_settings(ours, tmp_path, suffix):
+    from diffrt.runtime.images import read_settings
+
+    result = ours("a red house", negative_prompt="blur", steps=2, seed=9, num_images=2)
+    paths = result.save(tmp_path / f"house{suffix}")
+    assert [p.name for p in paths] == [f"house-0{suffix}", f"house-1{suffix}"]
+    for i, path in enumerate(paths):
+        settings = read_settings(path)
+        assert (settings["prompt"], settings["negative_prompt"], settings["seed"]) == ("a red house", "blur", 9 + i)
+    with pytest.raises(UserError, match="exists"):
+        result.save(tmp_path / f"house{suffix}")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert [p.name for p in result.save(folder)] == ["00001-9.png", "00002-10.png"]
+    assert [p.name for p in result.save(folder)] == ["00003-9.png", "00004-10.png"]

@@ -113,12 +113,10 @@ def test_dynamo_exporter(tiny_checkpoint, tmp_path):
     assert all(c["check"]["passed"] for c in m["components"].values())
 
 
-optimum = pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx is not installed")
-
-
 def test_optimum_loads_our_package(tiny_package):
     import torch
 
+    optimum = pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx is not installed")
     pipe = optimum.ORTStableDiffusionPipeline.from_pretrained(tiny_package)
     latents = np.random.default_rng(3).standard_normal((1, 4, 16, 16), dtype=np.float32)
     theirs = pipe("a red house", num_inference_steps=5, guidance_scale=7.5, latents=torch.from_numpy(latents),
@@ -129,7 +127,12 @@ def test_optimum_loads_our_package(tiny_package):
 
 
 def test_we_load_optimums_export(tiny_checkpoint, tiny_package, tmp_path):
+    """diffrt runs optimum's export (no diffrt.json) and derives TensorRT profiles from its graphs' inputs."""
+    pytest.importorskip("optimum.onnxruntime", reason="optimum-onnx is not installed")
     from optimum.exporters.onnx import main_export
+
+    from diffrt.export.profiles import Span
+    from diffrt.export.trt_build import package_profiles
 
     main_export(str(tiny_checkpoint), output=tmp_path / "opt", task="text-to-image", do_validation=False)
     assert not (tmp_path / "opt" / "diffrt.json").exists()
@@ -138,6 +141,10 @@ def test_we_load_optimums_export(tiny_checkpoint, tiny_package, tmp_path):
               for p in (tmp_path / "opt", tiny_package)]
     assert np.abs(images[0].array - images[1].array).max() <= 1e-4
     assert load_package(tmp_path / "opt").vae_scale_factor == 2
+    profiles = package_profiles(load_package(tmp_path / "opt"), Span(1, 1, 2), Span(32, 32, 64), Span(32, 32, 64))
+    assert profiles["unet"]["sample"] == {"min": [1, 4, 16, 16], "opt": [2, 4, 16, 16], "max": [4, 4, 32, 32]}
+    assert profiles["vae_decoder"]["latent_sample"]["max"] == [2, 4, 32, 32]
+    assert profiles["text_encoder"]["input_ids"]["opt"] == [2, 77]  # guidance encodes the negative prompt too
 
 
 def test_killed_export_leaves_nothing(tiny_checkpoint, tmp_path):

@@ -205,3 +205,24 @@ def test_cuda_graph_replay_is_timed(tiny_plain_package, tmp_path):
         timings[graphs] = (time.perf_counter() - start, result.array)
     print(f"20 steps: plain {timings[False][0]:.4f} s, CUDA graph replay {timings[True][0]:.4f} s")
     assert np.abs(timings[True][1] - timings[False][1]).max() < 1e-3
+
+
+def test_fp32_engines_are_used_when_no_fp16_ones_exist(tmp_path):
+    from diffrt.runtime.engine_store import engine_precisions, pick_engine
+
+    fake_engine(tmp_path, H100, precision="fp32")
+    assert engine_precisions("fp32") == ("fp16", "fp32") and engine_precisions("int8") == ("int8",)
+    assert pick_engine(tmp_path, "unet", engine_precisions("fp32"), H100).precision == "fp32"
+    fake_engine(tmp_path, H100, precision="fp16")
+    assert pick_engine(tmp_path, "unet", engine_precisions("fp16"), H100).precision == "fp16"
+    with pytest.raises(UserError, match="no unet.int8 TensorRT engine"):
+        pick_engine(tmp_path, "unet", engine_precisions("int8"), H100)
+
+
+def test_trt_backend_refuses_onnxruntime_only_options(tiny_plain_package):
+    from diffrt.runtime.pipeline import Pipeline
+
+    for option in ({"threads": 2}, {"fp32_fallback": True}, {"cuda_graph": True}, {"graph_cache": "/tmp/x"}):
+        flag = "--" + next(iter(option)).replace("_", "-")
+        with pytest.raises(UserError, match=f"TensorRT backend does not take {flag}"):
+            Pipeline.from_package(tiny_plain_package, backend="trt", **option)
