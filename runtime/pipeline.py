@@ -16,6 +16,7 @@ from . import __version__
 from .engines import Engine, OrtEngine, resolve_backend, timestep_feed
 from .errors import UserError
 from .generators import ImageGenerators
+from .memory import check_fits
 from .package import Package, load_package
 from .request import Request, check_request, expand_prompts, image_seeds, make_checked_scheduler
 from .schedulers import short_name
@@ -163,6 +164,10 @@ class Pipeline:
         prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
         req = Request(prompts, negatives, image_seeds(seed, len(prompts)), steps, guidance, width, height)
         sched = make_checked_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config, steps)
+        if self.backend == "ort-cpu":
+            too_big = check_fits(pkg.root, width, height, pkg.vae_scale_factor, len(prompts) * (2 if req.guided else 1))
+            if too_big:
+                raise UserError(too_big)
         rng = ImageGenerators(req.seeds)
         f = pkg.vae_scale_factor
         shape = (len(prompts), pkg.latent_channels, height // f, width // f)

@@ -40,7 +40,8 @@ def test_scheduler_trajectories_match_diffusers(name):
 
 
 def compare(name: str, config: dict, steps: int, seed: int = 0) -> float | None:
-    """Largest per-step relative error between the two trajectories; None where both refuse the setting."""
+    """Largest per-step relative error between the two trajectories (both the scaled model input and the step's
+    result are compared); None where both refuse the setting."""
     ours = make_scheduler(name, config)
     cls, overrides = SHORT_NAMES[name]
     theirs = getattr(diffusers, cls.class_name).from_config({**config, **overrides})
@@ -61,13 +62,17 @@ def compare(name: str, config: dict, steps: int, seed: int = 0) -> float | None:
     worst = 0.0
     with shared_noise(seed + 1):
         for t_ours, t_theirs in zip(ours.timesteps, theirs.timesteps):
-            out = fake_model(ours.scale_model_input(x_ours, t_ours), t_ours)
+            scaled = ours.scale_model_input(x_ours, t_ours)
+            worst = max(worst, rel_err(scaled, theirs.scale_model_input(x_theirs, t_theirs).numpy()))
+            out = fake_model(scaled, t_ours)
             x_ours = ours.step(out, t_ours, x_ours, gen)
-            theirs.scale_model_input(x_theirs, t_theirs)
             x_theirs = theirs.step(torch.from_numpy(out), t_theirs, x_theirs).prev_sample
-            ref = x_theirs.numpy()
-            worst = max(worst, float(np.abs(x_ours - ref).max() / max(np.abs(ref).max(), 1e-6)))
+            worst = max(worst, rel_err(x_ours, x_theirs.numpy()))
     return worst
+
+
+def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6))
 
 
 @pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
@@ -90,6 +95,24 @@ def test_pndm_runge_kutta_warmup():
     for steps in (4, 10, 50):
         worst = compare("pndm", {**SD_BETAS, "steps_offset": 1}, steps)
         assert worst is not None and worst <= TOLERANCE, (steps, worst)
+
+
+@pytest.mark.parametrize("name, config", [
+    ("euler", {"use_karras_sigmas": True}),
+    ("euler", {"use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
+    ("euler", {"final_sigmas_type": "sigma_min"}),
+    ("dpmpp_2m", {"solver_order": 1}),
+    ("dpmpp_2m", {"euler_at_final": True}),
+    ("dpmpp_2m", {"prediction_type": "sample"}),
+    ("dpmpp_2m_karras", {"lower_order_final": False}),
+    ("ddim", {"prediction_type": "sample"}),
+])
+def test_scheduler_branches_match_diffusers(name, config):
+    """Options the main matrix leaves at their defaults: Karras sigmas (with bounds), final sigma, DPM++ order 1,
+    euler_at_final, lower_order_final and x0 ('sample') prediction."""
+    for steps in (4, 10, 25):
+        worst = compare(name, {**SD_BETAS, **config}, steps)
+        assert worst is not None and worst <= TOLERANCE, (name, config, steps, worst)
 
 
 def test_ddim_clip_sample():
