@@ -145,3 +145,30 @@ def test_ancestral_noise_comes_from_the_generator():
             x = s.step(fake_model(s.scale_model_input(x, t), t), t, x, gen)
         runs.append(x)
     assert np.array_equal(runs[0], runs[1]) and not np.array_equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a", "dpmpp_2m", "lcm", "ddim"])
+def test_step_is_found_from_the_timestep(name):
+    """Starting part-way down the schedule (what img2img does) gives diffusers' trajectory from that step
+    (set_begin_index there): the step comes from the timestep passed, not from a count of earlier calls."""
+    config = {**SD_BETAS, "clip_sample": False}
+    ours = make_scheduler(name, config)
+    cls, overrides = SHORT_NAMES[name]
+    theirs = getattr(diffusers, cls.class_name).from_config({**config, **overrides})
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    if hasattr(theirs, "set_begin_index"):
+        theirs.set_begin_index(4)
+    x = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    x_theirs, gen = torch.from_numpy(x), np.random.default_rng(4)
+    with shared_noise(4):
+        for t_ours, t_theirs in zip(ours.timesteps[4:], theirs.timesteps[4:]):
+            scaled = ours.scale_model_input(x, t_ours)
+            assert rel_err(scaled, theirs.scale_model_input(x_theirs, t_theirs).numpy()) <= TOLERANCE
+            out = fake_model(scaled, t_ours)
+            x = ours.step(out, t_ours, x, gen)
+            x_theirs = theirs.step(torch.from_numpy(out), t_theirs, x_theirs).prev_sample
+            assert rel_err(x, x_theirs.numpy()) <= TOLERANCE
+    if name != "ddim":  # DDIM's step is arithmetic on any timestep, as in diffusers
+        with pytest.raises(ValueError, match="not in this"):
+            ours.step(out, 12345, x, gen)

@@ -42,6 +42,7 @@ class Scheduler:
                              f"use one of {', '.join(self.prediction_types)}")
         self.timesteps = np.zeros(0, np.int64)
         self.init_noise_sigma = 1.0
+        self.next_index = 0  # where the schedule is expected to go on; set_timesteps resets it
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         raise NotImplementedError
@@ -52,6 +53,17 @@ class Scheduler:
     def step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray,
              generator: np.random.Generator | None = None) -> np.ndarray:
         raise NotImplementedError
+
+    def step_index(self, timestep: float) -> int:
+        """Where timestep is in the schedule, found from the timestep as diffusers does: the step expected next when
+        it is there (a schedule may hold a timestep twice), else its first match."""
+        ts = self.timesteps
+        if self.next_index < len(ts) and np.isclose(ts[self.next_index], timestep):
+            return self.next_index
+        matches = np.nonzero(np.isclose(ts, timestep))[0]
+        if not len(matches):
+            raise ValueError(f"timestep {timestep} is not in this {self.name} schedule")
+        return int(matches[0])
 
     @property
     def order(self) -> int:

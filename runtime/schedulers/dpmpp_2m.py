@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import alphas_cumprod, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
+from .schedules import alphas_cumprod, first_index, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
 
 
 def alpha_sigma(sigma):
@@ -55,13 +55,12 @@ class DPMSolverPP2M(Scheduler):
         last = float(sigmas[0]) if self.config["final_sigmas_type"] == "sigma_min" else 0.0
         self.sigmas = np.concatenate([sched, [last]]).astype(np.float32)
         self.timesteps = timesteps.astype(np.int64)
-        matches = np.nonzero(self.timesteps == self.timesteps[0])[0]
-        self.index = int(matches[1] if len(matches) > 1 else matches[0])
+        self.next_index = first_index(self.timesteps)
         self.previous: np.ndarray | None = None
         self.lower_order_nums = 0
 
     def step(self, model_output, timestep, sample, generator=None):
-        c, i, n = self.config, self.index, len(self.timesteps)
+        c, i, n = self.config, self.step_index(timestep), len(self.timesteps)
         final = i == n - 1 and (c["euler_at_final"] or (c["lower_order_final"] and n < 15) or c["final_sigmas_type"] == "zero")
         alpha_s0, sigma_s0 = alpha_sigma(self.sigmas[i])
         alpha_t, sigma_t = alpha_sigma(self.sigmas[i + 1])
@@ -85,5 +84,5 @@ class DPMSolverPP2M(Scheduler):
                 prev = prev + (alpha_t * ((np.exp(-h) - 1.0) / h + 1.0)) * d1
         self.previous = x0
         self.lower_order_nums = min(self.lower_order_nums + 1, c["solver_order"])
-        self.index += 1
+        self.next_index = i + 1
         return prev.astype(np.float32)

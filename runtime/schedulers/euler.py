@@ -40,15 +40,16 @@ class Euler(Scheduler):
         last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5 if self.config.get("final_sigmas_type") == "sigma_min" else 0
         self.sigmas = np.concatenate([sched, [last]]).astype(np.float32)
         self.timesteps = timesteps.astype(np.float32)
-        self.index = first_index(self.timesteps)
+        self.next_index = first_index(self.timesteps)
         top = self.sigmas.max()
         self.init_noise_sigma = top if self.config["timestep_spacing"] in ("linspace", "trailing") else (top**2 + 1) ** 0.5
 
     def scale_model_input(self, sample, timestep):
-        return sample / ((self.sigmas[self.index] ** 2 + 1) ** 0.5)
+        return sample / ((self.sigmas[self.step_index(timestep)] ** 2 + 1) ** 0.5)
 
     def step(self, model_output, timestep, sample, generator=None):
-        sigma, sigma_next = self.sigmas[self.index], self.sigmas[self.index + 1]
+        i = self.step_index(timestep)
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         x0 = denoised(model_output, sample, sigma, self.config["prediction_type"])
-        self.index += 1
+        self.next_index = i + 1
         return (sample + (sample - x0) / sigma * (sigma_next - sigma)).astype(np.float32)

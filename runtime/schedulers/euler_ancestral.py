@@ -14,10 +14,11 @@ class EulerAncestral(Euler):
     defaults = {"timestep_spacing": "linspace"}
 
     def step(self, model_output, timestep, sample, generator=None):
-        sigma, sigma_to = self.sigmas[self.index], self.sigmas[self.index + 1]
+        i = self.step_index(timestep)
+        sigma, sigma_to = self.sigmas[i], self.sigmas[i + 1]
         x0 = denoised(model_output, sample, sigma, self.config["prediction_type"])
         sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
         prev = sample + (sample - x0) / sigma * (sigma_down - sigma)
-        self.index += 1
+        self.next_index = i + 1
         return (prev + noise_like(sample, generator) * sigma_up).astype(np.float32)

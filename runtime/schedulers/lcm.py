@@ -28,12 +28,12 @@ class LCM(Scheduler):
         origin = (np.arange(1, original + 1) * k - 1)[::-1]
         picks = np.floor(np.linspace(0, len(origin), num=num_inference_steps, endpoint=False)).astype(np.int64)
         self.timesteps = origin[picks].astype(np.int64)
-        self.index = 0
+        self.next_index = 0
 
     def step(self, model_output, timestep, sample, generator=None):
-        t = int(timestep)
-        last = self.index == len(self.timesteps) - 1
-        prev = t if last else int(self.timesteps[self.index + 1])
+        t, i = int(timestep), self.step_index(timestep)
+        last = i == len(self.timesteps) - 1
+        prev = t if last else int(self.timesteps[i + 1])
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
         scaled = t * self.config["timestep_scaling"]
@@ -43,7 +43,7 @@ class LCM(Scheduler):
         if self.config["clip_sample"]:
             x0 = np.clip(x0, -self.config["clip_sample_range"], self.config["clip_sample_range"])
         out = c_out * x0 + c_skip * sample
-        self.index += 1
+        self.next_index = i + 1
         if not last:
             out = a_prev**0.5 * out + (1 - a_prev) ** 0.5 * noise_like(sample, generator)
         return out.astype(np.float32)
