@@ -15,6 +15,7 @@ import numpy as np
 
 from .machine import describe
 from .sd15 import DEFAULT_CACHE, make_checkpoint
+from .timing import interleaved
 
 
 def export_unet(ckpt: Path, out: Path, attention: str) -> Path:
@@ -26,20 +27,6 @@ def export_unet(ckpt: Path, out: Path, attention: str) -> Path:
 
     checkpoint = open_checkpoint(ckpt)
     return export_component("unet", checkpoint.load("unet"), checkpoint, out, 17, "torchscript", attention)[0]
-
-
-def time_calls(sessions: dict, feeds: dict, runs: int) -> dict[str, list[float]]:
-    """Seconds per call of each session on the same feeds, rotated run by run after one warm-up each."""
-    for s in sessions.values():
-        s.run(None, feeds)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    order = list(sessions)
-    for i in range(runs):
-        for name in order[i % len(order):] + order[:i % len(order)]:
-            start = time.perf_counter()
-            sessions[name].run(None, feeds)
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     for size in (int(s) for s in args.sizes.split(",")):
         feeds = {"sample": rng.standard_normal((2, 4, size, size), dtype=np.float32), "timestep": np.array(500, np.float32),
                  "encoder_hidden_states": rng.standard_normal((2, 77, 768), dtype=np.float32)}
-        outs = {form: s.run(None, feeds)[0] for form, s in sessions.items()}
-        times = time_calls(sessions, feeds, args.runs)
+        outs = {form: s.run(None, feeds)[0] for form, s in sessions.items()}  # also the warm-up
+        times = interleaved({form: (lambda s=s, f=feeds: s.run(None, f)) for form, s in sessions.items()}, args.runs)
         med = {k: float(np.median(v)) for k, v in times.items()}
         diff = float(np.abs(outs["mha"] - outs["plain"]).max() / np.abs(outs["plain"]).max())
         rows.append({"latent_size": size, "median_s": med, "runs_s": times, "plain_over_mha": med["plain"] / med["mha"],

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .machine import describe, gpu_memory_used_mb
+from .timing import interleaved
 
 TINY = {"unet": dict(sample_size=8, block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=32,
                      down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
@@ -38,6 +39,7 @@ def prepare(work: Path, tiny: bool, timings: dict) -> tuple[Path, Path, Path]:
     """Checkpoint, fp32 package (fused attention) and its fp16 copy, each timed."""
     from diffrt.export import ExportOptions, export_package
     from diffrt.export.precision import fp16_copy
+    from diffrt.runtime.package import REQUIRED
 
     from .sd15 import make_checkpoint
 
@@ -45,7 +47,7 @@ def prepare(work: Path, tiny: bool, timings: dict) -> tuple[Path, Path, Path]:
     ckpt = make_checkpoint(work / "checkpoint", overrides=TINY if tiny else None)
     timings["checkpoint_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    options = ExportOptions(components=("text_encoder", "unet", "vae_decoder"), check=False, overwrite=True)
+    options = ExportOptions(components=REQUIRED, check=False, overwrite=True)
     fp32 = export_package(ckpt, work / "fp32", options, log=lambda m: print(m, file=sys.stderr))
     timings["export_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -94,12 +96,7 @@ def timed(fns: dict[str, Callable[[], np.ndarray]], runs: int) -> tuple[dict[str
         except Exception as exc:  # reported beside the other figures, not fatal to them
             errors[name] = f"{type(exc).__name__}: {exc}"[:400]
             fns.pop(name)
-    order, times = list(fns), {name: [] for name in fns}
-    for i in range(runs):
-        for name in order[i % len(order):] + order[:i % len(order)]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved(fns, runs)
     return {k: float(np.median(v)) for k, v in times.items()}, images, errors
 
 

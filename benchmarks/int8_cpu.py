@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .sd15 import DEFAULT_CACHE, prepare_package
+from .timing import interleaved
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,13 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     fns = {name: (lambda s=s: s.run(None, feeds)[0]) for name, s in sessions.items()}
     fns["torch_fp32"] = run_torch
     outs = {name: fn() for name, fn in fns.items()}  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(args.runs):
-        order = list(fns) if i % 2 == 0 else list(fns)[::-1]
-        for name in order:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved(fns, args.runs)
     med = {k: float(np.median(v)) for k, v in times.items()}
     ref = outs["torch_fp32"]
     rel = {k: float(np.linalg.norm(v - ref) / np.linalg.norm(ref)) for k, v in outs.items()}

@@ -9,17 +9,7 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 
 from diffrt.runtime.doctor import gpu_info
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from diffrt.runtime.optimized import cpu_name
 
 
 def gpu_name() -> str | None:
@@ -49,4 +39,4 @@ def versions() -> dict[str, str]:
 
 
 def describe() -> dict:
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu_name(), "os": platform.platform(), "versions": versions()}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": gpu_name(), "os": platform.platform(), "versions": versions()}

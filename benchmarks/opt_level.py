@@ -18,8 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from diffrt.runtime.package import REQUIRED
+
+from .timing import interleaved
+
 LEVELS = ("ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+COMPONENTS = REQUIRED
 
 
 def random_feeds(session, latent: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -56,12 +60,9 @@ def compare(model: Path, latent: int, batch: int, runs: int, threads: int | None
     feeds = random_feeds(sessions[LEVELS[0]], latent, batch)
     for session in sessions.values():
         session.run(None, feeds)
-    for run in range(runs):
-        for level in LEVELS if run % 2 == 0 else LEVELS[::-1]:
-            start = time.perf_counter()
-            sessions[level].run(None, feeds)
-            out[level]["runs_s"].append(time.perf_counter() - start)
-    for r in out.values():
+    times = interleaved({level: (lambda s=s: s.run(None, feeds)) for level, s in sessions.items()}, runs)
+    for level, r in out.items():
+        r["runs_s"] = times[level]
         r["run_s"] = float(np.median(r["runs_s"]))
     return out
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import sys
 import tempfile
@@ -14,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from diffrt.runtime.errors import UserError
+from diffrt.runtime.files import ordinary_mode
+from diffrt.runtime.package import COMPONENTS, REQUIRED
 
-COMPONENT_ORDER = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENT_ORDER = COMPONENTS
 
 
 @dataclass
@@ -54,9 +55,7 @@ def _publish(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{int(time.time())}")
         out.rename(old)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a package is an ordinary folder
+    tmp.chmod(ordinary_mode(0o777))  # mkdtemp makes 0700; a package is an ordinary folder
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -69,7 +68,7 @@ def export_package(checkpoint: str | Path, out: str | Path, options: ExportOptio
     unknown = set(options.components) - set(COMPONENT_ORDER)
     if unknown:
         raise UserError(f"unknown components {sorted(unknown)}; choose from {', '.join(COMPONENT_ORDER)}")
-    for needed in ("text_encoder", "unet", "vae_decoder"):
+    for needed in REQUIRED:
         if needed not in options.components:
             raise UserError(f"a package needs {needed}; add it to --components")
     if options.exporter not in ("torchscript", "dynamo"):

@@ -94,7 +94,9 @@ def trace_size(ckpt: Checkpoint) -> int:
 
 
 def vae_scale_factor(ckpt: Checkpoint) -> int:
-    return 2 ** (len(ckpt.vae_config.get("block_out_channels", [0] * 4)) - 1)
+    from diffrt.runtime.package import vae_scale_factor as of_config
+
+    return of_config(ckpt.vae_config)
 
 
 def example_inputs(name: str, ckpt: Checkpoint, batch: int, height: int, width: int,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from diffrt.runtime.errors import UserError
-from diffrt.runtime.package import MANIFEST, load_package
+from diffrt.runtime.package import MANIFEST, REQUIRED, load_package
 from diffrt.runtime.pipeline import Pipeline
 
 FP16_KEEP_OPS = ("Softmax", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Pow", "ReduceMean")
@@ -193,7 +193,7 @@ def quantize_package(package: str | Path, out: str | Path, options: QuantizeOpti
     if options.precision not in GATES:
         raise UserError(f"precision {options.precision!r} is not one of fp16, int8 (fp32 is what `diffrt export` writes)")
     source = load_package(package, hashes=False)
-    if any(source.precision(c) != "fp32" for c in ("text_encoder", "unet", "vae_decoder")):
+    if any(source.precision(c) != "fp32" for c in REQUIRED):
         raise UserError(f"{source.root} is not an fp32 package; quantize the package `diffrt export` wrote")
     out = Path(out).expanduser()
     tmp = _prepare_out(out, options.overwrite)

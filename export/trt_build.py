@@ -15,7 +15,7 @@ from typing import Any
 
 from diffrt.runtime.engine_store import engine_file, gpu_slug, write_engine_meta
 from diffrt.runtime.errors import UserError
-from diffrt.runtime.package import load_package
+from diffrt.runtime.package import COMPONENTS, load_package
 
 from .profiles import derive_profiles, parse_batch, parse_size
 
@@ -30,7 +30,7 @@ class BuildOptions:
     version_compatible: bool = False
     opt_level: int = 3
     workspace_gb: float = 4.0
-    components: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+    components: tuple[str, ...] = COMPONENTS
 
 
 def build_flags(precision: str, graph_precision: str, trt_major: int, version_compatible: bool) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def package_profiles(pkg, batch, width, height, static: bool = False) -> dict[st
 
     components = {c: {"inputs": (pkg.manifest.get("components", {}).get(c, {}).get("inputs")
                                  or graph_io(pkg.component(c))["inputs"])}
-                  for c in ("text_encoder", "unet", "vae_decoder", "vae_encoder") if pkg.has(c)}
+                  for c in COMPONENTS if pkg.has(c)}
     shape = {"vae_scale_factor": pkg.vae_scale_factor, "text_max_length": pkg.text_max_length,
              "latent_channels": pkg.latent_channels, "components": components}
     return derive_profiles(shape, batch, width, height, static, guided=pkg.defaults["guidance_scale"] > 1)

@@ -14,7 +14,7 @@ from typing import Any
 
 from diffrt.runtime import __version__
 from diffrt.runtime.errors import UserError
-from diffrt.runtime.package import FORMAT_VERSION, MANIFEST, family_of, sha256
+from diffrt.runtime.package import COMPONENTS, FORMAT_VERSION, MANIFEST, family_of, sha256
 from diffrt.runtime.schedulers import CLASSES
 
 from .check import check_component
@@ -89,7 +89,7 @@ def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], No
     components: dict[str, Any] = {}
     total = len(options.components)
     modules: dict[str, Any] = {}
-    for i, comp in enumerate(c for c in ("text_encoder", "unet", "vae_decoder", "vae_encoder") if c in options.components):
+    for i, comp in enumerate(c for c in COMPONENTS if c in options.components):
         start = time.perf_counter()
         log(f"[{i + 1}/{total}] {comp}: loading")
         source = "vae" if comp.startswith("vae") else comp

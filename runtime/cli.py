@@ -83,9 +83,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_package(args.model, backend=args.backend, threads=args.threads, verify_hashes=args.verify,
                                  fp32_fallback=args.fp32_fallback, cuda_graph=args.cuda_graph, graph_cache=args.graph_cache,
                                  gpu_mem_limit=int(args.gpu_mem_limit * 2**30) if args.gpu_mem_limit else None)
-    note = size_note(pipe.package.defaults, args.width, args.height)
-    if note:
-        print(f"diffrt: note: {note}", file=sys.stderr)
     result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   scheduler=args.scheduler, seed=seeds[0], width=args.width, height=args.height, num_images=args.n,
                   progress=None if args.quiet else ProgressBar("denoising"))
@@ -108,16 +105,6 @@ def apply_settings(args: argparse.Namespace, settings: dict) -> None:
             setattr(args, name, settings[key])
     if args.scheduler not in (None, *scheduler_names()):
         raise UserError(f"{args.from_image} was made with scheduler {args.scheduler!r}, which this diffrt does not have")
-
-
-def size_note(defaults: dict, width: int | None, height: int | None) -> str | None:
-    """A warning when the size is far from the model's native one (models tile or break up there)."""
-    w, h = width or defaults["width"], height or defaults["height"]
-    native = defaults["width"] * defaults["height"]
-    if not 0.25 <= (w * h) / native <= 4:
-        return (f"{w}x{h} is far from the {defaults['width']}x{defaults['height']} this model was made for; "
-                "expect repeated or broken-up subjects")
-    return None
 
 
 def require(extra: str, *modules: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from .errors import UserError
+from .files import ordinary_mode
 from .schedulers import A1111_NAMES
 
 SAMPLER_LABELS = {short: label for label, short in A1111_NAMES.items()}
@@ -84,9 +85,7 @@ def save_image(image: Image.Image, path: Path, settings: dict[str, Any]) -> None
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=FORMATS[path.suffix.lower()], **options)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an image is an ordinary file
+        os.chmod(tmp, ordinary_mode(0o666))  # mkstemp makes 0600; an image is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

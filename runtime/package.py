@@ -128,6 +128,11 @@ def _from_manifest(root: Path, m: dict) -> Package:
         raise UserError(f"{root / MANIFEST} lacks {exc}; re-export the package with `diffrt export`") from None
 
 
+def vae_scale_factor(vae_config: dict) -> int:
+    """How many times the VAE shrinks an image's sides: 2 per down block after the first."""
+    return 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
+
+
 def family_of(cross_attention_dim: int) -> str:
     """SD family from the UNet's text width: 768 sd1, 1024 sd2, 2048 sdxl; anything else 'custom'."""
     return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(cross_attention_dim, "custom")
@@ -138,7 +143,7 @@ def _from_configs(root: Path) -> Package:
     vae = _read_json(root / "vae_decoder" / "config.json", "VAE decoder config")
     unet = _read_json(root / "unet" / "config.json", "UNet config")
     sched = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
-    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    scale = vae_scale_factor(vae)
     size = int(unet.get("sample_size", 64)) * scale
     return Package(root=root, name=root.name, family=family_of(unet.get("cross_attention_dim", 768)),
                    prediction_type=sched.get("prediction_type", "epsilon"),

@@ -17,12 +17,12 @@ from .engines import Engine, OrtEngine, resolve_backend, timestep_feed
 from .errors import UserError
 from .generators import ImageGenerators
 from .memory import check_fits
-from .package import Package, load_package
-from .request import Request, check_request, expand_prompts, image_seeds, make_checked_scheduler
+from .package import REQUIRED, Package, load_package
+from .request import Request, check_request, expand_prompts, image_seeds, make_checked_scheduler, size_note
 from .schedulers import short_name
 from .tokenizer import ClipTokenizer
 
-STAGES = ("text_encoder", "unet", "vae_decoder")
+STAGES = REQUIRED  # the components text-to-image runs
 
 
 def refuse_for_trt(**options: Any) -> None:
@@ -168,6 +168,9 @@ class Pipeline:
             too_big = check_fits(pkg.root, width, height, pkg.vae_scale_factor, len(prompts) * (2 if req.guided else 1))
             if too_big:
                 raise UserError(too_big)
+        note = size_note(d, width, height)
+        if note:
+            warnings.warn(note, stacklevel=2)
         rng = ImageGenerators(req.seeds)
         f = pkg.vae_scale_factor
         shape = (len(prompts), pkg.latent_channels, height // f, width // f)

@@ -127,3 +127,13 @@ def schedule_fits(sched, steps: int) -> bool:
     total = sched.config["num_train_timesteps"]
     t = np.asarray(sched.timesteps, np.float64)
     return len(t) > 0 and bool(np.all(t >= 0) and np.all(t <= total - 1))
+
+
+def size_note(defaults: dict, width: int, height: int) -> str | None:
+    """A warning when the size is far from the model's native one (models tile or break up there)."""
+    w, h = width, height
+    native = defaults["width"] * defaults["height"]
+    if not 0.25 <= (w * h) / native <= 4:
+        return (f"{w}x{h} is far from the {defaults['width']}x{defaults['height']} this model was made for; "
+                "expect repeated or broken-up subjects")
+    return None

@@ -204,3 +204,12 @@ def test_a_size_this_machine_cannot_hold_is_refused_up_front(tiny_package, tmp_p
     """4096x4096 passes the size rules but not memory: one line naming the largest size that fits, no traceback."""
     assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "--width", 4096, "--height", 4096, "-o",
                           tmp_path / "x.png"), "4096x4096", "GB for attention", "largest square size that fits")
+
+
+def test_a_size_far_from_the_models_is_one_plain_warning(tiny_package, tmp_path):
+    proc = diffrt("generate", "a cat", "--model", tiny_package, "--steps", 1, "--width", 128, "--height", 128, "-q",
+                  "-o", tmp_path / "x.png")
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if "far from" in line]
+    assert warning == ["diffrt: warning: 128x128 is far from the 32x32 this model was made for; expect repeated or "
+                       "broken-up subjects"]
