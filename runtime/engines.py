@@ -305,12 +305,3 @@ class OrtEngine:
         """Release the session and its device buffers (and CUDA graphs)."""
         self.buffers = None
         self.session = None
-
-
-def timestep_feed(spec: TensorSpec, t: float, batch: int) -> np.ndarray:
-    """The timestep in the dtype and rank the UNet graph declares: a scalar, [1], or one per batch row."""
-    value = np.asarray(round(float(t)) if np.issubdtype(spec.dtype, np.integer) else t, dtype=spec.dtype)
-    if len(spec.shape) == 0:
-        return value
-    n = spec.shape[0] if isinstance(spec.shape[0], int) else batch
-    return np.full((n,), value, dtype=value.dtype)

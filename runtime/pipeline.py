@@ -13,8 +13,9 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .engines import Engine, OrtEngine, resolve_backend, timestep_feed
+from .engines import Engine, OrtEngine, resolve_backend
 from .errors import UserError
+from .family import adapter_for
 from .generators import ImageGenerators
 from .memory import check_fits
 from .package import REQUIRED, Package, load_package
@@ -91,6 +92,7 @@ class Pipeline:
         self.cuda_graph = cuda_graph
         self.graph_cache = Path(graph_cache) if graph_cache else None
         self.gpu_mem_limit = gpu_mem_limit
+        self.family = adapter_for(package.family)
         self.tokenizer = ClipTokenizer.from_folder(package.root / "tokenizer", package.text_max_length)
         self.fell_back: list[str] = []
         engines = self._open_engines()
@@ -198,8 +200,8 @@ class Pipeline:
         start = time.perf_counter()
         ids = self.tokenizer((req.negatives if req.guided else []) + req.prompts)
         timings["tokenize"] = lap = time.perf_counter() - start
-        spec = self.text_encoder.inputs["input_ids"]
-        text = self._guarded("text_encoder", {"input_ids": ids.astype(spec.dtype)}, "last_hidden_state", "on the prompt")
+        text = self._guarded("text_encoder", self.family.text_feeds(self.text_encoder, ids), self.family.text_output,
+                             "on the prompt")
         text = self.unet.to_device(text)
         timings["text_encoder"] = time.perf_counter() - start - lap
         return text
@@ -208,15 +210,14 @@ class Pipeline:
                  progress: Callable[[int, int], None] | None) -> np.ndarray:
         """The scheduler loop around the UNet, classifier-free guidance batched into one call per step."""
         guided, n = guidance > 1.0, len(latents)
-        t_spec, s_spec = self.unet.inputs["timestep"], self.unet.inputs["sample"]
         x = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
         for i, t in enumerate(sched.timesteps):
             start = time.perf_counter()
             model_in = sched.scale_model_input(np.concatenate([x, x]) if guided else x, t)
-            feeds = {"sample": model_in.astype(s_spec.dtype), "timestep": timestep_feed(t_spec, t, len(model_in)),
-                     "encoder_hidden_states": text}
+            feeds = self.family.unet_feeds(self.unet, model_in, t, text)
             called = time.perf_counter()
-            out = self._guarded("unet", feeds, "out_sample", f"at step {i + 1} of {len(sched.timesteps)}").astype(np.float32)
+            out = self._guarded("unet", feeds, self.family.unet_output,
+                                f"at step {i + 1} of {len(sched.timesteps)}").astype(np.float32)
             returned = time.perf_counter()
             if guided:
                 out = out[:n] + np.float32(guidance) * (out[n:] - out[:n])
@@ -236,8 +237,8 @@ class Pipeline:
         of the pipeline (SD 1.5 at 512², fp16 on onnxruntime CUDA: 8 GB for 4 images at once, 2 GB one by one) and
         its time does not depend on batching."""
         start = time.perf_counter()
-        latent_in = (x / np.float32(self.package.vae_scaling_factor)).astype(self.vae_decoder.inputs["latent_sample"].dtype)
-        decoded = np.concatenate([self._guarded("vae_decoder", {"latent_sample": latent_in[i:i + 1]}, "sample",
-                                                "decoding the latents") for i in range(len(latent_in))])
+        latent_in = x / np.float32(self.package.vae_scaling_factor)
+        decoded = np.concatenate([self._guarded("vae_decoder", self.family.vae_feeds(self.vae_decoder, latent_in[i:i + 1]),
+                                                self.family.vae_output, "decoding the latents") for i in range(len(latent_in))])
         timings["vae_decode"] = time.perf_counter() - start
         return np.clip(decoded.astype(np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)

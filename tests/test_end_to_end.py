@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffrt.runtime.engines import timestep_feed
 from diffrt.runtime.errors import UserError
+from diffrt.runtime.family import timestep_feed
 from diffrt.runtime.pipeline import Pipeline
 from diffrt.runtime.schedulers import SHORT_NAMES
 
