@@ -120,8 +120,6 @@ def convert_fp16(src: Path, dst: Path, keep_ops: tuple[str, ...]) -> None:
 def fp16_copy(package: Path, out: Path, keep_ops: tuple[str, ...] = FP16_KEEP_OPS, log: Callable[[str], None] = print) -> Path:
     """out: package with every graph in float16 and no quality gates or float32 copies (for speed and memory
     measurements on random weights, where image gates mean nothing); the fp32 graphs are read, never copied."""
-    from .writer import file_hashes
-
     graphs = {p for p in package.rglob("*") if p.suffix == ".onnx" or p.name.endswith("onnx_data")}
     shutil.copytree(package, out, ignore=lambda d, names: [n for n in names if Path(d) / n in graphs], dirs_exist_ok=True)
     manifest = json.loads((out / MANIFEST).read_text())
@@ -130,8 +128,7 @@ def fp16_copy(package: Path, out: Path, keep_ops: tuple[str, ...] = FP16_KEEP_OP
         convert_fp16(package / entry["file"], out / entry["file"], keep_ops)
         entry.update(precision="fp16", made_by=f"onnxruntime float16 converter, kept float32: {', '.join(keep_ops)}")
     manifest["precision"] = "fp16"
-    manifest["files"] = file_hashes(out)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    write_manifest(out, manifest)
     return out
 
 
@@ -188,7 +185,6 @@ def quantize_package(package: str | Path, out: str | Path, options: QuantizeOpti
                      log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write a reduced-precision copy of package to out; returns the quality gates (also stored in its manifest)."""
     from . import _prepare_out, _publish
-    from .writer import file_hashes
 
     if options.precision not in GATES:
         raise UserError(f"precision {options.precision!r} is not one of fp16, int8 (fp32 is what `diffrt export` writes)")
@@ -202,65 +198,11 @@ def quantize_package(package: str | Path, out: str | Path, options: QuantizeOpti
         shutil.copytree(source.root, tmp, ignore=shutil.ignore_patterns("card", "README.md"))
         manifest = json.loads((tmp / MANIFEST).read_text())
         reference = Pipeline(source, backend="ort-cpu")
-        if options.precision == "fp16":
-            targets = [c for c in manifest["components"] if c not in options.keep_fp32_components]
-        else:
-            targets = ["unet"]
-        calibration_file = None
-        if options.precision == "int8":
-            prompts = [CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)] for i in range(options.calibration_prompts)]
-            log(f"capturing UNet inputs along {len(prompts) * options.calibration_seeds} fp32 trajectories")
-            calls = trajectories(reference, prompts, options.calibration_seeds, options.steps)
-            calibration_file = tmp / "build" / "calibration" / "unet.npz"
-            save_calibration(calls, calibration_file)
-        for comp in targets:
-            entry = manifest["components"][comp]
-            graph = tmp / entry["file"]
-            fp32 = graph.with_name("model.fp32.onnx")
-            graph.rename(fp32)
-            log(f"{comp}: {options.precision}")
-            if options.precision == "fp16":
-                convert_fp16(fp32, graph, options.keep_fp32_ops)
-                entry["made_by"] = f"onnxruntime float16 converter, kept float32: {', '.join(options.keep_fp32_ops)}"
-            else:
-                quantize_int8(fp32, graph, load_calibration(calibration_file), options.keep_fp32_layers)
-                entry["made_by"] = (f"onnxruntime quantize_static QDQ, symmetric int8, per-channel weights, float biases, MinMax "
-                                    f"calibration "
-                                    f"on {len(calls)} UNet calls ({calibration_file.relative_to(tmp)}); kept float: "
-                                    f"{', '.join(options.keep_fp32_layers)}")
-            entry["precision"] = options.precision
-            entry.pop("weights", None)
-            if options.keep_fallback:
-                entry["fallback"] = str(fp32.relative_to(tmp))
-            else:
-                fp32.unlink()
-        manifest["precision"] = options.precision
-        manifest["files"] = file_hashes(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-
+        convert_components(tmp, manifest, reference, options, log)
+        write_manifest(tmp, manifest)
         log("quality gates against the fp32 package")
-        candidate = Pipeline(load_package(tmp), backend="ort-cpu")
-        gates = quality(reference, candidate, list(GATE_PROMPTS), options.gate_seeds, options.steps)
-        gates["psnr_gate_db"] = GATES[options.precision]
-        gates["passed"] = bool(gates["psnr_db_min"] >= GATES[options.precision])
-        if options.adherence:
-            from diffrt.models.evaluate_shapes import evaluate
-
-            ref_scores = evaluate(reference, seeds=2)["scores"]
-            new_scores = evaluate(candidate, seeds=2)["scores"]
-            gates["adherence"] = {"fp32": ref_scores, options.precision: new_scores}
-            gates["adherence_passed"] = bool(all(ref_scores[k] - new_scores[k] <= 0.03 for k in ref_scores))
-            gates["passed"] = gates["passed"] and gates["adherence_passed"]
-        manifest["quality"] = gates
-        manifest["files"] = file_hashes(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        log(f"PSNR min {gates['psnr_db_min']:.1f} dB (gate {GATES[options.precision]:.0f} dB), mean "
-            f"{gates['psnr_db_mean']:.1f} dB over {gates['images']} images; UNet per-step relative error max "
-            f"{gates['unet_step_rel_err_max']:.2e}, mean {gates['unet_step_rel_err_mean']:.2e}")
-        if options.adherence:
-            log("held-out prompt adherence (background / colour / shape), fp32 -> " + options.precision + ": "
-                + " / ".join(f"{ref_scores[k]:.0%}" for k in ref_scores) + " -> "
-                + " / ".join(f"{new_scores[k]:.0%}" for k in new_scores))
+        manifest["quality"] = gates = quality_gates(reference, Pipeline(load_package(tmp), backend="ort-cpu"), options, log)
+        write_manifest(tmp, manifest)
         if not gates["passed"] and not options.accept_quality:
             adherence = "" if gates.get("adherence_passed", True) else "; prompt adherence fell more than 3 points"
             raise UserError(f"the {options.precision} package misses its quality gate (PSNR {gates['psnr_db_min']:.1f} dB, "
@@ -270,4 +212,68 @@ def quantize_package(package: str | Path, out: str | Path, options: QuantizeOpti
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return gates
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    """The manifest with every file's current hash."""
+    from .writer import file_hashes
+
+    manifest["files"] = file_hashes(root)
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def convert_components(tmp: Path, manifest: dict[str, Any], reference: Pipeline, options: QuantizeOptions,
+                       log: Callable[[str], None]) -> None:
+    """Each targeted graph of the package in tmp converted in place, its float32 graph kept as the fallback."""
+    targets = [c for c in manifest["components"] if c not in options.keep_fp32_components] \
+        if options.precision == "fp16" else ["unet"]
+    if options.precision == "int8":
+        prompts = [CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)] for i in range(options.calibration_prompts)]
+        log(f"capturing UNet inputs along {len(prompts) * options.calibration_seeds} fp32 trajectories")
+        calls = trajectories(reference, prompts, options.calibration_seeds, options.steps)
+        calibration_file = tmp / "build" / "calibration" / "unet.npz"
+        save_calibration(calls, calibration_file)
+    for comp in targets:
+        entry = manifest["components"][comp]
+        graph = tmp / entry["file"]
+        fp32 = graph.with_name("model.fp32.onnx")
+        graph.rename(fp32)
+        log(f"{comp}: {options.precision}")
+        if options.precision == "fp16":
+            convert_fp16(fp32, graph, options.keep_fp32_ops)
+            entry["made_by"] = f"onnxruntime float16 converter, kept float32: {', '.join(options.keep_fp32_ops)}"
+        else:
+            quantize_int8(fp32, graph, load_calibration(calibration_file), options.keep_fp32_layers)
+            entry["made_by"] = (f"onnxruntime quantize_static QDQ, symmetric int8, per-channel weights, float biases, MinMax "
+                                f"calibration on {len(calls)} UNet calls ({calibration_file.relative_to(tmp)}); kept float: "
+                                f"{', '.join(options.keep_fp32_layers)}")
+        entry["precision"] = options.precision
+        entry.pop("weights", None)
+        if options.keep_fallback:
+            entry["fallback"] = str(fp32.relative_to(tmp))
+        else:
+            fp32.unlink()
+    manifest["precision"] = options.precision
+
+
+def quality_gates(reference: Pipeline, candidate: Pipeline, options: QuantizeOptions,
+                  log: Callable[[str], None]) -> dict[str, Any]:
+    """PSNR and per-step UNet error against the fp32 package (and, asked, the shapes model's prompt adherence)."""
+    gates = quality(reference, candidate, list(GATE_PROMPTS), options.gate_seeds, options.steps)
+    gates["psnr_gate_db"] = GATES[options.precision]
+    gates["passed"] = bool(gates["psnr_db_min"] >= GATES[options.precision])
+    log(f"PSNR min {gates['psnr_db_min']:.1f} dB (gate {GATES[options.precision]:.0f} dB), mean "
+        f"{gates['psnr_db_mean']:.1f} dB over {gates['images']} images; UNet per-step relative error max "
+        f"{gates['unet_step_rel_err_max']:.2e}, mean {gates['unet_step_rel_err_mean']:.2e}")
+    if options.adherence:
+        from diffrt.models.evaluate_shapes import evaluate
+
+        ref_scores, new_scores = evaluate(reference, seeds=2)["scores"], evaluate(candidate, seeds=2)["scores"]
+        gates["adherence"] = {"fp32": ref_scores, options.precision: new_scores}
+        gates["adherence_passed"] = bool(all(ref_scores[k] - new_scores[k] <= 0.03 for k in ref_scores))
+        gates["passed"] = gates["passed"] and gates["adherence_passed"]
+        log("held-out prompt adherence (background / colour / shape), fp32 -> " + options.precision + ": "
+            + " / ".join(f"{ref_scores[k]:.0%}" for k in ref_scores) + " -> "
+            + " / ".join(f"{new_scores[k]:.0%}" for k in new_scores))
     return gates

@@ -194,8 +194,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.path.is_file():
         settings = read_settings(args.path)
         print(json.dumps(settings, indent=1, ensure_ascii=False))
-        print(f"make it again: diffrt generate --from {args.path}" + (f" --model PACKAGE   (model {settings['model']})"
-                                                                       if settings.get("model") else ""))
+        from .bundled import BUNDLED_NAME
+
+        model = settings.get("model")
+        print(f"make it again: diffrt generate --from {args.path}"
+              + (f" --model PACKAGE   (the package of model {model})" if model and model != BUNDLED_NAME else ""))
         return 0
     from .engine_store import list_engines
     from .package import load_package
