@@ -88,14 +88,19 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, latent_ch
         rec = vae.decode(post.sample()).sample
         kl = post.kl().mean() / post.mean[0].numel()
         loss = F.mse_loss(rec, x) + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, step / 100) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
-        opt.step()
+        cosine_step(opt, loss, lr, step, steps, warmup=100)
         if step % 100 == 0 or step == steps:
             log(f"vae step {step}/{steps} loss {loss.item():.5f} kl {kl.item():.2f} ({time.time() - t0:.0f} s)")
     return vae.eval()
+
+
+def cosine_step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float, step: int, steps: int, warmup: int) -> None:
+    """One optimizer step at a linearly warmed-up, cosine-decayed learning rate."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for g in opt.param_groups:
+        g["lr"] = lr * min(1.0, step / warmup) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
+    opt.step()
 
 
 def refine_decoder(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch: int, lr: float) -> AutoencoderKL:
@@ -109,11 +114,7 @@ def refine_decoder(vae: AutoencoderKL, images: torch.Tensor, steps: int, batch: 
         with torch.no_grad():
             z = vae.encode(x).latent_dist.sample()
         loss = F.mse_loss(vae.decode(z).sample, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, step / 50) * (0.5 + 0.5 * math.cos(math.pi * step / steps))
-        opt.step()
+        cosine_step(opt, loss, lr, step, steps, warmup=50)
         if step % 100 == 0 or step == steps:
             log(f"decoder step {step}/{steps} loss {loss.item():.5f} ({time.time() - t0:.0f} s)")
     return vae.eval()

@@ -19,11 +19,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def positive_int(text: str) -> int:
+def whole(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def positive_int(text: str) -> int:
+    value = whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
     return value
@@ -47,10 +51,7 @@ def positive_number(text: str) -> float:
 
 
 def seed_value(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = whole(text)
     if not -1 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"{value} is outside 0 .. 2**63-1 (-1: random)")
     return value

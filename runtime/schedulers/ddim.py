@@ -5,19 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import alphas_with_final, spaced_timesteps
-
-
-def predict_x0_eps(model_output, sample, alpha_prod, prediction_type: str):
-    """(x0, eps) from the model output at a timestep with cumulative alpha alpha_prod."""
-    beta_prod = 1 - alpha_prod
-    if prediction_type == "epsilon":
-        return (sample - beta_prod**0.5 * model_output) / alpha_prod**0.5, model_output
-    if prediction_type == "v_prediction":
-        return (alpha_prod**0.5 * sample - beta_prod**0.5 * model_output,
-                alpha_prod**0.5 * model_output + beta_prod**0.5 * sample)
-    x0 = model_output
-    return x0, (sample - alpha_prod**0.5 * x0) / beta_prod**0.5
+from .schedules import alphas_with_final, spaced_timesteps, x0_eps
 
 
 class DDIM(Scheduler):
@@ -39,7 +27,7 @@ class DDIM(Scheduler):
         prev = t - self.config["num_train_timesteps"] // self.num_inference_steps
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
-        x0, eps = predict_x0_eps(model_output, sample, a_t, self.config["prediction_type"])
+        x0, eps = x0_eps(model_output, sample, a_t**0.5, (1 - a_t) ** 0.5, self.config["prediction_type"])
         if self.config["clip_sample"]:
             r = self.config["clip_sample_range"]
             x0 = np.clip(x0, -r, r)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import alphas_cumprod, first_index, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
+from .schedules import alphas_cumprod, first_index, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas, x0_eps
 
 
 def alpha_sigma(sigma):
@@ -64,12 +64,7 @@ class DPMSolverPP2M(Scheduler):
         final = i == n - 1 and (c["euler_at_final"] or (c["lower_order_final"] and n < 15) or c["final_sigmas_type"] == "zero")
         alpha_s0, sigma_s0 = alpha_sigma(self.sigmas[i])
         alpha_t, sigma_t = alpha_sigma(self.sigmas[i + 1])
-        if c["prediction_type"] == "epsilon":
-            x0 = (sample - sigma_s0 * model_output) / alpha_s0
-        elif c["prediction_type"] == "v_prediction":
-            x0 = alpha_s0 * sample - sigma_s0 * model_output
-        else:
-            x0 = model_output
+        x0, _ = x0_eps(model_output, sample, alpha_s0, sigma_s0, c["prediction_type"])
         with np.errstate(divide="ignore"):  # sigma 0 at a final "zero" step: h = inf, exp(-h) = 0, prev = x0
             h = (np.log(alpha_t) - np.log(sigma_t)) - (np.log(alpha_s0) - np.log(sigma_s0))
         first_order = c["solver_order"] == 1 or self.lower_order_nums < 1 or final

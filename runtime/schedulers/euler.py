@@ -5,14 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import alphas_cumprod, first_index, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
-
-
-def denoised(model_output, sample, sigma, prediction_type: str):
-    """x0 predicted from a k-diffusion style (sigma-scaled) sample."""
-    if prediction_type == "epsilon":
-        return sample - sigma * model_output
-    return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+from .schedules import alphas_cumprod, first_index, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas, x0_at_sigma
 
 
 class Euler(Scheduler):
@@ -50,6 +43,6 @@ class Euler(Scheduler):
     def step(self, model_output, timestep, sample, generator=None):
         i = self.step_index(timestep)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-        x0 = denoised(model_output, sample, sigma, self.config["prediction_type"])
+        x0 = x0_at_sigma(model_output, sample, sigma, self.config["prediction_type"])
         self.next_index = i + 1
         return (sample + (sample - x0) / sigma * (sigma_next - sigma)).astype(np.float32)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler, noise_like
-from .ddim import predict_x0_eps
-from .schedules import alphas_with_final
+from .schedules import alphas_with_final, x0_eps
 
 
 class LCM(Scheduler):
@@ -39,7 +38,7 @@ class LCM(Scheduler):
         scaled = t * self.config["timestep_scaling"]
         c_skip = 0.25 / (scaled**2 + 0.25)
         c_out = scaled / (scaled**2 + 0.25) ** 0.5
-        x0, _ = predict_x0_eps(model_output, sample, a_t, self.config["prediction_type"])
+        x0, _ = x0_eps(model_output, sample, a_t**0.5, (1 - a_t) ** 0.5, self.config["prediction_type"])
         if self.config["clip_sample"]:
             x0 = np.clip(x0, -self.config["clip_sample_range"], self.config["clip_sample_range"])
         out = c_out * x0 + c_skip * sample

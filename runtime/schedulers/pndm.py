@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import alphas_with_final, spaced_timesteps
+from .schedules import alphas_with_final, spaced_timesteps, x0_eps
 
 
 class PNDM(Scheduler):
@@ -85,7 +85,7 @@ class PNDM(Scheduler):
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
         b_t, b_prev = 1 - a_t, 1 - a_prev
         if self.config["prediction_type"] == "v_prediction":
-            model_output = a_t**0.5 * model_output + b_t**0.5 * sample
+            model_output = x0_eps(model_output, sample, a_t**0.5, b_t**0.5, "v_prediction")[1]
         coeff = (a_prev / a_t) ** 0.5
         denom = a_t * b_prev**0.5 + (a_t * b_t * a_prev) ** 0.5
         return (coeff * sample - (a_prev - a_t) * model_output / denom).astype(np.float32)
