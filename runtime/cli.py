@@ -186,6 +186,43 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    require("serve", "fastapi", "uvicorn", "pydantic", "prometheus_client")
+    import uvicorn
+
+    from diffrt.serve import ServeOptions, create_app
+
+    from .package import load_package
+
+    if args.model is not None:
+        load_package(args.model)  # a bad --model is refused here, before the server starts
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"diffrt: warning: serving on {args.host} without --api-key: anyone who reaches it can use it", file=sys.stderr)
+    app = create_app(ServeOptions(model=args.model, backend=args.backend, threads=args.threads, max_batch=args.max_batch,
+                                  max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
+                                  api_key=args.api_key or os.environ.get("DIFFRT_API_KEY")))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    return 0
+
+
+def add_serve(sub) -> None:
+    from .engines import BACKENDS
+
+    s = sub.add_parser("serve", help="HTTP image service: OpenAI and AUTOMATIC1111 APIs, health, metrics (needs diffrt[serve])")
+    s.add_argument("--model", type=Path, help="model package folder (default: the bundled model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    s.add_argument("--port", type=positive_int, default=7860, help="default %(default)s")
+    s.add_argument("--backend", choices=BACKENDS, default="auto", help="default auto")
+    s.add_argument("--threads", type=positive_int, help="CPU threads for onnxruntime (default: all cores)")
+    s.add_argument("--max-batch", type=positive_int, default=4, help="images per pipeline call (default %(default)s)")
+    s.add_argument("--max-wait-ms", type=number, default=50, help="how long a request waits for others to batch with "
+                   "(default %(default)s)")
+    s.add_argument("--max-queue", type=positive_int, default=64, help="queued requests before answering 429 (default %(default)s)")
+    s.add_argument("--timeout", type=positive_number, default=600, help="seconds a request may take (default %(default)s)")
+    s.add_argument("--api-key", help="require this key (Authorization: Bearer KEY); env DIFFRT_API_KEY")
+    s.set_defaults(func=cmd_serve)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """A package's contents, or an image's settings and the command that makes it again."""
     import json
@@ -354,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--check", type=Path, metavar="PACKAGE", help="run every usable backend on this package and compare")
     dr.set_defaults(func=cmd_doctor)
     add_bench(sub)
+    add_serve(sub)
     i = sub.add_parser("info", help="what a package holds, or the settings an image was made with")
     i.add_argument("path", type=Path, help="a package folder, or an image made by diffrt generate")
     i.set_defaults(func=cmd_info)

@@ -19,7 +19,7 @@ from .family import adapter_for
 from .generators import ImageGenerators
 from .memory import check_fits
 from .package import REQUIRED, Package, load_package
-from .request import Request, check_request, expand_prompts, image_seeds, make_checked_scheduler, size_note
+from .request import Request, check_request, check_seeds, expand_prompts, image_seeds, make_checked_scheduler, size_note
 from .schedulers import short_name
 from .tokenizer import ClipTokenizer
 
@@ -154,9 +154,11 @@ class Pipeline:
                  guidance_scale: float | None = None, scheduler: str | None = None, seed: int | None = None,
                  width: int | None = None, height: int | None = None, num_images: int = 1,
                  latents: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None,
-                 num_inference_steps: int | None = None, num_images_per_prompt: int | None = None) -> Result:
+                 num_inference_steps: int | None = None, num_images_per_prompt: int | None = None,
+                 seeds: list[int] | None = None) -> Result:
         """Images for prompt (or each of a list of prompts), num_images each. Image i gets seed + i (seed None or -1:
-        random), so any image can be made again alone; steps and num_images also go by diffusers' names."""
+        random), so any image can be made again alone; seeds gives every image's seed instead (a server batching
+        requests); steps and num_images also go by diffusers' names."""
         pkg, d = self.package, self.package.defaults
         steps = next((v for v in (steps, num_inference_steps) if v is not None), d["steps"])
         num_images = num_images_per_prompt if num_images_per_prompt is not None else num_images
@@ -164,7 +166,8 @@ class Pipeline:
         width, height = width or d["width"], height or d["height"]
         check_request(width, height, steps, num_images, guidance, pkg.vae_scale_factor)
         prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
-        req = Request(prompts, negatives, image_seeds(seed, len(prompts)), steps, guidance, width, height)
+        req = Request(prompts, negatives, image_seeds(seed, len(prompts)) if seeds is None else check_seeds(seeds, len(prompts)),
+                      steps, guidance, width, height)
         sched = make_checked_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config, steps)
         if self.backend == "ort-cpu":
             too_big = check_fits(pkg.root, width, height, pkg.vae_scale_factor, len(prompts) * (2 if req.guided else 1))

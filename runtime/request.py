@@ -105,6 +105,16 @@ def image_seeds(seed: Any, count: int) -> list[int]:
     return [int(seed) + i for i in range(count)]
 
 
+def check_seeds(seeds: Any, count: int) -> list[int]:
+    """One explicit seed per image."""
+    if not isinstance(seeds, (list, tuple)) or len(seeds) != count:
+        raise UserError(f"give one seed per image ({count}), not {seeds!r}")
+    for s in seeds:
+        if not is_whole(s) or not 0 <= s <= MAX_SEED:
+            raise UserError(f"seed must be a whole number from 0 to {MAX_SEED}, not {s!r}")
+    return [int(s) for s in seeds]
+
+
 def make_checked_scheduler(name: str | None, config: dict, steps: int):
     """The scheduler set to `steps`, refused in one line when it cannot take that many (naming the most it can)."""
     try:

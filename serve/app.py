@@ -1,0 +1,283 @@
+"""The HTTP service: OpenAI's images API and AUTOMATIC1111's txt2img over one batched pipeline, with health and
+Prometheus metrics. `create_app(...)` is an ASGI app factory; `diffrt serve` runs it on uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from diffrt.runtime.errors import UserError
+
+from .batcher import Batcher, Job, QueueFull
+from .metrics import Metrics
+from .schemas import OpenAIImageRequest, Txt2ImgRequest
+
+MAX_BODY = 1_000_000  # bytes
+OPEN_ROUTES = ("/health", "/metrics")
+
+
+@dataclass
+class ServeOptions:
+    model: Path | None = None
+    backend: str = "auto"
+    threads: int | None = None
+    max_batch: int = 4
+    max_wait_ms: float = 50
+    max_queue: int = 64
+    timeout_s: float = 600
+    api_key: str | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers or {}
+
+
+def error_body(message: str, kind: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+class Service:
+    """The loaded pipeline, its batcher and metrics; requests become jobs."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options, self.metrics = options, Metrics()
+        self.pipe = None
+        self.load_error: str | None = None
+        self.batcher = Batcher(self.run_batch, options.max_batch, options.max_wait_ms / 1000, options.max_queue,
+                               on_batch=self.record_batch)
+
+    def load(self) -> None:
+        from diffrt.runtime.pipeline import Pipeline
+
+        try:
+            self.pipe = Pipeline.from_package(self.options.model, backend=self.options.backend, threads=self.options.threads)
+        except Exception as exc:  # reported by /health; the process stays up for an operator to see why
+            self.load_error = f"{type(exc).__name__}: {exc}"
+
+    @property
+    def name(self) -> str:
+        return self.pipe.package.name if self.pipe else "loading"
+
+    def run_batch(self, jobs: list[Job]) -> list[Any]:
+        """Every job's images from one pipeline call (runs in the batcher's thread)."""
+        settings = jobs[0].settings
+
+        def progress(done: int, total: int) -> None:
+            for job in jobs:
+                job.step, job.total = done, total
+
+        result = self.pipe([p for j in jobs for p in j.prompts], negative_prompt=[n for j in jobs for n in j.negatives],
+                           seeds=[s for j in jobs for s in j.seeds], progress=progress, **settings)
+        for stage in ("text_encoder", "vae_decode"):
+            self.metrics.stage.labels(stage).observe(result.timings[stage])
+        self.metrics.stage.labels("unet").observe(sum(result.timings["unet"]))
+        out, start = [], 0
+        for job in jobs:
+            out.append([(result.images[i], result.image_settings(i)) for i in range(start, start + len(job.prompts))])
+            start += len(job.prompts)
+        return out
+
+    def record_batch(self, jobs: list[Job], seconds: float) -> None:
+        self.metrics.batch_images.observe(sum(len(j.prompts) for j in jobs))
+        self.metrics.images.inc(sum(len(j.prompts) for j in jobs))
+
+    def check(self, job: Job) -> None:
+        """Refuse a job before it is queued, so that one bad request never fails a batch it shares."""
+        from diffrt.runtime.request import check_request, check_text, make_checked_scheduler
+
+        if self.pipe is None:
+            raise ApiError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
+        d, s = self.pipe.package.defaults, job.settings
+        for text in job.prompts + job.negatives:
+            check_text(text, "prompt")
+        check_request(s["width"] or d["width"], s["height"] or d["height"], s["steps"] or d["steps"], len(job.prompts),
+                      d["guidance_scale"] if s["guidance_scale"] is None else s["guidance_scale"],
+                      self.pipe.package.vae_scale_factor)
+        make_checked_scheduler(s["scheduler"] or d.get("scheduler"), self.pipe.package.scheduler_config, s["steps"] or d["steps"])
+
+    async def generate(self, job: Job) -> list[tuple[Any, dict]]:
+        self.check(job)
+        self.metrics.queue_depth.set(len(self.batcher.queue) + 1)
+        try:
+            return await asyncio.wait_for(self.batcher.submit(job), self.options.timeout_s)
+        except QueueFull:
+            raise ApiError(429, f"the queue is full ({self.options.max_queue} requests); retry later",
+                           headers={"Retry-After": "2"}) from None
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the request took longer than {self.options.timeout_s:g} s") from None
+        finally:
+            self.metrics.queue_depth.set(len(self.batcher.queue))
+            self.metrics.queue_wait.observe(time.perf_counter() - job.enqueued)
+
+
+def encode(image, settings: dict, fmt: str = "png") -> str:
+    from diffrt.runtime.images import encoded
+
+    pil_format = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt]
+    image, options = encoded(image, pil_format, settings)
+    buffer = BytesIO()
+    image.save(buffer, format=pil_format, **options)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def seeds_from(seed: int | None, count: int) -> list[int]:
+    from diffrt.runtime.request import image_seeds
+
+    return image_seeds(seed, count)
+
+
+def add_openai_routes(app: FastAPI, service: Service) -> None:
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": 0, "owned_by": "diffrt"}]}
+
+    @app.post("/v1/images/generations")
+    async def generations(body: OpenAIImageRequest) -> dict:
+        if body.model not in (None, service.name):
+            raise ApiError(400, f"model {body.model!r} is not served here; GET /v1/models lists {service.name!r}", "model")
+        width, height = body.dimensions()
+        job = Job([body.prompt] * body.n, [body.negative_prompt] * body.n, seeds_from(body.seed, body.n),
+                  {"steps": body.steps, "guidance_scale": body.guidance_scale, "scheduler": body.scheduler,
+                   "width": width, "height": height})
+        images = await service.generate(job)
+        return {"created": int(time.time()), "output_format": body.output_format,
+                "data": [{"b64_json": encode(img, s, body.output_format), "revised_prompt": body.prompt} for img, s in images]}
+
+
+def add_a1111_routes(app: FastAPI, service: Service) -> None:
+    from diffrt.runtime.schedulers import A1111_NAMES, SHORT_NAMES
+
+    a1111_name = {short: label for label, short in A1111_NAMES.items()}
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(body: Txt2ImgRequest) -> dict:
+        count = body.batch_size * body.n_iter
+        job = Job([body.prompt] * count, [body.negative_prompt] * count, seeds_from(body.seed, count),
+                  {"steps": body.steps, "guidance_scale": body.cfg_scale, "scheduler": body.sampler_name or body.scheduler,
+                   "width": body.width, "height": body.height})
+        images = await service.generate(job)
+        first = images[0][1]
+        info = {"prompt": body.prompt, "all_prompts": job.prompts, "negative_prompt": body.negative_prompt,
+                "all_negative_prompts": job.negatives, "seed": job.seeds[0], "all_seeds": job.seeds,
+                "subseed": -1, "all_subseeds": [-1] * count, "steps": first["steps"], "cfg_scale": first["guidance_scale"],
+                "sampler_name": a1111_name.get(first["scheduler"], first["scheduler"]), "width": first["width"],
+                "height": first["height"], "sd_model_name": service.name, "sd_model_hash": first["model_hash"][:10],
+                "batch_size": body.batch_size, "infotexts": [parameters(s) for _, s in images]}
+        return {"images": [encode(img, s) for img, s in images], "parameters": body.model_dump(), "info": json.dumps(info)}
+
+    @app.get("/sdapi/v1/samplers")
+    async def samplers() -> list:
+        return [{"name": label, "aliases": [short, SHORT_NAMES[short][0].class_name], "options": {}}
+                for label, short in A1111_NAMES.items()]
+
+    @app.get("/sdapi/v1/sd-models")
+    async def sd_models() -> list:
+        pkg = service.pipe.package if service.pipe else None
+        return [{"title": service.name, "model_name": service.name, "hash": pkg.model_hash[:8] if pkg else None,
+                 "sha256": None, "filename": str(pkg.root) if pkg else None, "config": None}]
+
+    @app.get("/sdapi/v1/progress")
+    async def progress() -> dict:
+        running = service.batcher.running
+        step, total = (running[0].step, running[0].total) if running else (0, 0)
+        return {"progress": step / total if total else 0.0, "eta_relative": 0.0,
+                "state": {"sampling_step": step, "sampling_steps": total,
+                          "job_count": len(service.batcher.queue) + len(running)},
+                "current_image": None, "textinfo": None}
+
+
+def parameters(settings: dict) -> str:
+    from diffrt.runtime.images import parameters_text
+
+    return parameters_text(settings)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        kind = "rate_limit_error" if exc.status == 429 else "invalid_request_error" if exc.status < 500 else "server_error"
+        return JSONResponse(error_body(exc.message, kind, exc.param), exc.status, headers=exc.headers)
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "invalid_request_error"), 400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"the body is not valid JSON ({first.get('msg')})", "invalid_request_error"), 400)
+        return JSONResponse(error_body(f"{field or 'body'}: {first.get('msg')}", "invalid_request_error", field), 422)
+
+
+def add_plumbing(app: FastAPI, service: Service) -> None:
+    """Body size cap, API key, per-route request counts; /health and /metrics."""
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        route, status = request.url.path, 500
+        try:
+            if int(request.headers.get("content-length") or 0) > MAX_BODY:
+                status = 413
+                return JSONResponse(error_body(f"the body is over {MAX_BODY} bytes", "invalid_request_error"), 413)
+            key = service.options.api_key
+            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or request.headers.get("x-api-key")
+            if key and route not in OPEN_ROUTES and given != key:
+                status = 401
+                return JSONResponse(error_body("a valid API key is needed (Authorization: Bearer KEY)", "authentication_error"),
+                                    401)
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            service.metrics.requests.labels(route if route.startswith(("/v1", "/sdapi", "/health", "/metrics")) else "other",
+                                            str(status)).inc()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if service.load_error:
+            return JSONResponse({"status": "failed", "error": service.load_error}, 500)
+        if service.pipe is None:
+            return JSONResponse({"status": "loading"}, 503)
+        return JSONResponse({"status": "ok", "model": service.name, "backend": service.pipe.backend,
+                             "queue": len(service.batcher.queue)})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(options: ServeOptions | None = None, **kwargs: Any) -> FastAPI:
+    """The ASGI app; the model loads in the background at startup (/health says 503 until it is ready)."""
+    service = Service(options or ServeOptions(**kwargs))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.batcher.start()
+        loading = asyncio.get_running_loop().create_task(asyncio.to_thread(service.load))
+        app.state.loading = loading
+        yield
+        await service.batcher.stop()
+
+    app = FastAPI(title="diffrt", lifespan=lifespan)
+    app.state.service = service
+    add_error_handlers(app)
+    add_plumbing(app, service)
+    add_openai_routes(app, service)
+    add_a1111_routes(app, service)
+    return app

@@ -1,0 +1,180 @@
+"""`diffrt serve` as clients meet it: a real server on 127.0.0.1 (a free port), real HTTP clients (httpx, the OpenAI
+SDK), its images against the pipeline's, batching, limits and bad input. Every server is started and stopped here."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
+
+import numpy as np
+import pytest
+from PIL import Image
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+from diffrt.runtime.pipeline import Pipeline  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, package, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "diffrt.runtime.cli", "serve", "--model", str(package),
+                                      "--port", str(self.port), *args], stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert self.proc.poll() is None, self.proc.stderr.read()
+            time.sleep(0.2)
+        raise TimeoutError("the server did not become healthy in 60 s")
+
+    def post(self, route: str, body, **kwargs) -> httpx.Response:
+        if isinstance(body, (dict, list)):
+            return httpx.post(self.url + route, json=body, timeout=120, **kwargs)
+        return httpx.post(self.url + route, content=body, timeout=120, headers={"content-type": "application/json"}, **kwargs)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_package):
+    srv = Server(tiny_package, "--max-wait-ms", "400", "--max-batch", "4")
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def local(tiny_package):
+    return Pipeline.from_package(tiny_package, backend="ort-cpu")
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(BytesIO(base64.b64decode(b64))).convert("RGB"), np.int16)
+
+
+def alone(local, prompt: str, seed: int, **settings) -> np.ndarray:
+    return np.asarray(local(prompt, seed=seed, **settings).images[0], np.int16)
+
+
+def test_openai_images_equal_the_pipelines(server, local):
+    r = server.post("/v1/images/generations", {"prompt": "a red house", "n": 2, "seed": 11, "steps": 3, "size": "32x32"})
+    assert r.status_code == 200, r.text
+    data = r.json()["data"]
+    assert len(data) == 2
+    for i, item in enumerate(data):
+        assert np.abs(decode(item["b64_json"]) - alone(local, "a red house", 11 + i, steps=3)).max() <= 1
+    assert httpx.get(server.url + "/v1/models").json()["data"][0]["id"] == "tiny"
+
+
+def test_the_openai_sdk_gets_images(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(model="tiny", prompt="a blue car", n=1, size="32x32",
+                                     extra_body={"seed": 4, "steps": 2, "output_format": "webp"})
+    image = Image.open(BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert image.format == "WEBP" and image.size == (32, 32)
+
+
+def test_a1111_txt2img_and_its_lists(server, local):
+    body = {"prompt": "a green tree", "negative_prompt": "blur", "seed": 20, "sampler_name": "Euler a", "steps": 3,
+            "cfg_scale": 5, "width": 32, "height": 32, "batch_size": 2, "n_iter": 2, "restore_faces": False}
+    r = server.post("/sdapi/v1/txt2img", body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    info = json.loads(out["info"])
+    assert len(out["images"]) == 4 and info["all_seeds"] == [20, 21, 22, 23] and info["sampler_name"] == "Euler a"
+    third = alone(local, "a green tree", 22, negative_prompt="blur", scheduler="euler_a", steps=3, guidance_scale=5)
+    assert np.abs(decode(out["images"][2]) - third).max() <= 1
+    assert "Seed: 22" in info["infotexts"][2]
+    names = [s["name"] for s in httpx.get(server.url + "/sdapi/v1/samplers").json()]
+    assert {"Euler a", "DPM++ 2M Karras", "DDIM"} <= set(names)
+    assert httpx.get(server.url + "/sdapi/v1/sd-models").json()[0]["model_name"] == "tiny"
+    assert httpx.get(server.url + "/sdapi/v1/progress").json()["state"]["sampling_step"] == 0
+
+
+def test_concurrent_requests_are_batched_and_each_equals_its_request_alone(server, local):
+    def ask(seed: int) -> httpx.Response:
+        return server.post("/v1/images/generations", {"prompt": f"a cat number {seed}", "seed": seed, "steps": 4})
+
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(ask, (31, 32, 33, 34)))
+    for seed, r in zip((31, 32, 33, 34), responses):
+        assert r.status_code == 200, r.text
+        assert np.abs(decode(r.json()["data"][0]["b64_json"]) - alone(local, f"a cat number {seed}", seed, steps=4)).max() <= 1
+    metrics = httpx.get(server.url + "/metrics").text
+    batched = [line for line in metrics.splitlines() if line.startswith("diffrt_batch_images_bucket") and 'le="1.0"' in line]
+    count = [line for line in metrics.splitlines() if line.startswith("diffrt_batch_images_count")]
+    assert float(batched[0].split()[-1]) < float(count[0].split()[-1])  # some pipeline call made more than one image
+    assert 'diffrt_requests_total{route="/v1/images/generations",status="200"}' in metrics
+
+
+@pytest.mark.parametrize("route, body, status, fragment", [
+    ("/v1/images/generations", "{not json", 400, "not valid JSON"),
+    ("/v1/images/generations", {"prompt": "a cat", "steps": "many"}, 422, "steps"),
+    ("/v1/images/generations", {"prompt": "a cat", "n": 99}, 422, "n:"),
+    ("/v1/images/generations", {"prompt": ""}, 422, "prompt"),
+    ("/v1/images/generations", {"prompt": "a cat", "size": "33x32"}, 400, "width 33 is not a multiple of 2"),
+    ("/v1/images/generations", {"prompt": "a cat", "size": "big"}, 422, "WIDTHxHEIGHT"),
+    ("/v1/images/generations", {"prompt": "a cat", "model": "sdxl"}, 400, "is not served here"),
+    ("/v1/images/generations", {"prompt": "a cat", "response_format": "url"}, 422, "response_format"),
+    ("/v1/images/generations", '{"prompt": "a \\udcff cat"}', 422, "prompt: Input should be a valid string"),  # lone surrogate
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "sampler_name": "Heun"}, 400, "unknown scheduler 'Heun'"),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "steps": 1000, "sampler_name": "DDIM"}, 400, "at most 999"),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "cfg_scale": -1}, 422, "cfg_scale"),
+    ("/sdapi/v1/txt2img", [1, 2], 422, "body"),
+])
+def test_bad_requests_get_a_json_error_and_the_server_goes_on(server, route, body, status, fragment):
+    r = server.post(route, body)
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_too_large_body_is_refused(server):
+    r = server.post("/v1/images/generations", {"prompt": "a" * 10, "negative_prompt": "x" * 2_000_000})
+    assert r.status_code == 413 and "bytes" in r.json()["error"]["message"]
+
+
+def test_api_key_and_queue_limit(tiny_package):
+    srv = Server(tiny_package, "--api-key", "sesame", "--max-queue", "1", "--max-wait-ms", "0")
+    try:
+        assert srv.post("/v1/images/generations", {"prompt": "a cat", "steps": 1}).status_code == 401
+        assert httpx.get(srv.url + "/health").status_code == 200  # open to load balancers
+        auth = {"Authorization": "Bearer sesame"}
+
+        def ask(_: int) -> httpx.Response:
+            return srv.post("/v1/images/generations", {"prompt": "a cat", "steps": 300, "size": "64x64"}, headers=auth)
+
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(ask, range(4)))
+        statuses = [r.status_code for r in responses]
+        assert 200 in statuses and 429 in statuses, statuses
+        assert all(r.headers.get("retry-after") for r in responses if r.status_code == 429)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_bad_model_is_refused_before_serving(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "serve", "--model", str(tmp_path / "nowhere"),
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
