@@ -15,12 +15,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from diffrt.runtime.errors import UserError
 
-from .batcher import Batcher, Job, QueueFull
+from .batcher import Batcher, Cancelled, Job, QueueFull, ShuttingDown
 from .metrics import Metrics
 from .schemas import OpenAIImageRequest, Txt2ImgRequest
 
@@ -79,6 +79,8 @@ class Service:
         def progress(done: int, total: int) -> None:
             for job in jobs:
                 job.step, job.total = done, total
+            if all(job.cancelled for job in jobs):
+                raise Cancelled
 
         result = self.pipe([p for j in jobs for p in j.prompts], negative_prompt=[n for j in jobs for n in j.negatives],
                            seeds=[s for j in jobs for s in j.seeds], progress=progress, **settings)
@@ -90,6 +92,12 @@ class Service:
             out.append([(result.images[i], result.image_settings(i)) for i in range(start, start + len(job.prompts))])
             start += len(job.prompts)
         return out
+
+    def progress(self) -> dict[str, int]:
+        """Step i of n of the running batch, and how many jobs run and wait."""
+        running = self.batcher.running
+        step, total = (running[0].step, running[0].total) if running else (0, 0)
+        return {"step": step, "total": total, "running": len(running), "queued": len(self.batcher.queue)}
 
     def record_batch(self, jobs: list[Job], seconds: float) -> None:
         self.metrics.batch_images.observe(sum(len(j.prompts) for j in jobs))
@@ -109,19 +117,34 @@ class Service:
                       self.pipe.package.vae_scale_factor)
         make_checked_scheduler(s["scheduler"] or d.get("scheduler"), self.pipe.package.scheduler_config, s["steps"] or d["steps"])
 
-    async def generate(self, job: Job) -> list[tuple[Any, dict]]:
+    async def generate(self, job: Job, request: Request) -> list[tuple[Any, dict]]:
+        """The job's images; its work is given up when the client disconnects or the timeout passes."""
         self.check(job)
         self.metrics.queue_depth.set(len(self.batcher.queue) + 1)
+        task = asyncio.ensure_future(self.batcher.submit(job))
+        watcher = asyncio.ensure_future(watch_disconnect(request, task))
         try:
-            return await asyncio.wait_for(self.batcher.submit(job), self.options.timeout_s)
+            return await asyncio.wait_for(task, self.options.timeout_s)
         except QueueFull:
             raise ApiError(429, f"the queue is full ({self.options.max_queue} requests); retry later",
                            headers={"Retry-After": "2"}) from None
         except asyncio.TimeoutError:
             raise ApiError(504, f"the request took longer than {self.options.timeout_s:g} s") from None
+        except ShuttingDown:
+            raise ApiError(503, "the server is shutting down; retry on another instance", headers={"Retry-After": "5"}) from None
         finally:
+            watcher.cancel()
             self.metrics.queue_depth.set(len(self.batcher.queue))
             self.metrics.queue_wait.observe(time.perf_counter() - job.enqueued)
+
+
+async def watch_disconnect(request: Request, task: asyncio.Future) -> None:
+    """Cancel task when the client goes away (checked every 0.2 s)."""
+    while not task.done():
+        if await request.is_disconnected():
+            task.cancel()
+            return
+        await asyncio.sleep(0.2)
 
 
 def encode(image, settings: dict, fmt: str = "png") -> str:
@@ -146,14 +169,14 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
         return {"object": "list", "data": [{"id": service.name, "object": "model", "created": 0, "owned_by": "diffrt"}]}
 
     @app.post("/v1/images/generations")
-    async def generations(body: OpenAIImageRequest) -> dict:
+    async def generations(body: OpenAIImageRequest, request: Request) -> dict:
         if body.model not in (None, service.name):
             raise ApiError(400, f"model {body.model!r} is not served here; GET /v1/models lists {service.name!r}", "model")
         width, height = body.dimensions()
         job = Job([body.prompt] * body.n, [body.negative_prompt] * body.n, seeds_from(body.seed, body.n),
                   {"steps": body.steps, "guidance_scale": body.guidance_scale, "scheduler": body.scheduler,
                    "width": width, "height": height})
-        images = await service.generate(job)
+        images = await service.generate(job, request)
         return {"created": int(time.time()), "output_format": body.output_format,
                 "data": [{"b64_json": encode(img, s, body.output_format), "revised_prompt": body.prompt} for img, s in images]}
 
@@ -164,12 +187,12 @@ def add_a1111_routes(app: FastAPI, service: Service) -> None:
     a1111_name = {short: label for label, short in A1111_NAMES.items()}
 
     @app.post("/sdapi/v1/txt2img")
-    async def txt2img(body: Txt2ImgRequest) -> dict:
+    async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
         count = body.batch_size * body.n_iter
         job = Job([body.prompt] * count, [body.negative_prompt] * count, seeds_from(body.seed, count),
                   {"steps": body.steps, "guidance_scale": body.cfg_scale, "scheduler": body.sampler_name or body.scheduler,
                    "width": body.width, "height": body.height})
-        images = await service.generate(job)
+        images = await service.generate(job, request)
         first = images[0][1]
         info = {"prompt": body.prompt, "all_prompts": job.prompts, "negative_prompt": body.negative_prompt,
                 "all_negative_prompts": job.negatives, "seed": job.seeds[0], "all_seeds": job.seeds,
@@ -192,11 +215,10 @@ def add_a1111_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/sdapi/v1/progress")
     async def progress() -> dict:
-        running = service.batcher.running
-        step, total = (running[0].step, running[0].total) if running else (0, 0)
-        return {"progress": step / total if total else 0.0, "eta_relative": 0.0,
-                "state": {"sampling_step": step, "sampling_steps": total,
-                          "job_count": len(service.batcher.queue) + len(running)},
+        state = service.progress()
+        return {"progress": state["step"] / state["total"] if state["total"] else 0.0, "eta_relative": 0.0,
+                "state": {"sampling_step": state["step"], "sampling_steps": state["total"],
+                          "job_count": state["queued"] + state["running"]},
                 "current_image": None, "textinfo": None}
 
 
@@ -225,28 +247,48 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(f"{field or 'body'}: {first.get('msg')}", "invalid_request_error", field), 422)
 
 
-def add_plumbing(app: FastAPI, service: Service) -> None:
-    """Body size cap, API key, per-route request counts; /health and /metrics."""
+class Guard:
+    """Plain ASGI middleware (it leaves the app's view of client disconnects intact): body size cap, API key,
+    request counts by route and status."""
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        route, status = request.url.path, 500
+    def __init__(self, app, service: Service) -> None:
+        self.app, self.service = app, service
+
+    def refusal(self, scope) -> JSONResponse | None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        length = headers.get("content-length", "0")
+        if length.isdigit() and int(length) > MAX_BODY:
+            return JSONResponse(error_body(f"the body is over {MAX_BODY} bytes", "invalid_request_error"), 413)
+        key = self.service.options.api_key
+        given = headers.get("authorization", "").removeprefix("Bearer ").strip() or headers.get("x-api-key")
+        if key and scope["path"] not in OPEN_ROUTES and given != key:
+            return JSONResponse(error_body("a valid API key is needed (Authorization: Bearer KEY)", "authentication_error"), 401)
+        return None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
         try:
-            if int(request.headers.get("content-length") or 0) > MAX_BODY:
-                status = 413
-                return JSONResponse(error_body(f"the body is over {MAX_BODY} bytes", "invalid_request_error"), 413)
-            key = service.options.api_key
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip() or request.headers.get("x-api-key")
-            if key and route not in OPEN_ROUTES and given != key:
-                status = 401
-                return JSONResponse(error_body("a valid API key is needed (Authorization: Bearer KEY)", "authentication_error"),
-                                    401)
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                return await refusal(scope, receive, sending)
+            await self.app(scope, receive, sending)
         finally:
-            service.metrics.requests.labels(route if route.startswith(("/v1", "/sdapi", "/health", "/metrics")) else "other",
-                                            str(status)).inc()
+            path = scope["path"]
+            route = path if path.startswith(("/v1", "/sdapi", "/health", "/metrics")) else "other"
+            self.service.metrics.requests.labels(route, str(status[0])).inc()
+
+
+def add_plumbing(app: FastAPI, service: Service) -> None:
+    """The guard middleware; /health, /metrics and the progress stream."""
+    app.add_middleware(Guard, service=service)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -256,6 +298,24 @@ def add_plumbing(app: FastAPI, service: Service) -> None:
             return JSONResponse({"status": "loading"}, 503)
         return JSONResponse({"status": "ok", "model": service.name, "backend": service.pipe.backend,
                              "queue": len(service.batcher.queue)})
+
+    @app.get("/v1/progress/stream")
+    async def progress_stream(request: Request) -> StreamingResponse:
+        """Server-sent events: the running batch's step every 0.25 s, until nothing has run or waited for a second."""
+
+        async def events():
+            idle_since = None
+            deadline = time.monotonic() + service.options.timeout_s
+            while time.monotonic() < deadline and not await request.is_disconnected():
+                state = service.progress()
+                yield f"data: {json.dumps(state)}\n\n"
+                busy = state["running"] or state["queued"]
+                idle_since = None if busy else idle_since or time.monotonic()
+                if idle_since and time.monotonic() - idle_since > 1.0:
+                    return
+                await asyncio.sleep(0.25)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/metrics")
     async def metrics() -> Response:

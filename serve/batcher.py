@@ -11,11 +11,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffrt.runtime.errors import UserError
-
 
 class QueueFull(Exception):
     """The queue holds max_queue jobs already."""
+
+
+class ShuttingDown(Exception):
+    """The server stopped before the job ran."""
+
+
+class Cancelled(Exception):
+    """Every job of a running batch was given up by its client: the pipeline stops at the next step."""
 
 
 @dataclass
@@ -31,6 +37,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     step: int = 0
     total: int = 0
+    cancelled: bool = False
 
     def key(self) -> tuple:
         return tuple(sorted(self.settings.items()))
@@ -57,7 +64,7 @@ class Batcher:
         """Cancel what is still queued, let the running batch finish, and end the worker."""
         for job in self.queue:
             if not job.future.done():
-                job.future.set_exception(UserError("the server is shutting down; retry on another instance"))
+                job.future.set_exception(ShuttingDown())
         self.queue.clear()
         if self.worker:
             self.worker.cancel()
@@ -70,10 +77,12 @@ class Batcher:
         self.queue.append(job)
         self.wakeup.set()
         try:
-            return await job.future
-        finally:
-            if job in self.queue:  # the client went away before its turn: drop the job
+            return await asyncio.shield(job.future)
+        except asyncio.CancelledError:  # the client went away: drop the job, or mark it so its batch can stop early
+            job.cancelled = True
+            if job in self.queue:
                 self.queue.remove(job)
+            raise
 
     def _take(self) -> list[Job]:
         """The oldest job and the queued jobs that fit its batch, in arrival order."""
@@ -106,7 +115,7 @@ class Batcher:
             if self.on_batch:
                 self.on_batch(batch, time.perf_counter() - started)
             for job, result in zip(batch, results):
-                if job.future.done():
+                if job.future.done() or job.cancelled:
                     continue
                 if isinstance(result, Exception):
                     job.future.set_exception(result)

@@ -178,3 +178,35 @@ def test_bad_model_is_refused_before_serving(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "serve", "--model", str(tmp_path / "nowhere"),
                            "--port", str(free_port())], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_progress_stream_and_a_client_that_goes_away(server):
+    """The SSE stream reports step i of n while a request runs; when its client disconnects, the work stops at the
+    next step instead of running its 999 steps."""
+    import threading
+
+    def impatient():
+        try:
+            httpx.post(server.url + "/v1/images/generations", timeout=2.0,
+                       json={"prompt": "a slow cat", "steps": 999, "size": "64x64", "seed": 1})
+        except httpx.TimeoutException:
+            pass
+
+    client = threading.Thread(target=impatient)
+    client.start()
+    seen = []
+    with httpx.stream("GET", server.url + "/v1/progress/stream", timeout=30) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                state = json.loads(line[6:])
+                seen.append(state)
+                if state["step"] > 5 or len(seen) > 200:
+                    break
+    assert any(s["step"] > 0 and s["total"] >= 999 for s in seen), seen[-3:]  # UNet calls (PNDM makes one more)
+    client.join()
+    gone = time.time()
+    while httpx.get(server.url + "/sdapi/v1/progress").json()["state"]["job_count"] and time.time() - gone < 20:
+        time.sleep(0.1)
+    idle_after = time.time() - gone
+    assert idle_after < 3, f"the abandoned request still ran {idle_after:.1f} s after its client left"
+    assert server.post("/v1/images/generations", {"prompt": "a cat", "steps": 2}).status_code == 200
