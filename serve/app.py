@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from diffrt.runtime.errors import UserError
@@ -25,7 +25,8 @@ from .metrics import Metrics
 from .schemas import OpenAIImageRequest, Txt2ImgRequest
 
 MAX_BODY = 1_000_000  # bytes
-OPEN_ROUTES = ("/health", "/metrics")
+OPEN_ROUTES = ("/", "/health", "/metrics")  # no API key needed: the page itself holds nothing
+PAGE = Path(__file__).with_name("page.html")
 
 
 @dataclass
@@ -289,6 +290,10 @@ class Guard:
 def add_plumbing(app: FastAPI, service: Service) -> None:
     """The guard middleware; /health, /metrics and the progress stream."""
     app.add_middleware(Guard, service=service)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return PAGE.read_text(encoding="utf-8")
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -210,3 +210,47 @@ def test_progress_stream_and_a_client_that_goes_away(server):
     idle_after = time.time() - gone
     assert idle_after < 3, f"the abandoned request still ran {idle_after:.1f} s after its client left"
     assert server.post("/v1/images/generations", {"prompt": "a cat", "steps": 2}).status_code == 200
+
+
+def test_load_benchmark_at_toy_size(tiny_package, tmp_path):
+    pytest.importorskip("matplotlib")
+    from diffrt.benchmarks.serve_load import main
+
+    assert main(["--model", str(tiny_package), "--requests", "4", "--concurrency", "1,2", "--rate", "20",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "serve_load.json").read_text())
+    for mode in ("none", "request"):
+        runs = report["modes"][mode]
+        assert runs["c2"]["errors"] == 0 and runs["c2"]["images_per_s"] > 0 and runs["poisson20"]["requests"] == 4
+        assert runs["server_peak_rss_mb"] > 0
+    assert (tmp_path / "serve_load.png").stat().st_size > 0 and "| request | c2 |" in (tmp_path / "serve_load.md").read_text()
+
+
+def test_the_web_page_in_a_real_browser(server):
+    """Headless Chromium (Debian's package) opens /, types a prompt, clicks Generate and finds the image."""
+    import shutil
+
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser_path:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.wait_for_function("document.querySelectorAll('#sampler option').length > 1")
+            page.fill("#prompt", "a green tree in the city")
+            page.fill("#steps", "3")
+            page.fill("#seed", "5")
+            page.select_option("#sampler", "Euler a")
+            page.click("#generate")
+            page.wait_for_selector("#gallery img", timeout=60_000)
+            src = page.get_attribute("#gallery img", "src")
+            caption = page.text_content("#gallery figcaption")
+            assert page.text_content("#error") == ""
+        finally:
+            browser.close()
+    assert src.startswith("data:image/png;base64,")
+    image = Image.open(BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    assert image.size == (32, 32) and '"seed":5' in caption and "Euler a" in caption

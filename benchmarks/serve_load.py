@@ -1,0 +1,190 @@
+"""Load benchmark of `diffrt serve` on the loopback address, bounded in requests and time: closed loops at several
+concurrencies and an open loop of Poisson arrivals, for no batching (--max-batch 1) and request-level batching.
+
+    python -m diffrt.benchmarks.serve_load [--model DIR] [--requests 48] [--concurrency 1,4,16] [--out DIR]
+
+Per run: images/s, latency p50/p90/p99, mean queue wait (the server's metric), errors, the server's peak RSS.
+Writes serve_load.json, serve_load.md and serve_load.png to --out; prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .machine import describe
+
+MODES = {"none": ["--max-batch", "1", "--max-wait-ms", "0"], "request": ["--max-batch", "8", "--max-wait-ms", "50"]}
+
+
+def start_server(model: Path | None, mode: str) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "diffrt.runtime.cli", "serve", "--port", str(port), "--max-queue", "256", *MODES[mode]]
+    proc = subprocess.Popen(args + (["--model", str(model)] if model else []), stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not start")
+
+
+def one_request(url: str, seed: int) -> tuple[float, int]:
+    import httpx
+
+    start = time.perf_counter()
+    try:
+        r = httpx.post(url + "/v1/images/generations", json={"prompt": "a red circle on a blue background", "seed": seed},
+                       timeout=120)
+        status = r.status_code
+    except httpx.HTTPError:
+        status = 0
+    return time.perf_counter() - start, status
+
+
+def closed_loop(url: str, concurrency: int, requests: int) -> list[tuple[float, int]]:
+    """concurrency clients, each sending its next request when the last is answered."""
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(lambda i: one_request(url, i), range(requests)))
+
+
+def open_loop(url: str, rate: float, requests: int, seed: int = 0) -> list[tuple[float, int]]:
+    """Requests arriving as a Poisson process of `rate` per second, each on its own thread."""
+    rng, results, threads = random.Random(seed), [], []
+    lock = threading.Lock()
+
+    def send(i: int) -> None:
+        result = one_request(url, i)
+        with lock:
+            results.append(result)
+
+    for i in range(requests):
+        threads.append(threading.Thread(target=send, args=(i,)))
+        threads[-1].start()
+        time.sleep(rng.expovariate(rate))
+    for t in threads:
+        t.join(timeout=300)
+    return results
+
+
+def queue_wait(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's queue-wait histogram."""
+    import httpx
+
+    text, total, count = httpx.get(url + "/metrics").text, 0.0, 0.0
+    for line in text.splitlines():
+        if line.startswith("diffrt_queue_wait_seconds_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith("diffrt_queue_wait_seconds_count"):
+            count = float(line.split()[-1])
+    return total, count
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def summarize(results: list[tuple[float, int]], wall: float, waited: tuple[float, float]) -> dict:
+    ok = [lat for lat, status in results if status == 200]
+    p = np.percentile(ok, [50, 90, 99]) if ok else [float("nan")] * 3
+    return {"requests": len(results), "errors": len(results) - len(ok), "images_per_s": len(ok) / wall,
+            "p50_s": float(p[0]), "p90_s": float(p[1]), "p99_s": float(p[2]), "mean_s": float(np.mean(ok)) if ok else None,
+            "mean_queue_wait_s": waited[0] / waited[1] if waited[1] else None, "wall_s": wall}
+
+
+def run_mode(model: Path | None, mode: str, concurrencies: list[int], requests: int, rate: float | None) -> dict:
+    proc, url = start_server(model, mode)
+    try:
+        closed_loop(url, 2, 4)  # warm-up
+        runs = {}
+        loads = [(f"c{c}", lambda c=c: closed_loop(url, c, max(requests, 2 * c))) for c in concurrencies]
+        if rate:
+            loads.append((f"poisson{rate:g}", lambda: open_loop(url, rate, requests)))
+        for name, load in loads:
+            before = queue_wait(url)
+            start = time.perf_counter()
+            results = load()
+            after = queue_wait(url)
+            runs[name] = summarize(results, time.perf_counter() - start, (after[0] - before[0], after[1] - before[1]))
+        runs["server_peak_rss_mb"] = peak_rss_mb(proc.pid)
+        return runs
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def markdown(report: dict) -> str:
+    lines = [f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; model {report['model']}.", "",
+             "| batching | load | images/s | p50 s | p90 s | p99 s | mean queue wait s | errors |", "|---|---|---|---|---|---|---|---|"]
+    for mode, runs in report["modes"].items():
+        for name, r in runs.items():
+            if isinstance(r, dict):
+                wait = f"{r['mean_queue_wait_s']:.3f}" if r["mean_queue_wait_s"] is not None else "-"
+                lines.append(f"| {mode} | {name} | {r['images_per_s']:.2f} | {r['p50_s']:.3f} | {r['p90_s']:.3f} | "
+                             f"{r['p99_s']:.3f} | {wait} | {r['errors']} |")
+    lines.append("")
+    lines += [f"Server peak RSS, {mode}: {runs['server_peak_rss_mb']:.0f} MB" for mode, runs in report["modes"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for mode, runs in report["modes"].items():
+        closed = [(int(k[1:]), r["images_per_s"]) for k, r in runs.items() if k.startswith("c") and isinstance(r, dict)]
+        ax.plot(*zip(*closed), marker="o", label=f"batching: {mode}")
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("images / s")
+    ax.set_xscale("log", base=2)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="package folder (default: the bundled model)")
+    ap.add_argument("--requests", type=int, default=48, help="requests per run (at least 2 per client)")
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--rate", type=float, help="Poisson arrivals per second for an open-loop run (default: none)")
+    ap.add_argument("--modes", default="none,request")
+    ap.add_argument("--out", type=Path, default=Path("serve-load-out"))
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "model": str(args.model or "bundled"),
+              "modes": {m: run_mode(args.model, m, concurrencies, args.requests, args.rate) for m in args.modes.split(",")}}
+    (args.out / "serve_load.json").write_text(json.dumps(report, indent=1))
+    (args.out / "serve_load.md").write_text(markdown(report))
+    plot(report, args.out / "serve_load.png")
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
