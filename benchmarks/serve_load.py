@@ -85,6 +85,42 @@ def open_loop(url: str, rate: float, requests: int, seed: int = 0) -> list[tuple
     return results
 
 
+BAD = [("{not json", 400), ({"prompt": "a cat", "steps": "many"}, 422), ({"prompt": "a cat", "scheduler": "heun"}, 400),
+       ({"prompt": "a cat", "size": "30x31"}, 400), ({"prompt": "a cat", "n": 99}, 422), ({"prompt": ""}, 422)]
+
+
+def soak(url: str, pid: int, requests: int, concurrency: int = 4) -> dict:
+    """requests mixing good ones (a third) and bad ones; every answer checked; the server's RSS after a warm-up
+    tenth and at the end."""
+    import httpx
+
+    def ask(i: int) -> bool:
+        if i % 3 == 0:
+            r = httpx.post(url + "/v1/images/generations", json={"prompt": f"a red circle {i}", "seed": i, "steps": 2},
+                           timeout=120)
+            return r.status_code == 200 and r.json()["data"][0]["b64_json"].startswith("iVBOR")
+        body, status = BAD[i % len(BAD)]
+        r = httpx.post(url + "/v1/images/generations", timeout=60, headers={"content-type": "application/json"},
+                       **({"json": body} if isinstance(body, dict) else {"content": body}))
+        return r.status_code == status and "message" in r.json()["error"]
+
+    def rss() -> float:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    warm = max(requests // 10, 1)
+    with ThreadPoolExecutor(concurrency) as pool:
+        first = list(pool.map(ask, range(warm)))
+        after_warmup = rss()
+        rest = list(pool.map(ask, range(warm, requests)))
+    end = rss()
+    checks = first + rest
+    return {"requests": requests, "correct": sum(checks), "wrong": len(checks) - sum(checks),
+            "rss_after_warmup_mb": after_warmup, "rss_end_mb": end, "rss_growth": end / after_warmup - 1}
+
+
 def queue_wait(url: str) -> tuple[float, float]:
     """(sum, count) of the server's queue-wait histogram."""
     import httpx
@@ -113,9 +149,12 @@ def summarize(results: list[tuple[float, int]], wall: float, waited: tuple[float
             "mean_queue_wait_s": waited[0] / waited[1] if waited[1] else None, "wall_s": wall}
 
 
-def run_mode(model: Path | None, mode: str, concurrencies: list[int], requests: int, rate: float | None) -> dict:
+def run_mode(model: Path | None, mode: str, concurrencies: list[int], requests: int, rate: float | None,
+             soak_requests: int = 0) -> dict:
     proc, url = start_server(model, mode)
     try:
+        if soak_requests:
+            return {"soak": soak(url, proc.pid, soak_requests), "server_peak_rss_mb": peak_rss_mb(proc.pid)}
         closed_loop(url, 2, 4)  # warm-up
         runs = {}
         loads = [(f"c{c}", lambda c=c: closed_loop(url, c, max(requests, 2 * c))) for c in concurrencies]
@@ -143,6 +182,12 @@ def markdown(report: dict) -> str:
                 wait = f"{r['mean_queue_wait_s']:.3f}" if r["mean_queue_wait_s"] is not None else "-"
                 lines.append(f"| {mode} | {name} | {r['images_per_s']:.2f} | {r['p50_s']:.3f} | {r['p90_s']:.3f} | "
                              f"{r['p99_s']:.3f} | {wait} | {r['errors']} |")
+    for mode, runs in report["modes"].items():
+        if "soak" in runs:
+            s = runs["soak"]
+            lines.append(f"Soak, batching {mode}: {s['requests']} requests (a third good), {s['correct']} answered correctly, "
+                         f"{s['wrong']} wrong; server RSS {s['rss_after_warmup_mb']:.0f} MB after warm-up, "
+                         f"{s['rss_end_mb']:.0f} MB at the end ({s['rss_growth']:+.1%})")
     lines.append("")
     lines += [f"Server peak RSS, {mode}: {runs['server_peak_rss_mb']:.0f} MB" for mode, runs in report["modes"].items()]
     return "\n".join(lines) + "\n"
@@ -173,15 +218,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--rate", type=float, help="Poisson arrivals per second for an open-loop run (default: none)")
     ap.add_argument("--modes", default="none,request")
+    ap.add_argument("--soak", type=int, default=0, help="instead: this many requests, good and bad mixed, every answer "
+                    "checked, RSS growth after warm-up")
     ap.add_argument("--out", type=Path, default=Path("serve-load-out"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "model": str(args.model or "bundled"),
-              "modes": {m: run_mode(args.model, m, concurrencies, args.requests, args.rate) for m in args.modes.split(",")}}
+              "modes": {m: run_mode(args.model, m, concurrencies, args.requests, args.rate, args.soak)
+                        for m in args.modes.split(",")}}
     (args.out / "serve_load.json").write_text(json.dumps(report, indent=1))
     (args.out / "serve_load.md").write_text(markdown(report))
-    plot(report, args.out / "serve_load.png")
+    if not args.soak:
+        plot(report, args.out / "serve_load.png")
     print(markdown(report))
     return 0
 

@@ -213,3 +213,20 @@ def test_a_size_far_from_the_models_is_one_plain_warning(tiny_package, tmp_path)
     warning = [line for line in proc.stderr.splitlines() if "far from" in line]
     assert warning == ["diffrt: warning: 128x128 is far from the 32x32 this model was made for; expect repeated or "
                        "broken-up subjects"]
+
+
+def test_a_missing_extra_is_named_before_any_work():
+    from diffrt.runtime.cli import require
+    from diffrt.runtime.errors import UserError
+
+    with pytest.raises(UserError, match=r'no_such_module_for_diffrt is not installed.*pip install "diffrt\[bench\]"'):
+        require("bench", "json", "no_such_module_for_diffrt")
+    require("bench", "json")
+
+
+def test_a_long_prompt_is_one_plain_warning(tiny_package, tmp_path):
+    proc = diffrt("generate", " ".join(["a red house"] * 40), "--model", tiny_package, "--steps", 1, "-q", "-o",
+                  tmp_path / "x.png")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0].startswith("diffrt: warning: prompt is") and "random seed" in lines[1]

@@ -254,3 +254,11 @@ def test_the_web_page_in_a_real_browser(server):
     assert src.startswith("data:image/png;base64,")
     image = Image.open(BytesIO(base64.b64decode(src.split(",", 1)[1])))
     assert image.size == (32, 32) and '"seed":5' in caption and "Euler a" in caption
+
+
+def test_soak_at_toy_size_checks_every_answer(tiny_package, tmp_path):
+    from diffrt.benchmarks.serve_load import main
+
+    assert main(["--model", str(tiny_package), "--soak", "18", "--modes", "request", "--out", str(tmp_path)]) == 0
+    soak = json.loads((tmp_path / "serve_load.json").read_text())["modes"]["request"]["soak"]
+    assert soak["correct"] == 18 and soak["wrong"] == 0 and soak["rss_end_mb"] > 0
