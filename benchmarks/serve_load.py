@@ -178,7 +178,7 @@ def markdown(report: dict) -> str:
              "| batching | load | images/s | p50 s | p90 s | p99 s | mean queue wait s | errors |", "|---|---|---|---|---|---|---|---|"]
     for mode, runs in report["modes"].items():
         for name, r in runs.items():
-            if isinstance(r, dict):
+            if isinstance(r, dict) and name != "soak":
                 wait = f"{r['mean_queue_wait_s']:.3f}" if r["mean_queue_wait_s"] is not None else "-"
                 lines.append(f"| {mode} | {name} | {r['images_per_s']:.2f} | {r['p50_s']:.3f} | {r['p90_s']:.3f} | "
                              f"{r['p99_s']:.3f} | {wait} | {r['errors']} |")
