@@ -174,7 +174,9 @@ def run_mode(model: Path | None, mode: str, concurrencies: list[int], requests: 
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; model {report['model']}.", "",
+    direct = report.get("direct_pipeline_s")
+    lines = [f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; model {report['model']}."
+             + (f" The same request made by the pipeline in-process: {direct:.3f} s (median)." if direct else ""), "",
              "| batching | load | images/s | p50 s | p90 s | p99 s | mean queue wait s | errors |", "|---|---|---|---|---|---|---|---|"]
     for mode, runs in report["modes"].items():
         for name, r in runs.items():
@@ -211,6 +213,21 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def direct_seconds(model: Path | None, calls: int = 10) -> float:
+    """Median seconds of the same request made by the pipeline in this process: what the server adds is measured
+    against it."""
+    from diffrt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_package(model)
+    times = []
+    for i in range(calls + 1):
+        start = time.perf_counter()
+        pipe("a red circle on a blue background", seed=i)
+        times.append(time.perf_counter() - start)
+    del pipe  # its onnxruntime threads would compete with the server's on a small machine
+    return float(np.median(times[1:]))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="package folder (default: the bundled model)")
@@ -225,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "model": str(args.model or "bundled"),
+              "direct_pipeline_s": None if args.soak else direct_seconds(args.model),
               "modes": {m: run_mode(args.model, m, concurrencies, args.requests, args.rate, args.soak)
                         for m in args.modes.split(",")}}
     (args.out / "serve_load.json").write_text(json.dumps(report, indent=1))

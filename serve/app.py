@@ -101,6 +101,8 @@ class Service:
         return {"step": step, "total": total, "running": len(running), "queued": len(self.batcher.queue)}
 
     def record_batch(self, jobs: list[Job], seconds: float) -> None:
+        for job in jobs:
+            self.metrics.queue_wait.observe(job.started - job.enqueued)
         self.metrics.batch_images.observe(sum(len(j.prompts) for j in jobs))
         self.metrics.images.inc(sum(len(j.prompts) for j in jobs))
 
@@ -136,7 +138,6 @@ class Service:
         finally:
             watcher.cancel()
             self.metrics.queue_depth.set(len(self.batcher.queue))
-            self.metrics.queue_wait.observe(time.perf_counter() - job.enqueued)
 
 
 async def watch_disconnect(request: Request, task: asyncio.Future) -> None:

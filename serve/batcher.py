@@ -1,6 +1,7 @@
 """Request-level dynamic batching: jobs that can share UNet calls (same size, steps, scheduler and guidance) are
 gathered for at most max_wait seconds, up to max_batch images, and run as one pipeline call. Each image keeps its own
-seed, so it equals what the request alone would give."""
+seed, so it equals what the request alone would give. A lone job under a load of one request at a time (the last
+batch held one job) starts at once: waiting for company that never comes would only add latency."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class Job:
     id: int = field(default_factory=itertools.count(1).__next__)
     future: asyncio.Future = None
     enqueued: float = field(default_factory=time.perf_counter)
+    started: float | None = None
     step: int = 0
     total: int = 0
     cancelled: bool = False
@@ -56,6 +58,7 @@ class Batcher:
     running: list[Job] = field(default_factory=list)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task | None = None
+    last_batch_jobs: int = 0
 
     def start(self) -> None:
         self.worker = asyncio.get_running_loop().create_task(self._work())
@@ -99,13 +102,15 @@ class Batcher:
             if not self.queue:
                 self.wakeup.clear()
                 await self.wakeup.wait()
-            oldest = self.queue[0].enqueued
-            await asyncio.sleep(max(0.0, self.max_wait - (time.perf_counter() - oldest)))
+            if len(self.queue) > 1 or self.last_batch_jobs > 1:
+                await asyncio.sleep(max(0.0, self.max_wait - (time.perf_counter() - self.queue[0].enqueued)))
             if not self.queue:
                 continue
             batch = self._take()
-            self.running = batch
+            self.running, self.last_batch_jobs = batch, len(batch)
             started = time.perf_counter()
+            for job in batch:
+                job.started = started
             try:
                 results = await asyncio.to_thread(self.run, batch)
             except Exception as exc:  # reported to each job's request; the worker goes on
