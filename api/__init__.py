@@ -7,12 +7,22 @@
 Names are imported on first use, so `diffrt`'s command starts without loading numpy or onnxruntime first.
 """
 
-from diffrt.runtime import __version__
+import os as _os
+import sys as _sys
+
+if _os.path.basename(_sys.argv[0]) == "diffrt":  # the `diffrt` command is starting: Ctrl-C now leaves quietly
+    from diffrt.runtime.interrupt import exit_quietly_on_ctrl_c
+
+    exit_quietly_on_ctrl_c()
 
 __all__ = ["Pipeline", "Result", "UserError", "__version__"]
 
 
 def __getattr__(name: str):
+    if name == "__version__":
+        from diffrt import runtime
+
+        return runtime.__version__
     if name in ("Pipeline", "Result"):
         from diffrt.runtime import pipeline
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
-from pathlib import Path
 
-from . import __version__
-from .errors import UserError
+from .interrupt import exit_quietly_on_ctrl_c
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "diffrt":
+    exit_quietly_on_ctrl_c()  # while the command still loads; main() hands Ctrl-C back to Python
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .errors import UserError  # noqa: E402
 
 
 class Parser(argparse.ArgumentParser):
@@ -381,6 +386,8 @@ def add_bench(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="diffrt", description="Torch-free Stable Diffusion runtime and export toolchain.")
+    from . import __version__
+
     p.add_argument("--version", action="version", version=f"diffrt {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_generate(sub)
@@ -415,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import progress
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C unwinds, so partial files are removed
     signal.signal(signal.SIGTERM, _terminate)
     warnings.showwarning = _plain_warning
     try:

@@ -42,10 +42,23 @@ def onnxruntime():
     """The onnxruntime module, or a one-line error naming the extra that installs it."""
     try:
         import onnxruntime as ort
-    except ImportError:
+    except ImportError as exc:
+        if interrupted(exc):  # Ctrl-C while onnxruntime loads surfaces as its ImportError
+            raise KeyboardInterrupt from None
         raise UserError('onnxruntime is not installed: `pip install "diffrt[cpu]"`, or `pip install "diffrt[gpu]"` on a '
                         "machine with an NVIDIA GPU (one or the other: both share one import folder)") from None
     return ort
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is among the exceptions that led to exc."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def both_onnxruntimes() -> bool:

@@ -86,3 +86,16 @@ def test_the_gpu_extra_does_not_pull_the_cpu_onnxruntime():
     assert not [d for d in project["dependencies"] if d.startswith("onnxruntime")]
     assert project["optional-dependencies"]["cpu"] == ["onnxruntime>=1.17"]
     assert project["optional-dependencies"]["gpu"] == ["onnxruntime-gpu>=1.20"]
+
+
+def test_ctrl_c_while_onnxruntime_loads_is_an_interrupt_not_a_missing_install():
+    from diffrt.runtime.engines import interrupted
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as inner:
+            raise ImportError("onnxruntime failed to load") from inner
+    except ImportError as exc:
+        assert interrupted(exc)
+    assert not interrupted(ImportError("No module named 'onnxruntime'"))
