@@ -19,7 +19,7 @@ from .family import adapter_for
 from .generators import ImageGenerators
 from .memory import check_fits
 from .package import REQUIRED, Package, load_package
-from .request import Request, check_request, check_seeds, expand_prompts, image_seeds, make_checked_scheduler, size_note
+from .request import Request, check_request, check_seeds, expand_prompts, image_seeds, make_checked_scheduler, per_image, size_note
 from .schedulers import short_name
 from .tokenizer import ClipTokenizer
 
@@ -54,10 +54,11 @@ class Result:
     prompts: list[str] = field(default_factory=list)
     negatives: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    guidances: list[float] = field(default_factory=list)
 
     def image_settings(self, i: int) -> dict[str, Any]:
         return {**self.settings, "prompt": self.prompts[i], "negative_prompt": self.negatives[i], "seed": self.seeds[i],
-                "image_index": i}
+                "guidance_scale": self.guidances[i], "image_index": i}
 
     def save(self, path: str | Path | None = None, overwrite: bool = False) -> list[Path]:
         """Write every image (PNG, JPEG or WebP by the suffix) with its settings in the metadata: path itself for one
@@ -151,14 +152,14 @@ class Pipeline:
                    Path(graph_cache) if graph_cache else None, gpu_mem_limit)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", steps: int | None = None,
-                 guidance_scale: float | None = None, scheduler: str | None = None, seed: int | None = None,
+                 guidance_scale: float | list[float] | None = None, scheduler: str | None = None, seed: int | None = None,
                  width: int | None = None, height: int | None = None, num_images: int = 1,
                  latents: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None,
                  num_inference_steps: int | None = None, num_images_per_prompt: int | None = None,
                  seeds: list[int] | None = None) -> Result:
         """Images for prompt (or each of a list of prompts), num_images each. Image i gets seed + i (seed None or -1:
-        random), so any image can be made again alone; seeds gives every image's seed instead (a server batching
-        requests); steps and num_images also go by diffusers' names."""
+        random), so any image can be made again alone; seeds (and guidance_scale as a list) give every image's own
+        (a server batching requests); steps and num_images also go by diffusers' names."""
         pkg, d = self.package, self.package.defaults
         steps = next((v for v in (steps, num_inference_steps) if v is not None), d["steps"])
         num_images = num_images_per_prompt if num_images_per_prompt is not None else num_images
@@ -167,7 +168,7 @@ class Pipeline:
         check_request(width, height, steps, num_images, guidance, pkg.vae_scale_factor)
         prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
         req = Request(prompts, negatives, image_seeds(seed, len(prompts)) if seeds is None else check_seeds(seeds, len(prompts)),
-                      steps, guidance, width, height)
+                      steps, per_image(guidance, len(prompts)), width, height)
         sched = make_checked_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config, steps)
         if self.backend == "ort-cpu":
             too_big = check_fits(pkg.root, width, height, pkg.vae_scale_factor, len(prompts) * (2 if req.guided else 1))
@@ -186,17 +187,17 @@ class Pipeline:
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
         clock = time.perf_counter()
         text = self._encode_prompt(req, timings)
-        x = self._denoise(sched, latents, text, guidance, rng, timings, progress)
+        x = self._denoise(sched, latents, text, req, rng, timings, progress)
         array = self._decode(x, timings)
         start = time.perf_counter()
         images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
         timings["postprocess"] = time.perf_counter() - start
         timings["total"] = time.perf_counter() - clock
-        settings = {"prompt": prompts[0], "negative_prompt": negatives[0], "steps": steps, "guidance_scale": guidance,
+        settings = {"prompt": prompts[0], "negative_prompt": negatives[0], "steps": steps, "guidance_scale": req.guidances[0],
                     "scheduler": short_name(sched), "seed": req.seeds[0], "width": width, "height": height,
                     "num_images": len(prompts), "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.backend, "diffrt": __version__}
-        return Result(images, array, settings, timings, prompts, negatives, req.seeds)
+        return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances)
 
     def _encode_prompt(self, req: Request, timings: dict) -> Any:
         """Text embeddings for the UNet, negatives then prompts when guided, already in the UNet's input form."""
@@ -209,10 +210,12 @@ class Pipeline:
         timings["text_encoder"] = time.perf_counter() - start - lap
         return text
 
-    def _denoise(self, sched, latents: np.ndarray, text: Any, guidance: float, rng: ImageGenerators, timings: dict,
+    def _denoise(self, sched, latents: np.ndarray, text: Any, req: Request, rng: ImageGenerators, timings: dict,
                  progress: Callable[[int, int], None] | None) -> np.ndarray:
-        """The scheduler loop around the UNet, classifier-free guidance batched into one call per step."""
-        guided, n = guidance > 1.0, len(latents)
+        """The scheduler loop around the UNet, classifier-free guidance batched into one call per step; an image whose
+        guidance is 1 or less takes the conditional output as it is."""
+        guided, n = req.guided, len(latents)
+        g = np.array(req.guidances, np.float32)[:, None, None, None]
         x = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
         for i, t in enumerate(sched.timesteps):
             start = time.perf_counter()
@@ -223,7 +226,7 @@ class Pipeline:
                                 f"at step {i + 1} of {len(sched.timesteps)}").astype(np.float32)
             returned = time.perf_counter()
             if guided:
-                out = out[:n] + np.float32(guidance) * (out[n:] - out[:n])
+                out = np.where(g > 1, out[:n] + g * (out[n:] - out[:n]), out[n:])
             x = sched.step(out, t, x, rng)
             if not np.isfinite(x).all():
                 raise NonFiniteError(f"the {sched.name} scheduler's step made NaN or inf at step {i + 1} of "

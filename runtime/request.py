@@ -25,13 +25,14 @@ class Request:
     negatives: list[str]
     seeds: list[int]
     steps: int
-    guidance: float
+    guidances: list[float]  # one per image
     width: int
     height: int
 
     @property
     def guided(self) -> bool:
-        return self.guidance > 1.0
+        """Whether the UNet runs on negatives too: some image has guidance above 1."""
+        return any(g > 1.0 for g in self.guidances)
 
 
 def nearest_sizes(value: int, multiple: int) -> str:
@@ -44,7 +45,8 @@ def is_whole(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def check_request(width: int, height: int, steps: int, num_images: int, guidance: float, multiple: int) -> None:
+def check_request(width: int, height: int, steps: int, num_images: int, guidance: float | list[float],
+                  multiple: int) -> None:
     """Refuse settings the models cannot take, each with its fix."""
     for name, value in (("width", width), ("height", height)):
         if not is_whole(value) or value < multiple or value > MAX_SIDE or value % multiple:
@@ -55,11 +57,25 @@ def check_request(width: int, height: int, steps: int, num_images: int, guidance
         raise UserError(f"steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}")
     if not is_whole(num_images) or not 1 <= num_images <= MAX_IMAGES:
         raise UserError(f"the number of images must be from 1 to {MAX_IMAGES}, not {num_images!r}")
+    for g in guidance if isinstance(guidance, (list, tuple)) else [guidance]:
+        check_guidance(g)
+
+
+def check_guidance(guidance: Any) -> None:
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
         raise UserError(f"guidance scale must be a finite number, not {guidance!r}")
     if guidance < 0:
         raise UserError(f"guidance scale must be 0 or more, not {guidance:g} (1 or less turns guidance off; "
                         "to steer away from something, put it in the negative prompt)")
+
+
+def per_image(guidance: float | list[float], count: int) -> list[float]:
+    """One guidance scale per image: a single value for all, or a list with one per image."""
+    if not isinstance(guidance, (list, tuple)):
+        return [float(guidance)] * count
+    if len(guidance) != count:
+        raise UserError(f"give one guidance scale, or one per image ({count}), not {len(guidance)}")
+    return [float(g) for g in guidance]
 
 
 def check_text(text: Any, what: str) -> str:

@@ -83,8 +83,10 @@ class Service:
             if all(job.cancelled for job in jobs):
                 raise Cancelled
 
+        default = self.pipe.package.defaults["guidance_scale"]
+        guidance = [default if j.guidance is None else j.guidance for j in jobs for _ in j.prompts]
         result = self.pipe([p for j in jobs for p in j.prompts], negative_prompt=[n for j in jobs for n in j.negatives],
-                           seeds=[s for j in jobs for s in j.seeds], progress=progress, **settings)
+                           seeds=[s for j in jobs for s in j.seeds], guidance_scale=guidance, progress=progress, **settings)
         for stage in ("text_encoder", "vae_decode"):
             self.metrics.stage.labels(stage).observe(result.timings[stage])
         self.metrics.stage.labels("unet").observe(sum(result.timings["unet"]))
@@ -116,7 +118,7 @@ class Service:
         for text in job.prompts + job.negatives:
             check_text(text, "prompt")
         check_request(s["width"] or d["width"], s["height"] or d["height"], s["steps"] or d["steps"], len(job.prompts),
-                      d["guidance_scale"] if s["guidance_scale"] is None else s["guidance_scale"],
+                      d["guidance_scale"] if job.guidance is None else job.guidance,
                       self.pipe.package.vae_scale_factor)
         make_checked_scheduler(s["scheduler"] or d.get("scheduler"), self.pipe.package.scheduler_config, s["steps"] or d["steps"])
 
@@ -176,8 +178,7 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
             raise ApiError(400, f"model {body.model!r} is not served here; GET /v1/models lists {service.name!r}", "model")
         width, height = body.dimensions()
         job = Job([body.prompt] * body.n, [body.negative_prompt] * body.n, seeds_from(body.seed, body.n),
-                  {"steps": body.steps, "guidance_scale": body.guidance_scale, "scheduler": body.scheduler,
-                   "width": width, "height": height})
+                  {"steps": body.steps, "scheduler": body.scheduler, "width": width, "height": height}, body.guidance_scale)
         images = await service.generate(job, request)
         return {"created": int(time.time()), "output_format": body.output_format,
                 "data": [{"b64_json": encode(img, s, body.output_format), "revised_prompt": body.prompt} for img, s in images]}
@@ -192,8 +193,8 @@ def add_a1111_routes(app: FastAPI, service: Service) -> None:
     async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
         count = body.batch_size * body.n_iter
         job = Job([body.prompt] * count, [body.negative_prompt] * count, seeds_from(body.seed, count),
-                  {"steps": body.steps, "guidance_scale": body.cfg_scale, "scheduler": body.sampler_name or body.scheduler,
-                   "width": body.width, "height": body.height})
+                  {"steps": body.steps, "scheduler": body.sampler_name or body.scheduler, "width": body.width,
+                   "height": body.height}, body.cfg_scale)
         images = await service.generate(job, request)
         first = images[0][1]
         info = {"prompt": body.prompt, "all_prompts": job.prompts, "negative_prompt": body.negative_prompt,

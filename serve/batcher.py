@@ -1,4 +1,5 @@
-"""Request-level dynamic batching: jobs that can share UNet calls (same size, steps, scheduler and guidance) are
+"""Request-level dynamic batching: jobs that can share UNet calls (same size, steps and scheduler; guidance may
+differ per image) are
 gathered for at most max_wait seconds, up to max_batch images, and run as one pipeline call. Each image keeps its own
 seed, so it equals what the request alone would give. A lone job under a load of one request at a time (the last
 batch held one job) starts at once: waiting for company that never comes would only add latency."""
@@ -32,7 +33,8 @@ class Job:
     prompts: list[str]
     negatives: list[str]
     seeds: list[int]
-    settings: dict[str, Any]  # steps, guidance_scale, scheduler, width, height (None: the model's default)
+    settings: dict[str, Any]  # steps, scheduler, width, height (None: the model's default), shared by a batch
+    guidance: float | None = None  # the job's own (None: the model's default)
     id: int = field(default_factory=itertools.count(1).__next__)
     future: asyncio.Future = None
     enqueued: float = field(default_factory=time.perf_counter)

@@ -258,3 +258,13 @@ def test_result_save_keeps_the_settings(ours, tmp_path, suffix):
     folder.mkdir()
     assert [p.name for p in result.save(folder)] == ["00001-9.png", "00002-10.png"]
     assert [p.name for p in result.save(folder)] == ["00003-9.png", "00004-10.png"]
+
+
+def test_guidance_per_image_equals_each_alone(ours):
+    mixed = ours("a red house", steps=3, seed=60, num_images=3, guidance_scale=[7.5, 1.0, 3.0])
+    assert [mixed.image_settings(i)["guidance_scale"] for i in range(3)] == [7.5, 1.0, 3.0]
+    for i, g in enumerate((7.5, 1.0, 3.0)):
+        alone = ours("a red house", steps=3, seed=60 + i, guidance_scale=g)
+        assert np.abs(alone.array[0] - mixed.array[i]).max() <= 1e-4
+    with pytest.raises(UserError, match="one per image"):
+        ours("a red house", steps=1, num_images=2, guidance_scale=[2.0])

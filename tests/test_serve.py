@@ -262,3 +262,18 @@ def test_soak_at_toy_size_checks_every_answer(tiny_package, tmp_path):
     assert main(["--model", str(tiny_package), "--soak", "18", "--modes", "request", "--out", str(tmp_path)]) == 0
     soak = json.loads((tmp_path / "serve_load.json").read_text())["modes"]["request"]["soak"]
     assert soak["correct"] == 18 and soak["wrong"] == 0 and soak["rss_end_mb"] > 0
+
+
+def test_requests_with_different_guidance_share_a_batch(server, local):
+    """Guidance is per image in a batch (1 or less: no guidance for that image), each equal to its request alone."""
+    def ask(case):
+        seed, guidance = case
+        return server.post("/v1/images/generations", {"prompt": "a red house", "seed": seed, "steps": 3, "guidance_scale": guidance})
+
+    cases = [(51, 7.5), (52, 1.0), (53, 3.0), (54, 0.0)]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(ask, cases))
+    for (seed, guidance), r in zip(cases, responses):
+        assert r.status_code == 200, r.text
+        want = alone(local, "a red house", seed, steps=3, guidance_scale=guidance)
+        assert np.abs(decode(r.json()["data"][0]["b64_json"]) - want).max() <= 1, guidance
