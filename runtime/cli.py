@@ -91,7 +91,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  gpu_mem_limit=int(args.gpu_mem_limit * 2**30) if args.gpu_mem_limit else None)
     result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   scheduler=args.scheduler, seed=seeds[0], width=args.width, height=args.height, num_images=args.n,
-                  progress=None if args.quiet else ProgressBar("denoising"))
+                  progress=None if args.quiet else ProgressBar("denoising"), image=args.image, strength=args.strength,
+                  resize=args.resize)
     for i, (image, path) in enumerate(zip(result.images, paths)):
         save_image(image, path, result.image_settings(i))
         print(path)
@@ -288,6 +289,11 @@ def add_generate(sub) -> None:
     g.add_argument("--width", type=positive_int, help=own.format(d.get("width", "")))
     g.add_argument("--height", type=positive_int, help=own.format(d.get("height", "")))
     g.add_argument("-n", type=positive_int, default=1, help="number of images (default 1)")
+    g.add_argument("--image", type=Path, help="image-to-image: start from this image (its size is the output's)")
+    g.add_argument("--strength", type=number, default=0.8, help="image-to-image: how much of the schedule repaints the "
+                   "image, above 0 to 1 (default %(default)s)")
+    g.add_argument("--resize", action="store_true", help="image-to-image: scale an image whose sides are not multiples "
+                   "of the model's factor down to the nearest ones (default: refuse it)")
     g.add_argument("--from", dest="from_image", type=Path, metavar="IMAGE",
                    help="take the settings an image made by diffrt was saved with (options given here win)")
     from .engines import BACKENDS

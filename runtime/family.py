@@ -29,6 +29,7 @@ class StableDiffusion:
     text_output = "last_hidden_state"
     unet_output = "out_sample"
     vae_output = "sample"
+    encoder_output = "latent_parameters"
 
     def text_feeds(self, encoder: Engine, ids: np.ndarray) -> dict[str, Any]:
         return {"input_ids": ids.astype(encoder.inputs["input_ids"].dtype)}
@@ -39,6 +40,9 @@ class StableDiffusion:
 
     def vae_feeds(self, decoder: Engine, latents: np.ndarray) -> dict[str, Any]:
         return {"latent_sample": latents.astype(decoder.inputs["latent_sample"].dtype)}
+
+    def encoder_feeds(self, encoder: Engine, pixels: np.ndarray) -> dict[str, Any]:
+        return {"sample": pixels.astype(encoder.inputs["sample"].dtype)}
 
 
 def adapter_for(family: str) -> StableDiffusion:

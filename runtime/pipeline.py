@@ -17,6 +17,7 @@ from .engines import Engine, OrtEngine, resolve_backend
 from .errors import UserError
 from .family import adapter_for
 from .generators import ImageGenerators
+from .img2img import image_input, latents_from, strength_timesteps
 from .memory import check_fits
 from .package import REQUIRED, Package, load_package
 from .request import Request, check_request, check_seeds, expand_prompts, image_seeds, make_checked_scheduler, per_image, size_note
@@ -98,6 +99,7 @@ class Pipeline:
         self.fell_back: list[str] = []
         engines = self._open_engines()
         self.text_encoder, self.unet, self.vae_decoder = (engines[c] for c in STAGES)
+        self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
 
     def _open_engines(self) -> dict[str, Engine]:
         """Every stage's engine on the chosen backend: one construction path, options a backend cannot honour refused."""
@@ -112,6 +114,8 @@ class Pipeline:
         """Release every engine (device memory, CUDA graphs); the pipeline cannot be called after."""
         for name in STAGES:
             getattr(self, name).close()
+        if self.vae_encoder is not None:
+            self.vae_encoder.close()
         shared = getattr(self.unet, "shared", None)
         if shared is not None:
             shared.free()
@@ -156,14 +160,20 @@ class Pipeline:
                  width: int | None = None, height: int | None = None, num_images: int = 1,
                  latents: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None,
                  num_inference_steps: int | None = None, num_images_per_prompt: int | None = None,
-                 seeds: list[int] | None = None) -> Result:
+                 seeds: list[int] | None = None, image: Any = None, strength: float = 0.8, resize: bool = False) -> Result:
         """Images for prompt (or each of a list of prompts), num_images each. Image i gets seed + i (seed None or -1:
         random), so any image can be made again alone; seeds (and guidance_scale as a list) give every image's own
-        (a server batching requests); steps and num_images also go by diffusers' names."""
+        (a server batching requests); steps and num_images also go by diffusers' names. With image (a Pillow image or a
+        path), image-to-image: the image's latents noised to the step that strength selects, the rest of the steps run."""
         pkg, d = self.package, self.package.defaults
         steps = next((v for v in (steps, num_inference_steps) if v is not None), d["steps"])
         num_images = num_images_per_prompt if num_images_per_prompt is not None else num_images
         guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
+        pixels = None if image is None else image_input(image, pkg.vae_scale_factor, resize)
+        if pixels is not None:
+            if (width or pixels.shape[3], height or pixels.shape[2]) != (pixels.shape[3], pixels.shape[2]):
+                raise UserError(f"the image is {pixels.shape[3]}x{pixels.shape[2]}; leave out width and height with an image")
+            width, height = pixels.shape[3], pixels.shape[2]
         width, height = width or d["width"], height or d["height"]
         check_request(width, height, steps, num_images, guidance, pkg.vae_scale_factor)
         prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
@@ -180,14 +190,22 @@ class Pipeline:
         rng = ImageGenerators(req.seeds)
         f = pkg.vae_scale_factor
         shape = (len(prompts), pkg.latent_channels, height // f, width // f)
-        if latents is None:
+        if pixels is not None and latents is not None:
+            raise UserError("give an image or initial latents, not both")
+        if latents is None and pixels is None:
             latents = rng.standard_normal(shape, dtype=np.float32)
-        elif latents.shape != shape:
+        elif latents is not None and latents.shape != shape:
             raise UserError(f"latents have shape {latents.shape}; {width}x{height} with {len(prompts)} image(s) needs {shape}")
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
         clock = time.perf_counter()
+        if pixels is None:
+            timesteps, x = sched.timesteps, latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
+        else:
+            timesteps, _ = strength_timesteps(sched, steps, strength)
+            start = self._encode_image(pixels, len(prompts), rng, timings)
+            x = sched.add_noise(start, rng.standard_normal(start.shape, dtype=np.float32), timesteps[0])
         text = self._encode_prompt(req, timings)
-        x = self._denoise(sched, latents, text, req, rng, timings, progress)
+        x = self._denoise(sched, x, timesteps, text, req, rng, timings, progress)
         array = self._decode(x, timings)
         start = time.perf_counter()
         images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
@@ -197,6 +215,8 @@ class Pipeline:
                     "scheduler": short_name(sched), "seed": req.seeds[0], "width": width, "height": height,
                     "num_images": len(prompts), "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.backend, "diffrt": __version__}
+        if pixels is not None:
+            settings.update(strength=strength, image=Path(image).name if isinstance(image, (str, Path)) else "image")
         return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances)
 
     def _encode_prompt(self, req: Request, timings: dict) -> Any:
@@ -210,32 +230,44 @@ class Pipeline:
         timings["text_encoder"] = time.perf_counter() - start - lap
         return text
 
-    def _denoise(self, sched, latents: np.ndarray, text: Any, req: Request, rng: ImageGenerators, timings: dict,
-                 progress: Callable[[int, int], None] | None) -> np.ndarray:
+    def _encode_image(self, pixels: np.ndarray, count: int, rng: ImageGenerators, timings: dict) -> np.ndarray:
+        """The image's latents for each of count images: one encoder call, a sample of its distribution per image."""
+        start = time.perf_counter()
+        if self.backend == "trt":
+            raise UserError("image-to-image on the TensorRT backend is not built yet; use --backend ort-cuda or ort-cpu")
+        if self.vae_encoder is None:
+            self.vae_encoder = self._engine("vae_encoder")
+        params = self._guarded("vae_encoder", self.family.encoder_feeds(self.vae_encoder, pixels), self.family.encoder_output,
+                               "encoding the image")
+        latents = latents_from(np.repeat(params, count, axis=0), self.package.vae_scaling_factor, rng)
+        timings["vae_encode"] = time.perf_counter() - start
+        return latents
+
+    def _denoise(self, sched, x: np.ndarray, timesteps: np.ndarray, text: Any, req: Request, rng: ImageGenerators,
+                 timings: dict, progress: Callable[[int, int], None] | None) -> np.ndarray:
         """The scheduler loop around the UNet, classifier-free guidance batched into one call per step; an image whose
         guidance is 1 or less takes the conditional output as it is."""
-        guided, n = req.guided, len(latents)
+        guided, n = req.guided, len(x)
         g = np.array(req.guidances, np.float32)[:, None, None, None]
-        x = latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
-        for i, t in enumerate(sched.timesteps):
+        for i, t in enumerate(timesteps):
             start = time.perf_counter()
             model_in = sched.scale_model_input(np.concatenate([x, x]) if guided else x, t)
             feeds = self.family.unet_feeds(self.unet, model_in, t, text)
             called = time.perf_counter()
             out = self._guarded("unet", feeds, self.family.unet_output,
-                                f"at step {i + 1} of {len(sched.timesteps)}").astype(np.float32)
+                                f"at step {i + 1} of {len(timesteps)}").astype(np.float32)
             returned = time.perf_counter()
             if guided:
                 out = np.where(g > 1, out[:n] + g * (out[n:] - out[:n]), out[n:])
             x = sched.step(out, t, x, rng)
             if not np.isfinite(x).all():
                 raise NonFiniteError(f"the {sched.name} scheduler's step made NaN or inf at step {i + 1} of "
-                                     f"{len(sched.timesteps)} (the UNet's output was finite); use fewer steps or another "
+                                     f"{len(timesteps)} (the UNet's output was finite); use fewer steps or another "
                                      "scheduler")
             timings["unet"].append(returned - called)
             timings["scheduler"].append(time.perf_counter() - returned + called - start)
             if progress:
-                progress(i + 1, len(sched.timesteps))
+                progress(i + 1, len(timesteps))
         return x
 
     def _decode(self, x: np.ndarray, timings: dict) -> np.ndarray:

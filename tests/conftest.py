@@ -10,8 +10,11 @@ import pytest
 
 @contextlib.contextmanager
 def shared_noise(seed: int):
-    """Make diffusers' schedulers draw ancestral noise from numpy's default_rng(seed), as diffrt does."""
+    """Make diffusers draw its noise (ancestral samplers' noise, the VAE encoder's sample, img2img's start noise) from
+    numpy's default_rng(seed), in order, as diffrt does for one image."""
     torch = pytest.importorskip("torch")
+    import diffusers.models.autoencoders.vae as vae
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
     import diffusers.schedulers.scheduling_lcm as lcm
 
@@ -20,12 +23,15 @@ def shared_noise(seed: int):
     def randn(shape, generator=None, device=None, dtype=None, layout=None):
         return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(dtype or torch.float32)
 
-    saved = ea.randn_tensor, lcm.randn_tensor
-    ea.randn_tensor = lcm.randn_tensor = randn
+    modules = (ea, lcm, vae, img2img)
+    saved = [m.randn_tensor for m in modules]
+    for m in modules:
+        m.randn_tensor = randn
     try:
         yield
     finally:
-        ea.randn_tensor, lcm.randn_tensor = saved
+        for m, original in zip(modules, saved):
+            m.randn_tensor = original
 
 
 CORPUS_WORDS = ("a photo of the red blue green small large cat dog house tree on in at with under over painting "

@@ -230,3 +230,20 @@ def test_a_long_prompt_is_one_plain_warning(tiny_package, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 2 and lines[0].startswith("diffrt: warning: prompt is") and "random seed" in lines[1]
+
+
+def test_img2img_from_the_command_line(tiny_package, tmp_path):
+    from diffrt.runtime.images import read_settings
+
+    Image.fromarray(np.full((32, 40, 3), 200, np.uint8)).save(tmp_path / "in.png")
+    proc = diffrt("generate", "a cat", "--model", tiny_package, "--image", tmp_path / "in.png", "--strength", 0.5,
+                  "--steps", 4, "--seed", 1, "-q", "-o", tmp_path / "out.png")
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(tmp_path / "out.png").size == (40, 32)
+    settings = read_settings(tmp_path / "out.png")
+    assert settings["strength"] == 0.5 and settings["image"] == "in.png"
+    Image.fromarray(np.full((33, 40, 3), 200, np.uint8)).save(tmp_path / "odd.png")
+    assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "--image", tmp_path / "odd.png", "-o",
+                          tmp_path / "x.png"), "40x33", "--resize")
+    assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "--image", tmp_path / "in.png", "--strength", 2,
+                          "-o", tmp_path / "y.png"), "strength must be")

@@ -65,6 +65,15 @@ class Scheduler:
             raise ValueError(f"timestep {timestep} is not in this {self.name} schedule")
         return int(matches[0])
 
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
+        """original noised to `timestep` (img2img's start): sqrt(alpha_bar) x + sqrt(1 - alpha_bar) noise."""
+        acp = self.alphas_cumprod[int(timestep)]
+        return (acp**0.5 * original + (1 - acp) ** 0.5 * noise).astype(np.float32)
+
+    def begin(self, index: int) -> None:
+        """Start the schedule at step `index` (img2img), as diffusers' set_begin_index."""
+        self.next_index = index
+
     @property
     def order(self) -> int:
         return 1

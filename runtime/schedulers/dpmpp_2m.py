@@ -59,6 +59,10 @@ class DPMSolverPP2M(Scheduler):
         self.previous: np.ndarray | None = None
         self.lower_order_nums = 0
 
+    def add_noise(self, original, noise, timestep):
+        alpha, sigma = alpha_sigma(self.sigmas[self.step_index(timestep)])
+        return (alpha * original + sigma * noise).astype(np.float32)
+
     def step(self, model_output, timestep, sample, generator=None):
         c, i, n = self.config, self.step_index(timestep), len(self.timesteps)
         final = i == n - 1 and (c["euler_at_final"] or (c["lower_order_final"] and n < 15) or c["final_sigmas_type"] == "zero")

@@ -37,6 +37,9 @@ class Euler(Scheduler):
         top = self.sigmas.max()
         self.init_noise_sigma = top if self.config["timestep_spacing"] in ("linspace", "trailing") else (top**2 + 1) ** 0.5
 
+    def add_noise(self, original, noise, timestep):
+        return (original + noise * self.sigmas[self.step_index(timestep)]).astype(np.float32)
+
     def scale_model_input(self, sample, timestep):
         return sample / ((self.sigmas[self.step_index(timestep)] ** 2 + 1) ** 0.5)
 

@@ -1,0 +1,86 @@
+"""Image-to-image against diffusers' StableDiffusionImg2ImgPipeline: same weights, image and noise, every scheduler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffrt.runtime.errors import UserError
+from diffrt.runtime.pipeline import Pipeline
+from diffrt.runtime.schedulers import SHORT_NAMES
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+from conftest import shared_noise  # noqa: E402
+
+PROMPT = "a red house under the night sky"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(tiny_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_package):
+    return Pipeline.from_package(tiny_package, backend="ort-cpu")
+
+
+def picture(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], axis=2).astype(np.uint8)
+    return Image.fromarray(rgb).convert(mode)
+
+
+@pytest.mark.parametrize("name", list(SHORT_NAMES))
+def test_img2img_matches_diffusers(name, reference, ours):
+    cls, overrides = SHORT_NAMES[name]
+    base = dict(reference.scheduler.config)
+    steps = 4 if name == "lcm" else 6  # as text-to-image's parity test (DDIM's x0 clipping amplifies float noise by 8)
+    for strength in (0.3, 0.75, 1.0):
+        for width, height in ((32, 32), (40, 24)):
+            image, seed = picture(width, height), 3
+            reference.scheduler = getattr(diffusers, cls.class_name).from_config({**base, **overrides})
+            with shared_noise(seed), torch.no_grad():
+                theirs = reference(PROMPT, image=image, strength=strength, num_inference_steps=steps, guidance_scale=7.5,
+                                   output_type="np").images
+            mine = ours(PROMPT, image=image, strength=strength, steps=steps, guidance_scale=7.5, scheduler=name, seed=seed)
+            diff = np.abs(mine.array - theirs).max()
+            assert diff <= 1e-3, f"{name} strength {strength} {width}x{height}: max |diff| {diff:.2e}"
+            levels = np.abs(np.asarray(mine.images[0], np.int16) - (theirs[0] * 255).round().astype(np.int16)).max()
+            assert levels <= 1, f"{name} strength {strength} {width}x{height}: {levels} levels"
+
+
+def test_strength_sets_the_steps_run_and_any_image_mode_is_taken(ours, tmp_path, monkeypatch):
+    """strength s runs int(steps * s) UNet steps (the random-weight VAE cannot show closeness to the input, so the
+    count is what is checked); palette, grey, alpha and 16-bit images are converted."""
+    calls = []
+    run = ours.unet.run
+    monkeypatch.setattr(ours.unet, "run", lambda feeds: calls.append(1) or run(feeds))
+    for strength, expected in ((0.1, 2), (0.55, 11), (1.0, 20)):
+        calls.clear()
+        ours(PROMPT, image=picture(32, 32), strength=strength, steps=20, seed=1, scheduler="ddim")
+        assert len(calls) == expected, strength
+    for mode in ("RGBA", "L", "P", "I;16"):
+        img = picture(32, 32, "L").convert("I;16") if mode == "I;16" else picture(32, 32, mode)
+        path = tmp_path / f"in-{mode.replace(';', '')}.png"
+        img.save(path)
+        assert ours(PROMPT, image=path, strength=0.5, steps=2, seed=1).array.shape == (1, 32, 32, 3)
+
+
+def test_img2img_bad_input(ours, tmp_path):
+    with pytest.raises(UserError, match=r"33x32; its sides must be multiples of 2.*32 or 34.*--resize"):
+        ours(PROMPT, image=picture(33, 32), steps=2)
+    assert ours(PROMPT, image=picture(33, 32), steps=2, resize=True).array.shape == (1, 32, 32, 3)
+    with pytest.raises(UserError, match="strength must be"):
+        ours(PROMPT, image=picture(32, 32), strength=1.5, steps=2)
+    with pytest.raises(UserError, match="leaves no step"):
+        ours(PROMPT, image=picture(32, 32), strength=0.05, steps=4)
+    (tmp_path / "not.png").write_text("hello")
+    with pytest.raises(UserError, match="could not be read as an image"):
+        ours(PROMPT, image=tmp_path / "not.png", steps=2)
+    with pytest.raises(UserError, match="leave out width and height"):
+        ours(PROMPT, image=picture(32, 32), width=64, steps=2)
