@@ -163,9 +163,24 @@ def memory(fp16: Path, ckpt: Path, size: int, batch: int, steps: int) -> dict[st
     return found
 
 
-def load_pipelines(fp32: Path, fp16: Path, ckpt: Path, gpu: bool, precisions: list[str]) -> tuple[dict[str, dict], dict]:
-    """diffrt and diffusers per precision (fp16 on the GPU only); on the GPU also diffrt with CUDA graphs (a failure
-    is reported)."""
+def fused_package(fp32: Path, fp16: Path, work: Path, timings: dict) -> tuple[Path | None, dict]:
+    """The fp16 package with onnxruntime's CUDA UNet fusions (GroupNorm, NHWC convolutions, ...), timed; a failure is
+    reported instead of ending the check."""
+    from diffrt.export.cuda_fusions import cuda_fused_copy
+
+    t = time.perf_counter()
+    try:
+        counts = cuda_fused_copy(fp32, fp16, work / "fp16-fused")
+    except Exception as exc:
+        return None, {"error": f"{type(exc).__name__}: {exc}"[:400]}
+    timings["fused_s"] = time.perf_counter() - t
+    return work / "fp16-fused", counts
+
+
+def load_pipelines(fp32: Path, fp16: Path, ckpt: Path, gpu: bool, precisions: list[str],
+                   fused: Path | None = None) -> tuple[dict[str, dict], dict]:
+    """diffrt and diffusers per precision (fp16 on the GPU only); on the GPU also diffrt with CUDA graphs and with the
+    CUDA-fused UNet (failures are reported)."""
     from diffrt.runtime.pipeline import Pipeline
 
     backend, device = ("ort-cuda", "cuda") if gpu else ("ort-cpu", "cpu")
@@ -176,10 +191,14 @@ def load_pipelines(fp32: Path, fp16: Path, ckpt: Path, gpu: bool, precisions: li
     if gpu and "fp16" in precisions:
         pipes["fp16"] = {"diffrt": Pipeline.from_package(fp16, backend=backend),
                          "diffusers": load_diffusers(ckpt, "float16", device)}
-        try:
-            pipes["fp16"]["diffrt_graph"] = Pipeline.from_package(fp16, backend=backend, cuda_graph=True)
-        except Exception as exc:
-            errors["diffrt_graph"] = f"{type(exc).__name__}: {exc}"[:400]
+        variants = {"diffrt_graph": (fp16, True)}
+        if fused:
+            variants.update(diffrt_fused=(fused, False), diffrt_fused_graph=(fused, True))
+        for name, (package, graph) in variants.items():
+            try:
+                pipes["fp16"][name] = Pipeline.from_package(package, backend=backend, cuda_graph=graph)
+            except Exception as exc:
+                errors[name] = f"{type(exc).__name__}: {exc}"[:400]
     return pipes, errors
 
 
@@ -214,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--precisions", default="fp32,fp16", help="rows to time (fp16 on a GPU only)")
+    ap.add_argument("--no-fused", action="store_true", help="skip the fp16 package with onnxruntime's CUDA UNet fusions")
     args = ap.parse_args(argv)
     import torch
 
@@ -232,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
               "cuda_graph_blockers": check_cuda_graph_ready(fp16 / "unet" / "model.onnx"), "timings": timings}
     if gpu:
         report["gpu_memory_mb"] = memory(fp16, ckpt, size, max(batches), 2)  # fresh processes, before this one holds any
-    pipes, report["load_errors"] = load_pipelines(fp32, fp16, ckpt, gpu, args.precisions.split(","))
+    fused = None
+    if gpu and not args.no_fused and "fp16" in args.precisions:
+        fused, report["fused_ops"] = fused_package(fp32, fp16, work, timings)
+    pipes, report["load_errors"] = load_pipelines(fp32, fp16, ckpt, gpu, args.precisions.split(","), fused)
     report["rows"] = compare(pipes, size, args.steps, batches, args.runs)
     report["total_s"] = time.perf_counter() - t0
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))

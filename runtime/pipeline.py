@@ -121,6 +121,10 @@ class Pipeline:
             shared.free()
 
     def _engine(self, name: str, fallback: bool = False) -> OrtEngine:
+        needs = self.package.manifest.get("components", {}).get(name, {}).get("providers")
+        if needs and not fallback and self.backend != "ort-cuda":
+            raise UserError(f"this package's {name} runs on onnxruntime's CUDA provider only (its graph carries CUDA "
+                            "fusions); use --backend ort-cuda on an NVIDIA GPU, or the plain fp16 package")
         path = self.package.fallback(name) if fallback else self.package.component(name)
         return OrtEngine(path, self.backend, self.threads, cuda_graph=self.cuda_graph and name == "unet",
                          graph_cache=self.graph_cache, gpu_mem_limit=self.gpu_mem_limit)
