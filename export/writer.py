@@ -135,6 +135,7 @@ def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], No
         "vae_scaling_factor": float(ckpt.vae_config.get("scaling_factor", 0.18215)),
         "vae_scale_factor": vae_scale_factor(ckpt),
         "latent_channels": int(ckpt.vae_config.get("latent_channels", 4)),
+        "inpainting": int(ckpt.unet_config.get("in_channels", 4)) == 9,  # the UNet also takes a mask and masked latents
         "text_max_length": max_len if isinstance(max_len, int) and max_len < 10_000 else 77,
         "defaults": {**default_settings(ckpt, family), **options.defaults},
         "components": components,

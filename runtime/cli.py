@@ -92,7 +92,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   scheduler=args.scheduler, seed=seeds[0], width=args.width, height=args.height, num_images=args.n,
                   progress=None if args.quiet else ProgressBar("denoising"), image=args.image, strength=args.strength,
-                  resize=args.resize)
+                  resize=args.resize, mask=blurred(args.mask, args.mask_blur) if args.mask else None)
     for i, (image, path) in enumerate(zip(result.images, paths)):
         save_image(image, path, result.image_settings(i))
         print(path)
@@ -100,6 +100,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"diffrt: random seed {seeds[0]}" + (f" (images: {seeds[0]}..{seeds[-1]})" if len(seeds) > 1 else ""),
               file=sys.stderr)
     return 0
+
+
+def blurred(mask: Path, radius: float):
+    """The mask image, its edge blurred by radius pixels (Gaussian) where asked."""
+    if radius <= 0:
+        return mask
+    from PIL import ImageFilter
+
+    from .img2img import open_image
+
+    return open_image(mask).convert("L").filter(ImageFilter.GaussianBlur(radius))
 
 
 def apply_settings(args: argparse.Namespace, settings: dict) -> None:
@@ -292,6 +303,9 @@ def add_generate(sub) -> None:
     g.add_argument("--image", type=Path, help="image-to-image: start from this image (its size is the output's)")
     g.add_argument("--strength", type=number, default=0.8, help="image-to-image: how much of the schedule repaints the "
                    "image, above 0 to 1 (default %(default)s)")
+    g.add_argument("--mask", type=Path, help="inpainting: white repaints, black keeps (with --image; same size)")
+    g.add_argument("--mask-blur", type=number, default=0, metavar="PX", help="inpainting: blur the mask's edge by PX "
+                   "pixels first (default 0)")
     g.add_argument("--resize", action="store_true", help="image-to-image: scale an image whose sides are not multiples "
                    "of the model's factor down to the nearest ones (default: refuse it)")
     g.add_argument("--from", dest="from_image", type=Path, metavar="IMAGE",

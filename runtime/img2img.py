@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,39 @@ def latents_from(parameters: np.ndarray, scaling: float, rng) -> np.ndarray:
     mean, logvar = np.split(parameters.astype(np.float32), 2, axis=1)
     std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
     return (np.float32(scaling) * (mean + std * rng.standard_normal(mean.shape, dtype=np.float32))).astype(np.float32)
+
+
+def mask_input(mask: Any, width: int, height: int) -> np.ndarray:
+    """(1, 1, H, W) float32 of 0 and 1 (white = repaint), binarized at half grey as diffusers does; the mask must
+    have the image's size."""
+    pil = open_image(mask)
+    if pil.size != (width, height):
+        raise UserError(f"the mask is {pil.size[0]}x{pil.size[1]} and the image {width}x{height}; give a mask of the "
+                        "image's size")
+    grey = as_rgb(pil)[:, :, 0] if pil.mode.startswith("I") else np.asarray(pil.convert("L"))
+    return (grey.astype(np.float32) / 255.0 >= 0.5).astype(np.float32)[None, None]
+
+
+@dataclass
+class Inpainting:
+    """What the loop needs to repaint only the mask: the mask at latent size, the masked image's latents (a 9-channel
+    inpainting UNet takes both as extra input channels), or, for an ordinary UNet, the image's latents and the noise
+    with which the known region is put back at every step."""
+
+    mask: np.ndarray  # (n, 1, h, w), 1 = repaint
+    masked: np.ndarray | None  # (n, C, h, w), for a 9-channel UNet
+    image_latents: np.ndarray | None  # (n, C, h, w), for a 4-channel UNet
+    noise: np.ndarray
+
+    def unet_input(self, scaled: np.ndarray, guided: bool) -> np.ndarray:
+        if self.masked is None:
+            return scaled
+        extra = np.concatenate([self.mask, self.masked], axis=1)
+        return np.concatenate([scaled, np.concatenate([extra, extra]) if guided else extra], axis=1)
+
+    def blend(self, sched, x: np.ndarray, next_t: float | None) -> np.ndarray:
+        """An ordinary UNet's step kept only inside the mask; outside, the image's latents noised to the next step."""
+        if self.image_latents is None:
+            return x
+        known = self.image_latents if next_t is None else sched.add_noise(self.image_latents, self.noise, next_t)
+        return ((1 - self.mask) * known + self.mask * x).astype(np.float32)

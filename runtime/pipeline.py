@@ -17,7 +17,7 @@ from .engines import Engine, OrtEngine, resolve_backend
 from .errors import UserError
 from .family import adapter_for
 from .generators import ImageGenerators
-from .img2img import image_input, latents_from, strength_timesteps
+from .img2img import Inpainting, image_input, latents_from, mask_input, strength_timesteps
 from .memory import check_fits
 from .package import REQUIRED, Package, load_package
 from .request import Request, check_request, check_seeds, expand_prompts, image_seeds, make_checked_scheduler, per_image, size_note
@@ -164,11 +164,13 @@ class Pipeline:
                  width: int | None = None, height: int | None = None, num_images: int = 1,
                  latents: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None,
                  num_inference_steps: int | None = None, num_images_per_prompt: int | None = None,
-                 seeds: list[int] | None = None, image: Any = None, strength: float = 0.8, resize: bool = False) -> Result:
+                 seeds: list[int] | None = None, image: Any = None, strength: float = 0.8, resize: bool = False,
+                 mask: Any = None) -> Result:
         """Images for prompt (or each of a list of prompts), num_images each. Image i gets seed + i (seed None or -1:
         random), so any image can be made again alone; seeds (and guidance_scale as a list) give every image's own
         (a server batching requests); steps and num_images also go by diffusers' names. With image (a Pillow image or a
-        path), image-to-image: the image's latents noised to the step that strength selects, the rest of the steps run."""
+        path), image-to-image: the image's latents noised to the step that strength selects, the rest of the steps run;
+        with mask too (white = repaint), inpainting, by a 9-channel inpainting UNet or by blending for an ordinary one."""
         pkg, d = self.package, self.package.defaults
         steps = next((v for v in (steps, num_inference_steps) if v is not None), d["steps"])
         num_images = num_images_per_prompt if num_images_per_prompt is not None else num_images
@@ -202,14 +204,23 @@ class Pipeline:
             raise UserError(f"latents have shape {latents.shape}; {width}x{height} with {len(prompts)} image(s) needs {shape}")
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
         clock = time.perf_counter()
+        inpaint = None
+        if self.unet.inputs["sample"].shape[1] == 9 and mask is None:
+            raise UserError("this is an inpainting model (its UNet takes a mask): give an image and a mask (--image, --mask)")
         if pixels is None:
+            if mask is not None:
+                raise UserError("a mask needs an image to repaint (--image)")
             timesteps, x = sched.timesteps, latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
-        else:
+        elif mask is None:
             timesteps, _ = strength_timesteps(sched, steps, strength)
             start = self._encode_image(pixels, len(prompts), rng, timings)
             x = sched.add_noise(start, rng.standard_normal(start.shape, dtype=np.float32), timesteps[0])
+        else:
+            timesteps, _ = strength_timesteps(sched, steps, strength)
+            x, inpaint = self._start_inpainting(sched, pixels, mask_input(mask, width, height), timesteps[0],
+                                                strength == 1.0, len(prompts), rng, timings)
         text = self._encode_prompt(req, timings)
-        x = self._denoise(sched, x, timesteps, text, req, rng, timings, progress)
+        x = self._denoise(sched, x, timesteps, text, req, rng, timings, progress, inpaint)
         array = self._decode(x, timings)
         start = time.perf_counter()
         images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
@@ -247,8 +258,24 @@ class Pipeline:
         timings["vae_encode"] = time.perf_counter() - start
         return latents
 
+    def _start_inpainting(self, sched, pixels: np.ndarray, mask: np.ndarray, t0: float, from_noise: bool, count: int,
+                           rng: ImageGenerators, timings: dict) -> tuple[np.ndarray, Inpainting]:
+        """Start latents and what the loop needs, drawing noise in diffusers' order: the image's latent sample (unless
+        a 9-channel UNet starts from pure noise), the start noise, the masked image's latent sample."""
+        nine = self.unet.inputs["sample"].shape[1] == 9
+        image_latents = None if nine and from_noise else self._encode_image(pixels, count, rng, timings)
+        f = self.package.vae_scale_factor
+        noise = rng.standard_normal((count, self.package.latent_channels, pixels.shape[2] // f, pixels.shape[3] // f),
+                                    dtype=np.float32)
+        x = noise * np.float32(sched.init_noise_sigma) if from_noise else sched.add_noise(image_latents, noise, t0)
+        masked = self._encode_image(pixels * (mask < 0.5), count, rng, timings)
+        inpaint = Inpainting(np.repeat(mask[:, :, ::f, ::f], count, axis=0), masked if nine else None,
+                             None if nine else image_latents, noise)
+        return x.astype(np.float32), inpaint
+
     def _denoise(self, sched, x: np.ndarray, timesteps: np.ndarray, text: Any, req: Request, rng: ImageGenerators,
-                 timings: dict, progress: Callable[[int, int], None] | None) -> np.ndarray:
+                 timings: dict, progress: Callable[[int, int], None] | None,
+                 inpaint: Inpainting | None = None) -> np.ndarray:
         """The scheduler loop around the UNet, classifier-free guidance batched into one call per step; an image whose
         guidance is 1 or less takes the conditional output as it is."""
         guided, n = req.guided, len(x)
@@ -256,6 +283,8 @@ class Pipeline:
         for i, t in enumerate(timesteps):
             start = time.perf_counter()
             model_in = sched.scale_model_input(np.concatenate([x, x]) if guided else x, t)
+            if inpaint is not None:
+                model_in = inpaint.unet_input(model_in, guided)
             feeds = self.family.unet_feeds(self.unet, model_in, t, text)
             called = time.perf_counter()
             out = self._guarded("unet", feeds, self.family.unet_output,
@@ -264,6 +293,8 @@ class Pipeline:
             if guided:
                 out = np.where(g > 1, out[:n] + g * (out[n:] - out[:n]), out[n:])
             x = sched.step(out, t, x, rng)
+            if inpaint is not None:
+                x = inpaint.blend(sched, x, timesteps[i + 1] if i + 1 < len(timesteps) else None)
             if not np.isfinite(x).all():
                 raise NonFiniteError(f"the {sched.name} scheduler's step made NaN or inf at step {i + 1} of "
                                      f"{len(timesteps)} (the UNet's output was finite); use fewer steps or another "

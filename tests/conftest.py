@@ -10,11 +10,12 @@ import pytest
 
 @contextlib.contextmanager
 def shared_noise(seed: int):
-    """Make diffusers draw its noise (ancestral samplers' noise, the VAE encoder's sample, img2img's start noise) from
-    numpy's default_rng(seed), in order, as diffrt does for one image."""
+    """Make diffusers draw its noise (ancestral samplers' noise, the VAE encoder's sample, img2img's and inpainting's
+    start noise) from numpy's default_rng(seed), in order, as diffrt does for one image."""
     torch = pytest.importorskip("torch")
     import diffusers.models.autoencoders.vae as vae
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
     import diffusers.schedulers.scheduling_lcm as lcm
 
@@ -23,7 +24,7 @@ def shared_noise(seed: int):
     def randn(shape, generator=None, device=None, dtype=None, layout=None):
         return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(dtype or torch.float32)
 
-    modules = (ea, lcm, vae, img2img)
+    modules = (ea, lcm, vae, img2img, inpaint)
     saved = [m.randn_tensor for m in modules]
     for m in modules:
         m.randn_tensor = randn
@@ -44,7 +45,7 @@ def _corpus(n: int = 3000) -> list[str]:
     return [" ".join(rng.choice(CORPUS_WORDS, size=rng.integers(3, 12))) for _ in range(n)]
 
 
-def make_tiny_checkpoint(root, pad_token: str | None = None):
+def make_tiny_checkpoint(root, pad_token: str | None = None, unet_in_channels: int = 4):
     """A tiny random SD-1.x-shaped diffusers checkpoint, built from configs (no download)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -60,7 +61,8 @@ def make_tiny_checkpoint(root, pad_token: str | None = None):
     text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=5,
                                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab - 2,
                                         eos_token_id=vocab - 1, pad_token_id=vocab - 1))
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+    unet = UNet2DConditionModel(sample_size=16, in_channels=unet_in_channels, out_channels=4, layers_per_block=2,
+                                block_out_channels=(32, 64),
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
     vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
@@ -93,4 +95,19 @@ def tiny_plain_package(tiny_checkpoint, tmp_path_factory):
     from diffrt.export import ExportOptions, export_package
 
     return export_package(tiny_checkpoint, tmp_path_factory.mktemp("plain") / "tiny-plain", ExportOptions(attention="plain"),
+                          log=lambda msg: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_checkpoint(tmp_path_factory):
+    """The tiny checkpoint with a 9-channel inpainting UNet (latents, mask, masked-image latents)."""
+    pytest.importorskip("diffusers")
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-inpaint"), unet_in_channels=9)
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_package(tiny_inpaint_checkpoint, tmp_path_factory):
+    from diffrt.export import export_package
+
+    return export_package(tiny_inpaint_checkpoint, tmp_path_factory.mktemp("pkg-inpaint") / "tiny-inpaint",
                           log=lambda msg: None)

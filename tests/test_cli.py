@@ -247,3 +247,19 @@ def test_img2img_from_the_command_line(tiny_package, tmp_path):
                           tmp_path / "x.png"), "40x33", "--resize")
     assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "--image", tmp_path / "in.png", "--strength", 2,
                           "-o", tmp_path / "y.png"), "strength must be")
+
+
+def test_inpainting_from_the_command_line(tiny_package, tmp_path):
+    image = np.zeros((32, 32, 3), np.uint8)
+    image[:, :16] = 180
+    Image.fromarray(image).save(tmp_path / "in.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    for blur in (0, 3):
+        proc = diffrt("generate", "a cat", "--model", tiny_package, "--image", tmp_path / "in.png", "--mask",
+                      tmp_path / "mask.png", "--mask-blur", blur, "--strength", 1, "--steps", 3, "--seed", 2, "-q",
+                      "-o", tmp_path / f"out{blur}.png")
+        assert proc.returncode == 0, proc.stderr
+    assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "--mask", tmp_path / "mask.png", "-o",
+                          tmp_path / "x.png"), "needs an image")
