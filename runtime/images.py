@@ -21,7 +21,8 @@ def parameters_text(s: dict[str, Any]) -> str:
     """The A1111 'parameters' block: prompt, negative prompt, then one line of `Key: value` pairs."""
     pairs = [("Steps", s["steps"]), ("Sampler", SAMPLER_LABELS.get(s["scheduler"], s["scheduler"])),
              ("CFG scale", s["guidance_scale"]), ("Seed", s["seed"]), ("Size", f"{s['width']}x{s['height']}"),
-             ("Model hash", s.get("model_hash") or None), ("Model", s.get("model")), ("Version", f"diffrt {s['diffrt']}")]
+             ("Model hash", s.get("model_hash") or None), ("Model", s.get("model")),
+             ("Denoising strength", s.get("strength")), ("Mode", s.get("mode")), ("Version", f"diffrt {s['diffrt']}")]
     lines = [s["prompt"]]
     if s.get("negative_prompt"):
         lines.append(f"Negative prompt: {s['negative_prompt']}")

@@ -71,12 +71,15 @@ def latents_from(parameters: np.ndarray, scaling: float, rng) -> np.ndarray:
 
 
 def mask_input(mask: Any, width: int, height: int) -> np.ndarray:
-    """(1, 1, H, W) float32 of 0 and 1 (white = repaint), binarized at half grey as diffusers does; the mask must
-    have the image's size."""
+    """(1, 1, H, W) float32 of 0 and 1 (white = repaint), binarized at half grey as diffusers does; a mask of another
+    size is resized to the image's, with a warning."""
+    import warnings
+
     pil = open_image(mask)
     if pil.size != (width, height):
-        raise UserError(f"the mask is {pil.size[0]}x{pil.size[1]} and the image {width}x{height}; give a mask of the "
-                        "image's size")
+        warnings.warn(f"the mask is {pil.size[0]}x{pil.size[1]} and the image {width}x{height}: the mask was resized to "
+                      "the image's size", stacklevel=3)
+        pil = pil.convert("L").resize((width, height), Image.Resampling.NEAREST)
     grey = as_rgb(pil)[:, :, 0] if pil.mode.startswith("I") else np.asarray(pil.convert("L"))
     return (grey.astype(np.float32) / 255.0 >= 0.5).astype(np.float32)[None, None]
 

@@ -27,6 +27,13 @@ from .tokenizer import ClipTokenizer
 STAGES = REQUIRED  # the components text-to-image runs
 
 
+def pixels_hash(array: np.ndarray) -> str:
+    """A short sha256 of an input image's (or mask's) pixels as the pipeline used them, for the metadata."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(array, np.float32).tobytes()).hexdigest()[:12]
+
+
 def refuse_for_trt(**options: Any) -> None:
     """The TensorRT backend's engines are built ahead: options that only onnxruntime sessions take are refused."""
     given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v]
@@ -231,7 +238,11 @@ class Pipeline:
                     "num_images": len(prompts), "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.backend, "diffrt": __version__}
         if pixels is not None:
-            settings.update(strength=strength, image=Path(image).name if isinstance(image, (str, Path)) else "image")
+            settings.update(mode="inpaint" if mask is not None else "img2img", strength=strength,
+                            image=Path(image).name if isinstance(image, (str, Path)) else "image",
+                            image_sha256=pixels_hash(pixels))
+            if inpaint is not None:
+                settings["mask_sha256"] = pixels_hash(inpaint.mask[:1])
         return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances)
 
     def _encode_prompt(self, req: Request, timings: dict) -> Any:

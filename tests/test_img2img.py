@@ -124,8 +124,10 @@ def test_inpainting_matches_diffusers(kind, tiny_checkpoint, tiny_package, tiny_
 
 def test_inpainting_bad_input(tiny_package, tiny_inpaint_package):
     ours = Pipeline.from_package(tiny_package, backend="ort-cpu")
-    with pytest.raises(UserError, match="mask is 16x16 and the image 32x32"):
-        ours(PROMPT, image=picture(32, 32), mask=mask_picture(16, 16), steps=2)
+    with pytest.warns(UserWarning, match="mask is 16x16 and the image 32x32: the mask was resized"):
+        resized = ours(PROMPT, image=picture(32, 32), mask=mask_picture(16, 16), steps=2, seed=1)
+    assert resized.settings["mode"] == "inpaint" and len(resized.settings["mask_sha256"]) == 12
+    assert "Denoising strength: 0.8" in __import__("diffrt.runtime.images", fromlist=["x"]).parameters_text(resized.settings)
     with pytest.raises(UserError, match="needs an image"):
         ours(PROMPT, mask=mask_picture(32, 32), steps=2)
     with pytest.raises(UserError, match="inpainting model"):
