@@ -181,51 +181,18 @@ class Pipeline:
         pkg, d = self.package, self.package.defaults
         steps = next((v for v in (steps, num_inference_steps) if v is not None), d["steps"])
         num_images = num_images_per_prompt if num_images_per_prompt is not None else num_images
-        guidance = d["guidance_scale"] if guidance_scale is None else guidance_scale
         pixels = None if image is None else image_input(image, pkg.vae_scale_factor, resize)
         if pixels is not None:
             if (width or pixels.shape[3], height or pixels.shape[2]) != (pixels.shape[3], pixels.shape[2]):
                 raise UserError(f"the image is {pixels.shape[3]}x{pixels.shape[2]}; leave out width and height with an image")
             width, height = pixels.shape[3], pixels.shape[2]
-        width, height = width or d["width"], height or d["height"]
-        check_request(width, height, steps, num_images, guidance, pkg.vae_scale_factor)
-        prompts, negatives = expand_prompts(prompt, negative_prompt, num_images)
-        req = Request(prompts, negatives, image_seeds(seed, len(prompts)) if seeds is None else check_seeds(seeds, len(prompts)),
-                      steps, per_image(guidance, len(prompts)), width, height)
-        sched = make_checked_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config, steps)
-        if self.backend == "ort-cpu":
-            too_big = check_fits(pkg.root, width, height, pkg.vae_scale_factor, len(prompts) * (2 if req.guided else 1))
-            if too_big:
-                raise UserError(too_big)
-        note = size_note(d, width, height)
-        if note:
-            warnings.warn(note, stacklevel=2)
+        req, sched = self._request(prompt, negative_prompt, steps, guidance_scale, scheduler, seed, seeds,
+                                   width or d["width"], height or d["height"], num_images)
+        width, height, prompts, negatives = req.width, req.height, req.prompts, req.negatives
         rng = ImageGenerators(req.seeds)
-        f = pkg.vae_scale_factor
-        shape = (len(prompts), pkg.latent_channels, height // f, width // f)
-        if pixels is not None and latents is not None:
-            raise UserError("give an image or initial latents, not both")
-        if latents is None and pixels is None:
-            latents = rng.standard_normal(shape, dtype=np.float32)
-        elif latents is not None and latents.shape != shape:
-            raise UserError(f"latents have shape {latents.shape}; {width}x{height} with {len(prompts)} image(s) needs {shape}")
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
         clock = time.perf_counter()
-        inpaint = None
-        if self.unet.inputs["sample"].shape[1] == 9 and mask is None:
-            raise UserError("this is an inpainting model (its UNet takes a mask): give an image and a mask (--image, --mask)")
-        if pixels is None:
-            if mask is not None:
-                raise UserError("a mask needs an image to repaint (--image)")
-            timesteps, x = sched.timesteps, latents.astype(np.float32) * np.float32(sched.init_noise_sigma)
-        elif mask is None:
-            timesteps, _ = strength_timesteps(sched, steps, strength)
-            start = self._encode_image(pixels, len(prompts), rng, timings)
-            x = sched.add_noise(start, rng.standard_normal(start.shape, dtype=np.float32), timesteps[0])
-        else:
-            timesteps, _ = strength_timesteps(sched, steps, strength)
-            x, inpaint = self._start_inpainting(sched, pixels, mask_input(mask, width, height), timesteps[0],
-                                                strength == 1.0, len(prompts), rng, timings)
+        timesteps, x, inpaint = self._start(sched, req, strength, pixels, mask, latents, rng, timings)
         text = self._encode_prompt(req, timings)
         x = self._denoise(sched, x, timesteps, text, req, rng, timings, progress, inpaint)
         array = self._decode(x, timings)
@@ -233,7 +200,7 @@ class Pipeline:
         images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
         timings["postprocess"] = time.perf_counter() - start
         timings["total"] = time.perf_counter() - clock
-        settings = {"prompt": prompts[0], "negative_prompt": negatives[0], "steps": steps, "guidance_scale": req.guidances[0],
+        settings = {"prompt": prompts[0], "negative_prompt": negatives[0], "steps": req.steps, "guidance_scale": req.guidances[0],
                     "scheduler": short_name(sched), "seed": req.seeds[0], "width": width, "height": height,
                     "num_images": len(prompts), "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.backend, "diffrt": __version__}
@@ -244,6 +211,50 @@ class Pipeline:
             if inpaint is not None:
                 settings["mask_sha256"] = pixels_hash(inpaint.mask[:1])
         return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances)
+
+    def _request(self, prompt: Any, negative: Any, steps: int, guidance: Any, scheduler: str | None, seed: Any,
+                 seeds: list[int] | None, width: int, height: int, num_images: int) -> tuple[Request, Any]:
+        """The checked request and its scheduler; refused in one line before any work when it cannot run here."""
+        pkg, d = self.package, self.package.defaults
+        guidance = d["guidance_scale"] if guidance is None else guidance
+        check_request(width, height, steps, num_images, guidance, pkg.vae_scale_factor)
+        prompts, negatives = expand_prompts(prompt, negative, num_images)
+        req = Request(prompts, negatives, image_seeds(seed, len(prompts)) if seeds is None else check_seeds(seeds, len(prompts)),
+                      steps, per_image(guidance, len(prompts)), width, height)
+        sched = make_checked_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config, steps)
+        if self.backend == "ort-cpu":
+            too_big = check_fits(pkg.root, width, height, pkg.vae_scale_factor, len(prompts) * (2 if req.guided else 1))
+            if too_big:
+                raise UserError(too_big)
+        note = size_note(d, width, height)
+        if note:
+            warnings.warn(note, stacklevel=3)
+        return req, sched
+
+    def _start(self, sched, req: Request, strength: float, pixels: np.ndarray | None, mask: Any,
+               latents: np.ndarray | None, rng: ImageGenerators, timings: dict) -> tuple[np.ndarray, np.ndarray, Any]:
+        """(timesteps to run, starting latents, inpainting state): pure noise for text-to-image, the image's noised
+        latents for image-to-image, and for inpainting also what the loop needs to keep the unmasked region."""
+        f, n = self.package.vae_scale_factor, len(req.prompts)
+        shape = (n, self.package.latent_channels, req.height // f, req.width // f)
+        if pixels is not None and latents is not None:
+            raise UserError("give an image or initial latents, not both")
+        if latents is not None and latents.shape != shape:
+            raise UserError(f"latents have shape {latents.shape}; {req.width}x{req.height} with {n} image(s) needs {shape}")
+        if self.unet.inputs["sample"].shape[1] == 9 and mask is None:
+            raise UserError("this is an inpainting model (its UNet takes a mask): give an image and a mask (--image, --mask)")
+        if pixels is None:
+            if mask is not None:
+                raise UserError("a mask needs an image to repaint (--image)")
+            start = rng.standard_normal(shape, dtype=np.float32) if latents is None else latents.astype(np.float32)
+            return sched.timesteps, start * np.float32(sched.init_noise_sigma), None
+        timesteps, _ = strength_timesteps(sched, req.steps, strength)
+        if mask is None:
+            start = self._encode_image(pixels, n, rng, timings)
+            return timesteps, sched.add_noise(start, rng.standard_normal(start.shape, dtype=np.float32), timesteps[0]), None
+        x, inpaint = self._start_inpainting(sched, pixels, mask_input(mask, req.width, req.height), timesteps[0],
+                                            strength == 1.0, n, rng, timings)
+        return timesteps, x, inpaint
 
     def _encode_prompt(self, req: Request, timings: dict) -> Any:
         """Text embeddings for the UNet, negatives then prompts when guided, already in the UNet's input form."""

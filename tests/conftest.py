@@ -111,3 +111,20 @@ def tiny_inpaint_package(tiny_inpaint_checkpoint, tmp_path_factory):
 
     return export_package(tiny_inpaint_checkpoint, tmp_path_factory.mktemp("pkg-inpaint") / "tiny-inpaint",
                           log=lambda msg: None)
+
+
+def reference_pipeline(class_name: str, checkpoint):
+    """A diffusers pipeline of that class over the checkpoint, its progress bar off."""
+    import diffusers
+
+    pipe = getattr(diffusers, class_name).from_pretrained(checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def ours(tiny_package):
+    """diffrt's pipeline over the tiny package, on the CPU."""
+    from diffrt.runtime.pipeline import Pipeline
+
+    return Pipeline.from_package(tiny_package, backend="ort-cpu")

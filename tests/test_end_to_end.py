@@ -12,7 +12,7 @@ from diffrt.runtime.schedulers import SHORT_NAMES
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from conftest import shared_noise  # noqa: E402
+from conftest import reference_pipeline, shared_noise  # noqa: E402
 
 PROMPT, NEGATIVE = "a beautiful painting of a red house under the night sky", "ugly dark"
 SIZES = ((32, 32), (40, 24))  # (width, height); 24/2 = 12 and 40/2 = 20 latents
@@ -20,14 +20,7 @@ SIZES = ((32, 32), (40, 24))  # (width, height); 24/2 = 12 and 40/2 = 20 latents
 
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint):
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def ours(tiny_package):
-    return Pipeline.from_package(tiny_package, backend="ort-cpu")
+    return reference_pipeline("StableDiffusionPipeline", tiny_checkpoint)
 
 
 def run_reference(pipe, name, latents, steps, guidance, width, height, seed):

@@ -12,21 +12,14 @@ from diffrt.runtime.schedulers import SHORT_NAMES
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from conftest import shared_noise  # noqa: E402
+from conftest import reference_pipeline, shared_noise  # noqa: E402
 
 PROMPT = "a red house under the night sky"
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint):
-    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(tiny_checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def ours(tiny_package):
-    return Pipeline.from_package(tiny_package, backend="ort-cpu")
+    return reference_pipeline("StableDiffusionImg2ImgPipeline", tiny_checkpoint)
 
 
 def picture(width: int, height: int, mode: str = "RGB") -> Image.Image:
@@ -94,18 +87,13 @@ def mask_picture(width: int, height: int) -> Image.Image:
     return Image.fromarray(m, "L")
 
 
-def inpaint_reference(checkpoint):
-    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.mark.parametrize("kind", ["blend", "nine"])
 def test_inpainting_matches_diffusers(kind, tiny_checkpoint, tiny_package, tiny_inpaint_checkpoint, tiny_inpaint_package):
     """A 4-channel UNet (the known region blended back at every step) and a 9-channel inpainting UNet, against
     StableDiffusionInpaintPipeline: every scheduler, strengths 0.3, 0.75 and 1.0, two sizes, same noise."""
     checkpoint, package = (tiny_checkpoint, tiny_package) if kind == "blend" else (tiny_inpaint_checkpoint, tiny_inpaint_package)
-    reference, ours = inpaint_reference(checkpoint), Pipeline.from_package(package, backend="ort-cpu")
+    reference = reference_pipeline("StableDiffusionInpaintPipeline", checkpoint)
+    ours = Pipeline.from_package(package, backend="ort-cpu")
     base = dict(reference.scheduler.config)
     for name, (cls, overrides) in SHORT_NAMES.items():
         steps = 4 if name == "lcm" else 6
