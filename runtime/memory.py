@@ -46,9 +46,10 @@ def request_bytes(layout: tuple[int, int], latent_h: int, latent_w: int, unet_ba
     return ATTENTION_COPIES * unet_batch * heads * tokens**2 * 4
 
 
-def check_fits(root: Path, width: int, height: int, factor: int, unet_batch: int) -> str | None:
-    """Why this request would not fit in this machine's memory (with the largest square size that would), or None."""
-    layout, free = attention_layout(root), available_bytes()
+def check_fits(layout: tuple[int, int] | None, width: int, height: int, factor: int, unet_batch: int) -> str | None:
+    """Why this request would not fit in this machine's memory (with the largest square size that would), or None;
+    layout is attention_layout's, read once when the package loads."""
+    free = available_bytes()
     if layout is None or free is None:
         return None
     need = request_bytes(layout, height // factor, width // factor, unet_batch)

@@ -18,7 +18,7 @@ from .errors import UserError
 from .family import adapter_for
 from .generators import ImageGenerators
 from .img2img import Inpainting, image_input, latents_from, mask_input, strength_timesteps
-from .memory import check_fits
+from .memory import attention_layout, check_fits
 from .package import REQUIRED, Package, load_package
 from .request import Request, check_request, check_seeds, expand_prompts, image_seeds, make_checked_scheduler, per_image, size_note
 from .schedulers import short_name
@@ -102,6 +102,7 @@ class Pipeline:
         self.graph_cache = Path(graph_cache) if graph_cache else None
         self.gpu_mem_limit = gpu_mem_limit
         self.family = adapter_for(package.family)
+        self.attention = attention_layout(package.root)  # for the memory a request's size needs
         self.tokenizer = ClipTokenizer.from_folder(package.root / "tokenizer", package.text_max_length)
         self.fell_back: list[str] = []
         engines = self._open_engines()
@@ -186,8 +187,8 @@ class Pipeline:
             if (width or pixels.shape[3], height or pixels.shape[2]) != (pixels.shape[3], pixels.shape[2]):
                 raise UserError(f"the image is {pixels.shape[3]}x{pixels.shape[2]}; leave out width and height with an image")
             width, height = pixels.shape[3], pixels.shape[2]
-        req, sched = self._request(prompt, negative_prompt, steps, guidance_scale, scheduler, seed, seeds,
-                                   width or d["width"], height or d["height"], num_images)
+        req, sched = self.check(prompt, negative_prompt, steps, guidance_scale, scheduler, seed, seeds,
+                                width or d["width"], height or d["height"], num_images)
         width, height, prompts, negatives = req.width, req.height, req.prompts, req.negatives
         rng = ImageGenerators(req.seeds)
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
@@ -212,9 +213,10 @@ class Pipeline:
                 settings["mask_sha256"] = pixels_hash(inpaint.mask[:1])
         return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances)
 
-    def _request(self, prompt: Any, negative: Any, steps: int, guidance: Any, scheduler: str | None, seed: Any,
-                 seeds: list[int] | None, width: int, height: int, num_images: int) -> tuple[Request, Any]:
-        """The checked request and its scheduler; refused in one line before any work when it cannot run here."""
+    def check(self, prompt: Any, negative: Any, steps: int, guidance: Any, scheduler: str | None, seed: Any,
+              seeds: list[int] | None, width: int, height: int, num_images: int) -> tuple[Request, Any]:
+        """The checked request and its scheduler, refused in one line when it cannot run here (a server checks a
+        request with it before queueing it)."""
         pkg, d = self.package, self.package.defaults
         guidance = d["guidance_scale"] if guidance is None else guidance
         check_request(width, height, steps, num_images, guidance, pkg.vae_scale_factor)
@@ -223,7 +225,7 @@ class Pipeline:
                       steps, per_image(guidance, len(prompts)), width, height)
         sched = make_checked_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config, steps)
         if self.backend == "ort-cpu":
-            too_big = check_fits(pkg.root, width, height, pkg.vae_scale_factor, len(prompts) * (2 if req.guided else 1))
+            too_big = check_fits(self.attention, width, height, pkg.vae_scale_factor, len(prompts) * (2 if req.guided else 1))
             if too_big:
                 raise UserError(too_big)
         note = size_note(d, width, height)
@@ -273,6 +275,9 @@ class Pipeline:
         if self.backend == "trt":
             raise UserError("image-to-image on the TensorRT backend is not built yet; use --backend ort-cuda or ort-cpu")
         if self.vae_encoder is None:
+            if not self.package.has("vae_encoder"):
+                raise UserError(f"the model {self.package.name} has no VAE encoder, which image-to-image and inpainting need; "
+                                "use a package exported with it (`diffrt export CHECKPOINT OUT` writes one by default)")
             self.vae_encoder = self._engine("vae_encoder")
         params = self._guarded("vae_encoder", self.family.encoder_feeds(self.vae_encoder, pixels), self.family.encoder_output,
                                "encoding the image")

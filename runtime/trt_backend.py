@@ -30,7 +30,7 @@ def import_tensorrt():
 
         return tensorrt_lean, True
     except ImportError:
-        raise UserError("TensorRT is not installed: `pip install diffrt[trt]` on a machine with an NVIDIA GPU (or "
+        raise UserError('TensorRT is not installed: `pip install "diffrt[trt]"` on a machine with an NVIDIA GPU (or '
                         "tensorrt-lean for version-compatible engines), or use --backend ort-cuda") from None
 
 
@@ -41,7 +41,7 @@ def cudart():
         try:
             from cuda import cudart as runtime
         except ImportError:
-            raise UserError("the TensorRT backend needs cuda-python: `pip install diffrt[trt]`") from None
+            raise UserError('the TensorRT backend needs cuda-python: `pip install "diffrt[trt]"`') from None
     return runtime
 
 

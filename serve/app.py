@@ -109,18 +109,13 @@ class Service:
         self.metrics.images.inc(sum(len(j.prompts) for j in jobs))
 
     def check(self, job: Job) -> None:
-        """Refuse a job before it is queued, so that one bad request never fails a batch it shares."""
-        from diffrt.runtime.request import check_request, check_text, make_checked_scheduler
-
+        """Refuse a job before it is queued (the pipeline's own checks), so that one bad request never fails a batch
+        it shares."""
         if self.pipe is None:
             raise ApiError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
         d, s = self.pipe.package.defaults, job.settings
-        for text in job.prompts + job.negatives:
-            check_text(text, "prompt")
-        check_request(s["width"] or d["width"], s["height"] or d["height"], s["steps"] or d["steps"], len(job.prompts),
-                      d["guidance_scale"] if job.guidance is None else job.guidance,
-                      self.pipe.package.vae_scale_factor)
-        make_checked_scheduler(s["scheduler"] or d.get("scheduler"), self.pipe.package.scheduler_config, s["steps"] or d["steps"])
+        self.pipe.check(job.prompts, job.negatives, s["steps"] or d["steps"], job.guidance, s["scheduler"], None, job.seeds,
+                        s["width"] or d["width"], s["height"] or d["height"], 1)
 
     async def generate(self, job: Job, request: Request) -> list[tuple[Any, dict]]:
         """The job's images; its work is given up when the client disconnects or the timeout passes."""

@@ -120,3 +120,10 @@ def test_inpainting_bad_input(tiny_package, tiny_inpaint_package):
         ours(PROMPT, mask=mask_picture(32, 32), steps=2)
     with pytest.raises(UserError, match="inpainting model"):
         Pipeline.from_package(tiny_inpaint_package, backend="ort-cpu")(PROMPT, steps=2)
+
+
+def test_a_package_without_vae_encoder_is_refused_in_one_line(tmp_path):
+    from diffrt.runtime.bundled import bundled_model
+
+    with pytest.raises(UserError, match="has no VAE encoder, which image-to-image and inpainting need"):
+        Pipeline.from_package(bundled_model(), backend="ort-cpu")(PROMPT, image=picture(64, 64), steps=2)
