@@ -16,15 +16,19 @@ def shared_noise(seed: int):
     import diffusers.models.autoencoders.vae as vae
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint
+    import diffusers.schedulers.scheduling_ddpm as ddpm
+    import diffusers.schedulers.scheduling_dpmsolver_multistep as dpm
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
+    import diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete as dpm2a
     import diffusers.schedulers.scheduling_lcm as lcm
+    import diffusers.schedulers.scheduling_tcd as tcd
 
     rng = np.random.default_rng(seed)
 
     def randn(shape, generator=None, device=None, dtype=None, layout=None):
         return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(dtype or torch.float32)
 
-    modules = (ea, lcm, vae, img2img, inpaint)
+    modules = (ea, lcm, vae, img2img, inpaint, ddpm, dpm, dpm2a, tcd)
     saved = [m.randn_tensor for m in modules]
     for m in modules:
         m.randn_tensor = randn
@@ -119,7 +123,20 @@ def reference_pipeline(class_name: str, checkpoint):
 
     pipe = getattr(diffusers, class_name).from_pretrained(checkpoint)
     pipe.set_progress_bar_config(disable=True)
+    pipe.checkpoint_scheduler_config = dict(pipe.scheduler.config)  # what a package of it holds
     return pipe
+
+
+def use_sampler(pipe, name: str) -> dict:
+    """Give a diffusers pipeline diffrt's sampler `name` over the checkpoint's own scheduler config (not that of a
+    sampler swapped in before, whose keys would carry over); returns the call's arguments the sampler needs (eta)."""
+    import diffusers
+
+    from diffrt.runtime.schedulers import SHORT_NAMES
+
+    cls, overrides = SHORT_NAMES[name]
+    pipe.scheduler = getattr(diffusers, cls.class_name).from_config({**pipe.checkpoint_scheduler_config, **overrides})
+    return {"eta": getattr(cls, "eta", 0.0)}
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from diffrt.runtime.schedulers import SHORT_NAMES
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from conftest import reference_pipeline, shared_noise  # noqa: E402
+from conftest import reference_pipeline, shared_noise, use_sampler  # noqa: E402
 
 PROMPT, NEGATIVE = "a beautiful painting of a red house under the night sky", "ugly dark"
 SIZES = ((32, 32), (40, 24))  # (width, height); 24/2 = 12 and 40/2 = 20 latents
@@ -24,12 +24,10 @@ def reference(tiny_checkpoint):
 
 
 def run_reference(pipe, name, latents, steps, guidance, width, height, seed):
-    cls, overrides = SHORT_NAMES[name]
-    base = {k: v for k, v in pipe.scheduler.config.items()}
-    pipe.scheduler = getattr(diffusers, cls.class_name).from_config({**base, **overrides})
+    extra = use_sampler(pipe, name)
     with shared_noise(seed), torch.no_grad():
         return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=guidance, width=width,
-                    height=height, latents=torch.from_numpy(latents), output_type="np").images
+                    height=height, latents=torch.from_numpy(latents), output_type="np", **extra).images
 
 
 @pytest.mark.parametrize("name", list(SHORT_NAMES))

@@ -12,7 +12,7 @@ from diffrt.runtime.schedulers import SHORT_NAMES
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from conftest import reference_pipeline, shared_noise  # noqa: E402
+from conftest import reference_pipeline, shared_noise, use_sampler  # noqa: E402
 
 PROMPT = "a red house under the night sky"
 
@@ -30,16 +30,14 @@ def picture(width: int, height: int, mode: str = "RGB") -> Image.Image:
 
 @pytest.mark.parametrize("name", list(SHORT_NAMES))
 def test_img2img_matches_diffusers(name, reference, ours):
-    cls, overrides = SHORT_NAMES[name]
-    base = dict(reference.scheduler.config)
     steps = 4 if name == "lcm" else 6  # as text-to-image's parity test (DDIM's x0 clipping amplifies float noise by 8)
     for strength in (0.3, 0.75, 1.0):
         for width, height in ((32, 32), (40, 24)):
             image, seed = picture(width, height), 3
-            reference.scheduler = getattr(diffusers, cls.class_name).from_config({**base, **overrides})
+            extra = use_sampler(reference, name)
             with shared_noise(seed), torch.no_grad():
                 theirs = reference(PROMPT, image=image, strength=strength, num_inference_steps=steps, guidance_scale=7.5,
-                                   output_type="np").images
+                                   output_type="np", **extra).images
             mine = ours(PROMPT, image=image, strength=strength, steps=steps, guidance_scale=7.5, scheduler=name, seed=seed)
             diff = np.abs(mine.array - theirs).max()
             assert diff <= 1e-3, f"{name} strength {strength} {width}x{height}: max |diff| {diff:.2e}"
@@ -94,16 +92,15 @@ def test_inpainting_matches_diffusers(kind, tiny_checkpoint, tiny_package, tiny_
     checkpoint, package = (tiny_checkpoint, tiny_package) if kind == "blend" else (tiny_inpaint_checkpoint, tiny_inpaint_package)
     reference = reference_pipeline("StableDiffusionInpaintPipeline", checkpoint)
     ours = Pipeline.from_package(package, backend="ort-cpu")
-    base = dict(reference.scheduler.config)
-    for name, (cls, overrides) in SHORT_NAMES.items():
+    for name in SHORT_NAMES:
         steps = 4 if name == "lcm" else 6
         for strength in (0.3, 0.75, 1.0):
             for width, height in ((32, 32), (40, 24)):
                 image, mask = picture(width, height), mask_picture(width, height)
-                reference.scheduler = getattr(diffusers, cls.class_name).from_config({**base, **overrides})
+                extra = use_sampler(reference, name)
                 with shared_noise(5), torch.no_grad():
                     theirs = reference(PROMPT, image=image, mask_image=mask, strength=strength, num_inference_steps=steps,
-                                       guidance_scale=7.5, height=height, width=width, output_type="np").images
+                                       guidance_scale=7.5, height=height, width=width, output_type="np", **extra).images
                 mine = ours(PROMPT, image=image, mask=mask, strength=strength, steps=steps, guidance_scale=7.5,
                             scheduler=name, seed=5)
                 diff = np.abs(mine.array - theirs).max()

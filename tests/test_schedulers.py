@@ -54,7 +54,7 @@ def compare(name: str, config: dict, steps: int, seed: int = 0) -> float | None:
     if failures:
         assert failures == 2, f"{name} steps={steps}: only one side refused the setting"
         return None
-    np.testing.assert_allclose(ours.timesteps, theirs.timesteps.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(ours.timesteps, theirs.timesteps.numpy(), rtol=1e-6, atol=1e-4)
     start = np.random.default_rng(seed).standard_normal((2, 4, 8, 8)).astype(np.float32)
     x_ours = start * np.float32(ours.init_noise_sigma)
     x_theirs = torch.from_numpy(start) * theirs.init_noise_sigma
@@ -66,12 +66,21 @@ def compare(name: str, config: dict, steps: int, seed: int = 0) -> float | None:
             worst = max(worst, rel_err(scaled, theirs.scale_model_input(x_theirs, t_theirs).numpy()))
             out = fake_model(scaled, t_ours)
             x_ours = ours.step(out, t_ours, x_ours, gen)
-            x_theirs = theirs.step(torch.from_numpy(out), t_theirs, x_theirs).prev_sample
+            x_theirs = theirs.step(torch.from_numpy(out), t_theirs, x_theirs, **step_options(ours)).prev_sample
             worst = max(worst, rel_err(x_ours, x_theirs.numpy()))
     return worst
 
 
+def step_options(ours) -> dict:
+    """What diffusers' step needs told that diffrt's sampler carries itself (TCD's gamma)."""
+    return {"eta": ours.eta} if hasattr(ours, "eta") else {}
+
+
 def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
+    """Largest difference relative to the reference's largest value; inf where either side is not finite (Python's
+    max would otherwise drop a NaN)."""
+    if not (np.isfinite(got).all() and np.isfinite(ref).all()):
+        return float("inf")
     return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6))
 
 
@@ -115,6 +124,71 @@ def test_scheduler_branches_match_diffusers(name, config):
         assert worst is not None and worst <= TOLERANCE, (name, config, steps, worst)
 
 
+VARIANTS = [
+    *[("unipc", {"solver_type": "bh2", "solver_order": order}) for order in (1, 2, 3)],
+    # bh1's and the noise parametrization's last step to sigma 0 are NaN in diffusers
+    # (test_unipc_last_step_to_zero_where_diffusers_fails), so their parity is over a sigma_min end
+    *[("unipc", {"solver_type": kind, "solver_order": order, "predict_x0": x0, "final_sigmas_type": "sigma_min"})
+      for kind in ("bh1", "bh2") for order in (1, 2, 3) for x0 in (True, False) if kind == "bh1" or not x0],
+    ("unipc", {"solver_order": 3, "use_karras_sigmas": True}),
+    ("unipc", {"solver_order": 3, "final_sigmas_type": "sigma_min", "disable_corrector": [0, 2]}),
+    ("unipc", {"solver_order": 3, "lower_order_final": False, "prediction_type": "sample", "final_sigmas_type": "sigma_min"}),
+    *[("deis", {"solver_order": order}) for order in (1, 2, 3)],
+    ("deis", {"solver_order": 3, "use_karras_sigmas": True}),
+    ("deis", {"solver_order": 3, "lower_order_final": False}),
+    ("dpmpp_2m_sde", {"solver_type": "heun"}),
+    ("dpmpp_2m_sde", {"prediction_type": "sample"}),
+    ("ddpm", {"variance_type": "fixed_small_log"}),
+    ("ddpm", {"variance_type": "fixed_large", "clip_sample": False}),
+    ("heun", {"prediction_type": "sample"}),
+    ("heun", {"clip_sample": True, "clip_sample_range": 0.5}),
+    ("lms", {"prediction_type": "sample"}),
+    ("euler_karras", {"timestep_spacing": "trailing"}),
+]
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("name, config", VARIANTS, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in c.items())}" for n, c in VARIANTS])
+def test_sampler_variants_match_diffusers(name, config):
+    """UniPC's two B(h) of orders 1-3 in both parametrizations, DEIS's orders, DPM++ 2M SDE's Heun form, DDPM's
+    variances, Karras sigmas and x0 prediction where the samplers offer them."""
+    for steps in (3, 10, 25):
+        worst = compare(name, {**SD_BETAS, **config}, steps)
+        assert worst is not None and worst <= TOLERANCE, (name, config, steps, worst)
+
+
+@pytest.mark.parametrize("config", [{"solver_type": "bh1"}, {"predict_x0": False},
+                                    {"solver_order": 3, "lower_order_final": False}])
+def test_unipc_last_step_to_zero_where_diffusers_fails(config):
+    """Three UniPC settings end in NaN (bh1: B(h) = h is infinite at sigma 0; the noise parametrization: 0 * inf) or a
+    singular solve (order 3 without lower_order_final) in diffusers' last step to sigma 0; diffrt's last step gives
+    that step's limit, the model's x0 prediction, and it matches diffusers on every step before it."""
+    config = {**SD_BETAS, **config}
+    ours = make_scheduler("unipc", config)
+    theirs = diffusers.UniPCMultistepScheduler.from_config(config)
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    x_theirs = torch.from_numpy(x)
+    for i, t in enumerate(ours.timesteps):
+        out = fake_model(x, t)
+        before, x = x, ours.step(out, t, x)
+        if i < 9:
+            x_theirs = theirs.step(torch.from_numpy(out), theirs.timesteps[i], x_theirs).prev_sample
+            assert rel_err(x, x_theirs.numpy()) <= TOLERANCE
+    assert not np.isfinite(theirs.step(torch.from_numpy(out), theirs.timesteps[9], x_theirs).prev_sample.numpy()).all() \
+        if config.get("lower_order_final", True) else True
+    acp = ours.alphas_cumprod[int(t)]
+    np.testing.assert_allclose(x, (before - (1 - acp) ** 0.5 * out) / acp**0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_tcd_deterministic_at_eta_zero(monkeypatch):
+    from diffrt.runtime.schedulers.tcd import TCD
+    monkeypatch.setattr(TCD, "eta", 0.0)
+    worst = compare("tcd", SD_BETAS, 4)
+    assert worst is not None and worst <= TOLERANCE
+
+
 def test_ddim_clip_sample():
     worst = compare("ddim", {"clip_sample": True, "clip_sample_range": 0.5}, 10)
     assert worst is not None and worst <= TOLERANCE
@@ -127,8 +201,8 @@ def test_names_and_unknown_keys():
         make_scheduler(name, config)
     assert make_scheduler("dpmpp_2m_karras", config).config["use_karras_sigmas"] is True
     assert set(CLASSES) >= {"DDIMScheduler", "PNDMScheduler", "LCMScheduler"}
-    with pytest.raises(ValueError, match="unknown scheduler 'heun'.*ddim"):
-        make_scheduler("heun", config)
+    with pytest.raises(ValueError, match="unknown scheduler 'dpmpp_3m'.*ddim"):
+        make_scheduler("dpmpp_3m", config)
     with pytest.raises(ValueError, match="thresholding"):
         make_scheduler("ddim", {"thresholding": True})
 

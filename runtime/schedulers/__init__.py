@@ -7,28 +7,52 @@ from pathlib import Path
 
 from .base import Scheduler
 from .ddim import DDIM
+from .ddpm import DDPM
+from .deis import DEIS
+from .dpm2 import DPM2
+from .dpm2_ancestral import DPM2Ancestral
 from .dpmpp_2m import DPMSolverPP2M
 from .euler import Euler
 from .euler_ancestral import EulerAncestral
+from .heun import Heun
 from .lcm import LCM
+from .lms import LMS
 from .pndm import PNDM
+from .tcd import TCD
+from .unipc import UniPC
 
-CLASSES: dict[str, type[Scheduler]] = {c.class_name: c for c in (DDIM, PNDM, Euler, EulerAncestral, DPMSolverPP2M, LCM)}
-# short name -> (class, config overrides)
-SHORT_NAMES: dict[str, tuple[type[Scheduler], dict]] = {
-    "ddim": (DDIM, {}),
-    "pndm": (PNDM, {}),
-    "euler": (Euler, {}),
-    "euler_a": (EulerAncestral, {}),
-    "dpmpp_2m": (DPMSolverPP2M, {"use_karras_sigmas": False}),
-    "dpmpp_2m_karras": (DPMSolverPP2M, {"use_karras_sigmas": True}),
-    "lcm": (LCM, {}),
+CLASSES: dict[str, type[Scheduler]] = {c.class_name: c for c in (
+    DDIM, PNDM, Euler, EulerAncestral, DPMSolverPP2M, LCM, Heun, LMS, UniPC, DEIS, DPM2, DPM2Ancestral, DDPM, TCD)}
+KARRAS = {"use_karras_sigmas": True}
+ODE = {"algorithm_type": "dpmsolver++"}
+SDE = {"algorithm_type": "sde-dpmsolver++"}
+# short name -> (class, config overrides, AUTOMATIC1111's name); A1111's name goes into image metadata
+SAMPLERS: dict[str, tuple[type[Scheduler], dict, str]] = {
+    "ddim": (DDIM, {}, "DDIM"),
+    "pndm": (PNDM, {}, "PLMS"),
+    "euler": (Euler, {"use_karras_sigmas": False}, "Euler"),
+    "euler_karras": (Euler, KARRAS, "Euler Karras"),
+    "euler_a": (EulerAncestral, {}, "Euler a"),
+    "heun": (Heun, {"use_karras_sigmas": False}, "Heun"),
+    "heun_karras": (Heun, KARRAS, "Heun Karras"),
+    "lms": (LMS, {"use_karras_sigmas": False}, "LMS"),
+    "lms_karras": (LMS, KARRAS, "LMS Karras"),
+    "dpm2": (DPM2, {"use_karras_sigmas": False}, "DPM2"),
+    "dpm2_karras": (DPM2, KARRAS, "DPM2 Karras"),
+    "dpm2_a": (DPM2Ancestral, {"use_karras_sigmas": False}, "DPM2 a"),
+    "dpm2_a_karras": (DPM2Ancestral, KARRAS, "DPM2 a Karras"),
+    "dpmpp_2m": (DPMSolverPP2M, {**ODE, "use_karras_sigmas": False}, "DPM++ 2M"),
+    "dpmpp_2m_karras": (DPMSolverPP2M, {**ODE, **KARRAS}, "DPM++ 2M Karras"),
+    "dpmpp_2m_sde": (DPMSolverPP2M, {**SDE, "use_karras_sigmas": False}, "DPM++ 2M SDE"),
+    "dpmpp_2m_sde_karras": (DPMSolverPP2M, {**SDE, **KARRAS}, "DPM++ 2M SDE Karras"),
+    "unipc": (UniPC, {}, "UniPC"),
+    "deis": (DEIS, {}, "DEIS"),
+    "ddpm": (DDPM, {}, "DDPM"),
+    "lcm": (LCM, {}, "LCM"),
+    "tcd": (TCD, {}, "TCD"),
 }
-
-
-# AUTOMATIC1111's sampler names (what diffrt writes into image metadata) -> short name
-A1111_NAMES = {"DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "euler_a", "DPM++ 2M": "dpmpp_2m",
-               "DPM++ 2M Karras": "dpmpp_2m_karras", "LCM": "lcm"}
+SHORT_NAMES: dict[str, tuple[type[Scheduler], dict]] = {k: (cls, o) for k, (cls, o, _) in SAMPLERS.items()}
+A1111_NAMES = {a1111: k for k, (_, _, a1111) in SAMPLERS.items()}
 
 
 def scheduler_names() -> list[str]:
@@ -58,10 +82,12 @@ def make_scheduler(name: str | None, config: dict) -> Scheduler:
 
 
 def short_name(scheduler: Scheduler) -> str:
-    """The short name that rebuilds this scheduler (dpmpp_2m_karras for DPM++ 2M over Karras sigmas)."""
-    if isinstance(scheduler, DPMSolverPP2M) and scheduler.config["use_karras_sigmas"]:
-        return "dpmpp_2m_karras"
-    return scheduler.name
+    """The short name that rebuilds this scheduler (dpmpp_2m_sde_karras for DPM++ 2M SDE over Karras sigmas)."""
+    name = scheduler.name
+    if scheduler.config.get("algorithm_type") == "sde-dpmsolver++":
+        name += "_sde"
+    karras = f"{name}_karras"
+    return karras if karras in SAMPLERS and scheduler.config.get("use_karras_sigmas") else name
 
 
 def load_config(path: str | Path) -> dict:

@@ -1,16 +1,12 @@
-"""DPM-Solver++ 2M (Lu et al. 2022), multistep, optionally over Karras sigmas."""
+"""DPM-Solver++ 2M (Lu et al. 2022), multistep, optionally over Karras sigmas; its SDE form (DPM++ 2M SDE) adds
+fresh noise every step."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .base import Scheduler
-from .schedules import alphas_cumprod, first_index, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas, x0_eps
-
-
-def alpha_sigma(sigma):
-    alpha = 1 / (sigma**2 + 1) ** 0.5
-    return alpha, sigma * alpha
+from .base import Scheduler, noise_like
+from .schedules import alpha_sigma, alphas_cumprod, first_index, multistep_karras, multistep_timesteps, train_sigmas, x0_eps
 
 
 class DPMSolverPP2M(Scheduler):
@@ -24,31 +20,23 @@ class DPMSolverPP2M(Scheduler):
     def __init__(self, **config) -> None:
         super().__init__(**config)
         c = self.config
-        if c["algorithm_type"] != "dpmsolver++" or c["solver_order"] not in (1, 2):
-            raise ValueError(f"DPMSolverMultistepScheduler: diffrt implements algorithm_type 'dpmsolver++' with solver_order "
-                             f"1 or 2, not {c['algorithm_type']!r} order {c['solver_order']}")
+        if c["algorithm_type"] not in ("dpmsolver++", "sde-dpmsolver++") or c["solver_order"] not in (1, 2):
+            raise ValueError(f"DPMSolverMultistepScheduler: diffrt implements algorithm_type 'dpmsolver++' and "
+                             f"'sde-dpmsolver++' with solver_order 1 or 2, not {c['algorithm_type']!r} order {c['solver_order']}")
         self.alphas_cumprod = alphas_cumprod(c)
         if c["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = 2**-24
         acp = self.alphas_cumprod
         self.lambda_t = np.log(np.sqrt(acp)) - np.log(np.sqrt(1 - acp))
 
-    def _timesteps(self, n: int) -> np.ndarray:
-        """The shared spacings over the timesteps above lambda_min_clipped; linspace and leading space n + 1 points
-        and drop the last, as diffusers' DPM-Solver does."""
+    def set_timesteps(self, num_inference_steps: int) -> None:
         c = self.config
         last = c["num_train_timesteps"] - int(np.searchsorted(self.lambda_t[::-1], c["lambda_min_clipped"]))
-        if c["timestep_spacing"] == "trailing":
-            return spaced_timesteps(c, n, last=last)
-        return spaced_timesteps(c, n + 1, last=last)[:-1]
-
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        timesteps = self._timesteps(num_inference_steps)
+        timesteps = multistep_timesteps(c, num_inference_steps, last)  # only those above lambda_min_clipped
         sigmas = train_sigmas(self.alphas_cumprod)
-        if self.config["use_karras_sigmas"]:
-            sched = karras_sigmas(float(sigmas[0]), float(sigmas[-1]), num_inference_steps)
-            timesteps = sigma_to_t(sched, np.log(sigmas))
-            if self.config["beta_schedule"] != "squaredcos_cap_v2":
+        if c["use_karras_sigmas"]:
+            sched, timesteps = multistep_karras(c, self.alphas_cumprod, num_inference_steps)
+            if c["beta_schedule"] != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
         else:
             sched = np.interp(timesteps, np.arange(len(sigmas)), sigmas)
@@ -71,17 +59,33 @@ class DPMSolverPP2M(Scheduler):
         x0, _ = x0_eps(model_output, sample, alpha_s0, sigma_s0, c["prediction_type"])
         with np.errstate(divide="ignore"):  # sigma 0 at a final "zero" step: h = inf, exp(-h) = 0, prev = x0
             h = (np.log(alpha_t) - np.log(sigma_t)) - (np.log(alpha_s0) - np.log(sigma_s0))
-        first_order = c["solver_order"] == 1 or self.lower_order_nums < 1 or final
-        prev = (sigma_t / sigma_s0) * sample - (alpha_t * (np.exp(-h) - 1.0)) * x0
-        if not first_order:
+        sde = c["algorithm_type"] == "sde-dpmsolver++"
+        noise = noise_like(sample, generator) if sde else None
+        d1 = None
+        if not (c["solver_order"] == 1 or self.lower_order_nums < 1 or final):
             alpha_s1, sigma_s1 = alpha_sigma(self.sigmas[i - 1])
             h0 = (np.log(alpha_s0) - np.log(sigma_s0)) - (np.log(alpha_s1) - np.log(sigma_s1))
             d1 = (1.0 / (h0 / h)) * (x0 - self.previous)
-            if c["solver_type"] == "midpoint":
-                prev = prev - 0.5 * (alpha_t * (np.exp(-h) - 1.0)) * d1
-            else:
-                prev = prev + (alpha_t * ((np.exp(-h) - 1.0) / h + 1.0)) * d1
+        prev = self._sde_update(sample, x0, d1, noise, h, alpha_t, sigma_t, sigma_s0) if sde else \
+            self._ode_update(sample, x0, d1, h, alpha_t, sigma_t, sigma_s0)
         self.previous = x0
         self.lower_order_nums = min(self.lower_order_nums + 1, c["solver_order"])
         self.next_index = i + 1
         return prev.astype(np.float32)
+
+    def _ode_update(self, sample, x0, d1, h, alpha_t, sigma_t, sigma_s0):
+        prev = (sigma_t / sigma_s0) * sample - (alpha_t * (np.exp(-h) - 1.0)) * x0
+        if d1 is None:
+            return prev
+        if self.config["solver_type"] == "midpoint":
+            return prev - 0.5 * (alpha_t * (np.exp(-h) - 1.0)) * d1
+        return prev + (alpha_t * ((np.exp(-h) - 1.0) / h + 1.0)) * d1
+
+    def _sde_update(self, sample, x0, d1, noise, h, alpha_t, sigma_t, sigma_s0):
+        decay = 1 - np.exp(-2.0 * h)
+        prev = sigma_t / sigma_s0 * np.exp(-h) * sample + alpha_t * decay * x0
+        if d1 is not None and self.config["solver_type"] == "midpoint":
+            prev = prev + 0.5 * (alpha_t * decay) * d1
+        elif d1 is not None:
+            prev = prev + alpha_t * (decay / (-2.0 * h) + 1.0) * d1
+        return prev + sigma_t * np.sqrt(1.0 - np.exp(-2 * h)) * noise

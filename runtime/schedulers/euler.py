@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import alphas_cumprod, first_index, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas, x0_at_sigma
+from .schedules import alphas_cumprod, first_index, sigma_schedule, x0_at_sigma
 
 
 class Euler(Scheduler):
@@ -21,21 +21,17 @@ class Euler(Scheduler):
             self.alphas_cumprod[-1] = 2**-24
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        sigmas = train_sigmas(self.alphas_cumprod)
-        timesteps = spaced_timesteps(self.config, num_inference_steps, np.float32)
-        log_sigmas = np.log(sigmas)
-        sched = np.interp(timesteps, np.arange(len(sigmas)), sigmas)
-        if self.config.get("use_karras_sigmas"):
-            lo = self.config["sigma_min"] if self.config.get("sigma_min") is not None else float(sched[-1])
-            hi = self.config["sigma_max"] if self.config.get("sigma_max") is not None else float(sched[0])
-            sched = karras_sigmas(lo, hi, num_inference_steps)
-            timesteps = sigma_to_t(sched, log_sigmas)
+        sched, timesteps = sigma_schedule(self.config, self.alphas_cumprod, num_inference_steps)
         last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5 if self.config.get("final_sigmas_type") == "sigma_min" else 0
         self.sigmas = np.concatenate([sched, [last]]).astype(np.float32)
-        self.timesteps = timesteps.astype(np.float32)
+        self.timesteps = timesteps
         self.next_index = first_index(self.timesteps)
+        self.init_noise_sigma = self.start_sigma()
+
+    def start_sigma(self) -> float:
+        """The initial noise's scale: the largest sigma (or its DDPM-sample scale for leading spacing)."""
         top = self.sigmas.max()
-        self.init_noise_sigma = top if self.config["timestep_spacing"] in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+        return top if self.config["timestep_spacing"] in ("linspace", "trailing") else (top**2 + 1) ** 0.5
 
     def add_noise(self, original, noise, timestep):
         return (original + noise * self.sigmas[self.step_index(timestep)]).astype(np.float32)

@@ -95,6 +95,53 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
+def sigma_schedule(config: dict, acp: np.ndarray, n: int, round_karras: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The k-diffusion schedule (Euler, Heun, LMS, DPM2): n sigmas down the spaced timesteps, or Karras' sigmas
+    between the same ends (or the config's sigma_min / sigma_max) with their fractional (or rounded) timesteps."""
+    sigmas = train_sigmas(acp)
+    timesteps = spaced_timesteps(config, n, np.float32)
+    sched = np.interp(timesteps, np.arange(len(sigmas)), sigmas)
+    if config.get("use_karras_sigmas"):
+        lo = config["sigma_min"] if config.get("sigma_min") is not None else float(sched[-1])
+        hi = config["sigma_max"] if config.get("sigma_max") is not None else float(sched[0])
+        sched = karras_sigmas(lo, hi, n)
+        timesteps = sigma_to_t(sched, np.log(sigmas))
+        if round_karras:
+            timesteps = timesteps.round()
+    return sched, timesteps.astype(np.float32)
+
+
+def multistep_timesteps(config: dict, n: int, last: int | None = None) -> np.ndarray:
+    """The multistep solvers' timesteps (DPM-Solver, UniPC, DEIS): trailing as usual; linspace and leading space
+    n + 1 points and drop the last."""
+    if config["timestep_spacing"] == "trailing":
+        return spaced_timesteps(config, n, last=last)
+    return spaced_timesteps(config, n + 1, last=last)[:-1]
+
+
+def multistep_karras(config: dict, acp: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Karras sigmas over the whole training range (or the config's bounds) and their fractional timesteps, as the
+    multistep solvers take them."""
+    sigmas = train_sigmas(acp)
+    lo = config["sigma_min"] if config.get("sigma_min") is not None else float(sigmas[0])
+    hi = config["sigma_max"] if config.get("sigma_max") is not None else float(sigmas[-1])
+    sched = karras_sigmas(lo, hi, n)
+    timesteps = sigma_to_t(sched, np.log(sigmas))
+    return sched, timesteps
+
+
+def alpha_sigma(sigma):
+    """(alpha_t, sigma_t) of the DDPM sample for a k-diffusion sigma: alpha = 1 / sqrt(sigma^2 + 1)."""
+    alpha = 1 / (sigma**2 + 1) ** 0.5
+    return alpha, sigma * alpha
+
+
+def doubled(a: np.ndarray) -> np.ndarray:
+    """A per-step array laid out for a two-evaluation sampler (Heun, DPM2): the first entry once, every later one
+    twice, the last again."""
+    return np.concatenate([a[:1], np.repeat(a[1:], 2), a[-1:]])
+
+
 def first_index(timesteps: np.ndarray) -> int:
     """Where a sigma schedule starts: the second match when the first timestep repeats, as diffusers does."""
     matches = np.nonzero(timesteps == timesteps[0])[0]
@@ -115,4 +162,6 @@ def x0_at_sigma(model_output, sample, sigma, prediction_type: str):
     """x0 from a k-diffusion sample (x0 + sigma * eps, the DDPM sample divided by its alpha)."""
     if prediction_type == "epsilon":
         return sample - sigma * model_output
+    if prediction_type == "sample":
+        return model_output
     return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
