@@ -79,6 +79,7 @@ class Diffusers:
         self.torch, self.device, self.dtype = torch, device, getattr(torch, dtype)
         start = time.perf_counter()
         self.pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=self.dtype).to(device)
+        self.scheduler_config = dict(self.pipe.scheduler.config)  # the checkpoint's, which each sampler is built over
         self.pipe.set_progress_bar_config(disable=True)
         self.load_seconds = time.perf_counter() - start
         self.stages: dict[str, list[tuple[Any, Any]]] = {}  # (start mark, end mark) per call
@@ -118,12 +119,13 @@ class Diffusers:
         from diffrt.runtime.schedulers import SHORT_NAMES
 
         cls, overrides = SHORT_NAMES[scheduler]
-        self.pipe.scheduler = getattr(diffusers, cls.class_name).from_config({**self.pipe.scheduler.config, **overrides})
+        self.pipe.scheduler = getattr(diffusers, cls.class_name).from_config({**self.scheduler_config, **overrides})
         self.stages = {}
         start = time.perf_counter()
         with self.torch.no_grad():
             images = self.pipe([cfg.prompt] * len(latents), num_inference_steps=steps, guidance_scale=guidance, width=width,
-                               height=height, latents=self.torch.from_numpy(latents).to(self.device, self.dtype)).images
+                               height=height, latents=self.torch.from_numpy(latents).to(self.device, self.dtype),
+                               eta=getattr(cls, "eta", 0.0)).images
         for image in images:
             image.save(BytesIO(), format="PNG")
         total = time.perf_counter() - start
@@ -285,7 +287,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         out["e2e"][f"{impl}/b{batch}"] = s
         stages = {k: float(np.mean([r["stages"][k] for r in rs])) for k in rs[0]["stages"]}
         unet_call = float(np.mean([c for r in rs for c in r["unet_calls"]])) if rs[0]["unet_calls"] else None
-        entry = {"mean_seconds": stages, "unet_call": unet_call}
+        entry = {"mean_seconds": stages, "unet_call": unet_call, "unet_calls_per_run": len(rs[0]["unet_calls"])}
         if rs[0].get("scheduler_steps") and unet_call:
             entry["scheduler_step_share_of_unet_call"] = float(np.mean([c for r in rs for c in r["scheduler_steps"]])) / unet_call
         out["stages"][f"{impl}/b{batch}"] = entry

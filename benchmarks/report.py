@@ -28,7 +28,8 @@ def markdown(result: dict[str, Any]) -> str:
         extra = ""
         if "scheduler_step_share_of_unet_call" in st:
             extra = f"; scheduler step + loop = {st['scheduler_step_share_of_unet_call']:.2%} of one UNet call"
-        lines.append(f"- {key}: {parts}; one UNet call {_ms(st['unet_call'])}{extra}")
+        calls = f" ({st['unet_calls_per_run']} UNet calls a run)" if st.get("unet_calls_per_run") else ""
+        lines.append(f"- {key}: {parts}; one UNet call {_ms(st['unet_call'])}{calls}{extra}")
     if summary["load"] or summary["cold_start"]:
         lines += ["", "## Start-up", ""] + startup_table(summary)
     if summary["ratios"]:

@@ -91,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  gpu_mem_limit=int(args.gpu_mem_limit * 2**30) if args.gpu_mem_limit else None)
     result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   scheduler=args.scheduler, seed=seeds[0], width=args.width, height=args.height, num_images=args.n,
-                  progress=None if args.quiet else ProgressBar("denoising"), image=args.image, strength=args.strength,
+                  progress=None if args.quiet else ProgressBar("denoising, UNet calls"), image=args.image, strength=args.strength,
                   resize=args.resize, mask=blurred(args.mask, args.mask_blur) if args.mask else None)
     for i, (image, path) in enumerate(zip(result.images, paths)):
         save_image(image, path, result.image_settings(i))
@@ -271,6 +271,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_samplers(args: argparse.Namespace) -> int:
+    from .schedulers import sampler_table
+
+    print("\n".join(sampler_table()))
+    print("--scheduler takes any of these names (short, AUTOMATIC1111 or diffusers class, any case); a class name keeps "
+          "the package's scheduler config as it is. Samplers with 2 calls/step run 2 UNet calls per step "
+          "(--steps 10 is 19 calls).")
+    return 0
+
+
 def bundled_defaults() -> dict:
     """The bundled model's defaults, for --help (a package given with --model brings its own)."""
     import json
@@ -419,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     dr.set_defaults(func=cmd_doctor)
     add_bench(sub)
     add_serve(sub)
+    sub.add_parser("samplers", help="the samplers (--scheduler names) with their AUTOMATIC1111 and diffusers names"
+                   ).set_defaults(func=cmd_samplers)
     i = sub.add_parser("info", help="what a package holds, or the settings an image was made with")
     i.add_argument("path", type=Path, help="a package folder, or an image made by diffrt generate")
     i.set_defaults(func=cmd_info)

@@ -13,7 +13,7 @@ pytest.importorskip("matplotlib")
 def test_bench_with_diffusers_baseline(tiny_package, tiny_checkpoint, tmp_path):
     from diffrt.benchmarks.bench import BenchConfig, benchmark, write_outputs
 
-    cfg = BenchConfig(package=tiny_package, backend="ort-cpu", steps=3, scheduler="ddim", batches=[1, 2], runs=2, warmup=1,
+    cfg = BenchConfig(package=tiny_package, backend="ort-cpu", steps=3, scheduler="heun", batches=[1, 2], runs=2, warmup=1,
                       baseline="diffusers", checkpoint=tiny_checkpoint, graph_cache=tmp_path / "graphs", out=tmp_path / "out")
     result = benchmark(cfg, log=lambda m: None)
     paths = write_outputs(result, cfg.out)
@@ -26,7 +26,10 @@ def test_bench_with_diffusers_baseline(tiny_package, tiny_checkpoint, tmp_path):
     assert set(summary["e2e"]) == {"diffrt/b1", "diffrt/b2", "diffusers/b1", "diffusers/b2"}
     for s in summary["e2e"].values():
         assert s["min"] <= s["p50"] <= s["p90"] <= s["p99"] and s["images_per_s"] > 0
-    assert len(e2e[0]["unet_calls"]) == 3
+    # Heun: two UNet calls a step but the last, counted as such on both sides (diffusers' by hooks on its UNet)
+    assert all(len(r["unet_calls"]) == 5 for r in e2e)
+    assert {s["unet_calls_per_run"] for s in summary["stages"].values()} == {5}
+    assert "(5 UNet calls a run)" in paths[1].read_text()
     assert set(summary["cold_start"]) == {"diffrt", "diffrt_graph_cache", "diffusers"}
     assert len(list((tmp_path / "graphs").iterdir())) == 3  # the timed cold start found the three graphs saved
     assert summary["cold_start"]["diffrt"]["peak_rss_mb"] > 0

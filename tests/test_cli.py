@@ -263,3 +263,24 @@ def test_inpainting_from_the_command_line(tiny_package, tmp_path):
         assert proc.returncode == 0, proc.stderr
     assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "--mask", tmp_path / "mask.png", "-o",
                           tmp_path / "x.png"), "needs an image")
+
+
+def test_samplers_are_listed_and_a1111_names_reproduce(tiny_package, tmp_path):
+    """`diffrt samplers` lists every sampler with its AUTOMATIC1111 and diffusers names; an A1111 name works in
+    --scheduler, goes into the image's metadata as A1111 writes it, and `--from` makes the image again (a stochastic
+    two-call sampler: its noise comes from the image's own seed)."""
+    from diffrt.runtime.schedulers import SAMPLERS
+
+    listing = diffrt("samplers")
+    assert listing.returncode == 0, listing.stderr
+    for short, (cls, _, a1111) in SAMPLERS.items():
+        assert any(line.split()[0] == short and a1111 in line and cls.class_name in line for line in listing.stdout.splitlines())
+    proc = diffrt("generate", "a red cat", "--model", tiny_package, "--steps", 3, "--seed", 4, "-n", 2, "-q",
+                  "--scheduler", "dpm2 A karras", "-o", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    made = tmp_path / "00002-5.png"
+    assert "Sampler: DPM2 a Karras" in Image.open(made).info["parameters"]
+    again = diffrt("generate", "--from", made, "--model", tiny_package, "-q", "-o", tmp_path / "again.png")
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(made)))
+    assert_refused(diffrt("generate", "x", "--model", tiny_package, "--scheduler", "DPM++ 3M"), "unknown scheduler")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .base import Scheduler
+from .base import COMMON_DEFAULTS, Scheduler
 from .ddim import DDIM
 from .ddpm import DDPM
 from .deis import DEIS
@@ -90,9 +90,21 @@ def short_name(scheduler: Scheduler) -> str:
     return karras if karras in SAMPLERS and scheduler.config.get("use_karras_sigmas") else name
 
 
+def sampler_table() -> list[str]:
+    """One line per sampler: short name, AUTOMATIC1111 name, diffusers class (with the settings it implies), UNet
+    calls per step, and whether it draws noise while sampling."""
+    lines = [f"{'name':<20} {'AUTOMATIC1111':<22} {'diffusers class (settings)':<88} calls/step  noise"]
+    for short, (cls, overrides, a1111) in SAMPLERS.items():
+        sampler = cls(**overrides)
+        settings = ", ".join(f"{k}={v!r}" for k, v in overrides.items() if v != cls.defaults.get(k, COMMON_DEFAULTS.get(k)))
+        described = f"{cls.class_name} ({settings})" if settings else cls.class_name
+        lines.append(f"{short:<20} {a1111:<22} {described:<88} {sampler.order:^10}  {'yes' if sampler.stochastic else ''}")
+    return lines
+
+
 def load_config(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-__all__ = ["Scheduler", "make_scheduler", "scheduler_names", "canonical_name", "short_name", "load_config", "CLASSES",
+__all__ = ["Scheduler", "make_scheduler", "sampler_table", "scheduler_names", "canonical_name", "short_name", "load_config", "CLASSES",
            "SHORT_NAMES", "A1111_NAMES"]

@@ -31,6 +31,7 @@ class Scheduler:
     defaults: ClassVar[dict[str, Any]] = {}
     prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
     handles: ClassVar[tuple[str, ...]] = ()  # keys of UNSUPPORTED this sampler implements itself
+    stochastic: bool = False  # draws fresh noise from the request's generator while sampling
 
     def __init__(self, **config: Any) -> None:
         known = {**COMMON_DEFAULTS, **self.defaults}

@@ -13,6 +13,7 @@ VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
 class DDPM(Scheduler):
     name = "ddpm"
     class_name = "DDPMScheduler"
+    stochastic = True
     defaults = {"variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0}
     prediction_types = ("epsilon", "v_prediction", "sample")
     handles = ("variance_type",)

@@ -12,6 +12,7 @@ from .schedules import doubled, sigma_schedule, sigma_to_t, train_sigmas, x0_at_
 class DPM2Ancestral(DPM2):
     name = "dpm2_a"
     class_name = "KDPM2AncestralDiscreteScheduler"
+    stochastic = True
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         sched, timesteps = sigma_schedule(self.config, self.alphas_cumprod, num_inference_steps, round_karras=True)

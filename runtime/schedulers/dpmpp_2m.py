@@ -23,6 +23,7 @@ class DPMSolverPP2M(Scheduler):
         if c["algorithm_type"] not in ("dpmsolver++", "sde-dpmsolver++") or c["solver_order"] not in (1, 2):
             raise ValueError(f"DPMSolverMultistepScheduler: diffrt implements algorithm_type 'dpmsolver++' and "
                              f"'sde-dpmsolver++' with solver_order 1 or 2, not {c['algorithm_type']!r} order {c['solver_order']}")
+        self.stochastic = c["algorithm_type"] == "sde-dpmsolver++"
         self.alphas_cumprod = alphas_cumprod(c)
         if c["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = 2**-24
@@ -59,7 +60,7 @@ class DPMSolverPP2M(Scheduler):
         x0, _ = x0_eps(model_output, sample, alpha_s0, sigma_s0, c["prediction_type"])
         with np.errstate(divide="ignore"):  # sigma 0 at a final "zero" step: h = inf, exp(-h) = 0, prev = x0
             h = (np.log(alpha_t) - np.log(sigma_t)) - (np.log(alpha_s0) - np.log(sigma_s0))
-        sde = c["algorithm_type"] == "sde-dpmsolver++"
+        sde = self.stochastic
         noise = noise_like(sample, generator) if sde else None
         d1 = None
         if not (c["solver_order"] == 1 or self.lower_order_nums < 1 or final):

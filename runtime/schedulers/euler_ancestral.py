@@ -12,6 +12,7 @@ from .schedules import x0_at_sigma
 class EulerAncestral(Euler):
     name = "euler_a"
     class_name = "EulerAncestralDiscreteScheduler"
+    stochastic = True
     defaults = {"timestep_spacing": "linspace"}
 
     def step(self, model_output, timestep, sample, generator=None):

@@ -11,6 +11,7 @@ from .schedules import alphas_with_final, x0_eps
 class LCM(Scheduler):
     name = "lcm"
     class_name = "LCMScheduler"
+    stochastic = True
     defaults = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "original_inference_steps": 50,
                 "clip_sample": False, "clip_sample_range": 1.0, "set_alpha_to_one": True, "timestep_scaling": 10.0}
     prediction_types = ("epsilon", "v_prediction", "sample")
