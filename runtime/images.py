@@ -15,12 +15,14 @@ from .files import ordinary_mode
 from .schedulers import A1111_NAMES
 
 SAMPLER_LABELS = {short: label for label, short in A1111_NAMES.items()}
+A1111_RNG = {"torch-cpu": "CPU", "torch-cuda": "GPU"}  # A1111's "RNG" (random number source); numpy has none there
 
 
 def parameters_text(s: dict[str, Any]) -> str:
     """The A1111 'parameters' block: prompt, negative prompt, then one line of `Key: value` pairs."""
     pairs = [("Steps", s["steps"]), ("Sampler", SAMPLER_LABELS.get(s["scheduler"], s["scheduler"])),
              ("CFG scale", s["guidance_scale"]), ("Seed", s["seed"]), ("Size", f"{s['width']}x{s['height']}"),
+             ("RNG", A1111_RNG.get(s.get("rng"))),
              ("Model hash", s.get("model_hash") or None), ("Model", s.get("model")),
              ("Denoising strength", s.get("strength")), ("Mode", s.get("mode")), ("Version", f"diffrt {s['diffrt']}")]
     lines = [s["prompt"]]

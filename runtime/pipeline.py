@@ -20,7 +20,17 @@ from .generators import ImageGenerators
 from .img2img import Inpainting, image_input, latents_from, mask_input, strength_timesteps
 from .memory import attention_layout, check_fits
 from .package import REQUIRED, Package, load_package
-from .request import Request, check_request, check_seeds, expand_prompts, image_seeds, make_checked_scheduler, per_image, size_note
+from .request import (
+    Request,
+    check_request,
+    check_rng,
+    check_seeds,
+    expand_prompts,
+    image_seeds,
+    make_checked_scheduler,
+    per_image,
+    size_note,
+)
 from .schedulers import short_name
 from .tokenizer import ClipTokenizer
 
@@ -173,12 +183,14 @@ class Pipeline:
                  latents: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None,
                  num_inference_steps: int | None = None, num_images_per_prompt: int | None = None,
                  seeds: list[int] | None = None, image: Any = None, strength: float = 0.8, resize: bool = False,
-                 mask: Any = None) -> Result:
+                 mask: Any = None, rng: str = "numpy") -> Result:
         """Images for prompt (or each of a list of prompts), num_images each. Image i gets seed + i (seed None or -1:
         random), so any image can be made again alone; seeds (and guidance_scale as a list) give every image's own
         (a server batching requests); steps and num_images also go by diffusers' names. With image (a Pillow image or a
         path), image-to-image: the image's latents noised to the step that strength selects, the rest of the steps run;
-        with mask too (white = repaint), inpainting, by a 9-channel inpainting UNet or by blending for an ordinary one."""
+        with mask too (white = repaint), inpainting, by a 9-channel inpainting UNet or by blending for an ordinary one.
+        rng "torch-cpu" or "torch-cuda" draws each image's noise as torch.randn on a generator of that device seeded with
+        the image's seed (diffusers' generator=torch.Generator(device).manual_seed(seed), A1111's RNG source CPU / GPU)."""
         pkg, d = self.package, self.package.defaults
         steps = next((v for v in (steps, num_inference_steps) if v is not None), d["steps"])
         num_images = num_images_per_prompt if num_images_per_prompt is not None else num_images
@@ -188,9 +200,9 @@ class Pipeline:
                 raise UserError(f"the image is {pixels.shape[3]}x{pixels.shape[2]}; leave out width and height with an image")
             width, height = pixels.shape[3], pixels.shape[2]
         req, sched = self.check(prompt, negative_prompt, steps, guidance_scale, scheduler, seed, seeds,
-                                width or d["width"], height or d["height"], num_images)
+                                width or d["width"], height or d["height"], num_images, rng)
         width, height, prompts, negatives = req.width, req.height, req.prompts, req.negatives
-        rng = ImageGenerators(req.seeds)
+        rng = ImageGenerators(req.seeds, req.rng)
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
         clock = time.perf_counter()
         timesteps, x, inpaint = self._start(sched, req, strength, pixels, mask, latents, rng, timings)
@@ -203,7 +215,7 @@ class Pipeline:
         timings["total"] = time.perf_counter() - clock
         settings = {"prompt": prompts[0], "negative_prompt": negatives[0], "steps": req.steps, "guidance_scale": req.guidances[0],
                     "scheduler": short_name(sched), "seed": req.seeds[0], "width": width, "height": height,
-                    "num_images": len(prompts), "model": pkg.name, "model_hash": pkg.model_hash,
+                    "num_images": len(prompts), "rng": req.rng, "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.backend, "diffrt": __version__}
         if pixels is not None:
             settings.update(mode="inpaint" if mask is not None else "img2img", strength=strength,
@@ -214,7 +226,7 @@ class Pipeline:
         return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances)
 
     def check(self, prompt: Any, negative: Any, steps: int, guidance: Any, scheduler: str | None, seed: Any,
-              seeds: list[int] | None, width: int, height: int, num_images: int) -> tuple[Request, Any]:
+              seeds: list[int] | None, width: int, height: int, num_images: int, rng: str = "numpy") -> tuple[Request, Any]:
         """The checked request and its scheduler, refused in one line when it cannot run here (a server checks a
         request with it before queueing it)."""
         pkg, d = self.package, self.package.defaults
@@ -222,7 +234,7 @@ class Pipeline:
         check_request(width, height, steps, num_images, guidance, pkg.vae_scale_factor)
         prompts, negatives = expand_prompts(prompt, negative, num_images)
         req = Request(prompts, negatives, image_seeds(seed, len(prompts)) if seeds is None else check_seeds(seeds, len(prompts)),
-                      steps, per_image(guidance, len(prompts)), width, height)
+                      steps, per_image(guidance, len(prompts)), width, height, check_rng(rng))
         sched = make_checked_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config, steps)
         if self.backend == "ort-cpu":
             too_big = check_fits(self.attention, width, height, pkg.vae_scale_factor, len(prompts) * (2 if req.guided else 1))

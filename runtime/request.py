@@ -28,6 +28,7 @@ class Request:
     guidances: list[float]  # one per image
     width: int
     height: int
+    rng: str = "numpy"  # what draws each image's noise (rng.RNGS)
 
     @property
     def guided(self) -> bool:
@@ -43,6 +44,14 @@ def nearest_sizes(value: int, multiple: int) -> str:
 
 def is_whole(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_rng(rng: Any) -> str:
+    from .rng import RNGS
+
+    if rng not in RNGS:
+        raise UserError(f"rng must be one of {', '.join(RNGS)}, not {rng!r}")
+    return rng
 
 
 def check_request(width: int, height: int, steps: int, num_images: int, guidance: float | list[float],

@@ -26,6 +26,7 @@ class OpenAIImageRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=100)
     scheduler: str | None = None
     seed: int | None = Field(None, ge=-1, le=2**63 - 1 - MAX_N)
+    rng: Literal["numpy", "torch-cpu", "torch-cuda"] = "numpy"
 
     @field_validator("size")
     @classmethod
@@ -60,3 +61,10 @@ class Txt2ImgRequest(BaseModel):
     height: int | None = Field(None, ge=8, le=4096)
     batch_size: int = Field(1, ge=1, le=MAX_N)
     n_iter: int = Field(1, ge=1, le=MAX_N)
+    override_settings: dict = Field(default_factory=dict)
+
+    def rng(self) -> str:
+        """A1111's random number source (override_settings.randn_source: GPU, CPU or NV) as diffrt's rng; numpy when
+        none is given (A1111's own default, GPU, is asked for by name)."""
+        source = str(self.override_settings.get("randn_source", "")).upper()
+        return {"CPU": "torch-cpu", "GPU": "torch-cuda", "NV": "torch-cuda"}.get(source, "numpy")

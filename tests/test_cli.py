@@ -54,7 +54,8 @@ def test_several_images_get_numbered_names(tiny_package, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--scheduler", "heun"], ["unknown scheduler 'heun'", "dpmpp_2m_karras", "Euler a"]),
+    (["--scheduler", "heun++"], ["unknown scheduler 'heun++'", "dpmpp_2m_karras", "Euler a"]),
+    (["--rng", "torch"], ["--rng", "invalid choice", "torch-cpu"]),
     (["--width", "33"], ["width 33 is not a multiple of 2", "use 32 or 34"]),
     (["--steps", "0"], ["--steps", "1 or more"]),
     (["--steps", "5000"], ["steps must be a whole number from 1 to 1000"]),
@@ -276,10 +277,11 @@ def test_samplers_are_listed_and_a1111_names_reproduce(tiny_package, tmp_path):
     for short, (cls, _, a1111) in SAMPLERS.items():
         assert any(line.split()[0] == short and a1111 in line and cls.class_name in line for line in listing.stdout.splitlines())
     proc = diffrt("generate", "a red cat", "--model", tiny_package, "--steps", 3, "--seed", 4, "-n", 2, "-q",
-                  "--scheduler", "dpm2 A karras", "-o", tmp_path)
+                  "--scheduler", "dpm2 A karras", "--rng", "torch-cuda", "-o", tmp_path)
     assert proc.returncode == 0, proc.stderr
     made = tmp_path / "00002-5.png"
     assert "Sampler: DPM2 a Karras" in Image.open(made).info["parameters"]
+    assert "RNG: GPU" in Image.open(made).info["parameters"] and '"rng": "torch-cuda"' in Image.open(made).info["diffrt"]
     again = diffrt("generate", "--from", made, "--model", tiny_package, "-q", "-o", tmp_path / "again.png")
     assert again.returncode == 0, again.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(made)))

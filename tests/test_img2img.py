@@ -45,6 +45,19 @@ def test_img2img_matches_diffusers(name, reference, ours):
             assert levels <= 1, f"{name} strength {strength} {width}x{height}: {levels} levels"
 
 
+def test_img2img_torch_cpu_seed_gives_diffusers_image(reference, ours):
+    """rng torch-cpu with a real torch generator on diffusers' side: the VAE encoder's sample, the start noise and
+    the sampler's noise are all drawn as diffusers draws them."""
+    for seed in (3, 99):
+        extra = use_sampler(reference, "euler_a")
+        with torch.no_grad():
+            theirs = reference(PROMPT, image=picture(40, 24), strength=0.6, num_inference_steps=6, guidance_scale=7.5,
+                               generator=torch.Generator().manual_seed(seed), output_type="np", **extra).images
+        mine = ours(PROMPT, image=picture(40, 24), strength=0.6, steps=6, guidance_scale=7.5, scheduler="euler_a",
+                    seed=seed, rng="torch-cpu")
+        assert np.abs(mine.array - theirs).max() <= 1e-3, seed
+
+
 def test_strength_sets_the_steps_run_and_any_image_mode_is_taken(ours, tmp_path, monkeypatch):
     """strength s runs int(steps * s) UNet steps (the random-weight VAE cannot show closeness to the input, so the
     count is what is checked); palette, grey, alpha and 16-bit images are converted."""

@@ -112,6 +112,26 @@ def test_a1111_txt2img_and_its_lists(server, local):
     assert httpx.get(server.url + "/sdapi/v1/progress").json()["state"]["sampling_step"] == 0
 
 
+def test_the_rng_of_both_apis(server, local):
+    """OpenAI's body takes diffrt's rng; A1111's takes override_settings.randn_source (CPU, GPU, NV), as A1111 does;
+    each image equals the pipeline's with that rng, and the infotext names the source."""
+    r = server.post("/v1/images/generations", {"prompt": "a red house", "seed": 5, "steps": 3, "size": "32x32",
+                                               "scheduler": "dpmpp_2m_sde", "rng": "torch-cpu"})
+    assert r.status_code == 200, r.text
+    want = alone(local, "a red house", 5, steps=3, scheduler="dpmpp_2m_sde", rng="torch-cpu")
+    assert np.abs(decode(r.json()["data"][0]["b64_json"]) - want).max() <= 1
+    assert np.abs(want - alone(local, "a red house", 5, steps=3, scheduler="dpmpp_2m_sde")).max() > 1
+    body = {"prompt": "a green tree", "seed": 8, "sampler_name": "DPM2 a", "steps": 2, "width": 32, "height": 32,
+            "override_settings": {"randn_source": "NV"}}
+    r = server.post("/sdapi/v1/txt2img", body)
+    assert r.status_code == 200, r.text
+    want = alone(local, "a green tree", 8, steps=2, scheduler="dpm2_a", rng="torch-cuda")
+    assert np.abs(decode(r.json()["images"][0]) - want).max() <= 1
+    assert "RNG: GPU" in json.loads(r.json()["info"])["infotexts"][0]
+    bad = server.post("/v1/images/generations", {"prompt": "x", "rng": "mersenne"})
+    assert bad.status_code == 422 and "rng" in bad.text
+
+
 def test_concurrent_requests_are_batched_and_each_equals_its_request_alone(server, local):
     def ask(seed: int) -> httpx.Response:
         return server.post("/v1/images/generations", {"prompt": f"a cat number {seed}", "seed": seed, "steps": 4})
