@@ -85,7 +85,7 @@ def open_loop(url: str, rate: float, requests: int, seed: int = 0) -> list[tuple
     return results
 
 
-BAD = [("{not json", 400), ({"prompt": "a cat", "steps": "many"}, 422), ({"prompt": "a cat", "scheduler": "heun"}, 400),
+BAD = [("{not json", 400), ({"prompt": "a cat", "steps": "many"}, 422), ({"prompt": "a cat", "scheduler": "heun++"}, 400),
        ({"prompt": "a cat", "size": "30x31"}, 400), ({"prompt": "a cat", "n": 99}, 422), ({"prompt": ""}, 422)]
 
 

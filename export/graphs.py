@@ -25,7 +25,8 @@ class ComponentSpec:
 SPECS = {
     "text_encoder": ComponentSpec({"input_ids": {0: "batch_size", 1: "sequence_length"}},
                                   {"last_hidden_state": {0: "batch_size", 1: "sequence_length"},
-                                   "pooler_output": {0: "batch_size"}}),
+                                   "pooler_output": {0: "batch_size"},
+                                   "layer_states": {0: "batch_size", 2: "sequence_length"}}),
     "unet": ComponentSpec({"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {},
                            "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"}},
                           {"out_sample": {0: "batch_size", 2: "height", 3: "width"}}),
@@ -37,14 +38,18 @@ SPECS = {
 
 
 class TextEncoder(torch.nn.Module):
+    """optimum's two outputs, and layer_states: every layer's output through the final layer norm, (batch, layers,
+    sequence, hidden), which is what CLIP skip N takes (layer -N) without a graph per setting."""
+
     def __init__(self, model) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids):
-        out = self.model(input_ids=input_ids, return_dict=True)
+        out = self.model(input_ids=input_ids, return_dict=True, output_hidden_states=True)
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
-        return out.last_hidden_state, pooled
+        norm = self.model.text_model.final_layer_norm
+        return out.last_hidden_state, pooled, torch.stack([norm(h) for h in out.hidden_states[1:]], dim=1)
 
 
 class UNet(torch.nn.Module):

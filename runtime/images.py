@@ -22,7 +22,7 @@ def parameters_text(s: dict[str, Any]) -> str:
     """The A1111 'parameters' block: prompt, negative prompt, then one line of `Key: value` pairs."""
     pairs = [("Steps", s["steps"]), ("Sampler", SAMPLER_LABELS.get(s["scheduler"], s["scheduler"])),
              ("CFG scale", s["guidance_scale"]), ("Seed", s["seed"]), ("Size", f"{s['width']}x{s['height']}"),
-             ("RNG", A1111_RNG.get(s.get("rng"))),
+             ("RNG", A1111_RNG.get(s.get("rng"))), ("Clip skip", s["clip_skip"] if s.get("clip_skip", 1) > 1 else None),
              ("Model hash", s.get("model_hash") or None), ("Model", s.get("model")),
              ("Denoising strength", s.get("strength")), ("Mode", s.get("mode")), ("Version", f"diffrt {s['diffrt']}")]
     lines = [s["prompt"]]

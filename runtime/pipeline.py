@@ -20,8 +20,11 @@ from .generators import ImageGenerators
 from .img2img import Inpainting, image_input, latents_from, mask_input, strength_timesteps
 from .memory import attention_layout, check_fits
 from .package import REQUIRED, Package, load_package
+from .prompts import chunked, emphasized
 from .request import (
+    LAYER_STATES,
     Request,
+    check_clip_skip,
     check_request,
     check_rng,
     check_seeds,
@@ -183,14 +186,16 @@ class Pipeline:
                  latents: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None,
                  num_inference_steps: int | None = None, num_images_per_prompt: int | None = None,
                  seeds: list[int] | None = None, image: Any = None, strength: float = 0.8, resize: bool = False,
-                 mask: Any = None, rng: str = "numpy") -> Result:
+                 mask: Any = None, rng: str = "numpy", clip_skip: int = 1) -> Result:
         """Images for prompt (or each of a list of prompts), num_images each. Image i gets seed + i (seed None or -1:
         random), so any image can be made again alone; seeds (and guidance_scale as a list) give every image's own
         (a server batching requests); steps and num_images also go by diffusers' names. With image (a Pillow image or a
         path), image-to-image: the image's latents noised to the step that strength selects, the rest of the steps run;
         with mask too (white = repaint), inpainting, by a 9-channel inpainting UNet or by blending for an ordinary one.
         rng "torch-cpu" or "torch-cuda" draws each image's noise as torch.randn on a generator of that device seeded with
-        the image's seed (diffusers' generator=torch.Generator(device).manual_seed(seed), A1111's RNG source CPU / GPU)."""
+        the image's seed (diffusers' generator=torch.Generator(device).manual_seed(seed), A1111's RNG source CPU / GPU).
+        Prompts are read as AUTOMATIC1111 reads them ((word:1.2), [word], BREAK, any length); clip_skip N takes the
+        text encoder's N-th layer from the end (A1111's "Clip skip"; diffusers' clip_skip is N - 1)."""
         pkg, d = self.package, self.package.defaults
         steps = next((v for v in (steps, num_inference_steps) if v is not None), d["steps"])
         num_images = num_images_per_prompt if num_images_per_prompt is not None else num_images
@@ -200,7 +205,7 @@ class Pipeline:
                 raise UserError(f"the image is {pixels.shape[3]}x{pixels.shape[2]}; leave out width and height with an image")
             width, height = pixels.shape[3], pixels.shape[2]
         req, sched = self.check(prompt, negative_prompt, steps, guidance_scale, scheduler, seed, seeds,
-                                width or d["width"], height or d["height"], num_images, rng)
+                                width or d["width"], height or d["height"], num_images, rng, clip_skip)
         width, height, prompts, negatives = req.width, req.height, req.prompts, req.negatives
         rng = ImageGenerators(req.seeds, req.rng)
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
@@ -215,7 +220,7 @@ class Pipeline:
         timings["total"] = time.perf_counter() - clock
         settings = {"prompt": prompts[0], "negative_prompt": negatives[0], "steps": req.steps, "guidance_scale": req.guidances[0],
                     "scheduler": short_name(sched), "seed": req.seeds[0], "width": width, "height": height,
-                    "num_images": len(prompts), "rng": req.rng, "model": pkg.name, "model_hash": pkg.model_hash,
+                    "num_images": len(prompts), "rng": req.rng, "clip_skip": req.clip_skip, "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.backend, "diffrt": __version__}
         if pixels is not None:
             settings.update(mode="inpaint" if mask is not None else "img2img", strength=strength,
@@ -226,7 +231,8 @@ class Pipeline:
         return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances)
 
     def check(self, prompt: Any, negative: Any, steps: int, guidance: Any, scheduler: str | None, seed: Any,
-              seeds: list[int] | None, width: int, height: int, num_images: int, rng: str = "numpy") -> tuple[Request, Any]:
+              seeds: list[int] | None, width: int, height: int, num_images: int, rng: str = "numpy",
+              clip_skip: int = 1) -> tuple[Request, Any]:
         """The checked request and its scheduler, refused in one line when it cannot run here (a server checks a
         request with it before queueing it)."""
         pkg, d = self.package, self.package.defaults
@@ -234,7 +240,8 @@ class Pipeline:
         check_request(width, height, steps, num_images, guidance, pkg.vae_scale_factor)
         prompts, negatives = expand_prompts(prompt, negative, num_images)
         req = Request(prompts, negatives, image_seeds(seed, len(prompts)) if seeds is None else check_seeds(seeds, len(prompts)),
-                      steps, per_image(guidance, len(prompts)), width, height, check_rng(rng))
+                      steps, per_image(guidance, len(prompts)), width, height, check_rng(rng),
+                      check_clip_skip(clip_skip, self.text_encoder.outputs.get(LAYER_STATES)))
         sched = make_checked_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config, steps)
         if self.backend == "ort-cpu":
             too_big = check_fits(self.attention, width, height, pkg.vae_scale_factor, len(prompts) * (2 if req.guided else 1))
@@ -273,13 +280,35 @@ class Pipeline:
     def _encode_prompt(self, req: Request, timings: dict) -> Any:
         """Text embeddings for the UNet, negatives then prompts when guided, already in the UNet's input form."""
         start = time.perf_counter()
-        ids = self.tokenizer((req.negatives if req.guided else []) + req.prompts)
-        timings["tokenize"] = lap = time.perf_counter() - start
-        text = self._guarded("text_encoder", self.family.text_feeds(self.text_encoder, ids), self.family.text_output,
-                             "on the prompt")
+        text = self.embed((req.negatives if req.guided else []) + req.prompts, req.clip_skip, timings)
         text = self.unet.to_device(text)
-        timings["text_encoder"] = time.perf_counter() - start - lap
+        timings["text_encoder"] = time.perf_counter() - start - timings["tokenize"]
         return text
+
+    def chunk_count(self, prompts: list[str]) -> int:
+        """How many 75-token chunks the longest of the prompts takes (what its embedding's length is)."""
+        return max(len(chunked(self.tokenizer, p).ids) for p in prompts)
+
+    def embed(self, prompts: list[str], clip_skip: int = 1, timings: dict | None = None) -> np.ndarray:
+        """(len(prompts), 77 k, hidden) float32: each prompt in AUTOMATIC1111's chunks of 75 tokens (weights, BREAK),
+        every chunk through the text encoder (the output of layer -clip_skip), emphasized, chunks concatenated; a
+        prompt with fewer chunks than the longest is filled with the empty prompt's, as A1111 fills it."""
+        start = time.perf_counter()
+        chunks = [chunked(self.tokenizer, p) for p in prompts]
+        count = max(len(c.ids) for c in chunks)
+        empty = chunked(self.tokenizer, "")
+        ids = np.concatenate([np.concatenate([c.ids, *[empty.ids] * (count - len(c.ids))]) for c in chunks])
+        weights = np.concatenate([np.concatenate([c.weights, *[empty.weights] * (count - len(c.ids))]) for c in chunks])
+        if timings is not None:
+            timings["tokenize"] = time.perf_counter() - start
+        feeds = self.family.text_feeds(self.text_encoder, ids)
+        if clip_skip == 1:
+            z = self._guarded("text_encoder", feeds, self.family.text_output, "on the prompt")
+        else:
+            z = self._guarded("text_encoder", feeds, LAYER_STATES, "on the prompt")
+            z = z[:, z.shape[1] - clip_skip]
+        z = emphasized(np.asarray(z, np.float32), weights)
+        return z.reshape(len(prompts), count * z.shape[1], z.shape[2])
 
     def _encode_image(self, pixels: np.ndarray, count: int, rng: ImageGenerators, timings: dict) -> np.ndarray:
         """The image's latents for each of count images: one encoder call, a sample of its distribution per image."""

@@ -29,6 +29,7 @@ class Request:
     width: int
     height: int
     rng: str = "numpy"  # what draws each image's noise (rng.RNGS)
+    clip_skip: int = 1  # the text encoder layer taken, counted from the end (A1111's numbering)
 
     @property
     def guided(self) -> bool:
@@ -52,6 +53,24 @@ def check_rng(rng: Any) -> str:
     if rng not in RNGS:
         raise UserError(f"rng must be one of {', '.join(RNGS)}, not {rng!r}")
     return rng
+
+
+LAYER_STATES = "layer_states"  # the text encoder's per-layer output that CLIP skip reads
+
+
+def check_clip_skip(clip_skip: Any, layer_states) -> int:
+    """clip_skip as a whole number from 1 to the text encoder's layers; above 1 it needs the layer_states output."""
+    if not is_whole(clip_skip) or clip_skip < 1:
+        raise UserError(f"clip skip must be a whole number from 1 (the last layer), not {clip_skip!r}")
+    if clip_skip == 1:
+        return 1
+    if layer_states is None:
+        raise UserError("this package's text encoder has no per-layer output, so clip skip above 1 cannot be applied; "
+                        "re-export the checkpoint with this diffrt (`diffrt export CHECKPOINT OUT`)")
+    layers = layer_states.shape[1]
+    if not isinstance(layers, int) or clip_skip > layers:
+        raise UserError(f"clip skip {clip_skip} is more than the text encoder's {layers} layers; use 1 to {layers}")
+    return int(clip_skip)
 
 
 def check_request(width: int, height: int, steps: int, num_images: int, guidance: float | list[float],

@@ -115,7 +115,8 @@ class Service:
             raise ApiError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
         d, s = self.pipe.package.defaults, job.settings
         self.pipe.check(job.prompts, job.negatives, s["steps"] or d["steps"], job.guidance, s["scheduler"], None, job.seeds,
-                        s["width"] or d["width"], s["height"] or d["height"], 1, s.get("rng", "numpy"))
+                        s["width"] or d["width"], s["height"] or d["height"], 1, s.get("rng", "numpy"), s.get("clip_skip", 1))
+        job.chunks = self.pipe.chunk_count(job.prompts + job.negatives)
 
     async def generate(self, job: Job, request: Request) -> list[tuple[Any, dict]]:
         """The job's images; its work is given up when the client disconnects or the timeout passes."""
@@ -173,7 +174,8 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
             raise ApiError(400, f"model {body.model!r} is not served here; GET /v1/models lists {service.name!r}", "model")
         width, height = body.dimensions()
         job = Job([body.prompt] * body.n, [body.negative_prompt] * body.n, seeds_from(body.seed, body.n),
-                  {"steps": body.steps, "scheduler": body.scheduler, "width": width, "height": height, "rng": body.rng},
+                  {"steps": body.steps, "scheduler": body.scheduler, "width": width, "height": height, "rng": body.rng,
+                   "clip_skip": body.clip_skip},
                   body.guidance_scale)
         images = await service.generate(job, request)
         return {"created": int(time.time()), "output_format": body.output_format,
@@ -190,7 +192,8 @@ def add_a1111_routes(app: FastAPI, service: Service) -> None:
         count = body.batch_size * body.n_iter
         job = Job([body.prompt] * count, [body.negative_prompt] * count, seeds_from(body.seed, count),
                   {"steps": body.steps, "scheduler": body.sampler_name or body.scheduler, "width": body.width,
-                   "height": body.height, "rng": body.rng()}, body.cfg_scale)
+                   "height": body.height, "rng": body.rng(),
+                   "clip_skip": body.override_settings.CLIP_stop_at_last_layers}, body.cfg_scale)
         images = await service.generate(job, request)
         first = images[0][1]
         info = {"prompt": body.prompt, "all_prompts": job.prompts, "negative_prompt": body.negative_prompt,

@@ -35,6 +35,7 @@ class Job:
     seeds: list[int]
     settings: dict[str, Any]  # steps, scheduler, width, height (None: the model's default), shared by a batch
     guidance: float | None = None  # the job's own (None: the model's default)
+    chunks: int = 1  # 75-token chunks of its longest prompt: a batch shares one embedding length, so one count
     id: int = field(default_factory=itertools.count(1).__next__)
     future: asyncio.Future = None
     enqueued: float = field(default_factory=time.perf_counter)
@@ -44,7 +45,7 @@ class Job:
     cancelled: bool = False
 
     def key(self) -> tuple:
-        return tuple(sorted(self.settings.items()))
+        return (*sorted(self.settings.items()), ("chunks", self.chunks))
 
 
 @dataclass

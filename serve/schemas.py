@@ -27,6 +27,7 @@ class OpenAIImageRequest(BaseModel):
     scheduler: str | None = None
     seed: int | None = Field(None, ge=-1, le=2**63 - 1 - MAX_N)
     rng: Literal["numpy", "torch-cpu", "torch-cuda"] = "numpy"
+    clip_skip: int = Field(1, ge=1, le=48)
 
     @field_validator("size")
     @classmethod
@@ -45,6 +46,15 @@ class OpenAIImageRequest(BaseModel):
         return int(w), int(h)
 
 
+class A1111Overrides(BaseModel):
+    """The A1111 settings a txt2img request may override that diffrt honours (the rest are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    randn_source: Literal["GPU", "CPU", "NV"] | None = None  # NV is A1111's CPU copy of the GPU's Philox draws
+    CLIP_stop_at_last_layers: int = Field(1, ge=1, le=48)
+
+
 class Txt2ImgRequest(BaseModel):
     """POST /sdapi/v1/txt2img, AUTOMATIC1111's fields that diffrt uses (others that A1111 clients send are ignored)."""
 
@@ -61,10 +71,8 @@ class Txt2ImgRequest(BaseModel):
     height: int | None = Field(None, ge=8, le=4096)
     batch_size: int = Field(1, ge=1, le=MAX_N)
     n_iter: int = Field(1, ge=1, le=MAX_N)
-    override_settings: dict = Field(default_factory=dict)
+    override_settings: A1111Overrides = Field(default_factory=lambda: A1111Overrides())
 
     def rng(self) -> str:
-        """A1111's random number source (override_settings.randn_source: GPU, CPU or NV) as diffrt's rng; numpy when
-        none is given (A1111's own default, GPU, is asked for by name)."""
-        source = str(self.override_settings.get("randn_source", "")).upper()
-        return {"CPU": "torch-cpu", "GPU": "torch-cuda", "NV": "torch-cuda"}.get(source, "numpy")
+        """A1111's random number source as diffrt's rng; numpy when none is given."""
+        return {"CPU": "torch-cpu", "GPU": "torch-cuda", "NV": "torch-cuda", None: "numpy"}[self.override_settings.randn_source]

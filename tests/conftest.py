@@ -65,6 +65,8 @@ def make_tiny_checkpoint(root, pad_token: str | None = None, unet_in_channels: i
     text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=5,
                                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab - 2,
                                         eos_token_id=vocab - 1, pad_token_id=vocab - 1))
+    with torch.no_grad():  # a trained CLIP's last layer norm has a bias, so its output's mean is not ~0 (prompt
+        text.text_model.final_layer_norm.bias.normal_(0.3, 0.5)  # emphasis divides by that mean); so has this one
     unet = UNet2DConditionModel(sample_size=16, in_channels=unet_in_channels, out_channels=4, layers_per_block=2,
                                 block_out_channels=(32, 64),
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),

@@ -225,12 +225,14 @@ def test_a_missing_extra_is_named_before_any_work():
     require("bench", "json")
 
 
-def test_a_long_prompt_is_one_plain_warning(tiny_package, tmp_path):
-    proc = diffrt("generate", " ".join(["a red house"] * 40), "--model", tiny_package, "--steps", 1, "-q", "-o",
-                  tmp_path / "x.png")
-    assert proc.returncode == 0, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 2 and lines[0].startswith("diffrt: warning: prompt is") and "random seed" in lines[1]
+def test_a_long_prompt_is_read_whole(tiny_package, tmp_path):
+    """Past 75 tokens a prompt goes on in another chunk (A1111's way), not cut: no warning, and what comes after the
+    first 75 tokens changes the image."""
+    long = " ".join(["a red house"] * 40)
+    for name, prompt in (("long.png", long), ("longer.png", long + " under a green sky")):
+        proc = diffrt("generate", prompt, "--model", tiny_package, "--steps", 1, "--seed", 1, "-q", "-o", tmp_path / name)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "long.png")), np.asarray(Image.open(tmp_path / "longer.png")))
 
 
 def test_img2img_from_the_command_line(tiny_package, tmp_path):

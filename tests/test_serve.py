@@ -114,7 +114,8 @@ def test_a1111_txt2img_and_its_lists(server, local):
 
 def test_the_rng_of_both_apis(server, local):
     """OpenAI's body takes diffrt's rng; A1111's takes override_settings.randn_source (CPU, GPU, NV), as A1111 does;
-    each image equals the pipeline's with that rng, and the infotext names the source."""
+    each image equals the pipeline's with that rng, and the infotext names the source. Long, weighted prompts with
+    BREAK and clip skip go through as well."""
     r = server.post("/v1/images/generations", {"prompt": "a red house", "seed": 5, "steps": 3, "size": "32x32",
                                                "scheduler": "dpmpp_2m_sde", "rng": "torch-cpu"})
     assert r.status_code == 200, r.text
@@ -128,19 +129,28 @@ def test_the_rng_of_both_apis(server, local):
     want = alone(local, "a green tree", 8, steps=2, scheduler="dpm2_a", rng="torch-cuda")
     assert np.abs(decode(r.json()["images"][0]) - want).max() <= 1
     assert "RNG: GPU" in json.loads(r.json()["info"])["infotexts"][0]
+    long = ", ".join(["a (tall:1.3) [grey] house"] * 20) + " BREAK a dog"
+    r = server.post("/v1/images/generations", {"prompt": long, "seed": 2, "steps": 2, "size": "32x32", "clip_skip": 2})
+    assert r.status_code == 200, r.text
+    assert np.abs(decode(r.json()["data"][0]["b64_json"]) - alone(local, long, 2, steps=2, clip_skip=2)).max() <= 1
     bad = server.post("/v1/images/generations", {"prompt": "x", "rng": "mersenne"})
     assert bad.status_code == 422 and "rng" in bad.text
 
 
 def test_concurrent_requests_are_batched_and_each_equals_its_request_alone(server, local):
+    """Four at once, one of them a prompt of two 75-token chunks: that one is batched only with prompts as long (the
+    others' embeddings would be filled out to its length), and each image equals its request made alone."""
+    def prompt(seed: int) -> str:
+        return " ".join(["a long cat"] * 30) if seed == 33 else f"a cat number {seed}"
+
     def ask(seed: int) -> httpx.Response:
-        return server.post("/v1/images/generations", {"prompt": f"a cat number {seed}", "seed": seed, "steps": 4})
+        return server.post("/v1/images/generations", {"prompt": prompt(seed), "seed": seed, "steps": 4})
 
     with ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(ask, (31, 32, 33, 34)))
     for seed, r in zip((31, 32, 33, 34), responses):
         assert r.status_code == 200, r.text
-        assert np.abs(decode(r.json()["data"][0]["b64_json"]) - alone(local, f"a cat number {seed}", seed, steps=4)).max() <= 1
+        assert np.abs(decode(r.json()["data"][0]["b64_json"]) - alone(local, prompt(seed), seed, steps=4)).max() <= 1
     metrics = httpx.get(server.url + "/metrics").text
     batched = [line for line in metrics.splitlines() if line.startswith("diffrt_batch_images_bucket") and 'le="1.0"' in line]
     count = [line for line in metrics.splitlines() if line.startswith("diffrt_batch_images_count")]
@@ -158,7 +168,9 @@ def test_concurrent_requests_are_batched_and_each_equals_its_request_alone(serve
     ("/v1/images/generations", {"prompt": "a cat", "model": "sdxl"}, 400, "is not served here"),
     ("/v1/images/generations", {"prompt": "a cat", "response_format": "url"}, 422, "response_format"),
     ("/v1/images/generations", '{"prompt": "a \\udcff cat"}', 422, "prompt: Input should be a valid string"),  # lone surrogate
-    ("/sdapi/v1/txt2img", {"prompt": "a cat", "sampler_name": "Heun"}, 400, "unknown scheduler 'Heun'"),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "sampler_name": "Heun++"}, 400, "unknown scheduler 'Heun++'"),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "override_settings": {"randn_source": "TPU"}}, 422, "randn_source"),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "override_settings": {"CLIP_stop_at_last_layers": 9}}, 400, "clip skip 9 is more than"),
     ("/sdapi/v1/txt2img", {"prompt": "a cat", "steps": 1000, "sampler_name": "DDIM"}, 400, "at most 999"),
     ("/sdapi/v1/txt2img", {"prompt": "a cat", "cfg_scale": -1}, 422, "cfg_scale"),
     ("/sdapi/v1/txt2img", [1, 2], 422, "body"),
