@@ -243,6 +243,9 @@ class Pipeline:
                       steps, per_image(guidance, len(prompts)), width, height, check_rng(rng),
                       check_clip_skip(clip_skip, self.text_encoder.outputs.get(LAYER_STATES)))
         sched = make_checked_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config, steps)
+        if self.backend == "trt" and self.chunk_count(prompts + negatives) > 1:
+            raise UserError("the TensorRT engines take one 75-token chunk of text (their profiles fix the sequence "
+                            "length); shorten the prompt (or drop BREAK), or use --backend ort-cuda")
         if self.backend == "ort-cpu":
             too_big = check_fits(self.attention, width, height, pkg.vae_scale_factor, len(prompts) * (2 if req.guided else 1))
             if too_big:
