@@ -207,6 +207,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     require("serve", "fastapi", "uvicorn", "pydantic", "prometheus_client")
+    check_ray_options(args)
+    if args.ray:
+        require("ray", "ray")
     import uvicorn
 
     from diffrt.serve import ServeOptions, create_app
@@ -217,11 +220,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         load_package(args.model)  # a bad --model is refused here, before the server starts
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"diffrt: warning: serving on {args.host} without --api-key: anyone who reaches it can use it", file=sys.stderr)
-    app = create_app(ServeOptions(model=args.model, backend=args.backend, threads=args.threads, max_batch=args.max_batch,
-                                  max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
-                                  api_key=args.api_key or os.environ.get("DIFFRT_API_KEY")))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    options = ServeOptions(model=args.model, backend=args.backend, threads=args.threads, max_batch=args.max_batch,
+                           max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
+                           api_key=args.api_key or os.environ.get("DIFFRT_API_KEY"))
+    if args.ray:
+        from diffrt.serve.ray_app import run_on_ray
+
+        return run_on_ray(options, args.host, args.port, args.address, args.replicas, args.autoscale)
+    uvicorn.run(create_app(options), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     return 0
+
+
+def check_ray_options(args: argparse.Namespace) -> None:
+    """--replicas, --autoscale and --address go with --ray; one of --replicas and --autoscale; MIN-MAX well formed."""
+    given = [f"--{name}" for name in ("replicas", "autoscale", "address") if getattr(args, name) is not None]
+    if given and not args.ray:
+        raise UserError(f"{given[0]} is a Ray Serve option; add --ray")
+    if args.replicas is not None and args.autoscale is not None:
+        raise UserError("give --replicas or --autoscale, not both")
+    if args.autoscale is not None:
+        lo, sep, hi = args.autoscale.partition("-")
+        if not (sep and lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi)):
+            raise UserError(f"--autoscale {args.autoscale!r} must be MIN-MAX with 1 <= MIN <= MAX, e.g. 1-4")
 
 
 def add_serve(sub) -> None:
@@ -239,6 +259,11 @@ def add_serve(sub) -> None:
     s.add_argument("--max-queue", type=positive_int, default=64, help="queued requests before answering 429 (default %(default)s)")
     s.add_argument("--timeout", type=positive_number, default=600, help="seconds a request may take (default %(default)s)")
     s.add_argument("--api-key", help="require this key (Authorization: Bearer KEY); env DIFFRT_API_KEY")
+    r = s.add_argument_group("scale-out on Ray Serve (needs diffrt[ray])")
+    r.add_argument("--ray", action="store_true", help="serve through Ray Serve: one ingress, model replicas on the cluster")
+    r.add_argument("--replicas", type=positive_int, help="model replicas (default 1), each with --threads CPU threads (default 1)")
+    r.add_argument("--autoscale", metavar="MIN-MAX", help="let Ray scale the replicas between MIN and MAX by queued requests")
+    r.add_argument("--address", help="join this Ray cluster (auto, or ray://HOST:10001) instead of starting one here")
     s.set_defaults(func=cmd_serve)
 
 

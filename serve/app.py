@@ -46,6 +46,9 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers or {}
 
+    def __reduce__(self):  # rebuilt whole on the far side of a process boundary (a Ray replica's answer)
+        return ApiError, (self.status, self.message, self.param, self.headers)
+
 
 def error_body(message: str, kind: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
@@ -118,14 +121,19 @@ class Service:
                         s["width"] or d["width"], s["height"] or d["height"], 1, s.get("rng", "numpy"), s.get("clip_skip", 1))
         job.chunks = self.pipe.chunk_count(job.prompts + job.negatives)
 
-    async def generate(self, job: Job, request: Request) -> list[tuple[Any, dict]]:
-        """The job's images; its work is given up when the client disconnects or the timeout passes."""
+    def describe(self) -> dict[str, Any]:
+        """What /health and A1111's model list say of this instance."""
+        pkg = self.pipe.package if self.pipe else None
+        return {"name": self.name, "model_hash": pkg.model_hash if pkg else None, "root": str(pkg.root) if pkg else None,
+                "backend": self.pipe.backend if self.pipe else None, "queue": len(self.batcher.queue),
+                "ready": self.pipe is not None, "load_error": self.load_error}
+
+    async def run(self, job: Job) -> list[tuple[Any, dict]]:
+        """The job's images, checked, queued and batched, or an ApiError saying why not (timeout included)."""
         self.check(job)
         self.metrics.queue_depth.set(len(self.batcher.queue) + 1)
-        task = asyncio.ensure_future(self.batcher.submit(job))
-        watcher = asyncio.ensure_future(watch_disconnect(request, task))
         try:
-            return await asyncio.wait_for(task, self.options.timeout_s)
+            return await asyncio.wait_for(self.batcher.submit(job), self.options.timeout_s)
         except QueueFull:
             raise ApiError(429, f"the queue is full ({self.options.max_queue} requests); retry later",
                            headers={"Retry-After": "2"}) from None
@@ -134,8 +142,21 @@ class Service:
         except ShuttingDown:
             raise ApiError(503, "the server is shutting down; retry on another instance", headers={"Retry-After": "5"}) from None
         finally:
-            watcher.cancel()
             self.metrics.queue_depth.set(len(self.batcher.queue))
+
+    async def generate(self, job: Job, request: Request) -> list[tuple[Any, dict]]:
+        """The job's images; its work is given up when the client disconnects or the timeout passes."""
+        return await until_disconnect(self.run(job), request)
+
+
+async def until_disconnect(work, request: Request):
+    """Await work, cancelling it when the client goes away."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(watch_disconnect(request, task))
+    try:
+        return await task
+    finally:
+        watcher.cancel()
 
 
 async def watch_disconnect(request: Request, task: asyncio.Future) -> None:
@@ -211,9 +232,9 @@ def add_a1111_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models() -> list:
-        pkg = service.pipe.package if service.pipe else None
-        return [{"title": service.name, "model_name": service.name, "hash": pkg.model_hash[:8] if pkg else None,
-                 "sha256": None, "filename": str(pkg.root) if pkg else None, "config": None}]
+        info = service.describe()
+        return [{"title": info["name"], "model_name": info["name"], "hash": (info["model_hash"] or "")[:8] or None,
+                 "sha256": None, "filename": info["root"], "config": None}]
 
     @app.get("/sdapi/v1/progress")
     async def progress() -> dict:
@@ -298,12 +319,13 @@ def add_plumbing(app: FastAPI, service: Service) -> None:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if service.load_error:
-            return JSONResponse({"status": "failed", "error": service.load_error}, 500)
-        if service.pipe is None:
+        info = service.describe()
+        if info["load_error"]:
+            return JSONResponse({"status": "failed", "error": info["load_error"]}, 500)
+        if not info["ready"]:
             return JSONResponse({"status": "loading"}, 503)
-        return JSONResponse({"status": "ok", "model": service.name, "backend": service.pipe.backend,
-                             "queue": len(service.batcher.queue)})
+        return JSONResponse({"status": "ok", "model": info["name"], "backend": info["backend"], "queue": info["queue"],
+                             **({"replicas": info["replicas"]} if "replicas" in info else {})})
 
     @app.get("/v1/progress/stream")
     async def progress_stream(request: Request) -> StreamingResponse:
@@ -340,6 +362,12 @@ def create_app(options: ServeOptions | None = None, **kwargs: Any) -> FastAPI:
         yield
         await service.batcher.stop()
 
+    return build_app(service, lifespan)
+
+
+def build_app(service: Any, lifespan: Any = None) -> FastAPI:
+    """The routes over a service: a local Service, or a Ray ingress's stand-in for replicas elsewhere (which has the
+    same describe, generate, progress, options and metrics)."""
     app = FastAPI(title="diffrt", lifespan=lifespan)
     app.state.service = service
     add_error_handlers(app)
