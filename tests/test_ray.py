@@ -132,3 +132,24 @@ def test_a_replica_killed_under_load(cluster):
     print(f"both replicas answered again {120 - (deadline - time.time()):.0f} s after the load ended")
     r = httpx.post(cluster + "/v1/images/generations", json={"prompt": "after", "seed": 1, "steps": 2}, timeout=60)
     assert r.status_code == 200
+
+
+def test_the_config_file_and_the_builders_options():
+    """serve/ray-config.yaml names this module's builder and its deployments; the builder turns replicas / autoscale
+    / threads into Ray's options (fixed count, or an autoscaling_config on queued requests) without a cluster."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    from diffrt.serve.ray_app import replica_options
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "serve" / "ray-config.yaml").read_text())
+    application = config["applications"][0]
+    module, _, name = application["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    assert {d["name"] for d in application["deployments"]} == {"Replica", "Ingress"}
+    assert replica_options({"replicas": "3", "threads": "2"}) == {"num_replicas": 3, "ray_actor_options": {"num_cpus": 2}}
+    scaled = replica_options({"autoscale": "1-4", "gpus_per_replica": 1})
+    assert scaled["autoscaling_config"]["min_replicas"] == 1 and scaled["autoscaling_config"]["max_replicas"] == 4
+    assert scaled["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 1.0}
