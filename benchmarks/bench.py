@@ -43,8 +43,9 @@ class BenchConfig:
     warmup: int = 1
     scheduler: str | None = None
     guidance: float | None = None
-    baseline: str | None = None
+    baseline: str | None = None  # "diffusers", "diffusers-bf16" (CPU), or both comma-separated
     checkpoint: Path | None = None
+    precision: str = "auto"  # diffrt's compute precision on ov-cpu
     threads: int | None = None
     cuda_graph: bool = False
     graph_cache: Path | None = None
@@ -59,10 +60,27 @@ def stats(values: list[float]) -> dict[str, float]:
             "mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()), "n": len(a)}
 
 
-def baseline_placement(backend: str, unet_precision: str) -> tuple[str, str]:
+BASELINES = ("diffusers", "diffusers-bf16")
+CPU_BACKENDS = ("ort-cpu", "ov-cpu")
+
+
+def baselines(cfg: BenchConfig) -> list[str]:
+    names = [b.strip() for b in cfg.baseline.split(",")] if cfg.baseline else []
+    unknown = [b for b in names if b not in BASELINES]
+    if unknown:
+        raise UserError(f"unknown baseline {unknown[0]!r}; use diffusers, diffusers-bf16 or both, comma-separated")
+    return names
+
+
+def baseline_placement(backend: str, unet_precision: str, baseline: str = "diffusers") -> tuple[str, str]:
     """(torch device, torch dtype name) for diffusers beside a diffrt backend: the same kind of device, and the
-    package's precision where torch has it (int8 packages are compared with float16 on the GPU)."""
-    if backend == "ort-cpu":
+    package's precision where torch has it (int8 packages are compared with float16 on the GPU); diffusers-bf16 is
+    diffusers in bfloat16 on the CPU, what a user of a CPU with AMX or AVX-512-BF16 would pick."""
+    if baseline == "diffusers-bf16":
+        if backend not in CPU_BACKENDS:
+            raise UserError("--baseline diffusers-bf16 is the CPU baseline; on a GPU use --baseline diffusers (float16)")
+        return "cpu", "bfloat16"
+    if backend in CPU_BACKENDS:
         return "cpu", "float32"
     return "cuda", "float32" if backend == "ort-cuda" and unet_precision == "fp32" else "float16"
 
@@ -161,7 +179,7 @@ def cold_start(cfg: BenchConfig, impl: str, package: Path, checkpoint: Path | No
         body = (f"from diffrt.runtime.cli import main\n"
                 f"main(['generate', {cfg.prompt!r}, '--model', {str(package)!r}, '--steps', '{steps}', '--guidance', "
                 f"'{guidance}', '--scheduler', {scheduler!r}, '--width', '{width}', '--height', '{height}', '--seed', '0', "
-                f"'--backend', {cfg.backend!r}, '-q', '-o', {str(out)!r}, *{cache!r}])\n")
+                f"'--backend', {cfg.backend!r}, '--precision', {cfg.precision!r}, '-q', '-o', {str(out)!r}, *{cache!r}])\n")
     else:
         device, dtype = placement
         body = ("import torch, diffusers\n"
@@ -224,20 +242,20 @@ def baseline_checkpoint(pipe: Pipeline, cfg: BenchConfig) -> Path:
 def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
     """Run the whole benchmark; returns {machine, settings, records, summary}."""
     start = time.perf_counter()
-    pipe = Pipeline.from_package(cfg.package, backend=cfg.backend, threads=cfg.threads, cuda_graph=cfg.cuda_graph)
+    pipe = Pipeline.from_package(cfg.package, backend=cfg.backend, threads=cfg.threads, cuda_graph=cfg.cuda_graph,
+                                 precision=cfg.precision)
     load_seconds = time.perf_counter() - start
     d = pipe.package.defaults
     steps, guidance = cfg.steps or d["steps"], d["guidance_scale"] if cfg.guidance is None else cfg.guidance
     scheduler = cfg.scheduler or d["scheduler"]
     width, height = cfg.width or d["width"], cfg.height or d["height"]
-    placement = baseline_placement(pipe.backend, pipe.package.precision("unet"))
-    ref = Diffusers(baseline_checkpoint(pipe, cfg), cfg.threads, *placement) if cfg.baseline == "diffusers" else None
+    placements = {b: baseline_placement(pipe.backend, pipe.package.precision("unet"), b) for b in baselines(cfg)}
+    refs = {b: Diffusers(baseline_checkpoint(pipe, cfg), cfg.threads, *where) for b, where in placements.items()}
     impls = {"diffrt": lambda lat: run_diffrt(pipe, cfg, scheduler, steps, guidance, lat, width, height)}
-    if ref:
-        impls["diffusers"] = lambda lat: ref(cfg, scheduler, steps, guidance, lat, width, height)
+    for b, ref in refs.items():
+        impls[b] = lambda lat, ref=ref: ref(cfg, scheduler, steps, guidance, lat, width, height)
     records: list[dict[str, Any]] = [{"kind": "load", "impl": "diffrt", "seconds": load_seconds}]
-    if ref:
-        records.append({"kind": "load", "impl": "diffusers", "seconds": ref.load_seconds})
+    records += [{"kind": "load", "impl": b, "seconds": ref.load_seconds} for b, ref in refs.items()]
     f = pipe.package.vae_scale_factor
     for batch in cfg.batches:
         latents = np.random.default_rng(batch).standard_normal((batch, pipe.package.latent_channels, height // f, width // f),
@@ -259,17 +277,20 @@ def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
         if cfg.graph_cache:
             cold.insert(1, "diffrt_graph_cache")
         for name in cold:
+            where = placements.get(name, ("cpu", "float32"))
             if name == "diffrt_graph_cache":  # the first such load optimizes and saves; the one timed loads the saved graphs
-                cold_start(cfg, name, pipe.package.root, None, scheduler, steps, guidance, width, height, placement)
-            r = cold_start(cfg, name, pipe.package.root, ref and baseline_checkpoint(pipe, cfg), scheduler, steps, guidance,
-                           width, height, placement)
+                cold_start(cfg, name, pipe.package.root, None, scheduler, steps, guidance, width, height, where)
+            r = cold_start(cfg, name, pipe.package.root, refs and baseline_checkpoint(pipe, cfg), scheduler, steps, guidance,
+                           width, height, where)
             records.append({"kind": "cold_start", "impl": name, **r})
             log(f"cold start {name}: {r['seconds']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
     settings = {"package": str(pipe.package.root), "model": pipe.package.name, "backend": pipe.backend, "steps": steps,
                 "guidance_scale": guidance, "scheduler": scheduler, "width": width, "height": height, "batches": cfg.batches,
                 "runs": cfg.runs, "warmup": cfg.warmup, "threads": cfg.threads, "baseline": cfg.baseline,
                 "cuda_graph": cfg.cuda_graph, "graph_cache": str(cfg.graph_cache) if cfg.graph_cache else None,
-                "baseline_device": placement[0] if ref else None, "baseline_dtype": placement[1] if ref else None}
+                "precision": pipe.precision, "baselines": {b: {"device": d, "dtype": t} for b, (d, t) in placements.items()},
+                "baseline_device": next(iter(placements.values()))[0] if refs else None,
+                "baseline_dtype": next(iter(placements.values()))[1] if refs else None}
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "settings": settings, "records": records,
             "summary": summarise(records)}
 
@@ -294,8 +315,10 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     ratios = {}
     for key, s in out["e2e"].items():
         impl, batch = key.split("/")
-        if impl == "diffrt" and f"diffusers/{batch}" in out["e2e"]:
-            ratios[f"e2e_speedup/{batch}"] = out["e2e"][f"diffusers/{batch}"]["p50"] / s["p50"]
+        for base in BASELINES:
+            if impl == "diffrt" and f"{base}/{batch}" in out["e2e"]:
+                name = "e2e_speedup" if base == "diffusers" else f"e2e_speedup_vs_{base}"
+                ratios[f"{name}/{batch}"] = out["e2e"][f"{base}/{batch}"]["p50"] / s["p50"]
     cs = out["cold_start"]
     if "diffrt" in cs and "diffusers" in cs:
         ratios["cold_start_ratio"] = cs["diffrt"]["seconds"] / cs["diffusers"]["seconds"]
@@ -336,6 +359,7 @@ def config_from_args(args) -> BenchConfig:
     return BenchConfig(package=args.package, backend=args.backend, steps=args.steps, width=width, height=height,
                        batches=batches, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler, guidance=args.guidance,
                        baseline=args.baseline, checkpoint=args.checkpoint, threads=args.threads, cuda_graph=args.cuda_graph,
+                       precision=args.precision,
                        graph_cache=args.graph_cache, cold_start=not args.no_cold_start, out=args.out)
 
 

@@ -7,10 +7,9 @@ import platform
 import shutil
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
 from diffrt.runtime.doctor import gpu_info
-from diffrt.runtime.optimized import cpu_name
+from diffrt.runtime.optimized import cpu_isa, cpu_name
 
 
 def gpu_name() -> str | None:
@@ -37,19 +36,6 @@ def versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return found
-
-
-ISA_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx2")
-
-
-def cpu_isa() -> list[str]:
-    """The vector and matrix extensions of this CPU that matter to inference (from /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return [f for f in ISA_FLAGS if f in flags]
 
 
 def describe() -> dict:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from diffrt.runtime.doctor import GATE_PROMPTS, psnr
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.package import MANIFEST, REQUIRED, load_package
 from diffrt.runtime.pipeline import Pipeline
@@ -30,10 +31,6 @@ CALIBRATION_PROMPTS = (
     "a green triangle on a white background", "a small cyan bar on a magenta background, bottom right",
     "a photo of a cat sitting on a red sofa", "a mountain landscape at sunset, oil painting",
     "a city street at night in the rain", "a bowl of fruit on a wooden table",
-)
-GATE_PROMPTS = (
-    "a large magenta cross on a green background, top right", "a small white circle on a black background, center",
-    "a portrait of an old man, charcoal drawing", "a red sports car on a mountain road",
 )
 
 
@@ -155,11 +152,6 @@ def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]
                     per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     nodes_to_exclude=sensitive_nodes(src, keep_layers), use_external_data_format=big,
                     extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False})
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 def quality(reference: Pipeline, candidate: Pipeline, prompts: list[str], seeds: int, steps: int | None) -> dict[str, Any]:

@@ -88,7 +88,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     paths = output_paths(args.output, seeds, args.overwrite)  # refuse a bad -o before any work
     pipe = Pipeline.from_package(args.model, backend=args.backend, threads=args.threads, verify_hashes=args.verify,
                                  fp32_fallback=args.fp32_fallback, cuda_graph=args.cuda_graph, graph_cache=args.graph_cache,
-                                 gpu_mem_limit=int(args.gpu_mem_limit * 2**30) if args.gpu_mem_limit else None)
+                                 gpu_mem_limit=int(args.gpu_mem_limit * 2**30) if args.gpu_mem_limit else None,
+                                 precision=args.precision)
     result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   scheduler=args.scheduler, seed=seeds[0], width=args.width, height=args.height, num_images=args.n,
                   progress=None if args.quiet else ProgressBar("denoising, UNet calls"), image=args.image, strength=args.strength,
@@ -354,7 +355,10 @@ def add_generate(sub) -> None:
                    help="take the settings an image made by diffrt was saved with (options given here win)")
     from .engines import BACKENDS
 
-    g.add_argument("--backend", choices=BACKENDS, default="auto", help="default auto: the fastest present")
+    g.add_argument("--backend", choices=BACKENDS, default="auto", help="default auto: the fastest present (ort-cuda on an "
+                   "NVIDIA GPU, else ov-cpu where OpenVINO is installed, else ort-cpu)")
+    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="compute precision on ov-cpu (default auto: bf16 where the CPU has AMX or AVX-512-BF16, else fp32)")
     g.add_argument("--threads", type=positive_int, help="CPU threads for onnxruntime (default: all cores)")
     g.add_argument("--verify", action="store_true", help="check every package file's sha256 before loading")
     g.add_argument("--fp32-fallback", action="store_true", help="rerun a reduced-precision stage in float32 if it makes NaN/inf")
@@ -439,7 +443,10 @@ def add_bench(sub) -> None:
     b.add_argument("--cuda-graph", action="store_true", help="ort-cuda: replay the UNet from a CUDA graph per shape")
     b.add_argument("--graph-cache", type=Path, metavar="DIR",
                    help="also time a cold start that loads onnxruntime's optimized graphs from DIR")
-    b.add_argument("--baseline", choices=("diffusers",), help="run diffusers side by side (needs diffrt[export])")
+    b.add_argument("--baseline", help="run diffusers side by side (needs diffrt[export]): diffusers (float32 on the CPU, "
+                   "float16 on a GPU), diffusers-bf16 (bfloat16 on the CPU), or both: diffusers,diffusers-bf16")
+    b.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="OpenVINO's compute precision on --backend ov-cpu (default auto: bf16 where the CPU has it)")
     b.add_argument("--checkpoint", type=Path, help="diffusers checkpoint for the baseline (default: the package's source)")
     b.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process runs")
     b.add_argument("--out", type=Path, default=Path("bench-out"), help="report folder (default %(default)s)")

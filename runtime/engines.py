@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import UserError
 
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "trt")
+BACKENDS = ("auto", "ort-cpu", "ov-cpu", "ort-cuda", "trt")
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(double)": np.float64}
 
@@ -76,11 +76,16 @@ def cuda_available() -> bool:
 
 
 def resolve_backend(backend: str) -> str:
-    """'auto' becomes ort-cuda where onnxruntime has its CUDA provider, else ort-cpu."""
+    """'auto' becomes ort-cuda where onnxruntime has its CUDA provider, else ov-cpu where OpenVINO is installed, else
+    ort-cpu."""
+    from .ov_backend import openvino_available
+
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "ort-cuda" if cuda_available() else "ort-cpu"
+        return "ort-cuda" if cuda_available() else "ov-cpu" if openvino_available() else "ort-cpu"
+    if backend == "ov-cpu" and not openvino_available():
+        raise UserError('backend ov-cpu needs OpenVINO: `pip install "diffrt[openvino]"`, or use --backend ort-cpu')
     if backend == "trt":
         from .trt_backend import import_tensorrt
 
@@ -265,17 +270,22 @@ def open_session(path: Path, backend: str, providers: list, threads: int | None,
     return session
 
 
+def check_cuda_options(backend: str, cuda_graph: bool, gpu_mem_limit: int | None) -> None:
+    """CUDA graphs and a GPU memory limit belong to ort-cuda; on any other backend they are refused in one line."""
+    if cuda_graph and backend != "ort-cuda":
+        raise UserError(f"CUDA graphs need the ort-cuda backend, not {backend}: use --backend ort-cuda, "
+                        "or leave out --cuda-graph")
+    if gpu_mem_limit and backend != "ort-cuda":
+        raise UserError(f"a GPU memory limit needs the ort-cuda backend, not {backend}: leave out --gpu-mem-limit")
+
+
 class OrtEngine:
     """One onnxruntime session. On CUDA every input shape gets device buffers bound once (ShapeBuffers); with
     cuda_graph each shape is also captured as a CUDA graph on its first call and replayed after."""
 
     def __init__(self, path: Path, backend: str = "ort-cpu", threads: int | None = None, cuda_graph: bool = False,
                  graph_cache: Path | None = None, gpu_mem_limit: int | None = None) -> None:
-        if cuda_graph and backend != "ort-cuda":
-            raise UserError(f"CUDA graphs need the ort-cuda backend, not {backend}: use --backend ort-cuda, "
-                            "or leave out --cuda-graph")
-        if gpu_mem_limit and backend != "ort-cuda":
-            raise UserError(f"a GPU memory limit needs the ort-cuda backend, not {backend}: leave out --gpu-mem-limit")
+        check_cuda_options(backend, cuda_graph, gpu_mem_limit)
         cuda = backend == "ort-cuda"
         providers = [cuda_provider(cuda_graph, gpu_mem_limit), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         self.session = open_session(path, backend, providers, threads, graph_cache)

@@ -31,6 +31,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+ISA_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx2")
+
+
+def cpu_isa() -> list[str]:
+    """The vector and matrix extensions of this CPU that matter to inference (from /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in ISA_FLAGS if f in flags]
+
+
 def cache_key(model: Path, backend: str) -> str:
     """Names the optimized copy of `model` (and its external-data files) for this onnxruntime, provider and CPU."""
     import onnxruntime as ort
@@ -41,10 +54,20 @@ def cache_key(model: Path, backend: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+def writable(cache: Path, folder: Path | None = None) -> Path:
+    """folder (default: cache itself) created if need be, or a one-line refusal naming the cache."""
+    try:
+        (folder or cache).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"graph cache {cache} cannot be written ({exc.strerror}); choose another --graph-cache "
+                        "folder or leave the option out") from None
+    return folder or cache
+
+
 def save_optimized(opts: Any, cache: Path) -> Path:
     """Ask onnxruntime to write the graph it optimizes into a fresh folder of the cache; `publish` it after."""
+    writable(cache)
     try:
-        cache.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache))
     except OSError as exc:
         raise UserError(f"graph cache {cache} cannot be written ({exc.strerror}); choose another --graph-cache "

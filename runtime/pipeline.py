@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .engines import Engine, OrtEngine, resolve_backend
+from .engines import Engine, OrtEngine, check_cuda_options, resolve_backend
 from .errors import UserError
 from .family import adapter_for
 from .generators import ImageGenerators
@@ -103,12 +103,14 @@ class Pipeline:
     engine's CUDA memory arena."""
 
     def __init__(self, package: Package, backend: str = "auto", threads: int | None = None, fp32_fallback: bool = False,
-                 cuda_graph: bool = False, graph_cache: Path | None = None, gpu_mem_limit: int | None = None) -> None:
+                 cuda_graph: bool = False, graph_cache: Path | None = None, gpu_mem_limit: int | None = None,
+                 precision: str = "auto") -> None:
         self.package = package
         if backend == "trt":
             refuse_for_trt(threads=threads, fp32_fallback=fp32_fallback, cuda_graph=cuda_graph, graph_cache=graph_cache,
                            gpu_mem_limit=gpu_mem_limit)
         self.backend = resolve_backend(backend)
+        self.precision = self._compute_precision(precision)
         self.threads = threads
         self.fp32_fallback = fp32_fallback
         self.cuda_graph = cuda_graph
@@ -121,6 +123,18 @@ class Pipeline:
         engines = self._open_engines()
         self.text_encoder, self.unet, self.vae_decoder = (engines[c] for c in STAGES)
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
+
+    def _compute_precision(self, precision: str) -> str:
+        """What the UNet computes in: on ov-cpu bf16 or fp32 (auto: bf16 where the CPU has AMX or AVX-512-BF16);
+        elsewhere the package's own precision, which --precision cannot change."""
+        if self.backend == "ov-cpu":
+            from .ov_backend import compute_precision
+
+            return compute_precision(precision)
+        if precision != "auto":
+            raise UserError(f"--precision picks OpenVINO's CPU precision (--backend ov-cpu); {self.backend} runs the "
+                            "package's own precision: leave it out, or use a package made by `diffrt quantize`")
+        return self.package.precision("unet")
 
     def _open_engines(self) -> dict[str, Engine]:
         """Every stage's engine on the chosen backend: one construction path, options a backend cannot honour refused."""
@@ -147,6 +161,11 @@ class Pipeline:
             raise UserError(f"this package's {name} runs on onnxruntime's CUDA provider only (its graph carries CUDA "
                             "fusions); use --backend ort-cuda on an NVIDIA GPU, or the plain fp16 package")
         path = self.package.fallback(name) if fallback else self.package.component(name)
+        if self.backend == "ov-cpu":
+            from .ov_backend import OvEngine
+
+            check_cuda_options(self.backend, self.cuda_graph, self.gpu_mem_limit)
+            return OvEngine(path, self.threads, "fp32" if fallback else self.precision, self.graph_cache)
         return OrtEngine(path, self.backend, self.threads, cuda_graph=self.cuda_graph and name == "unet",
                          graph_cache=self.graph_cache, gpu_mem_limit=self.gpu_mem_limit)
 
@@ -171,14 +190,15 @@ class Pipeline:
     @classmethod
     def from_package(cls, path: str | Path | None = None, backend: str = "auto", threads: int | None = None,
                      verify_hashes: bool = False, fp32_fallback: bool = False, cuda_graph: bool = False,
-                     graph_cache: str | Path | None = None, gpu_mem_limit: int | None = None) -> Pipeline:
+                     graph_cache: str | Path | None = None, gpu_mem_limit: int | None = None,
+                     precision: str = "auto") -> Pipeline:
         """Open a package folder (the bundled default model when path is None)."""
         if path is None:
             from .bundled import bundled_model
 
             path = bundled_model()
         return cls(load_package(path, hashes=verify_hashes), backend, threads, fp32_fallback, cuda_graph,
-                   Path(graph_cache) if graph_cache else None, gpu_mem_limit)
+                   Path(graph_cache) if graph_cache else None, gpu_mem_limit, precision)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", steps: int | None = None,
                  guidance_scale: float | list[float] | None = None, scheduler: str | None = None, seed: int | None = None,
@@ -221,7 +241,7 @@ class Pipeline:
         settings = {"prompt": prompts[0], "negative_prompt": negatives[0], "steps": req.steps, "guidance_scale": req.guidances[0],
                     "scheduler": short_name(sched), "seed": req.seeds[0], "width": width, "height": height,
                     "num_images": len(prompts), "rng": req.rng, "clip_skip": req.clip_skip, "model": pkg.name, "model_hash": pkg.model_hash,
-                    "backend": self.backend, "diffrt": __version__}
+                    "backend": self.backend, "precision": self.precision, "diffrt": __version__}
         if pixels is not None:
             settings.update(mode="inpaint" if mask is not None else "img2img", strength=strength,
                             image=Path(image).name if isinstance(image, (str, Path)) else "image",
@@ -246,7 +266,7 @@ class Pipeline:
         if self.backend == "trt" and self.chunk_count(prompts + negatives) > 1:
             raise UserError("the TensorRT engines take one 75-token chunk of text (their profiles fix the sequence "
                             "length); shorten the prompt (or drop BREAK), or use --backend ort-cuda")
-        if self.backend == "ort-cpu":
+        if self.backend in ("ort-cpu", "ov-cpu"):
             too_big = check_fits(self.attention, width, height, pkg.vae_scale_factor, len(prompts) * (2 if req.guided else 1))
             if too_big:
                 raise UserError(too_big)

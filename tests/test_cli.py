@@ -115,7 +115,8 @@ def test_bad_packages(tiny_package, tmp_path):
     (garbled / "diffrt.json").write_text("{not json")
     assert_refused(diffrt("generate", "a cat", "--model", garbled), "not valid JSON")
     (garbled / "diffrt.json").unlink()
-    assert_refused(diffrt("generate", "a cat", "--model", garbled), "could not be loaded by onnxruntime", "corrupt")
+    for backend in ("ort-cpu", "ov-cpu"):
+        assert_refused(diffrt("generate", "a cat", "--model", garbled, "--backend", backend), "could not be loaded by", "corrupt")
 
 
 def test_runtime_never_imports_torch(tiny_package, tmp_path):

@@ -51,7 +51,8 @@ def cluster(tiny_package):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app({"model": str(tiny_package), "replicas": 2, "threads": 1, "max_wait_ms": 100, "timeout_s": 60}),
+    serve.run(app({"model": str(tiny_package), "backend": "ort-cpu", "replicas": 2, "threads": 1, "max_wait_ms": 100,
+                   "timeout_s": 60}),
               name="diffrt", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

@@ -33,8 +33,9 @@ class Server:
     def __init__(self, package, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        backend = [] if "--backend" in args else ["--backend", "ort-cpu"]  # the images are compared with ort-cpu's
         self.proc = subprocess.Popen([sys.executable, "-m", "diffrt.runtime.cli", "serve", "--model", str(package),
-                                      "--port", str(self.port), *args], stderr=subprocess.PIPE, text=True)
+                                      "--port", str(self.port), *backend, *args], stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
