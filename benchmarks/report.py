@@ -13,11 +13,12 @@ def _ms(seconds: float | None) -> str:
 def markdown(result: dict[str, Any]) -> str:
     s, m, summary = result["settings"], result["machine"], result["summary"]
     lines = [f"# diffrt benchmark, {result['date']}", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}; "
+             f"Machine: {m['cpu']} ({', '.join(m.get('isa') or []) or 'no AVX2/AVX-512/AMX'}), {m['cores']} cores, "
+             f"GPU: {m['gpu'] or 'none'}; "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
-             f"Model {s['model']} on {s['backend']}, {s['width']}x{s['height']}, {s['steps']} steps, {s['scheduler']}, "
-             f"guidance {s['guidance_scale']}, {s['runs']} runs after {s['warmup']} warm-up, interleaved"
-             + (f"; diffusers on {s['baseline_device']} in {s['baseline_dtype']}" if s.get("baseline_device") else ""), "",
+             f"Model {s['model']} on {s['backend']} ({s.get('precision', 'fp32')}), {s['width']}x{s['height']}, {s['steps']} "
+             f"steps, {s['scheduler']}, guidance {s['guidance_scale']}, {s['runs']} runs after {s['warmup']} warm-up, "
+             "interleaved" + "".join(f"; {b} on {p['device']} in {p['dtype']}" for b, p in s.get("baselines", {}).items()), "",
              "## End to end (ms)", "", "| impl / batch | p50 | p90 | p99 | mean | min | images/s |", "|---|---|---|---|---|---|---|"]
     for key, e in summary["e2e"].items():
         lines.append(f"| {key} | {_ms(e['p50'])} | {_ms(e['p90'])} | {_ms(e['p99'])} | {_ms(e['mean'])} | {_ms(e['min'])} | "

@@ -77,10 +77,10 @@ def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
 
 
 class TorchCUDA:
-    """torch.Generator("cuda").manual_seed(seed): element e of a draw is value e % 4 ... of the Philox block of the
-    thread torch's kernel gives it. Torch caps its grid at the GPU's resident threads (SMs x 2048 on most GPUs), so a
-    draw larger than that depends on the GPU: give `threads` for it; by default every value has its own thread, which
-    holds for SD latents on any GPU with 8 or more SMs."""
+    """torch.Generator("cuda").manual_seed(seed): each value comes from the Philox block (counter = draw offset +
+    round, thread index) of the thread torch's kernel gives it, one of that block's four normals. Torch caps its grid
+    at the GPU's resident threads (SMs x 2048 on most GPUs), so a draw larger than that depends on the GPU: give
+    `threads` for it; by default every value has its own thread, which SD latents fit on GPUs with 32 SMs or more."""
 
     def __init__(self, seed: int, threads: int | None = None) -> None:
         self.key = (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)

@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+from diffrt.runtime.errors import UserError
+
 pytest.importorskip("matplotlib")
 
 
@@ -41,7 +43,6 @@ def test_bench_with_diffusers_baseline(tiny_package, tiny_checkpoint, tmp_path):
 
 def test_bench_needs_checkpoint_for_baseline(tiny_package, tmp_path):
     from diffrt.benchmarks.bench import BenchConfig, benchmark
-    from diffrt.runtime.errors import UserError
 
     with pytest.raises(UserError, match="pass --checkpoint"):
         benchmark(BenchConfig(package=tiny_package, baseline="diffusers", checkpoint=tmp_path, runs=1), log=lambda m: None)
@@ -57,6 +58,27 @@ def test_baseline_runs_where_diffrt_runs():
     assert baseline_placement("ort-cuda", "fp16") == ("cuda", "float16")
     assert baseline_placement("ort-cuda", "int8") == ("cuda", "float16")
     assert baseline_placement("trt", "fp32") == ("cuda", "float16")
+    assert baseline_placement("ov-cpu", "fp32") == ("cpu", "float32")
+    assert baseline_placement("ov-cpu", "fp32", "diffusers-bf16") == ("cpu", "bfloat16")
+    with pytest.raises(UserError, match="diffusers-bf16 is the CPU baseline"):
+        baseline_placement("ort-cuda", "fp16", "diffusers-bf16")
+
+
+def test_bench_beside_diffusers_in_float32_and_bfloat16(tiny_package, tiny_checkpoint, tmp_path):
+    """diffrt on OpenVINO beside diffusers in float32 and in bfloat16 on the CPU, in one interleaved run."""
+    pytest.importorskip("openvino")
+    from diffrt.benchmarks.bench import BenchConfig, benchmark, write_outputs
+
+    cfg = BenchConfig(package=tiny_package, backend="ov-cpu", steps=2, runs=2, warmup=1, cold_start=False,
+                      baseline="diffusers,diffusers-bf16", checkpoint=tiny_checkpoint, out=tmp_path)
+    result = benchmark(cfg, log=lambda m: None)
+    assert {r["impl"] for r in result["records"] if r["kind"] == "e2e"} == {"diffrt", "diffusers", "diffusers-bf16"}
+    assert {"e2e_speedup/b1", "e2e_speedup_vs_diffusers-bf16/b1"} <= set(result["summary"]["ratios"])
+    assert result["settings"]["baselines"]["diffusers-bf16"] == {"device": "cpu", "dtype": "bfloat16"}
+    report = write_outputs(result, tmp_path)[1].read_text()
+    assert "diffusers-bf16 on cpu in bfloat16" in report and result["machine"]["isa"] is not None
+    with pytest.raises(UserError, match="unknown baseline 'diffusers-fp8'"):
+        benchmark(BenchConfig(package=tiny_package, baseline="diffusers-fp8", checkpoint=tiny_checkpoint), log=lambda m: None)
 
 
 def test_fresh_process_reports_its_own_gpu_memory(tmp_path, monkeypatch):
