@@ -94,7 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   scheduler=args.scheduler, seed=seeds[0], width=args.width, height=args.height, num_images=args.n,
                   progress=None if args.quiet else ProgressBar("denoising, UNet calls"), image=args.image, strength=args.strength,
                   resize=args.resize, mask=blurred(args.mask, args.mask_blur) if args.mask else None, rng=args.rng or "numpy",
-                  clip_skip=args.clip_skip or 1)
+                  clip_skip=args.clip_skip or 1, guidance_rescale=args.guidance_rescale or 0.0)
     for i, (image, path) in enumerate(zip(result.images, paths)):
         save_image(image, path, result.image_settings(i))
         print(path)
@@ -121,7 +121,7 @@ def apply_settings(args: argparse.Namespace, settings: dict) -> None:
 
     for key, name in (("prompt", "prompt"), ("negative_prompt", "negative"), ("steps", "steps"), ("seed", "seed"),
                       ("guidance_scale", "guidance"), ("scheduler", "scheduler"), ("width", "width"), ("height", "height"),
-                      ("rng", "rng"), ("clip_skip", "clip_skip")):
+                      ("rng", "rng"), ("clip_skip", "clip_skip"), ("guidance_rescale", "guidance_rescale")):
         if getattr(args, name) in (None, "") and settings.get(key) is not None:
             setattr(args, name, settings[key])
     if args.scheduler not in (None, *scheduler_names()):
@@ -338,6 +338,9 @@ def add_generate(sub) -> None:
     g.add_argument("--rng", choices=("numpy", "torch-cpu", "torch-cuda"),
                    help="what draws the noise from each seed: numpy (default), or what torch.randn draws on a CPU or CUDA "
                         "generator, to make the image diffusers or AUTOMATIC1111 (RNG source CPU / GPU) made from that seed")
+    g.add_argument("--guidance-rescale", type=number, metavar="R",
+                   help="0..1: rescale the guided prediction's spread to the prompt's (diffusers' guidance_rescale; "
+                        "0.7 for SD 2.x v-prediction models trained with zero terminal SNR; default 0)")
     g.add_argument("--clip-skip", type=positive_int, metavar="N",
                    help="take the text encoder's N-th layer from the end (AUTOMATIC1111's Clip skip; default 1, the last)")
     g.add_argument("--width", type=positive_int, help=own.format(d.get("width", "")))

@@ -26,6 +26,7 @@ from .request import (
     Request,
     check_clip_skip,
     check_request,
+    check_rescale,
     check_rng,
     check_seeds,
     expand_prompts,
@@ -90,6 +91,14 @@ class Result:
         for i, (image, target) in enumerate(zip(self.images, paths)):
             save_image(image, target, self.image_settings(i))
         return paths
+
+
+def rescaled(guided: np.ndarray, text: np.ndarray, rescale: float) -> np.ndarray:
+    """diffusers' rescale_noise_cfg: each row's guided prediction scaled to the prompt-only prediction's standard
+    deviation (torch's unbiased one), blended with itself by `rescale`."""
+    axes = tuple(range(1, guided.ndim))
+    scaled = guided * (text.std(axis=axes, ddof=1, keepdims=True) / guided.std(axis=axes, ddof=1, keepdims=True))
+    return (rescale * scaled + (1 - rescale) * guided).astype(np.float32)
 
 
 class Pipeline:
@@ -206,7 +215,7 @@ class Pipeline:
                  latents: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None,
                  num_inference_steps: int | None = None, num_images_per_prompt: int | None = None,
                  seeds: list[int] | None = None, image: Any = None, strength: float = 0.8, resize: bool = False,
-                 mask: Any = None, rng: str = "numpy", clip_skip: int = 1) -> Result:
+                 mask: Any = None, rng: str = "numpy", clip_skip: int = 1, guidance_rescale: float = 0.0) -> Result:
         """Images for prompt (or each of a list of prompts), num_images each. Image i gets seed + i (seed None or -1:
         random), so any image can be made again alone; seeds (and guidance_scale as a list) give every image's own
         (a server batching requests); steps and num_images also go by diffusers' names. With image (a Pillow image or a
@@ -215,7 +224,9 @@ class Pipeline:
         rng "torch-cpu" or "torch-cuda" draws each image's noise as torch.randn on a generator of that device seeded with
         the image's seed (diffusers' generator=torch.Generator(device).manual_seed(seed), A1111's RNG source CPU / GPU).
         Prompts are read as AUTOMATIC1111 reads them ((word:1.2), [word], BREAK, any length); clip_skip N takes the
-        text encoder's N-th layer from the end (A1111's "Clip skip"; diffusers' clip_skip is N - 1)."""
+        text encoder's N-th layer from the end (A1111's "Clip skip"; diffusers' clip_skip is N - 1). guidance_rescale
+        (0..1) brings the guided noise prediction's spread back towards the prompt's, as diffusers' does (SD 2.x
+        v-prediction models with zero terminal SNR)."""
         pkg, d = self.package, self.package.defaults
         steps = next((v for v in (steps, num_inference_steps) if v is not None), d["steps"])
         num_images = num_images_per_prompt if num_images_per_prompt is not None else num_images
@@ -226,6 +237,7 @@ class Pipeline:
             width, height = pixels.shape[3], pixels.shape[2]
         req, sched = self.check(prompt, negative_prompt, steps, guidance_scale, scheduler, seed, seeds,
                                 width or d["width"], height or d["height"], num_images, rng, clip_skip)
+        req.guidance_rescale = check_rescale(guidance_rescale)
         width, height, prompts, negatives = req.width, req.height, req.prompts, req.negatives
         rng = ImageGenerators(req.seeds, req.rng)
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
@@ -240,7 +252,8 @@ class Pipeline:
         timings["total"] = time.perf_counter() - clock
         settings = {"prompt": prompts[0], "negative_prompt": negatives[0], "steps": req.steps, "guidance_scale": req.guidances[0],
                     "scheduler": short_name(sched), "seed": req.seeds[0], "width": width, "height": height,
-                    "num_images": len(prompts), "rng": req.rng, "clip_skip": req.clip_skip, "model": pkg.name, "model_hash": pkg.model_hash,
+                    "num_images": len(prompts), "rng": req.rng, "clip_skip": req.clip_skip,
+                    "guidance_rescale": req.guidance_rescale, "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.backend, "precision": self.precision, "diffrt": __version__}
         if pixels is not None:
             settings.update(mode="inpaint" if mask is not None else "img2img", strength=strength,
@@ -382,7 +395,9 @@ class Pipeline:
                                 f"at step {i + 1} of {len(timesteps)}").astype(np.float32)
             returned = time.perf_counter()
             if guided:
-                out = np.where(g > 1, out[:n] + g * (out[n:] - out[:n]), out[n:])
+                text_out, out = out[n:], np.where(g > 1, out[:n] + g * (out[n:] - out[:n]), out[n:])
+                if req.guidance_rescale > 0:
+                    out = rescaled(out, text_out, req.guidance_rescale)
             x = sched.step(out, t, x, rng)
             if inpaint is not None:
                 x = inpaint.blend(sched, x, timesteps[i + 1] if i + 1 < len(timesteps) else None)

@@ -30,6 +30,7 @@ class Request:
     height: int
     rng: str = "numpy"  # what draws each image's noise (rng.RNGS)
     clip_skip: int = 1  # the text encoder layer taken, counted from the end (A1111's numbering)
+    guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2023, for zero-terminal-SNR / v models)
 
     @property
     def guided(self) -> bool:
@@ -87,6 +88,12 @@ def check_request(width: int, height: int, steps: int, num_images: int, guidance
         raise UserError(f"the number of images must be from 1 to {MAX_IMAGES}, not {num_images!r}")
     for g in guidance if isinstance(guidance, (list, tuple)) else [guidance]:
         check_guidance(g)
+
+
+def check_rescale(rescale: Any) -> float:
+    if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0 <= rescale <= 1:
+        raise UserError(f"guidance rescale must be a number from 0 to 1, not {rescale!r}")
+    return float(rescale)
 
 
 def check_guidance(guidance: Any) -> None:

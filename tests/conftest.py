@@ -49,8 +49,9 @@ def _corpus(n: int = 3000) -> list[str]:
     return [" ".join(rng.choice(CORPUS_WORDS, size=rng.integers(3, 12))) for _ in range(n)]
 
 
-def make_tiny_checkpoint(root, pad_token: str | None = None, unet_in_channels: int = 4):
-    """A tiny random SD-1.x-shaped diffusers checkpoint, built from configs (no download)."""
+def make_tiny_checkpoint(root, pad_token: str | None = None, unet_in_channels: int = 4, sd2: bool = False):
+    """A tiny random SD-1.x-shaped diffusers checkpoint, built from configs (no download); sd2: shaped as SD 2.x is
+    (OpenCLIP's GELU text encoder, `!` padding, v-prediction over zero-terminal-SNR betas, trailing spacing)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -58,13 +59,14 @@ def make_tiny_checkpoint(root, pad_token: str | None = None, unet_in_channels: i
     from diffrt.models.train_shapes import build_tokenizer
 
     tokenizer = build_tokenizer(_corpus(), root / "tok-build", vocab_size=800)
-    if pad_token:
-        tokenizer.pad_token = pad_token
+    if pad_token or sd2:
+        tokenizer.pad_token = pad_token or "!"
     torch.manual_seed(0)
     vocab = len(tokenizer)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=5,
                                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab - 2,
-                                        eos_token_id=vocab - 1, pad_token_id=vocab - 1))
+                                        eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+                                        hidden_act="gelu" if sd2 else "quick_gelu"))
     with torch.no_grad():  # a trained CLIP's last layer norm has a bias, so its output's mean is not ~0 (prompt
         text.text_model.final_layer_norm.bias.normal_(0.3, 0.5)  # emphasis divides by that mean); so has this one
     unet = UNet2DConditionModel(sample_size=16, in_channels=unet_in_channels, out_channels=4, layers_per_block=2,
@@ -74,7 +76,10 @@ def make_tiny_checkpoint(root, pad_token: str | None = None, unet_in_channels: i
     vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
-                              steps_offset=1, set_alpha_to_one=False)
+                              steps_offset=1, set_alpha_to_one=False,
+                              **({"prediction_type": "v_prediction", "timestep_spacing": "trailing"} if sd2 else {}))
+    if sd2:  # PNDM has no zero-terminal-SNR option; the samplers built over this config (DDIM, DPM++, ...) read it
+        scheduler.register_to_config(rescale_betas_zero_snr=True)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     path = root / "checkpoint"
@@ -102,6 +107,19 @@ def tiny_plain_package(tiny_checkpoint, tmp_path_factory):
 
     return export_package(tiny_checkpoint, tmp_path_factory.mktemp("plain") / "tiny-plain", ExportOptions(attention="plain"),
                           log=lambda msg: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_checkpoint(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-sd2"), sd2=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_package(tiny_sd2_checkpoint, tmp_path_factory):
+    from diffrt.export import export_package
+
+    return export_package(tiny_sd2_checkpoint, tmp_path_factory.mktemp("pkg-sd2") / "tiny-sd2", log=lambda msg: None)
 
 
 @pytest.fixture(scope="session")
