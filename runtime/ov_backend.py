@@ -94,9 +94,11 @@ class OvEngine:
         if key in self.compiled:
             self.compiled.move_to_end(key)
             return self.compiled[key]
-        model = self.model.clone()
+        model = self.model if self.model is not None else read_onnx(self.path)
+        self.model = None  # the float32 graph is not kept beside the compiled one; another shape reads it again
         model.reshape({name: list(np.shape(feeds[name])) for name in self.inputs})
         self.compiled[key] = core().compile_model(model, "CPU", self.config)
+        del model
         if len(self.compiled) > MAX_SHAPES:
             self.compiled.popitem(last=False)
         return self.compiled[key]

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import UserError
+
 CHUNK = 75  # tokens a chunk holds between its BOS and EOS
 COMMA_BACKTRACK = 20  # A1111's default: a chunk that fills within this many tokens of a comma breaks after the comma
 UP, DOWN = 1.1, 1 / 1.1
@@ -33,7 +35,7 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
         elif token in ("(", "["):
             (round_open if token == "(" else square_open).append(len(runs))
         elif weight is not None and round_open:
-            weigh(round_open.pop(), float(weight))
+            weigh(round_open.pop(), number(weight, token))
         elif token == ")" and round_open:
             weigh(round_open.pop(), UP)
         elif token == "]" and square_open:
@@ -48,6 +50,13 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     for start in square_open:
         weigh(start, DOWN)
     return merged(runs)
+
+
+def number(text: str, token: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"prompt weight {text!r} in {token.strip()!r} is not a number; write (word:1.2)") from None
 
 
 def merged(runs: list[list]) -> list[tuple[str, float]]:
@@ -113,5 +122,10 @@ def emphasized(z: np.ndarray, weights: np.ndarray) -> np.ndarray:
     if np.all(weights == 1):
         return z
     before = z.mean(axis=(1, 2), keepdims=True, dtype=np.float64)
-    z = z * weights[:, :, None]
-    return (z * (before / z.mean(axis=(1, 2), keepdims=True, dtype=np.float64))).astype(np.float32)
+    z = z * weights[:, :, None].astype(np.float64)
+    with np.errstate(all="ignore"):
+        out = (z * (before / z.mean(axis=(1, 2), keepdims=True))).astype(np.float32)
+    if not np.isfinite(out).all():
+        raise UserError(f"the prompt's weights (up to {np.abs(weights).max():g}) are too large to apply; keep them "
+                        "within a few units, e.g. (word:1.5)")
+    return out

@@ -30,6 +30,17 @@ def test_attention_syntax_as_a1111_parses_it(text, runs):
     assert parse_attention(text) == runs
 
 
+def test_weights_that_are_not_numbers_or_too_large_are_refused(ours):
+    from diffrt.runtime.errors import UserError
+
+    for prompt in ("a (cat:1.2.3)", "(x:.)"):
+        with pytest.raises(UserError, match="is not a number"):
+            ours.embed([prompt])
+    with pytest.raises(UserError, match="too large to apply"):
+        ours.embed(["a (cat:99999999999999999999999999999999999999999)"])
+    assert np.isfinite(ours.embed(["a (cat:1e400) x"])).all()  # not a weight A1111's syntax reads: plain text
+
+
 def test_break_escapes_and_odd_brackets():
     assert parse_attention("a cat BREAK a dog") == [("a cat", 1.0), ("BREAK", -1.0), ("a dog", 1.0)]
     assert parse_attention("BREAKFAST (x:-0.5) [[y]]") == [("BREAKFAST ", 1.0), ("x", -0.5), (" ", 1.0), ("y", 1 / 1.1 / 1.1)]
