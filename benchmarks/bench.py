@@ -46,6 +46,8 @@ class BenchConfig:
     baseline: str | None = None  # "diffusers", "diffusers-bf16" (CPU), or both comma-separated
     checkpoint: Path | None = None
     precision: str = "auto"  # diffrt's compute precision on ov-cpu
+    image: Path | None = None  # image-to-image from this picture (the VAE encoder timed too)
+    strength: float = 0.6
     threads: int | None = None
     cuda_graph: bool = False
     graph_cache: Path | None = None
@@ -112,6 +114,25 @@ class Diffusers:
             return out
 
         self.pipe.vae.decode = timed_decode
+        encode = self.pipe.vae.encode
+
+        def timed_encode(*args, **kwargs):
+            start = self._mark()
+            out = encode(*args, **kwargs)
+            self.stages.setdefault("vae_encode", []).append((start, self._mark()))
+            return out
+
+        self.pipe.vae.encode = timed_encode
+
+    def img2img(self):
+        """diffusers' image-to-image pipeline over the same modules (the hooks stay on them)."""
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        if not hasattr(self, "_img2img"):
+            self._img2img = StableDiffusionImg2ImgPipeline(**self.pipe.components)
+            self._img2img.set_progress_bar_config(disable=True)
+        self._img2img.scheduler = self.pipe.scheduler
+        return self._img2img
 
     def _mark(self) -> Any:
         """A point in time: on the GPU a CUDA event in the stream, so that timing a stage does not stall the queue."""
@@ -141,9 +162,14 @@ class Diffusers:
         self.stages = {}
         start = time.perf_counter()
         with self.torch.no_grad():
-            images = self.pipe([cfg.prompt] * len(latents), num_inference_steps=steps, guidance_scale=guidance, width=width,
-                               height=height, latents=self.torch.from_numpy(latents).to(self.device, self.dtype),
-                               eta=getattr(cls, "eta", 0.0)).images
+            if cfg.image:
+                images = self.img2img()([cfg.prompt] * len(latents), image=picture(cfg.image, width, height),
+                                        strength=cfg.strength, num_inference_steps=steps, guidance_scale=guidance,
+                                        generator=self.torch.Generator().manual_seed(0), eta=getattr(cls, "eta", 0.0)).images
+            else:
+                images = self.pipe([cfg.prompt] * len(latents), num_inference_steps=steps, guidance_scale=guidance,
+                                   width=width, height=height, eta=getattr(cls, "eta", 0.0),
+                                   latents=self.torch.from_numpy(latents).to(self.device, self.dtype)).images
         for image in images:
             image.save(BytesIO(), format="PNG")
         total = time.perf_counter() - start
@@ -153,11 +179,20 @@ class Diffusers:
         return {"total": total, "stages": stages, "unet_calls": calls.get("unet", [])}
 
 
+def picture(path: Path, width: int, height: int):
+    """The bench's input image, at the size benchmarked."""
+    from PIL import Image
+
+    return Image.open(path).convert("RGB").resize((width, height))
+
+
 def run_diffrt(pipe: Pipeline, cfg: BenchConfig, scheduler: str, steps: int, guidance: float, latents: np.ndarray,
                width: int, height: int) -> dict[str, Any]:
     start = time.perf_counter()
-    result = pipe(cfg.prompt, steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=0, width=width, height=height,
-                  num_images=len(latents), latents=latents)
+    given = {"image": picture(cfg.image, width, height), "strength": cfg.strength} if cfg.image else \
+        {"width": width, "height": height, "latents": latents}
+    result = pipe(cfg.prompt, steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=0, num_images=len(latents),
+                  **given)
     encode = time.perf_counter()
     for image in result.images:
         image.save(BytesIO(), format="PNG")
@@ -165,7 +200,8 @@ def run_diffrt(pipe: Pipeline, cfg: BenchConfig, scheduler: str, steps: int, gui
     t = result.timings
     stages = {"tokenize": t["tokenize"], "text_encoder": t["text_encoder"], "unet": float(np.sum(t["unet"])),
               "scheduler_and_loop": float(np.sum(t["scheduler"])), "vae_decode": t["vae_decode"],
-              "postprocess": t["postprocess"], "image_encode": end - encode}
+              "postprocess": t["postprocess"], "image_encode": end - encode,
+              **({"vae_encode": t["vae_encode"]} if "vae_encode" in t else {})}
     stages["other"] = (end - start) - sum(stages.values())
     return {"total": end - start, "stages": stages, "unet_calls": t["unet"], "scheduler_steps": t["scheduler"]}
 
@@ -272,7 +308,7 @@ def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
                                 "scheduler_steps": r.get("scheduler_steps")})
             log(f"batch {batch} run {run + 1}/{cfg.runs}: " + ", ".join(
                 f"{rec['impl']} {rec['seconds']:.3f} s" for rec in records[-len(order):]))
-    if cfg.cold_start:
+    if cfg.cold_start and not cfg.image:  # start-up is measured on text-to-image runs
         cold = list(impls)
         if cfg.graph_cache:
             cold.insert(1, "diffrt_graph_cache")
@@ -359,7 +395,7 @@ def config_from_args(args) -> BenchConfig:
     return BenchConfig(package=args.package, backend=args.backend, steps=args.steps, width=width, height=height,
                        batches=batches, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler, guidance=args.guidance,
                        baseline=args.baseline, checkpoint=args.checkpoint, threads=args.threads, cuda_graph=args.cuda_graph,
-                       precision=args.precision,
+                       precision=args.precision, image=args.image, strength=args.strength,
                        graph_cache=args.graph_cache, cold_start=not args.no_cold_start, out=args.out)
 
 

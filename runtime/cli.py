@@ -451,6 +451,9 @@ def add_bench(sub) -> None:
     b.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="OpenVINO's compute precision on --backend ov-cpu (default auto: bf16 where the CPU has it)")
     b.add_argument("--checkpoint", type=Path, help="diffusers checkpoint for the baseline (default: the package's source)")
+    b.add_argument("--image", type=Path, help="benchmark image-to-image from this picture (the VAE encoder is timed too)")
+    b.add_argument("--strength", type=number, default=0.6, help="with --image (default %(default)s): "
+                   "int(strength x steps) UNet steps run")
     b.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process runs")
     b.add_argument("--out", type=Path, default=Path("bench-out"), help="report folder (default %(default)s)")
     b.set_defaults(func=cmd_bench)

@@ -160,3 +160,22 @@ def test_optimization_levels_side_by_side(tiny_package, tmp_path, capsys):
                                                                  for lv in ("EXTENDED", "ALL")]
     assert all(r["load_s"] > 0 and len(r["runs_s"]) == 2 for r in rows)
     assert "| unet | ORT_ENABLE_ALL |" in capsys.readouterr().out
+
+
+def test_bench_image_to_image_times_the_encoder_and_runs_strength_times_steps(tiny_package, tiny_checkpoint, tmp_path):
+    """--image: both sides encode the picture (timed as vae_encode) and run int(strength x steps) UNet calls, counted
+    by the bench's own stage records (hooks on diffusers' UNet)."""
+    from PIL import Image
+
+    from diffrt.benchmarks.bench import BenchConfig, benchmark
+
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "in.png")
+    cfg = BenchConfig(package=tiny_package, backend="ort-cpu", steps=5, runs=1, warmup=0, width=32, height=32,
+                      scheduler="ddim", baseline="diffusers", checkpoint=tiny_checkpoint, image=tmp_path / "in.png",
+                      strength=0.6, out=tmp_path)
+    result = benchmark(cfg, log=lambda m: None)
+    e2e = [r for r in result["records"] if r["kind"] == "e2e"]
+    assert {r["impl"] for r in e2e} == {"diffrt", "diffusers"}
+    assert all(len(r["unet_calls"]) == 3 for r in e2e)  # int(0.6 x 5)
+    assert all(r["stages"]["vae_encode"] > 0 for r in e2e)
+    assert not [r for r in result["records"] if r["kind"] == "cold_start"]
