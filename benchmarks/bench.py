@@ -105,24 +105,18 @@ class Diffusers:
         self.stages: dict[str, list[tuple[Any, Any]]] = {}  # (start mark, end mark) per call
         for name, module in (("text_encoder", self.pipe.text_encoder), ("unet", self.pipe.unet)):
             self._hook(name, module)
-        decode = self.pipe.vae.decode
+        self.pipe.vae.decode = self._timed("vae_decode", self.pipe.vae.decode)
+        self.pipe.vae.encode = self._timed("vae_encode", self.pipe.vae.encode)
 
-        def timed_decode(*args, **kwargs):
+    def _timed(self, name: str, method):
+        """method, its calls recorded as stage `name` (the VAE's encode and decode are methods, not forward passes)."""
+        def timed(*args, **kwargs):
             start = self._mark()
-            out = decode(*args, **kwargs)
-            self.stages.setdefault("vae_decode", []).append((start, self._mark()))
+            out = method(*args, **kwargs)
+            self.stages.setdefault(name, []).append((start, self._mark()))
             return out
 
-        self.pipe.vae.decode = timed_decode
-        encode = self.pipe.vae.encode
-
-        def timed_encode(*args, **kwargs):
-            start = self._mark()
-            out = encode(*args, **kwargs)
-            self.stages.setdefault("vae_encode", []).append((start, self._mark()))
-            return out
-
-        self.pipe.vae.encode = timed_encode
+        return timed
 
     def img2img(self):
         """diffusers' image-to-image pipeline over the same modules (the hooks stay on them)."""

@@ -85,7 +85,7 @@ def chunked(tokenizer, text: str) -> Chunks:
     tokens: list[int] = []
     weights: list[float] = []
     comma = -1
-    comma_id = tokenizer.tokens(",")[0] if tokenizer.tokens(",") else None
+    comma_id = next(iter(tokenizer.tokens(",")), None)
     for text_run, weight in parse_attention(text):
         if weight == BREAK_MARK:
             chunks.append((tokens, weights))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import alpha_sigma, alphas_cumprod, multistep_karras, multistep_timesteps, train_sigmas, x0_eps
+from .schedules import alpha_sigma, alphas_cumprod, multistep_sigmas, x0_eps
 
 
 def weight2(t, b, c):
@@ -36,15 +36,9 @@ class DEIS(Scheduler):
         self.alphas_cumprod = alphas_cumprod(c)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        c, sigmas = self.config, train_sigmas(self.alphas_cumprod)
-        if c["use_karras_sigmas"]:
-            sched, timesteps = multistep_karras(c, self.alphas_cumprod, num_inference_steps)
-            timesteps, least = timesteps.round(), sched[-1]
-        else:
-            timesteps = multistep_timesteps(c, num_inference_steps)
-            sched, least = np.interp(timesteps, np.arange(len(sigmas)), sigmas), sigmas[0]
+        c = self.config
+        sched, self.timesteps, least = multistep_sigmas(c, self.alphas_cumprod, num_inference_steps)
         self.sigmas = np.concatenate([sched, [least]]).astype(np.float32)
-        self.timesteps = timesteps.astype(np.int64)
         self.next_index = 0
         self.outputs: list[np.ndarray] = []
 

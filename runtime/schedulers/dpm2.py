@@ -43,22 +43,25 @@ class DPM2(Euler):
 
     def scale_model_input(self, sample, timestep):
         i = self.step_index(timestep)
-        sigma = self.sigmas[i] if self.saved is None else self._mid(i)
+        sigma = self.sigmas[i] if self.saved is None else self._sigmas_at(i, first=False)[1]
         return sample / ((sigma**2 + 1) ** 0.5)
 
-    def _mid(self, i: int) -> np.float32:
-        """The midpoint sigma of the midpoint call at index i."""
-        return self.mids[i]
+    def _sigmas_at(self, i: int, first: bool) -> tuple[np.float32, np.float32]:
+        """(the step's starting sigma, its midpoint sigma) for the call at index i, the first or the midpoint one."""
+        return (self.sigmas[i], self.mids[i + 1]) if first else (self.sigmas[i - 1], self.mids[i])
+
+    def _finish(self, start, slope, i: int, sigma, sample, generator):
+        """The whole step from its starting sample along the midpoint's slope."""
+        return start + slope * (self.sigmas[i] - sigma)
 
     def step(self, model_output, timestep, sample, generator=None):
         i = self.step_index(timestep)
         first = self.saved is None
-        sigma = self.sigmas[i] if first else self.sigmas[i - 1]
-        mid = self.mids[i + 1] if first else self.mids[i]
+        sigma, mid = self._sigmas_at(i, first)
         x0 = x0_at_sigma(model_output, sample, sigma if first else mid, self.config["prediction_type"])
         self.next_index = i + 1
         if first:
             self.saved = sample
             return (sample + (sample - x0) / sigma * (mid - sigma)).astype(np.float32)
         start, self.saved = self.saved, None
-        return (start + (sample - x0) / mid * (self.sigmas[i] - sigma)).astype(np.float32)
+        return self._finish(start, (sample - x0) / mid, i, sigma, sample, generator).astype(np.float32)

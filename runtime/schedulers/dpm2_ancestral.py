@@ -6,7 +6,7 @@ import numpy as np
 
 from .base import noise_like
 from .dpm2 import DPM2, log_midpoint
-from .schedules import doubled, sigma_schedule, sigma_to_t, train_sigmas, x0_at_sigma
+from .schedules import doubled, sigma_schedule, sigma_to_t, train_sigmas
 
 
 class DPM2Ancestral(DPM2):
@@ -27,18 +27,9 @@ class DPM2Ancestral(DPM2):
         self.ups, self.downs = doubled(np.nan_to_num(up)), doubled(down)
         self._set(sigmas, mids, timesteps, sigma_to_t(mids[:-2], np.log(train_sigmas(self.alphas_cumprod))))
 
-    def _mid(self, i: int) -> np.float32:
-        return self.mids[i - 1]
+    def _sigmas_at(self, i: int, first: bool) -> tuple[np.float32, np.float32]:
+        return (self.sigmas[i], self.mids[i]) if first else (self.sigmas[i - 1], self.mids[i - 1])
 
-    def step(self, model_output, timestep, sample, generator=None):
-        i = self.step_index(timestep)
-        first = self.saved is None
-        sigma, mid = (self.sigmas[i], self.mids[i]) if first else (self.sigmas[i - 1], self.mids[i - 1])
-        x0 = x0_at_sigma(model_output, sample, sigma if first else mid, self.config["prediction_type"])
-        self.next_index = i + 1
-        if first:
-            self.saved = sample
-            return (sample + (sample - x0) / sigma * (mid - sigma)).astype(np.float32)
-        start, self.saved = self.saved, None
-        prev = start + (sample - x0) / mid * (self.downs[i - 1] - sigma)
-        return (prev + noise_like(sample, generator) * self.ups[i - 1]).astype(np.float32)
+    def _finish(self, start, slope, i: int, sigma, sample, generator):
+        """Down to sigma_down along the midpoint's slope, then fresh noise up to the next sigma."""
+        return start + slope * (self.downs[i - 1] - sigma) + noise_like(sample, generator) * self.ups[i - 1]

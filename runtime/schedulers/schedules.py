@@ -130,6 +130,17 @@ def multistep_karras(config: dict, acp: np.ndarray, n: int) -> tuple[np.ndarray,
     return sched, timesteps
 
 
+def multistep_sigmas(config: dict, acp: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """UniPC's and DEIS's schedule: (sigmas, int timesteps, the smallest sigma a sigma_min end stops at), Karras'
+    (rounded timesteps) or the spaced one."""
+    sigmas = train_sigmas(acp)
+    if config["use_karras_sigmas"]:
+        sched, timesteps = multistep_karras(config, acp, n)
+        return sched, timesteps.round().astype(np.int64), float(sched[-1])
+    timesteps = multistep_timesteps(config, n)
+    return np.interp(timesteps, np.arange(len(sigmas)), sigmas), timesteps.astype(np.int64), float(sigmas[0])
+
+
 def alpha_sigma(sigma):
     """(alpha_t, sigma_t) of the DDPM sample for a k-diffusion sigma: alpha = 1 / sqrt(sigma^2 + 1)."""
     alpha = 1 / (sigma**2 + 1) ** 0.5
