@@ -517,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         progress.end_line()
         print("diffrt: error: out of memory; use a smaller size, fewer images or a smaller model", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of our output stopped early (`diffrt samplers | head`): end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -289,3 +289,7 @@ def test_samplers_are_listed_and_a1111_names_reproduce(tiny_package, tmp_path):
     assert again.returncode == 0, again.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(made)))
     assert_refused(diffrt("generate", "x", "--model", tiny_package, "--scheduler", "DPM++ 3M"), "unknown scheduler")
+    # a reader that stops before diffrt writes (`| head`, `| true`): a quiet end, not a BrokenPipeError traceback
+    piped = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m diffrt.runtime.cli samplers | true"],
+                           capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and "Traceback" not in piped.stderr, piped.stderr
