@@ -119,7 +119,7 @@ class Pipeline:
             refuse_for_trt(threads=threads, fp32_fallback=fp32_fallback, cuda_graph=cuda_graph, graph_cache=graph_cache,
                            gpu_mem_limit=gpu_mem_limit)
         self.backend = resolve_backend(backend)
-        self.precision = self._compute_precision(precision)
+        self.precision = self._compute_precision(precision, cuda_graph, gpu_mem_limit)
         self.threads = threads
         self.fp32_fallback = fp32_fallback
         self.cuda_graph = cuda_graph
@@ -133,12 +133,13 @@ class Pipeline:
         self.text_encoder, self.unet, self.vae_decoder = (engines[c] for c in STAGES)
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
 
-    def _compute_precision(self, precision: str) -> str:
-        """What the UNet computes in: on ov-cpu bf16 or fp32 (auto: bf16 where the CPU has AMX or AVX-512-BF16);
-        elsewhere the package's own precision, which --precision cannot change."""
+    def _compute_precision(self, precision: str, cuda_graph: bool, gpu_mem_limit: int | None) -> str:
+        """What the UNet computes in: on ov-cpu bf16 or fp32 (auto: bf16 where the CPU has AMX or AVX-512-BF16; CUDA
+        options refused there); elsewhere the package's own precision, which --precision cannot change."""
         if self.backend == "ov-cpu":
             from .ov_backend import compute_precision
 
+            check_cuda_options(self.backend, cuda_graph, gpu_mem_limit)
             return compute_precision(precision)
         if precision != "auto":
             raise UserError(f"--precision picks OpenVINO's CPU precision (--backend ov-cpu); {self.backend} runs the "
@@ -173,7 +174,6 @@ class Pipeline:
         if self.backend == "ov-cpu":
             from .ov_backend import OvEngine
 
-            check_cuda_options(self.backend, self.cuda_graph, self.gpu_mem_limit)
             return OvEngine(path, self.threads, "fp32" if fallback else self.precision, self.graph_cache)
         return OrtEngine(path, self.backend, self.threads, cuda_graph=self.cuda_graph and name == "unet",
                          graph_cache=self.graph_cache, gpu_mem_limit=self.gpu_mem_limit)
