@@ -14,14 +14,14 @@ from typing import Any
 
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.files import ordinary_mode
-from diffrt.runtime.package import COMPONENTS, REQUIRED
+from diffrt.runtime.package import COMPONENTS, required
 
 COMPONENT_ORDER = COMPONENTS
 
 
 @dataclass
 class ExportOptions:
-    components: tuple[str, ...] = COMPONENT_ORDER
+    components: tuple[str, ...] | None = None  # None: every component the checkpoint has
     opset: int = 17
     exporter: str = "torchscript"
     overwrite: bool = False
@@ -65,12 +65,10 @@ def export_package(checkpoint: str | Path, out: str | Path, options: ExportOptio
                    log: Callable[[str], None] = _log) -> Path:
     """Export every asked component, check it against PyTorch, and write the package atomically."""
     options = options or ExportOptions()
-    unknown = set(options.components) - set(COMPONENT_ORDER)
-    if unknown:
-        raise UserError(f"unknown components {sorted(unknown)}; choose from {', '.join(COMPONENT_ORDER)}")
-    for needed in REQUIRED:
-        if needed not in options.components:
-            raise UserError(f"a package needs {needed}; add it to --components")
+    if options.components is not None:
+        unknown = set(options.components) - set(COMPONENT_ORDER)
+        if unknown:
+            raise UserError(f"unknown components {sorted(unknown)}; choose from {', '.join(COMPONENT_ORDER)}")
     if options.exporter not in ("torchscript", "dynamo"):
         raise UserError(f"unknown exporter {options.exporter!r}; use torchscript or dynamo")
     if options.attention == "auto":
@@ -84,6 +82,12 @@ def export_package(checkpoint: str | Path, out: str | Path, options: ExportOptio
     from .checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(checkpoint)
+    options.components = ckpt.components if options.components is None else options.components
+    for needed in required(ckpt.family):
+        if needed not in options.components:
+            raise UserError(f"a {ckpt.family} package needs {needed}; add it to --components")
+    if "text_encoder_2" in options.components and ckpt.family != "sdxl":
+        raise UserError(f"{ckpt.root} has no text_encoder_2 (it is not an SDXL checkpoint); leave it out of --components")
     out = Path(out).expanduser()
     tmp = _prepare_out(out, options.overwrite)
     try:

@@ -11,7 +11,7 @@ import torch
 from diffrt.runtime.engines import OrtEngine
 
 from .checkpoint import Checkpoint
-from .graphs import SPECS, WRAPPERS, example_inputs, latent_size
+from .graphs import example_inputs, latent_size, spec_for, wrapped
 
 # max |onnx - torch| allowed, relative to max |torch| (at least 1): fp32 graphs agree to ~1e-6 in practice
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.25}
@@ -40,24 +40,34 @@ def check_sizes(ckpt: Checkpoint) -> list[tuple[int, int, int]]:
     return [(1, s, s), (2, s // 2 + 1, s)]
 
 
-def check_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, path: Path, precision: str = "fp32",
-                    seed: int = 1) -> CheckResult:
-    engine = OrtEngine(path)
-    wrapped = WRAPPERS[name](module).eval()
+Case = tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]  # (label, feeds, PyTorch's outputs)
+
+
+def reference_cases(name: str, module: torch.nn.Module, ckpt: Checkpoint, seed: int = 1) -> list[Case]:
+    """PyTorch's outputs on random inputs at check_sizes, taken while the module is loaded (so a large model can be
+    released before its graph is opened)."""
+    model, spec = wrapped(name, module, ckpt), spec_for(name, ckpt)
     gen = torch.Generator().manual_seed(seed)
-    worst_abs = worst_rel = 0.0
     cases = []
     for batch, h, w in check_sizes(ckpt):
         inputs = example_inputs(name, ckpt, batch, h, w, gen)
         with torch.no_grad():
-            ref = wrapped(*inputs)
+            ref = model(*inputs)
         refs = ref if isinstance(ref, tuple) else (ref,)
-        feeds = {k: v.numpy().astype(engine.inputs[k].dtype) for k, v in zip(SPECS[name].inputs, inputs)}
-        outs = engine.run(feeds)
-        for out_name, r in zip(SPECS[name].outputs, refs):
-            r = r.numpy()
+        cases.append((f"batch {batch}, latents {h}x{w}", {k: v.numpy() for k, v in zip(spec.inputs, inputs)},
+                      {k: r.numpy() for k, r in zip(spec.outputs, refs)}))
+    return cases
+
+
+def compare(path: Path, cases: list[Case], precision: str = "fp32") -> CheckResult:
+    """The graph at path run in onnxruntime on each case's inputs, against PyTorch's outputs."""
+    engine = OrtEngine(path)
+    worst_abs = worst_rel = 0.0
+    for _, feeds, refs in cases:
+        outs = engine.run({k: v.astype(engine.inputs[k].dtype) for k, v in feeds.items()})
+        for out_name, r in refs.items():
             diff = float(np.abs(outs[out_name].astype(np.float32) - r).max())
             worst_abs = max(worst_abs, diff)
             worst_rel = max(worst_rel, diff / max(1.0, float(np.abs(r).max())))
-        cases.append(f"batch {batch}, latents {h}x{w}")
-    return CheckResult(worst_abs, worst_rel, TOLERANCE[precision], cases)
+    engine.close()
+    return CheckResult(worst_abs, worst_rel, TOLERANCE[precision], [label for label, _, _ in cases])

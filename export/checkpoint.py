@@ -12,6 +12,7 @@ from diffrt.runtime.errors import UserError
 # component folder -> diffusers/transformers classes diffrt knows how to export
 KNOWN_CLASSES = {
     "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"),
+    "text_encoder_2": ("CLIPTextModelWithProjection",),
     "unet": ("UNet2DConditionModel",),
     "vae": ("AutoencoderKL",),
 }
@@ -36,6 +37,21 @@ class Checkpoint:
     unet_config: dict[str, Any]
     vae_config: dict[str, Any]
     scheduler_config: dict[str, Any]
+    text2_config: dict[str, Any] | None = None  # SDXL's second text encoder
+
+    @property
+    def family(self) -> str:
+        """sdxl for a UNet that takes pooled text embeddings and time ids, else by the UNet's text width."""
+        from diffrt.runtime.package import family_of
+
+        return family_of(int(self.unet_config.get("cross_attention_dim", 768)), self.unet_config.get("addition_embed_type"))
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Every component this checkpoint can give, in export order."""
+        from diffrt.runtime.package import COMPONENTS
+
+        return tuple(c for c in COMPONENTS if c != "text_encoder_2" or self.text2_config is not None)
 
     def load(self, name: str):
         """The PyTorch module of one component, in eval mode, float32."""
@@ -56,12 +72,13 @@ class Checkpoint:
 
     def class_of(self, folder: str) -> str:
         entry = self.index.get(folder)
-        config = {"text_encoder": self.text_config, "unet": self.unet_config, "vae": self.vae_config}[folder]
+        config = {"text_encoder": self.text_config, "text_encoder_2": self.text2_config or {}, "unet": self.unet_config,
+                  "vae": self.vae_config}[folder]
         name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
         name = name or config.get("_class_name") or (config.get("architectures") or [None])[0]
         if name not in KNOWN_CLASSES[folder]:
             raise UserError(f"{self.root / folder} is a {name or 'model of unknown class'}; diffrt exports "
-                            f"{' or '.join(KNOWN_CLASSES[folder])} there (SD 1.x / 2.x architecture)")
+                            f"{' or '.join(KNOWN_CLASSES[folder])} there (SD 1.x / 2.x / SDXL architecture)")
         return name
 
 
@@ -93,16 +110,24 @@ def open_checkpoint(source: str | Path) -> Checkpoint:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{index_path} is not valid JSON ({exc})") from None
-    for name in ("tokenizer", "scheduler"):
+    sdxl = "text_encoder_2" in index or (root / "text_encoder_2").is_dir()
+    for name in ("tokenizer", "scheduler") + (("tokenizer_2",) if sdxl else ()):
         if not (root / name).is_dir():
             raise UserError(f"{root} lacks {name}/: the {name} component is missing; give a complete diffusers checkpoint")
     sched_path = root / "scheduler" / "scheduler_config.json"
     if not sched_path.is_file():
         raise UserError(f"{root} lacks scheduler/scheduler_config.json; give a complete diffusers checkpoint")
+    if sdxl and not (root / "text_encoder").is_dir():
+        raise UserError(f"{root} has text_encoder_2 but no text_encoder (an SDXL refiner); diffrt exports SDXL base "
+                        "and Turbo checkpoints, which have both")
     ckpt = Checkpoint(root, index, _config(root, "text_encoder"), _config(root, "unet"), _config(root, "vae"),
-                      json.loads(sched_path.read_text(encoding="utf-8")))
+                      json.loads(sched_path.read_text(encoding="utf-8")),
+                      _config(root, "text_encoder_2") if sdxl else None)
     for folder in KNOWN_CLASSES:
-        ckpt.class_of(folder)
-    if ckpt.unet_config.get("addition_embed_type") == "text_time":
-        raise UserError(f"{root} is an SDXL checkpoint (two text encoders); diffrt exports SD 1.x / 2.x architectures")
+        if folder != "text_encoder_2" or sdxl:
+            ckpt.class_of(folder)
+    if (ckpt.family == "sdxl") != sdxl:
+        raise UserError(f"{root}: the UNet {'does not take' if sdxl else 'takes'} SDXL's pooled text embeddings and "
+                        f"time ids but the checkpoint {'has' if sdxl else 'lacks'} text_encoder_2; the checkpoint is "
+                        "inconsistent (or of a family diffrt does not export)")
     return ckpt

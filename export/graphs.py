@@ -35,6 +35,25 @@ SPECS = {
     "vae_encoder": ComponentSpec({"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}},
                                  {"latent_parameters": {0: "batch_size", 2: "height_latent", 3: "width_latent"}}),
 }
+TEXT_IN = {"input_ids": {0: "batch_size", 1: "sequence_length"}}
+SEQUENCE = {0: "batch_size", 1: "sequence_length"}
+
+
+def spec_for(name: str, ckpt: Checkpoint) -> ComponentSpec:
+    """The graph's names: SDXL's encoders give optimum's hidden_states.0..N (each layer's raw output, which SDXL
+    reads, penultimate by default) and its UNet also takes the pooled text embeddings and the six time ids."""
+    if ckpt.family != "sdxl" or name not in ("text_encoder", "text_encoder_2", "unet"):
+        return SPECS[name]
+    if name == "unet":
+        unet = SPECS["unet"]
+        return ComponentSpec({**unet.inputs, "text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"}},
+                             unet.outputs)
+    config = ckpt.text_config if name == "text_encoder" else ckpt.text2_config
+    layers = {f"hidden_states.{i}": SEQUENCE for i in range(int(config["num_hidden_layers"]) + 1)}
+    first = {"last_hidden_state": SEQUENCE, "pooler_output": {0: "batch_size"}}
+    if name == "text_encoder_2":
+        first = {"text_embeds": {0: "batch_size"}, "last_hidden_state": SEQUENCE}
+    return ComponentSpec(TEXT_IN, {**first, **layers})
 
 
 class TextEncoder(torch.nn.Module):
@@ -50,6 +69,30 @@ class TextEncoder(torch.nn.Module):
         pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
         norm = self.model.text_model.final_layer_norm
         return out.last_hidden_state, pooled, torch.stack([norm(h) for h in out.hidden_states[1:]], dim=1)
+
+
+class SdxlTextEncoder(torch.nn.Module):
+    """optimum's SDXL outputs: the first two (pooled or projected, and last hidden state), then every hidden state."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        out = self.model(input_ids=input_ids, return_dict=True, output_hidden_states=True)
+        first = (out.text_embeds, out.last_hidden_state) if hasattr(out, "text_embeds") else (out.last_hidden_state,
+                                                                                                out.pooler_output)
+        return (*first, *out.hidden_states)
+
+
+class SdxlUNet(torch.nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
 
 
 class UNet(torch.nn.Module):
@@ -80,6 +123,13 @@ class VaeEncoder(torch.nn.Module):
 
 
 WRAPPERS = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
+SDXL_WRAPPERS = {"text_encoder": SdxlTextEncoder, "text_encoder_2": SdxlTextEncoder, "unet": SdxlUNet}
+
+
+def wrapped(name: str, module: torch.nn.Module, ckpt: Checkpoint) -> torch.nn.Module:
+    """The module as its graph is exported: optimum's inputs and outputs for the checkpoint's family."""
+    wrapper = SDXL_WRAPPERS[name] if ckpt.family == "sdxl" and name in SDXL_WRAPPERS else WRAPPERS[name]
+    return wrapper(module).eval()
 
 
 def latent_size(ckpt: Checkpoint) -> int:
@@ -108,16 +158,22 @@ def example_inputs(name: str, ckpt: Checkpoint, batch: int, height: int, width: 
                    gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     """Random inputs for component `name` at a latent size (height, width)."""
     channels = int(ckpt.unet_config.get("in_channels", 4))
-    if name == "text_encoder":
-        vocab = int(ckpt.text_config.get("vocab_size", 49408))
-        length = int(ckpt.text_config.get("max_position_embeddings", 77))
+    if name.startswith("text_encoder"):
+        config = ckpt.text_config if name == "text_encoder" else ckpt.text2_config
+        vocab = int(config.get("vocab_size", 49408))
+        length = int(config.get("max_position_embeddings", 77))
         return (torch.randint(0, vocab, (batch, length), generator=gen, dtype=torch.int64),)
     if name == "unet":
         hidden = int(ckpt.unet_config.get("cross_attention_dim", 768))
         length = int(ckpt.text_config.get("max_position_embeddings", 77))
-        return (torch.randn(batch, channels, height, width, generator=gen),
-                torch.tensor(float(torch.randint(0, 1000, (1,), generator=gen).item())),
-                torch.randn(batch, length, hidden, generator=gen))
+        inputs = (torch.randn(batch, channels, height, width, generator=gen),
+                  torch.tensor(float(torch.randint(0, 1000, (1,), generator=gen).item())),
+                  torch.randn(batch, length, hidden, generator=gen))
+        if ckpt.family != "sdxl":
+            return inputs
+        pooled = int(ckpt.text2_config.get("projection_dim", 1280))
+        sizes = torch.randint(256, 1536, (batch, 6), generator=gen).float() * torch.tensor([1, 1, 0.1, 0.1, 1, 1])
+        return (*inputs, torch.randn(batch, pooled, generator=gen), sizes.round())
     if name == "vae_decoder":
         return (torch.randn(batch, int(ckpt.vae_config.get("latent_channels", 4)), height, width, generator=gen),)
     f = vae_scale_factor(ckpt)
@@ -140,17 +196,17 @@ def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folde
     from .attention import DOMAIN, use_fused_attention
 
     folder.mkdir(parents=True, exist_ok=True)
-    spec = SPECS[name]
+    spec = spec_for(name, ckpt)
     size = trace_size(ckpt)
     gen = torch.Generator().manual_seed(0)
     # the dynamo exporter specialises batch 1, so it is traced at batch 2 (see ../shared/FACTS.md)
     example = example_inputs(name, ckpt, 2, size, size, gen)
     path = folder / "model.onnx"
-    wrapped = WRAPPERS[name](module).eval()
-    fused = attention == "mha" and name != "text_encoder" and use_fused_attention(module)
+    traced = wrapped(name, module, ckpt)
+    fused = attention == "mha" and not name.startswith("text_encoder") and use_fused_attention(module)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes: the check below is what counts
-        torch.onnx.export(wrapped, example, str(path), input_names=list(spec.inputs), output_names=list(spec.outputs),
+        torch.onnx.export(traced, example, str(path), input_names=list(spec.inputs), output_names=list(spec.outputs),
                           dynamic_axes={**spec.inputs, **spec.outputs}, opset_version=opset, do_constant_folding=True,
                           dynamo=exporter == "dynamo", verbose=False,
                           custom_opsets={DOMAIN: 1} if fused else None)
@@ -162,7 +218,7 @@ def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folde
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA)
     if exporter == "dynamo":
         _check_io_names(path, spec)
-    has_attention = name == "text_encoder" or bool(getattr(module, "attn_processors", None))
+    has_attention = name.startswith("text_encoder") or bool(getattr(module, "attn_processors", None))
     return path, "mha" if fused else "plain" if has_attention else "none"
 
 

@@ -215,11 +215,22 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
+def upcast_vae(root: Path, log: Callable[[str], None]) -> tuple[str, ...]:
+    """The SDXL VAE graphs kept in float32 because their config says force_upcast (SDXL's VAE overflows in float16
+    and decodes black; diffusers' SDXL pipelines upcast it so too); a fp16-safe VAE declares force_upcast false."""
+    config = root / "vae_decoder" / "config.json"
+    if not (config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("force_upcast", False)):
+        return ()
+    log("vae: kept float32 (its config says force_upcast: it overflows in float16)")
+    return ("vae_decoder", "vae_encoder")
+
+
 def convert_components(tmp: Path, manifest: dict[str, Any], reference: Pipeline, options: QuantizeOptions,
                        log: Callable[[str], None]) -> None:
     """Each targeted graph of the package in tmp converted in place, its float32 graph kept as the fallback."""
-    targets = [c for c in manifest["components"] if c not in options.keep_fp32_components] \
-        if options.precision == "fp16" else ["unet"]
+    upcast = upcast_vae(tmp, log) if options.precision == "fp16" and manifest.get("family") == "sdxl" else ()
+    kept = options.keep_fp32_components + upcast
+    targets = [c for c in manifest["components"] if c not in kept] if options.precision == "fp16" else ["unet"]
     if options.precision == "int8":
         prompts = [CALIBRATION_PROMPTS[i % len(CALIBRATION_PROMPTS)] for i in range(options.calibration_prompts)]
         log(f"capturing UNet inputs along {len(prompts) * options.calibration_seeds} fp32 trajectories")

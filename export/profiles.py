@@ -11,7 +11,7 @@ from typing import Any
 
 from diffrt.runtime.errors import UserError
 
-GUIDED = ("text_encoder", "unet")
+GUIDED = ("text_encoder", "text_encoder_2", "unet")
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,10 @@ from typing import Any
 
 from diffrt.runtime import __version__
 from diffrt.runtime.errors import UserError
-from diffrt.runtime.package import COMPONENTS, FORMAT_VERSION, MANIFEST, family_of, sha256
+from diffrt.runtime.package import COMPONENTS, FORMAT_VERSION, MANIFEST, sha256
 from diffrt.runtime.schedulers import CLASSES
 
-from .check import check_component
+from .check import compare, reference_cases
 from .checkpoint import Checkpoint
 from .graphs import effective_opset, latent_size, vae_scale_factor
 from .weights import store_weights_fp16
@@ -63,17 +63,22 @@ def default_settings(ckpt: Checkpoint, family: str) -> dict[str, Any]:
     sched = ckpt.scheduler_config.get("_class_name", "PNDMScheduler")
     short = CLASSES[sched].name if sched in CLASSES else "euler"
     return {"width": size, "height": size, "steps": 30 if family in ("sd1", "sd2") else 20,
-            "guidance_scale": 7.5, "scheduler": short}
+            "guidance_scale": 5.0 if family == "sdxl" else 7.5, "scheduler": short}
+
+
+def copy_tokenizer(ckpt: Checkpoint, dest: Path, folder: str) -> None:
+    (dest / folder).mkdir(parents=True, exist_ok=True)
+    copied = [n for n in TOKENIZER_FILES if (ckpt.root / folder / n).is_file()]
+    if not ({"vocab.json", "merges.txt"} <= set(copied) or "tokenizer.json" in copied):
+        raise UserError(f"{ckpt.root / folder} has neither vocab.json + merges.txt nor tokenizer.json")
+    for n in copied:
+        shutil.copy2(ckpt.root / folder / n, dest / folder / n)
 
 
 def copy_assets(ckpt: Checkpoint, dest: Path, components: tuple[str, ...]) -> None:
-    """Tokenizer, scheduler config, model_index.json and each component's config.json (optimum's layout)."""
-    (dest / "tokenizer").mkdir(parents=True, exist_ok=True)
-    copied = [n for n in TOKENIZER_FILES if (ckpt.root / "tokenizer" / n).is_file()]
-    if not ({"vocab.json", "merges.txt"} <= set(copied) or "tokenizer.json" in copied):
-        raise UserError(f"{ckpt.root / 'tokenizer'} has neither vocab.json + merges.txt nor tokenizer.json")
-    for n in copied:
-        shutil.copy2(ckpt.root / "tokenizer" / n, dest / "tokenizer" / n)
+    """Tokenizer(s), scheduler config, model_index.json and each component's config.json (optimum's layout)."""
+    for folder in ("tokenizer", "tokenizer_2") if "text_encoder_2" in components else ("tokenizer",):
+        copy_tokenizer(ckpt, dest, folder)
     (dest / "scheduler").mkdir(exist_ok=True)
     shutil.copy2(ckpt.root / "scheduler" / "scheduler_config.json", dest / "scheduler" / "scheduler_config.json")
     shutil.copy2(ckpt.root / "model_index.json", dest / "model_index.json")
@@ -82,14 +87,20 @@ def copy_assets(ckpt: Checkpoint, dest: Path, components: tuple[str, ...]) -> No
         shutil.copy2(ckpt.root / source / "config.json", dest / name / "config.json")
 
 
+def _source(rest: list[str]) -> str | None:
+    """The checkpoint folder the next component comes from (the VAE's two graphs share one)."""
+    return ("vae" if rest[0].startswith("vae") else rest[0]) if rest else None
+
+
 def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], None], name: str) -> dict[str, Any]:
     from .graphs import export_component
 
-    family = family_of(int(ckpt.unet_config.get("cross_attention_dim", 768)))
+    family = ckpt.family
     components: dict[str, Any] = {}
-    total = len(options.components)
+    order = [c for c in COMPONENTS if c in options.components]
+    total = len(order)
     modules: dict[str, Any] = {}
-    for i, comp in enumerate(c for c in COMPONENTS if c in options.components):
+    for i, comp in enumerate(order):
         start = time.perf_counter()
         log(f"[{i + 1}/{total}] {comp}: loading")
         source = "vae" if comp.startswith("vae") else comp
@@ -107,7 +118,11 @@ def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], No
             entry["weights"] = "fp16"
         entry.update(graph_io(path))
         if options.check:
-            result = check_component(comp, modules[source], ckpt, path)
+            cases = reference_cases(comp, modules[source], ckpt)
+            if source != _source(order[i + 1:]):
+                modules.clear()  # a large model's PyTorch weights are released before its graph is opened
+                gc.collect()
+            result = compare(path, cases)
             entry["check"] = result.as_dict()
             verdict = "ok" if result.ok else f"FAILED (tolerance {result.tolerance:g})"
             log(f"[{i + 1}/{total}] {comp}: onnxruntime vs PyTorch max abs {result.max_abs:.2e}, "
@@ -136,6 +151,7 @@ def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], No
         "vae_scale_factor": vae_scale_factor(ckpt),
         "latent_channels": int(ckpt.vae_config.get("latent_channels", 4)),
         "inpainting": int(ckpt.unet_config.get("in_channels", 4)) == 9,  # the UNet also takes a mask and masked latents
+        "force_zeros_for_empty_prompt": bool(ckpt.index.get("force_zeros_for_empty_prompt", False)),
         "text_max_length": max_len if isinstance(max_len, int) and max_len < 10_000 else 77,
         "defaults": {**default_settings(ckpt, family), **options.defaults},
         "components": components,

@@ -62,6 +62,17 @@ def seed_value(text: str) -> int:
     return value
 
 
+def pair(separator: str, first: str, second: str):
+    """An argparse type for two whole numbers written FIRST<separator>SECOND, returned as they are written."""
+    def parse(text: str) -> tuple[int, int]:
+        parts = str(text).lower().split(separator)
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {first}{separator}{second}")
+        return whole(parts[0]), whole(parts[1])
+
+    return parse
+
+
 def scheduler_name(text: str) -> str:
     from .schedulers import SHORT_NAMES, canonical_name
 
@@ -94,7 +105,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   scheduler=args.scheduler, seed=seeds[0], width=args.width, height=args.height, num_images=args.n,
                   progress=None if args.quiet else ProgressBar("denoising, UNet calls"), image=args.image, strength=args.strength,
                   resize=args.resize, mask=blurred(args.mask, args.mask_blur) if args.mask else None, rng=args.rng or "numpy",
-                  clip_skip=args.clip_skip or 1, guidance_rescale=args.guidance_rescale or 0.0)
+                  clip_skip=args.clip_skip or 1, guidance_rescale=args.guidance_rescale or 0.0,
+                  original_size=tuple(args.original_size[::-1]) if args.original_size else None,
+                  crops_coords_top_left=tuple(args.crop_top_left or (0, 0)))
     for i, (image, path) in enumerate(zip(result.images, paths)):
         save_image(image, path, result.image_settings(i))
         print(path)
@@ -121,9 +134,12 @@ def apply_settings(args: argparse.Namespace, settings: dict) -> None:
 
     for key, name in (("prompt", "prompt"), ("negative_prompt", "negative"), ("steps", "steps"), ("seed", "seed"),
                       ("guidance_scale", "guidance"), ("scheduler", "scheduler"), ("width", "width"), ("height", "height"),
-                      ("rng", "rng"), ("clip_skip", "clip_skip"), ("guidance_rescale", "guidance_rescale")):
+                      ("rng", "rng"), ("clip_skip", "clip_skip"), ("guidance_rescale", "guidance_rescale"),
+                      ("crops_coords_top_left", "crop_top_left")):
         if getattr(args, name) in (None, "") and settings.get(key) is not None:
             setattr(args, name, settings[key])
+    if args.original_size is None and settings.get("original_size") and settings["original_size"] != [args.height, args.width]:
+        args.original_size = settings["original_size"][::-1]  # settings hold (height, width), the option WxH
     if args.scheduler not in (None, *scheduler_names()):
         raise UserError(f"{args.from_image} was made with scheduler {args.scheduler!r}, which this diffrt does not have")
 
@@ -142,7 +158,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     require("export", "torch", "diffusers", "transformers", "onnx")
     from diffrt.export import ExportOptions, export_package
 
-    options = ExportOptions(components=tuple(args.components.split(",")), opset=args.opset, exporter=args.exporter,
+    components = tuple(args.components.split(",")) if args.components else None
+    options = ExportOptions(components=components, opset=args.opset, exporter=args.exporter,
                             attention=args.attention, overwrite=args.overwrite, check=not args.no_check, weights_fp16=args.weights_fp16,
                             name=args.name)
     export_package(args.checkpoint, args.out, options)
@@ -343,6 +360,10 @@ def add_generate(sub) -> None:
                         "0.7 for SD 2.x v-prediction models trained with zero terminal SNR; default 0)")
     g.add_argument("--clip-skip", type=positive_int, metavar="N",
                    help="take the text encoder's N-th layer from the end (AUTOMATIC1111's Clip skip; default 1, the last)")
+    g.add_argument("--original-size", type=pair("x", "WIDTH", "HEIGHT"), metavar="WxH",
+                   help="SDXL: the size the image is conditioned as coming from (default: its own size)")
+    g.add_argument("--crop-top-left", type=pair(",", "TOP", "LEFT"), metavar="TOP,LEFT",
+                   help="SDXL: the crop offset the image is conditioned on (default 0,0: uncropped)")
     g.add_argument("--width", type=positive_int, help=own.format(d.get("width", "")))
     g.add_argument("--height", type=positive_int, help=own.format(d.get("height", "")))
     g.add_argument("-n", type=positive_int, default=1, help="number of images (default 1)")
@@ -380,7 +401,8 @@ def add_export(sub) -> None:
     e = sub.add_parser("export", help="export a diffusers checkpoint folder to a model package (needs diffrt[export])")
     e.add_argument("checkpoint", help="diffusers checkpoint folder (model_index.json, unet/, vae/, text_encoder/, ...)")
     e.add_argument("out", help="package folder to write")
-    e.add_argument("--components", default="text_encoder,unet,vae_decoder,vae_encoder", help="default: %(default)s")
+    e.add_argument("--components", default=None, help="comma-separated (text_encoder,text_encoder_2,unet,vae_decoder,"
+                   "vae_encoder); default: every one the checkpoint has")
     e.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default %(default)s)")
     e.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript", help="default %(default)s")
     e.add_argument("--attention", choices=("auto", "mha", "plain"), default="auto",

@@ -1,8 +1,10 @@
-"""Model family adapters: how a family's graphs are fed and read, kept out of the shared denoising loop.
+"""Model family adapters: which text encoders a family runs, how their outputs become the UNet's text inputs, and how
+each graph is fed, kept out of the shared denoising loop.
 
-SD 1.x and 2.x (and custom models of that shape) have one CLIP text encoder whose last hidden state conditions a
-UNet taking (sample, timestep, encoder_hidden_states), and a VAE decoder taking latents already divided by the
-scaling factor. SDXL's second encoder, pooled embeddings and time ids will be an adapter of their own."""
+SD 1.x and 2.x (and custom models of that shape) have one CLIP text encoder whose last hidden state conditions a UNet
+taking (sample, timestep, encoder_hidden_states). SDXL runs two encoders, takes each one's penultimate hidden state
+side by side, and also feeds the UNet the second encoder's pooled (projected) embedding and six size/crop "time ids".
+Both VAE decoders take latents already divided by the scaling factor."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from .engines import Engine, TensorSpec
-from .errors import UserError
+
+LAYER_STATES = "layer_states"  # diffrt's SD text encoder output: every layer through the final norm (CLIP skip)
 
 
 def timestep_feed(spec: TensorSpec, t: float, batch: int) -> np.ndarray:
@@ -26,17 +29,35 @@ def timestep_feed(spec: TensorSpec, t: float, batch: int) -> np.ndarray:
 class StableDiffusion:
     """SD 1.x / 2.x: optimum's input and output names."""
 
-    text_output = "last_hidden_state"
+    encoders = ("text_encoder",)
     unet_output = "out_sample"
     vae_output = "sample"
     encoder_output = "latent_parameters"
 
+    def hidden_output(self, encoder: Engine, clip_skip: int) -> tuple[str, int | None]:
+        """The encoder output holding the hidden state that clip_skip picks, and its layer index there (None: it is
+        the output itself)."""
+        return ("last_hidden_state", None) if clip_skip == 1 else (LAYER_STATES, -clip_skip)
+
+    def pooled_output(self, name: str) -> str | None:
+        """The output the UNet takes pooled from (the last encoder's), None where the family takes none."""
+        return None
+
+    def layers(self, encoders: list[Engine]) -> int | None:
+        """How far back clip skip may go (None: the graphs have no per-layer output)."""
+        spec = encoders[0].outputs.get(LAYER_STATES)
+        return None if spec is None else spec.shape[1]
+
+    def conditioning(self, hidden: np.ndarray, pooled: np.ndarray | None, sizes: np.ndarray) -> dict[str, Any]:
+        """The UNet's text inputs (besides sample and timestep) for a batch of embedded prompts."""
+        return {"encoder_hidden_states": hidden}
+
     def text_feeds(self, encoder: Engine, ids: np.ndarray) -> dict[str, Any]:
         return {"input_ids": ids.astype(encoder.inputs["input_ids"].dtype)}
 
-    def unet_feeds(self, unet: Engine, sample: np.ndarray, t: float, text: Any) -> dict[str, Any]:
+    def unet_feeds(self, unet: Engine, sample: np.ndarray, t: float, cond: dict[str, Any]) -> dict[str, Any]:
         return {"sample": sample.astype(unet.inputs["sample"].dtype),
-                "timestep": timestep_feed(unet.inputs["timestep"], t, len(sample)), "encoder_hidden_states": text}
+                "timestep": timestep_feed(unet.inputs["timestep"], t, len(sample)), **cond}
 
     def vae_feeds(self, decoder: Engine, latents: np.ndarray) -> dict[str, Any]:
         return {"latent_sample": latents.astype(decoder.inputs["latent_sample"].dtype)}
@@ -45,8 +66,30 @@ class StableDiffusion:
         return {"sample": pixels.astype(encoder.inputs["sample"].dtype)}
 
 
+def hidden_count(encoder: Engine) -> int:
+    """How many hidden_states.N outputs an SDXL encoder graph has (its layers and the embeddings)."""
+    return sum(1 for name in encoder.outputs if name.startswith("hidden_states."))
+
+
+class StableDiffusionXL(StableDiffusion):
+    """SDXL base and Turbo, in optimum's SDXL layout (text_encoder_2, hidden_states.N, text_embeds, time_ids)."""
+
+    encoders = ("text_encoder", "text_encoder_2")
+
+    def hidden_output(self, encoder: Engine, clip_skip: int) -> tuple[str, int | None]:
+        """SDXL reads the penultimate layer; clip skip N (A1111's) reads N layers before the last (diffusers' N - 1)."""
+        return f"hidden_states.{hidden_count(encoder) - 1 - clip_skip}", None
+
+    def pooled_output(self, name: str) -> str | None:
+        return "text_embeds" if name == "text_encoder_2" else None
+
+    def layers(self, encoders: list[Engine]) -> int | None:
+        return min(hidden_count(e) for e in encoders) - 1
+
+    def conditioning(self, hidden: np.ndarray, pooled: np.ndarray | None, sizes: np.ndarray) -> dict[str, Any]:
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled, "time_ids": sizes}
+
+
 def adapter_for(family: str) -> StableDiffusion:
     """The adapter for a package's family (diffrt.json's "family")."""
-    if family == "sdxl":
-        raise UserError("SDXL packages are not supported by this diffrt yet; use an SD 1.x or 2.x package")
-    return StableDiffusion()
+    return StableDiffusionXL() if family == "sdxl" else StableDiffusion()

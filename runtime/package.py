@@ -12,8 +12,13 @@ from .errors import UserError
 
 MANIFEST = "diffrt.json"
 FORMAT_VERSION = 1
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 REQUIRED = ("text_encoder", "unet", "vae_decoder")
+
+
+def required(family: str) -> tuple[str, ...]:
+    """The components text-to-image runs for a family, in the order they run."""
+    return ("text_encoder", "text_encoder_2", "unet", "vae_decoder") if family == "sdxl" else REQUIRED
 
 
 def sha256(path: Path) -> str:
@@ -48,6 +53,7 @@ class Package:
     defaults: dict[str, Any]
     scheduler_config: dict[str, Any]
     manifest: dict[str, Any] = field(default_factory=dict)
+    force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is zeros, not the encoded ""
 
     def component(self, name: str) -> Path:
         """Path of a component's ONNX graph; a clear error when the package lacks it."""
@@ -107,7 +113,7 @@ def load_package(path: str | Path, verify: bool = True, hashes: bool = False) ->
     else:
         raise UserError(f"{root} is not a model package (no {MANIFEST}, no model_index.json); "
                         "export one with `diffrt export CHECKPOINT OUT`")
-    for name in REQUIRED:
+    for name in required(pkg.family):
         pkg.component(name)
     if verify:
         pkg.verify(hashes)
@@ -123,7 +129,8 @@ def _from_manifest(root: Path, m: dict) -> Package:
                        vae_scaling_factor=float(m["vae_scaling_factor"]), vae_scale_factor=int(m["vae_scale_factor"]),
                        latent_channels=int(m["latent_channels"]), text_max_length=int(m["text_max_length"]),
                        defaults=m["defaults"], scheduler_config=_read_json(root / "scheduler" / "scheduler_config.json",
-                                                                            "scheduler config"), manifest=m)
+                                                                            "scheduler config"), manifest=m,
+                       force_zeros_for_empty_prompt=bool(m.get("force_zeros_for_empty_prompt", False)))
     except KeyError as exc:
         raise UserError(f"{root / MANIFEST} lacks {exc}; re-export the package with `diffrt export`") from None
 
@@ -133,9 +140,12 @@ def vae_scale_factor(vae_config: dict) -> int:
     return 2 ** (len(vae_config.get("block_out_channels", [0] * 4)) - 1)
 
 
-def family_of(cross_attention_dim: int) -> str:
-    """SD family from the UNet's text width: 768 sd1, 1024 sd2, 2048 sdxl; anything else 'custom'."""
-    return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(cross_attention_dim, "custom")
+def family_of(cross_attention_dim: int, addition_embed_type: str | None = None) -> str:
+    """SD family: sdxl for a UNet taking pooled text embeddings and time ids ("text_time"), else from the UNet's text
+    width: 768 sd1, 1024 sd2; anything else 'custom' (run as SD 1.x / 2.x are)."""
+    if addition_embed_type == "text_time":
+        return "sdxl"
+    return {768: "sd1", 1024: "sd2"}.get(cross_attention_dim, "custom")
 
 
 def _from_configs(root: Path) -> Package:
@@ -145,10 +155,13 @@ def _from_configs(root: Path) -> Package:
     sched = _read_json(root / "scheduler" / "scheduler_config.json", "scheduler config")
     scale = vae_scale_factor(vae)
     size = int(unet.get("sample_size", 64)) * scale
-    return Package(root=root, name=root.name, family=family_of(unet.get("cross_attention_dim", 768)),
+    family = family_of(unet.get("cross_attention_dim", 768), unet.get("addition_embed_type"))
+    index = _read_json(root / "model_index.json", "model index") if (root / "model_index.json").is_file() else {}
+    return Package(root=root, name=root.name, family=family,
                    prediction_type=sched.get("prediction_type", "epsilon"),
                    vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)), vae_scale_factor=scale,
                    latent_channels=int(vae.get("latent_channels", 4)), text_max_length=77,
-                   defaults={"width": size, "height": size, "steps": 30, "guidance_scale": 7.5,
+                   defaults={"width": size, "height": size, "steps": 30, "guidance_scale": 5.0 if family == "sdxl" else 7.5,
                              "scheduler": sched.get("_class_name", "PNDMScheduler")},
-                   scheduler_config=sched)
+                   scheduler_config=sched,
+                   force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")))

@@ -19,16 +19,16 @@ from .family import adapter_for
 from .generators import ImageGenerators
 from .img2img import Inpainting, image_input, latents_from, mask_input, strength_timesteps
 from .memory import attention_layout, check_fits
-from .package import REQUIRED, Package, load_package
+from .package import Package, load_package, required
 from .prompts import chunked, emphasized
 from .request import (
-    LAYER_STATES,
     Request,
     check_clip_skip,
     check_request,
     check_rescale,
     check_rng,
     check_seeds,
+    check_size_conditioning,
     expand_prompts,
     image_seeds,
     make_checked_scheduler,
@@ -37,8 +37,6 @@ from .request import (
 )
 from .schedulers import short_name
 from .tokenizer import ClipTokenizer
-
-STAGES = REQUIRED  # the components text-to-image runs
 
 
 def pixels_hash(array: np.ndarray) -> str:
@@ -126,11 +124,15 @@ class Pipeline:
         self.graph_cache = Path(graph_cache) if graph_cache else None
         self.gpu_mem_limit = gpu_mem_limit
         self.family = adapter_for(package.family)
+        self.stages = required(package.family)  # the components text-to-image runs
         self.attention = attention_layout(package.root)  # for the memory a request's size needs
-        self.tokenizer = ClipTokenizer.from_folder(package.root / "tokenizer", package.text_max_length)
+        self.tokenizers = [ClipTokenizer.from_folder(package.root / name.replace("text_encoder", "tokenizer"),
+                                                     package.text_max_length) for name in self.family.encoders]
+        self.tokenizer = self.tokenizers[0]
         self.fell_back: list[str] = []
-        engines = self._open_engines()
-        self.text_encoder, self.unet, self.vae_decoder = (engines[c] for c in STAGES)
+        self.text_encoder_2: Engine | None = None
+        for name, engine in self._open_engines().items():
+            setattr(self, name, engine)
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
 
     def _compute_precision(self, precision: str, cuda_graph: bool, gpu_mem_limit: int | None) -> str:
@@ -149,15 +151,15 @@ class Pipeline:
     def _open_engines(self) -> dict[str, Engine]:
         """Every stage's engine on the chosen backend: one construction path, options a backend cannot honour refused."""
         if self.backend != "trt":
-            return {c: self._engine(c) for c in STAGES}
+            return {c: self._engine(c) for c in self.stages}
         from .engine_store import engine_precisions
         from .trt_backend import open_engines
 
-        return open_engines(self.package.root, engine_precisions(self.package.precision("unet")), STAGES)
+        return open_engines(self.package.root, engine_precisions(self.package.precision("unet")), self.stages)
 
     def close(self) -> None:
         """Release every engine (device memory, CUDA graphs); the pipeline cannot be called after."""
-        for name in STAGES:
+        for name in self.stages:
             getattr(self, name).close()
         if self.vae_encoder is not None:
             self.vae_encoder.close()
@@ -179,9 +181,13 @@ class Pipeline:
                          graph_cache=self.graph_cache, gpu_mem_limit=self.gpu_mem_limit)
 
     def _guarded(self, name: str, feeds: dict[str, Any], output: str, where: str) -> np.ndarray:
+        return self._guarded_outputs(name, feeds, (output,), where)[0]
+
+    def _guarded_outputs(self, name: str, feeds: dict[str, Any], outputs: tuple[str, ...], where: str) -> list[np.ndarray]:
         """Run stage `name`; on NaN/inf, fall back to its float32 graph or stop with an error that says what to do."""
-        out = getattr(self, name).run(feeds)[output]
-        if np.isfinite(out).all():
+        ran = getattr(self, name).run(feeds)
+        out = [ran[o] for o in outputs]
+        if all(np.isfinite(o).all() for o in out):
             return out
         precision = self.package.precision(name)
         if not self.fp32_fallback or name in self.fell_back:
@@ -194,7 +200,7 @@ class Pipeline:
         warnings.warn(f"{name} ({precision}) produced NaN or inf {where}; rerunning it in float32", stacklevel=3)
         setattr(self, name, self._engine(name, fallback=True))
         self.fell_back.append(name)
-        return self._guarded(name, feeds, output, where)
+        return self._guarded_outputs(name, feeds, outputs, where)
 
     @classmethod
     def from_package(cls, path: str | Path | None = None, backend: str = "auto", threads: int | None = None,
@@ -215,7 +221,8 @@ class Pipeline:
                  latents: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None,
                  num_inference_steps: int | None = None, num_images_per_prompt: int | None = None,
                  seeds: list[int] | None = None, image: Any = None, strength: float = 0.8, resize: bool = False,
-                 mask: Any = None, rng: str = "numpy", clip_skip: int = 1, guidance_rescale: float = 0.0) -> Result:
+                 mask: Any = None, rng: str = "numpy", clip_skip: int = 1, guidance_rescale: float = 0.0,
+                 original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0)) -> Result:
         """Images for prompt (or each of a list of prompts), num_images each. Image i gets seed + i (seed None or -1:
         random), so any image can be made again alone; seeds (and guidance_scale as a list) give every image's own
         (a server batching requests); steps and num_images also go by diffusers' names. With image (a Pillow image or a
@@ -226,7 +233,8 @@ class Pipeline:
         Prompts are read as AUTOMATIC1111 reads them ((word:1.2), [word], BREAK, any length); clip_skip N takes the
         text encoder's N-th layer from the end (A1111's "Clip skip"; diffusers' clip_skip is N - 1). guidance_rescale
         (0..1) brings the guided noise prediction's spread back towards the prompt's, as diffusers' does (SD 2.x
-        v-prediction models with zero terminal SNR)."""
+        v-prediction models with zero terminal SNR). SDXL models also take diffusers' size conditioning: original_size
+        (height, width; default the image's own) and crops_coords_top_left (top, left)."""
         pkg, d = self.package, self.package.defaults
         steps = next((v for v in (steps, num_inference_steps) if v is not None), d["steps"])
         num_images = num_images_per_prompt if num_images_per_prompt is not None else num_images
@@ -238,13 +246,15 @@ class Pipeline:
         req, sched = self.check(prompt, negative_prompt, steps, guidance_scale, scheduler, seed, seeds,
                                 width or d["width"], height or d["height"], num_images, rng, clip_skip)
         req.guidance_rescale = check_rescale(guidance_rescale)
+        req.original_size, req.crops_coords_top_left = check_size_conditioning(original_size, crops_coords_top_left,
+                                                                               pkg.family)
         width, height, prompts, negatives = req.width, req.height, req.prompts, req.negatives
         rng = ImageGenerators(req.seeds, req.rng)
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
         clock = time.perf_counter()
         timesteps, x, inpaint = self._start(sched, req, strength, pixels, mask, latents, rng, timings)
-        text = self._encode_prompt(req, timings)
-        x = self._denoise(sched, x, timesteps, text, req, rng, timings, progress, inpaint)
+        cond = self._encode_prompt(req, timings)
+        x = self._denoise(sched, x, timesteps, cond, req, rng, timings, progress, inpaint)
         array = self._decode(x, timings)
         start = time.perf_counter()
         images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
@@ -253,7 +263,7 @@ class Pipeline:
         settings = {"prompt": prompts[0], "negative_prompt": negatives[0], "steps": req.steps, "guidance_scale": req.guidances[0],
                     "scheduler": short_name(sched), "seed": req.seeds[0], "width": width, "height": height,
                     "num_images": len(prompts), "rng": req.rng, "clip_skip": req.clip_skip,
-                    "guidance_rescale": req.guidance_rescale, "model": pkg.name, "model_hash": pkg.model_hash,
+                    "guidance_rescale": req.guidance_rescale, **self._size_settings(req), "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.backend, "precision": self.precision, "diffrt": __version__}
         if pixels is not None:
             settings.update(mode="inpaint" if mask is not None else "img2img", strength=strength,
@@ -274,7 +284,7 @@ class Pipeline:
         prompts, negatives = expand_prompts(prompt, negative, num_images)
         req = Request(prompts, negatives, image_seeds(seed, len(prompts)) if seeds is None else check_seeds(seeds, len(prompts)),
                       steps, per_image(guidance, len(prompts)), width, height, check_rng(rng),
-                      check_clip_skip(clip_skip, self.text_encoder.outputs.get(LAYER_STATES)))
+                      check_clip_skip(clip_skip, self.family.layers([getattr(self, e) for e in self.family.encoders])))
         sched = make_checked_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config, steps)
         if self.backend == "trt" and self.chunk_count(prompts + negatives) > 1:
             raise UserError("the TensorRT engines take one 75-token chunk of text (their profiles fix the sequence "
@@ -313,13 +323,28 @@ class Pipeline:
                                             strength == 1.0, n, rng, timings)
         return timesteps, x, inpaint
 
-    def _encode_prompt(self, req: Request, timings: dict) -> Any:
-        """Text embeddings for the UNet, negatives then prompts when guided, already in the UNet's input form."""
+    def _size_settings(self, req: Request) -> dict[str, Any]:
+        """SDXL's size conditioning as the image's settings record it."""
+        if self.package.family != "sdxl":
+            return {}
+        return {"original_size": list(req.original_size or (req.height, req.width)),
+                "crops_coords_top_left": list(req.crops_coords_top_left)}
+
+    def _encode_prompt(self, req: Request, timings: dict) -> dict[str, Any]:
+        """The UNet's text inputs (negatives then prompts when guided), already in the UNet's input form. SDXL models
+        with force_zeros_for_empty_prompt take zeros for an empty negative prompt, as diffusers does for none."""
         start = time.perf_counter()
-        text = self.embed((req.negatives if req.guided else []) + req.prompts, req.clip_skip, timings)
-        text = self.unet.to_device(text)
+        texts = (req.negatives if req.guided else []) + req.prompts
+        hidden, pooled = self._embed(texts, req.clip_skip, timings)
+        if self.package.force_zeros_for_empty_prompt and req.guided and pooled is not None:
+            empty = np.array([not n for n in req.negatives] + [False] * len(req.prompts))
+            hidden[empty] = 0
+            pooled[empty] = 0
+        size = [*(req.original_size or (req.height, req.width)), *req.crops_coords_top_left, req.height, req.width]
+        cond = self.family.conditioning(hidden, pooled, np.tile(np.array(size, np.float32), (len(texts), 1)))
+        cond = {k: self.unet.to_device(v.astype(self.unet.inputs[k].dtype)) for k, v in cond.items()}
         timings["text_encoder"] = time.perf_counter() - start - timings["tokenize"]
-        return text
+        return cond
 
     def chunk_count(self, prompts: list[str]) -> int:
         """How many 75-token chunks the longest of the prompts takes (what its embedding's length is)."""
@@ -327,24 +352,35 @@ class Pipeline:
 
     def embed(self, prompts: list[str], clip_skip: int = 1, timings: dict | None = None) -> np.ndarray:
         """(len(prompts), 77 k, hidden) float32: each prompt in AUTOMATIC1111's chunks of 75 tokens (weights, BREAK),
-        every chunk through the text encoder (the output of layer -clip_skip), emphasized, chunks concatenated; a
-        prompt with fewer chunks than the longest is filled with the empty prompt's, as A1111 fills it."""
-        start = time.perf_counter()
-        chunks = [chunked(self.tokenizer, p) for p in prompts]
-        count = max(len(c.ids) for c in chunks)
-        empty = chunked(self.tokenizer, "")
-        ids = np.concatenate([np.concatenate([c.ids, *[empty.ids] * (count - len(c.ids))]) for c in chunks])
-        weights = np.concatenate([np.concatenate([c.weights, *[empty.weights] * (count - len(c.ids))]) for c in chunks])
+        every chunk through the text encoder(s) (the hidden state that clip_skip picks), emphasized, chunks
+        concatenated; a prompt with fewer chunks than the longest is filled with the empty prompt's, as A1111 fills
+        it. SDXL's two encoders' states lie side by side."""
+        return self._embed(prompts, clip_skip, timings)[0]
+
+    def _embed(self, prompts: list[str], clip_skip: int, timings: dict | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """embed(), and the pooled embedding of each prompt's first chunk where the family takes one."""
+        hidden, pooled, tokenize = [], None, 0.0
+        for name, tokenizer in zip(self.family.encoders, self.tokenizers):
+            start = time.perf_counter()
+            chunks = [chunked(tokenizer, p) for p in prompts]
+            count = max(len(c.ids) for c in chunks)
+            empty = chunked(tokenizer, "")
+            ids = np.concatenate([np.concatenate([c.ids, *[empty.ids] * (count - len(c.ids))]) for c in chunks])
+            weights = np.concatenate([np.concatenate([c.weights, *[empty.weights] * (count - len(c.ids))]) for c in chunks])
+            tokenize += time.perf_counter() - start
+            encoder = getattr(self, name)
+            output, layer = self.family.hidden_output(encoder, clip_skip)
+            pooled_name = self.family.pooled_output(name)
+            outs = self._guarded_outputs(name, self.family.text_feeds(encoder, ids),
+                                         (output,) + ((pooled_name,) if pooled_name else ()), "on the prompt")
+            z = outs[0] if layer is None else outs[0][:, outs[0].shape[1] + layer]
+            z = emphasized(np.asarray(z, np.float32), weights)
+            hidden.append(z.reshape(len(prompts), count * z.shape[1], z.shape[2]))
+            if pooled_name:
+                pooled = np.asarray(outs[1], np.float32)[::count].copy()
         if timings is not None:
-            timings["tokenize"] = time.perf_counter() - start
-        feeds = self.family.text_feeds(self.text_encoder, ids)
-        if clip_skip == 1:
-            z = self._guarded("text_encoder", feeds, self.family.text_output, "on the prompt")
-        else:
-            z = self._guarded("text_encoder", feeds, LAYER_STATES, "on the prompt")
-            z = z[:, z.shape[1] - clip_skip]
-        z = emphasized(np.asarray(z, np.float32), weights)
-        return z.reshape(len(prompts), count * z.shape[1], z.shape[2])
+            timings["tokenize"] = tokenize
+        return np.concatenate(hidden, axis=-1), pooled
 
     def _encode_image(self, pixels: np.ndarray, count: int, rng: ImageGenerators, timings: dict) -> np.ndarray:
         """The image's latents for each of count images: one encoder call, a sample of its distribution per image."""
@@ -377,7 +413,7 @@ class Pipeline:
                              None if nine else image_latents, noise)
         return x.astype(np.float32), inpaint
 
-    def _denoise(self, sched, x: np.ndarray, timesteps: np.ndarray, text: Any, req: Request, rng: ImageGenerators,
+    def _denoise(self, sched, x: np.ndarray, timesteps: np.ndarray, cond: dict[str, Any], req: Request, rng: ImageGenerators,
                  timings: dict, progress: Callable[[int, int], None] | None,
                  inpaint: Inpainting | None = None) -> np.ndarray:
         """The scheduler loop around the UNet, classifier-free guidance batched into one call per step; an image whose
@@ -389,7 +425,7 @@ class Pipeline:
             model_in = sched.scale_model_input(np.concatenate([x, x]) if guided else x, t)
             if inpaint is not None:
                 model_in = inpaint.unet_input(model_in, guided)
-            feeds = self.family.unet_feeds(self.unet, model_in, t, text)
+            feeds = self.family.unet_feeds(self.unet, model_in, t, cond)
             called = time.perf_counter()
             out = self._guarded("unet", feeds, self.family.unet_output,
                                 f"at step {i + 1} of {len(timesteps)}").astype(np.float32)

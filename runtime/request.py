@@ -31,6 +31,8 @@ class Request:
     rng: str = "numpy"  # what draws each image's noise (rng.RNGS)
     clip_skip: int = 1  # the text encoder layer taken, counted from the end (A1111's numbering)
     guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2023, for zero-terminal-SNR / v models)
+    original_size: tuple[int, int] | None = None  # SDXL's size conditioning (height, width); None: the image's
+    crops_coords_top_left: tuple[int, int] = (0, 0)  # SDXL's crop conditioning (top, left)
 
     @property
     def guided(self) -> bool:
@@ -56,22 +58,35 @@ def check_rng(rng: Any) -> str:
     return rng
 
 
-LAYER_STATES = "layer_states"  # the text encoder's per-layer output that CLIP skip reads
-
-
-def check_clip_skip(clip_skip: Any, layer_states) -> int:
-    """clip_skip as a whole number from 1 to the text encoder's layers; above 1 it needs the layer_states output."""
+def check_clip_skip(clip_skip: Any, layers: int | None) -> int:
+    """clip_skip as a whole number from 1 to the text encoder's layers (None: the graph has no per-layer output)."""
     if not is_whole(clip_skip) or clip_skip < 1:
         raise UserError(f"clip skip must be a whole number from 1 (the last layer), not {clip_skip!r}")
     if clip_skip == 1:
         return 1
-    if layer_states is None:
+    if layers is None:
         raise UserError("this package's text encoder has no per-layer output, so clip skip above 1 cannot be applied; "
                         "re-export the checkpoint with this diffrt (`diffrt export CHECKPOINT OUT`)")
-    layers = layer_states.shape[1]
     if not isinstance(layers, int) or clip_skip > layers:
         raise UserError(f"clip skip {clip_skip} is more than the text encoder's {layers} layers; use 1 to {layers}")
     return int(clip_skip)
+
+
+def check_size_conditioning(original_size: Any, crop: Any, family: str) -> tuple[tuple[int, int] | None, tuple[int, int]]:
+    """SDXL's micro-conditioning: original_size (height, width) and crops_coords_top_left (top, left), whole numbers."""
+    if family != "sdxl":
+        if original_size is not None or tuple(crop) != (0, 0):
+            raise UserError("original size and crop conditioning apply to SDXL models only; leave them out")
+        return None, (0, 0)
+
+    def pair(value: Any, what: str, least: int) -> tuple[int, int]:
+        if (not isinstance(value, (tuple, list)) or len(value) != 2
+                or not all(is_whole(v) and least <= v <= 16 * MAX_SIDE for v in value)):
+            raise UserError(f"{what} must be two whole numbers from {least} to {16 * MAX_SIDE}, not {value!r}")
+        return int(value[0]), int(value[1])
+
+    return (None if original_size is None else pair(original_size, "original size (height, width)", 1),
+            pair(crop, "crop top-left (top, left)", 0))
 
 
 def check_request(width: int, height: int, steps: int, num_images: int, guidance: float | list[float],

@@ -87,6 +87,55 @@ def make_tiny_checkpoint(root, pad_token: str | None = None, unet_in_channels: i
     return path
 
 
+def make_tiny_sdxl_checkpoint(root, turbo: bool = False):
+    """A tiny random SDXL checkpoint (StableDiffusionXLPipeline's layout) built from configs: a CLIP text encoder and a
+    CLIP text encoder with projection (its tokenizer pads with `!`), a UNet taking pooled text embeddings and six
+    size/crop time ids, force_zeros_for_empty_prompt; turbo: SDXL-Turbo's trailing Euler a scheduler."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from diffrt.models.train_shapes import build_tokenizer
+
+    tokenizer = build_tokenizer(_corpus(), root / "tok-build", vocab_size=800)
+    tokenizer_2 = build_tokenizer(_corpus(), root / "tok-build-2", vocab_size=800)
+    tokenizer_2.pad_token = "!"
+    torch.manual_seed(0)
+    vocab = len(tokenizer)
+
+    def text_config(hidden: int, layers: int, **extra) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=37, num_hidden_layers=layers,
+                              num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab - 2,
+                              eos_token_id=vocab - 1, pad_token_id=vocab - 1, hidden_act="gelu", **extra)
+
+    text = CLIPTextModel(text_config(32, 5))
+    text_2 = CLIPTextModelWithProjection(text_config(32, 4, projection_dim=24))
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=24 + 6 * 8)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        scaling_factor=0.13025, force_upcast=True)
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    scheduler = (EulerAncestralDiscreteScheduler(**common, timestep_spacing="trailing") if turbo
+                 else EulerDiscreteScheduler(**common, timestep_spacing="leading"))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text, text_encoder_2=text_2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True)
+    path = root / "checkpoint"
+    pipe.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     pytest.importorskip("diffusers")
@@ -120,6 +169,19 @@ def tiny_sd2_package(tiny_sd2_checkpoint, tmp_path_factory):
     from diffrt.export import export_package
 
     return export_package(tiny_sd2_checkpoint, tmp_path_factory.mktemp("pkg-sd2") / "tiny-sd2", log=lambda msg: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    return make_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_package(tiny_sdxl_checkpoint, tmp_path_factory):
+    from diffrt.export import export_package
+
+    return export_package(tiny_sdxl_checkpoint, tmp_path_factory.mktemp("pkg-sdxl") / "tiny-sdxl", log=lambda msg: None)
 
 
 @pytest.fixture(scope="session")
