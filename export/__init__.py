@@ -23,7 +23,9 @@ COMPONENT_ORDER = COMPONENTS
 class ExportOptions:
     components: tuple[str, ...] | None = None  # None: every component the checkpoint has
     opset: int = 17
-    exporter: str = "torchscript"
+    # "auto": TorchScript, but dynamo for a model whose float32 weights pass BIG_MODEL_BYTES (TorchScript's export
+    # holds about 2.4x the weights in memory, dynamo's about 1.1x: the SDXL UNet's 10 GB would not fit in 24 GB)
+    exporter: str = "auto"
     overwrite: bool = False
     check: bool = True
     # "mha": onnxruntime's fused MultiHeadAttention (fast on CUDA, CUDA graphs); "plain": MatMul/Softmax (TensorRT);
@@ -31,6 +33,7 @@ class ExportOptions:
     attention: str = "auto"
     weights_fp16: bool = False  # store weights as float16, compute in float32 (see export/weights.py)
     name: str | None = None
+    loras: list = field(default_factory=list)  # LoraChoice: merged into the weights before export
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,11 +72,9 @@ def export_package(checkpoint: str | Path, out: str | Path, options: ExportOptio
         unknown = set(options.components) - set(COMPONENT_ORDER)
         if unknown:
             raise UserError(f"unknown components {sorted(unknown)}; choose from {', '.join(COMPONENT_ORDER)}")
-    if options.exporter not in ("torchscript", "dynamo"):
-        raise UserError(f"unknown exporter {options.exporter!r}; use torchscript or dynamo")
-    if options.attention == "auto":
-        options.attention = "mha" if options.exporter == "torchscript" else "plain"
-    if options.attention not in ("mha", "plain"):
+    if options.exporter not in ("auto", "torchscript", "dynamo"):
+        raise UserError(f"unknown exporter {options.exporter!r}; use auto, torchscript or dynamo")
+    if options.attention not in ("auto", "mha", "plain"):
         raise UserError(f"unknown attention form {options.attention!r}; use mha (onnxruntime) or plain (TensorRT, dynamo)")
     if options.attention == "mha" and options.exporter == "dynamo":
         raise UserError("--attention mha needs the torchscript exporter; with --exporter dynamo pass --attention plain")
@@ -86,6 +87,10 @@ def export_package(checkpoint: str | Path, out: str | Path, options: ExportOptio
     for needed in required(ckpt.family):
         if needed not in options.components:
             raise UserError(f"a {ckpt.family} package needs {needed}; add it to --components")
+    if options.loras:
+        from .lora_merge import check_loras
+
+        check_loras(options.loras, ckpt.components)
     if "text_encoder_2" in options.components and ckpt.family != "sdxl":
         raise UserError(f"{ckpt.root} has no text_encoder_2 (it is not an SDXL checkpoint); leave it out of --components")
     out = Path(out).expanduser()

@@ -182,7 +182,7 @@ def example_inputs(name: str, ckpt: Checkpoint, batch: int, height: int, width: 
 
 def effective_opset(opset: int, exporter: str) -> int:
     """The dynamo exporter writes opset 18 natively; converting it down to 17 breaks its Split nodes."""
-    return max(opset, 18) if exporter == "dynamo" else opset
+    return max(opset, 18) if exporter in ("dynamo", "streamed") else opset
 
 
 def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folder: Path, opset: int, exporter: str,
@@ -220,6 +220,46 @@ def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folde
         _check_io_names(path, spec)
     has_attention = name.startswith("text_encoder") or bool(getattr(module, "attn_processors", None))
     return path, "mha" if fused else "plain" if has_attention else "none"
+
+
+def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """The same architecture with no weights (the meta device): tracing it costs no memory for the weights."""
+    with torch.device("meta"):
+        if hasattr(module, "from_config"):  # diffusers
+            return type(module).from_config(module.config).eval()
+        return type(module)(module.config).eval()  # transformers
+
+
+def export_streamed(name: str, module: torch.nn.Module, ckpt: Checkpoint, folder: Path, opset: int) -> Path:
+    """dynamo export of a large model without a copy of its weights: the graph is traced on a weightless copy, then
+    each initializer is filled, by name, with a view of the loaded module's tensor and written to model.onnx_data
+    one by one. The graph is left unoptimized (onnxruntime and TensorRT fold its weight transposes at load)."""
+    import onnx_ir as ir
+
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = spec_for(name, ckpt)
+    size = trace_size(ckpt)
+    example = tuple(t.to("meta") for t in example_inputs(name, ckpt, 2, size, size, torch.Generator().manual_seed(0)))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapped(name, meta_copy(module), ckpt), example, None, input_names=list(spec.inputs),
+                                    output_names=list(spec.outputs), dynamic_axes={**spec.inputs, **spec.outputs},
+                                    opset_version=effective_opset(opset, "dynamo"), dynamo=True, optimize=False,
+                                    verbose=False)
+    tensors = {f"model.{k}": v for k, v in (*module.named_parameters(), *module.named_buffers())}
+    graph = program.model.graph
+    missing = []
+    for key, value in graph.initializers.items():
+        if key in tensors:
+            value.const_value = ir.Tensor(tensors[key].detach().numpy(), name=key)
+        elif getattr(getattr(value.const_value, "raw", None), "is_meta", False):
+            missing.append(key)
+    if missing:
+        raise RuntimeError(f"streamed export of {name}: initializers {missing[:5]} are not weights of the model")
+    path = folder / "model.onnx"
+    ir.save(program.model, path, external_data=EXTERNAL_DATA)
+    _check_io_names(path, spec)
+    return path
 
 
 def _check_io_names(path: Path, spec: ComponentSpec) -> None:

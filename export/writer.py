@@ -20,7 +20,9 @@ from diffrt.runtime.schedulers import CLASSES
 from .check import compare, reference_cases
 from .checkpoint import Checkpoint
 from .graphs import effective_opset, latent_size, vae_scale_factor
+from .lora_merge import merge_loras
 from .weights import store_weights_fp16
+from .weights_map import write_weights_map
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "tokenizer.json")
 
@@ -87,13 +89,29 @@ def copy_assets(ckpt: Checkpoint, dest: Path, components: tuple[str, ...]) -> No
         shutil.copy2(ckpt.root / source / "config.json", dest / name / "config.json")
 
 
+BIG_MODEL_BYTES = 4 * 2**30
+MADE_BY = {"streamed": "torch.onnx dynamo, traced without weights, weights streamed"}
+
+
+def exporter_for(module, options) -> tuple[str, str]:
+    """(exporter, attention form) for one model: auto picks "streamed" (dynamo, traced without weights, see
+    graphs.export_streamed) for a model whose float32 weights pass BIG_MODEL_BYTES (unless mha attention, which only
+    TorchScript writes, was asked); auto attention is mha with TorchScript, plain with dynamo."""
+    exporter = options.exporter
+    if exporter == "auto":
+        size = sum(p.numel() for p in module.parameters()) * 4
+        exporter = "streamed" if size > BIG_MODEL_BYTES and options.attention != "mha" else "torchscript"
+    attention = options.attention if options.attention != "auto" else "mha" if exporter == "torchscript" else "plain"
+    return exporter, attention
+
+
 def _source(rest: list[str]) -> str | None:
     """The checkpoint folder the next component comes from (the VAE's two graphs share one)."""
     return ("vae" if rest[0].startswith("vae") else rest[0]) if rest else None
 
 
 def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], None], name: str) -> dict[str, Any]:
-    from .graphs import export_component
+    from .graphs import export_component, export_streamed
 
     family = ckpt.family
     components: dict[str, Any] = {}
@@ -108,11 +126,20 @@ def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], No
             modules.clear()
             gc.collect()
             modules[source] = ckpt.load(comp)
-        log(f"[{i + 1}/{total}] {comp}: exporting ({options.exporter}, opset {effective_opset(options.opset, options.exporter)})")
-        path, attention = export_component(comp, modules[source], ckpt, dest / comp, options.opset, options.exporter,
-                                           options.attention)
-        entry: dict[str, Any] = {"file": f"{comp}/model.onnx", "precision": "fp32", "made_by": f"torch.onnx {options.exporter}",
+            if options.loras and (comp.startswith("text_encoder") or comp == "unet"):
+                merged = merge_loras(comp, modules[source], options.loras)
+                log(f"[{i + 1}/{total}] {comp}: merged {merged} LoRA layers")
+        exporter, attention = exporter_for(modules[source], options)
+        log(f"[{i + 1}/{total}] {comp}: exporting ({exporter}, opset {effective_opset(options.opset, exporter)})")
+        if exporter == "streamed":
+            path = export_streamed(comp, modules[source], ckpt, dest / comp, options.opset)
+        else:
+            path, attention = export_component(comp, modules[source], ckpt, dest / comp, options.opset, exporter, attention)
+        made_by = MADE_BY.get(exporter, f"torch.onnx {exporter}")
+        entry: dict[str, Any] = {"file": f"{comp}/model.onnx", "precision": "fp32", "made_by": made_by,
                                  "attention": attention}
+        if comp.startswith("text_encoder") or comp == "unet":  # what LoRAs change
+            write_weights_map(modules[source], path)
         if options.weights_fp16:
             store_weights_fp16(path)
             entry["weights"] = "fp16"
@@ -128,7 +155,7 @@ def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], No
             log(f"[{i + 1}/{total}] {comp}: onnxruntime vs PyTorch max abs {result.max_abs:.2e}, "
                 f"max rel {result.max_rel:.2e} over {len(result.cases)} shapes: {verdict}")
             if not result.ok:
-                other = "dynamo" if options.exporter == "torchscript" else "torchscript"
+                other = "dynamo" if exporter == "torchscript" else "torchscript"
                 raise UserError(f"{comp}: onnxruntime differs from PyTorch by {result.max_rel:.2e} (relative), over the "
                                 f"tolerance {result.tolerance:g}; try --exporter {other} or another --opset")
         entry["seconds"] = round(time.perf_counter() - start, 2)
@@ -155,6 +182,7 @@ def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], No
         "text_max_length": max_len if isinstance(max_len, int) and max_len < 10_000 else 77,
         "defaults": {**default_settings(ckpt, family), **options.defaults},
         "components": components,
+        "loras": [{"file": c.path.name, "scale": c.scale, "sha256": sha256(c.path)} for c in options.loras],
         "source": {"checkpoint": str(ckpt.root), "exporter": options.exporter,
                    "opset": effective_opset(options.opset, options.exporter)},
         "versions": {"diffrt": __version__, "python": platform.python_version(), **library_versions()},

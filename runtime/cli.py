@@ -85,6 +85,7 @@ def scheduler_name(text: str) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .images import output_paths, read_settings, save_image
+    from .lora import parse_choice
     from .pipeline import Pipeline
     from .progress import ProgressBar
     from .request import check_text, image_seeds
@@ -100,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_package(args.model, backend=args.backend, threads=args.threads, verify_hashes=args.verify,
                                  fp32_fallback=args.fp32_fallback, cuda_graph=args.cuda_graph, graph_cache=args.graph_cache,
                                  gpu_mem_limit=int(args.gpu_mem_limit * 2**30) if args.gpu_mem_limit else None,
-                                 precision=args.precision)
+                                 precision=args.precision, loras=[parse_choice(x) for x in args.lora or []])
     result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   scheduler=args.scheduler, seed=seeds[0], width=args.width, height=args.height, num_images=args.n,
                   progress=None if args.quiet else ProgressBar("denoising, UNet calls"), image=args.image, strength=args.strength,
@@ -158,8 +159,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     require("export", "torch", "diffusers", "transformers", "onnx")
     from diffrt.export import ExportOptions, export_package
 
+    from .lora import parse_choice
+
     components = tuple(args.components.split(",")) if args.components else None
-    options = ExportOptions(components=components, opset=args.opset, exporter=args.exporter,
+    loras = [parse_choice(x) for x in args.lora or []]
+    options = ExportOptions(components=components, loras=loras, opset=args.opset, exporter=args.exporter,
                             attention=args.attention, overwrite=args.overwrite, check=not args.no_check, weights_fp16=args.weights_fp16,
                             name=args.name)
     export_package(args.checkpoint, args.out, options)
@@ -360,6 +364,8 @@ def add_generate(sub) -> None:
                         "0.7 for SD 2.x v-prediction models trained with zero terminal SNR; default 0)")
     g.add_argument("--clip-skip", type=positive_int, metavar="N",
                    help="take the text encoder's N-th layer from the end (AUTOMATIC1111's Clip skip; default 1, the last)")
+    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="apply a LoRA (.safetensors) at this scale (default 1) without re-export; repeat for several")
     g.add_argument("--original-size", type=pair("x", "WIDTH", "HEIGHT"), metavar="WxH",
                    help="SDXL: the size the image is conditioned as coming from (default: its own size)")
     g.add_argument("--crop-top-left", type=pair(",", "TOP", "LEFT"), metavar="TOP,LEFT",
@@ -404,7 +410,11 @@ def add_export(sub) -> None:
     e.add_argument("--components", default=None, help="comma-separated (text_encoder,text_encoder_2,unet,vae_decoder,"
                    "vae_encoder); default: every one the checkpoint has")
     e.add_argument("--opset", type=positive_int, default=17, help="ONNX opset (default %(default)s)")
-    e.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript", help="default %(default)s")
+    e.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="merge a LoRA (.safetensors) into the weights at this scale (default 1); repeat for several")
+    e.add_argument("--exporter", choices=("auto", "torchscript", "dynamo"), default="auto",
+                   help="default auto: TorchScript, dynamo for a model over 4 GB of float32 weights (SDXL's UNet), whose "
+                   "export needs about half the memory")
     e.add_argument("--attention", choices=("auto", "mha", "plain"), default="auto",
                    help="mha: onnxruntime's fused attention (fast on GPUs, CUDA graphs); plain: MatMul/Softmax, for TensorRT "
                         "(default auto: mha with torchscript, plain with dynamo)")

@@ -241,15 +241,26 @@ def check_provider(session: Any, path: Path, backend: str) -> None:
                         "load; onnxruntime's log above says which): install them, or use --backend ort-cpu")
 
 
-def open_session(path: Path, backend: str, providers: list, threads: int | None, graph_cache: Path | None):
+def open_session(path: Path, backend: str, providers: list, threads: int | None, graph_cache: Path | None,
+                 weights: dict[str, Any] | None = None):
     """An onnxruntime session; with graph_cache, from the optimized graph saved by an earlier session when there is
-    one (no graph optimization then), else optimized here and saved for the next."""
+    one (no graph optimization then), else optimized here and saved for the next. weights ({initializer: OrtValue})
+    replace the graph's own before optimization (LoRAs); such a session skips the cache, which holds the unchanged
+    weights."""
     import onnxruntime as ort
 
     from . import optimized
 
     if backend == "ort-cuda":
         preload_cuda()
+    if weights:  # onnxruntime's NCHWc layout pass (ORT_ENABLE_ALL) reads Conv weights from the file, not the override
+        opts = session_options(threads, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        for name, value in weights.items():
+            opts.add_initializer(name, value)
+        try:
+            return ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as exc:
+            raise load_error(path, exc) from None
     entry = graph_cache / optimized.cache_key(path, backend) if graph_cache else None
     if entry and (entry / optimized.GRAPH).is_file():
         opts = session_options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -284,11 +295,16 @@ class OrtEngine:
     cuda_graph each shape is also captured as a CUDA graph on its first call and replayed after."""
 
     def __init__(self, path: Path, backend: str = "ort-cpu", threads: int | None = None, cuda_graph: bool = False,
-                 graph_cache: Path | None = None, gpu_mem_limit: int | None = None) -> None:
+                 graph_cache: Path | None = None, gpu_mem_limit: int | None = None,
+                 weights: dict[str, np.ndarray] | None = None) -> None:
+        import onnxruntime as ort
+
         check_cuda_options(backend, cuda_graph, gpu_mem_limit)
         cuda = backend == "ort-cuda"
         providers = [cuda_provider(cuda_graph, gpu_mem_limit), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        self.session = open_session(path, backend, providers, threads, graph_cache)
+        # the OrtValues must outlive the session that reads them
+        self.weights = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in (weights or {}).items()}
+        self.session = open_session(path, backend, providers, threads, graph_cache, self.weights)
         check_provider(self.session, path, backend)
         self.backend = backend
         self.path = path
@@ -323,3 +339,4 @@ class OrtEngine:
         """Release the session and its device buffers (and CUDA graphs)."""
         self.buffers = None
         self.session = None
+        self.weights = {}

@@ -18,6 +18,7 @@ from .errors import UserError
 from .family import adapter_for
 from .generators import ImageGenerators
 from .img2img import Inpainting, image_input, latents_from, mask_input, strength_timesteps
+from .lora import LoraChoice, lora_overrides
 from .memory import attention_layout, check_fits
 from .package import Package, load_package, required
 from .prompts import chunked, emphasized
@@ -53,6 +54,16 @@ def refuse_for_trt(**options: Any) -> None:
         raise UserError(f"the TensorRT backend does not take {', '.join(given)} (engines capture CUDA graphs when built with "
                         "--static; fp32 engines come from `diffrt build --precision fp32`): leave them out or use "
                         "--backend ort-cuda")
+
+
+def lora_backend(backend: str, asked: str, loras: list[LoraChoice] | None) -> str:
+    """LoRAs are applied at run time on onnxruntime: auto then takes ort-cpu over ov-cpu; ov-cpu asked is refused."""
+    if not loras or backend in ("ort-cpu", "ort-cuda"):
+        return backend
+    if asked == "auto":
+        return "ort-cpu"
+    raise UserError(f"LoRAs are applied at run time on onnxruntime (--backend ort-cpu or ort-cuda), not {backend}; "
+                    "or merge them into a package at export: `diffrt export CHECKPOINT OUT --lora FILE:SCALE`")
 
 
 class NonFiniteError(UserError):
@@ -111,12 +122,14 @@ class Pipeline:
 
     def __init__(self, package: Package, backend: str = "auto", threads: int | None = None, fp32_fallback: bool = False,
                  cuda_graph: bool = False, graph_cache: Path | None = None, gpu_mem_limit: int | None = None,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", loras: list[LoraChoice] | None = None) -> None:
         self.package = package
         if backend == "trt":
             refuse_for_trt(threads=threads, fp32_fallback=fp32_fallback, cuda_graph=cuda_graph, graph_cache=graph_cache,
-                           gpu_mem_limit=gpu_mem_limit)
-        self.backend = resolve_backend(backend)
+                           gpu_mem_limit=gpu_mem_limit, lora=loras)
+        self.backend = lora_backend(resolve_backend(backend), backend, loras)
+        self.loras: list[LoraChoice] = list(loras or [])
+        self.lora_weights = lora_overrides(package.root, self._lora_targets(), self.loras) if self.loras else {}
         self.precision = self._compute_precision(precision, cuda_graph, gpu_mem_limit)
         self.threads = threads
         self.fp32_fallback = fp32_fallback
@@ -178,7 +191,25 @@ class Pipeline:
 
             return OvEngine(path, self.threads, "fp32" if fallback else self.precision, self.graph_cache)
         return OrtEngine(path, self.backend, self.threads, cuda_graph=self.cuda_graph and name == "unet",
-                         graph_cache=self.graph_cache, gpu_mem_limit=self.gpu_mem_limit)
+                         graph_cache=self.graph_cache, gpu_mem_limit=self.gpu_mem_limit,
+                         weights=None if fallback else self.lora_weights.get(name))
+
+    def _lora_targets(self) -> dict[str, Path]:
+        """The graphs a LoRA may change: the text encoder(s) and the UNet."""
+        return {c: self.package.component(c) for c in (*adapter_for(self.package.family).encoders, "unet")}
+
+    def set_loras(self, loras: list[LoraChoice]) -> None:
+        """Apply another set of LoRAs (each a file and scale; [] for none) without re-export: the merged weights are
+        computed in numpy and the changed graphs' sessions made again over them. On a bad LoRA nothing changes."""
+        if self.backend not in ("ort-cpu", "ort-cuda"):
+            raise UserError(f"LoRAs are applied at run time on onnxruntime (ort-cpu, ort-cuda), not {self.backend}; "
+                            "merge them at export (`diffrt export --lora FILE:SCALE`)")
+        weights = lora_overrides(self.package.root, self._lora_targets(), list(loras)) if loras else {}
+        changed = set(weights) | set(self.lora_weights)
+        self.loras, self.lora_weights = list(loras), weights
+        for name in changed:
+            getattr(self, name).close()
+            setattr(self, name, self._engine(name))
 
     def _guarded(self, name: str, feeds: dict[str, Any], output: str, where: str) -> np.ndarray:
         return self._guarded_outputs(name, feeds, (output,), where)[0]
@@ -206,14 +237,14 @@ class Pipeline:
     def from_package(cls, path: str | Path | None = None, backend: str = "auto", threads: int | None = None,
                      verify_hashes: bool = False, fp32_fallback: bool = False, cuda_graph: bool = False,
                      graph_cache: str | Path | None = None, gpu_mem_limit: int | None = None,
-                     precision: str = "auto") -> Pipeline:
+                     precision: str = "auto", loras: list[LoraChoice] | None = None) -> Pipeline:
         """Open a package folder (the bundled default model when path is None)."""
         if path is None:
             from .bundled import bundled_model
 
             path = bundled_model()
         return cls(load_package(path, hashes=verify_hashes), backend, threads, fp32_fallback, cuda_graph,
-                   Path(graph_cache) if graph_cache else None, gpu_mem_limit, precision)
+                   Path(graph_cache) if graph_cache else None, gpu_mem_limit, precision, loras)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", steps: int | None = None,
                  guidance_scale: float | list[float] | None = None, scheduler: str | None = None, seed: int | None = None,

@@ -189,3 +189,21 @@ def test_attention_options_refused(tiny_checkpoint, tmp_path):
         export_package(tiny_checkpoint, tmp_path / "a", ExportOptions(attention="flash"))
     with pytest.raises(UserError, match="needs the torchscript exporter"):
         export_package(tiny_checkpoint, tmp_path / "b", ExportOptions(attention="mha", exporter="dynamo"))
+
+
+def test_auto_exporter_takes_dynamo_for_a_big_model(tiny_checkpoint, tmp_path, monkeypatch):
+    """auto: TorchScript, but dynamo traced without weights, each written from the loaded model (no copy of them in
+    memory) for a model over the size threshold, recorded per component; the graph passes its check against PyTorch."""
+    import diffrt.export.writer as writer
+
+    unet_bytes = 4 * sum(p.numel() for p in __import__("diffusers").UNet2DConditionModel.from_pretrained(
+        tiny_checkpoint / "unet").parameters())
+    monkeypatch.setattr(writer, "BIG_MODEL_BYTES", unet_bytes - 1)
+    out = export_package(tiny_checkpoint, tmp_path / "pkg", ExportOptions(components=("text_encoder", "unet", "vae_decoder")),
+                         log=lambda m: None)
+    components = json.loads((out / "diffrt.json").read_text())["components"]
+    assert components["unet"]["made_by"].startswith("torch.onnx dynamo, traced without weights")
+    assert components["unet"]["attention"] == "plain"
+    assert components["text_encoder"]["made_by"] == "torch.onnx torchscript"
+    assert components["vae_decoder"]["made_by"] == "torch.onnx torchscript"
+    assert all(c["check"]["passed"] for c in components.values())

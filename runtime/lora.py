@@ -1,0 +1,212 @@
+"""LoRA files read with safetensors' numpy API (never pickle), and the weight changes they make, in numpy.
+
+Forms read: diffusers/PEFT (`unet.<module>.lora_A.weight` / `lora_B`, `text_encoder.…`, `text_encoder_2.…`; alpha
+from the file's `lora_adapter_metadata`, else alpha = rank as diffusers assumes), diffusers' older
+`<module>.lora.down.weight` / `lora.up.weight`, and kohya / AUTOMATIC1111 (`lora_unet_<module>.lora_down.weight` /
+`lora_up`, `.alpha`; `lora_te_`, `lora_te1_`, `lora_te2_` for the text encoders), with module names as diffusers and
+transformers write them. Each layer changes one weight W (out, in[, kh, kw]) by scale * alpha / rank * up @ down."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
+                  "lora_te_": "text_encoder"}
+COMPONENT_PREFIXES = ("text_encoder_2.", "text_encoder.", "unet.")
+PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),
+         (".lora_down.weight", ".lora_up.weight"))
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """A LoRA file and the scale it is applied at."""
+
+    path: Path
+    scale: float = 1.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.path.name}:{self.scale:g}"
+
+
+@dataclass
+class LoraLayer:
+    """One low-rank change: component, the module it patches (as named in the checkpoint), down (rank, in...) and
+    up (out, rank...) matrices, and its alpha."""
+
+    component: str
+    module: str
+    down: np.ndarray
+    up: np.ndarray
+    alpha: float
+
+    def delta(self, scale: float, shape: tuple[int, ...]) -> np.ndarray:
+        """scale * alpha / rank * up @ down, shaped as the weight it changes (linear, or conv of any kernel)."""
+        rank = self.down.shape[0]
+        up = self.up.reshape(self.up.shape[0], rank).astype(np.float32)
+        down = self.down.reshape(rank, -1).astype(np.float32)
+        change = (np.float32(scale * self.alpha / rank) * (up @ down))
+        if change.size != int(np.prod(shape)):
+            raise UserError(f"LoRA layer {self.component}.{self.module} makes a change of {tuple(up.shape[:1]) + down.shape[1:]}"
+                            f" but the model's weight is {tuple(shape)}: the LoRA was made for another architecture")
+        return change.reshape(shape)
+
+
+def parse_choice(text: str) -> LoraChoice:
+    """FILE or FILE:SCALE (the scale a number)."""
+    path, sep, scale = str(text).rpartition(":")
+    if not sep or "/" in scale or "\\" in scale:
+        path, scale = str(text), ""
+    try:
+        value = float(scale) if scale else 1.0
+    except ValueError:
+        raise UserError(f"LoRA {text!r}: the scale {scale!r} is not a number; write FILE:SCALE, e.g. "
+                        "style.safetensors:0.8") from None
+    if not np.isfinite(value):
+        raise UserError(f"LoRA {text!r}: the scale must be a finite number")
+    return LoraChoice(Path(path).expanduser(), value)
+
+
+def _open(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The file's tensors and metadata; pickled formats are refused unread."""
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
+        raise UserError(f"{path} is a pickle file ({path.suffix}), which can run code when read; diffrt reads LoRAs from "
+                        ".safetensors only: convert it with a trusted tool first")
+    if not path.is_file():
+        raise UserError(f"LoRA file {path} does not exist")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise UserError(f"{path} is not a readable .safetensors file ({str(exc).splitlines()[0][:120]}); "
+                        "it is corrupt or of another format") from None
+
+
+def _peft_alpha(metadata: dict[str, str], component: str, module: str, rank: int) -> float:
+    """alpha for a PEFT layer: its alpha_pattern, else lora_alpha of the component's config; else rank."""
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except json.JSONDecodeError:
+        config = {}
+    pattern = config.get(f"{component}.alpha_pattern") or {}
+    for key, value in pattern.items():
+        if re.search(rf"(^|\.){re.escape(key.lstrip('^'))}$", module):
+            return float(value)
+    return float(config.get(f"{component}.lora_alpha", rank))
+
+
+def _split(key: str) -> tuple[str, str, str] | None:
+    """(component, module as written, form) of a down-matrix key, None for any other key."""
+    for down, _ in PAIRS:
+        if key.endswith(down):
+            stem = key[: -len(down)]
+            for prefix, component in KOHYA_PREFIXES.items():
+                if stem.startswith(prefix):
+                    return component, stem[len(prefix):], "kohya"
+            stem = stem.removeprefix("base_model.model.")
+            for prefix in COMPONENT_PREFIXES:
+                if stem.startswith(prefix):
+                    return prefix[:-1], stem[len(prefix):], "peft"
+            return "unet", stem, "peft"
+    return None
+
+
+def read_lora(path: Path) -> list[LoraLayer]:
+    """Every layer of a LoRA file; kohya module names keep their underscores here (resolve_modules maps them)."""
+    tensors, metadata = _open(path)
+    layers = []
+    for key, down in tensors.items():
+        split = _split(key)
+        if split is None:
+            continue
+        component, module, form = split
+        up_key = next(key[: -len(d)] + u for d, u in PAIRS if key.endswith(d))
+        if up_key not in tensors:
+            raise UserError(f"{path}: {key} has no matching up matrix ({up_key}); the file is incomplete")
+        rank = down.shape[0]
+        if form == "kohya":
+            alpha_key = key[: -len(".lora_down.weight")] + ".alpha"
+            alpha = float(tensors[alpha_key]) if alpha_key in tensors else float(rank)
+        else:
+            alpha = _peft_alpha(metadata, component, module, rank)
+        layers.append(LoraLayer(component, module, down, tensors[up_key], alpha))
+    if not layers:
+        raise UserError(f"{path} holds no LoRA layers diffrt reads (diffusers/PEFT lora_A/lora_B or kohya "
+                        "lora_down/lora_up keys)")
+    return layers
+
+
+def _onnx():
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise UserError('applying a LoRA at run time reads the graph\'s weights with onnx: pip install "diffrt[lora]"') from None
+    return onnx, numpy_helper
+
+
+def weight_for(layer: LoraLayer, weights: dict) -> str | None:
+    """The checkpoint weight (of the names in weights) a layer patches: by module name (PEFT), or by its underscored
+    form (kohya)."""
+    name = f"{layer.module}.weight"
+    if name in weights:
+        return name
+    return next((k for k in weights if k.endswith(".weight") and k[:-7].replace(".", "_") == layer.module), None)
+
+
+def graph_overrides(graph: Path, chosen: list[tuple[LoraLayer, float]], source: dict[int, str]) -> dict[str, np.ndarray]:
+    """{initializer: new value} for one graph: each weight plus the sum of its LoRA changes, in the graph's layout
+    (transposed where it stores the weight so) and dtype. source names each layer's LoRA file, for errors."""
+    mapping = json.loads((graph.parent / "weights_map.json").read_text(encoding="utf-8"))
+    onnx, numpy_helper = _onnx()
+    model = onnx.load(str(graph), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    changes: dict[str, np.ndarray] = {}
+    unmatched: dict[str, list[str]] = {}
+    for layer, scale in chosen:
+        param = weight_for(layer, mapping)
+        if param is None:
+            unmatched.setdefault(source[id(layer)], []).append(f"{layer.component}.{layer.module}")
+            continue
+        init, transposed = mapping[param]
+        shape = tuple(inits[init].dims)
+        delta = layer.delta(scale, shape[::-1] if transposed else shape)
+        delta = delta.T if transposed else delta
+        changes[init] = changes[init] + delta if init in changes else delta
+    if unmatched:
+        path, keys = next(iter(unmatched.items()))
+        raise UserError(f"LoRA {path}: {len(keys)} layer(s) match no weight of this model's {graph.parent.name} (e.g. "
+                        f"{keys[0]}): it was made for another model, or names layers in a form diffrt does not read")
+    out = {}
+    for init, delta in changes.items():
+        original = numpy_helper.to_array(inits[init], base_dir=str(graph.parent))
+        out[init] = (original.astype(np.float32) + delta).astype(original.dtype)
+    return out
+
+
+def lora_overrides(root: Path, components: dict[str, Path], choices: list[LoraChoice]) -> dict[str, dict[str, np.ndarray]]:
+    """{component: {initializer: merged value}} that the chosen LoRAs make for a package's graphs; every layer of every
+    file must find its weight."""
+    by_component: dict[str, list[tuple[LoraLayer, float]]] = {}
+    source: dict[int, str] = {}
+    for choice in choices:
+        for layer in read_lora(choice.path):
+            if layer.component not in components:
+                raise UserError(f"LoRA {choice.path.name} changes a {layer.component}, which this model does not have: "
+                                "it was made for another model family")
+            by_component.setdefault(layer.component, []).append((layer, choice.scale))
+            source[id(layer)] = choice.path.name
+    for component in by_component:
+        if not (components[component].parent / "weights_map.json").is_file():
+            raise UserError(f"{root} records no weight map for its {component} (an optimum export, or one made before "
+                            "diffrt read LoRAs); re-export it with `diffrt export`, or merge the LoRA there with --lora")
+    return {c: graph_overrides(components[c], layers, source) for c, layers in by_component.items()}

@@ -1,0 +1,151 @@
+"""LoRA: files made with peft for the tiny checkpoint (PEFT/diffusers and kohya forms), merged at export and applied at
+run time, against diffusers' load_lora_weights + fuse_lora at the same scales; bad LoRAs refused in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from diffrt.runtime.errors import UserError
+from diffrt.runtime.lora import LoraChoice, parse_choice
+from diffrt.runtime.pipeline import Pipeline
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+from conftest import reference_pipeline  # noqa: E402
+
+PROMPT = "a red house under a green sky"
+
+
+def make_lora(checkpoint, path, seed: int, unet_targets: tuple[str, ...], text: bool = True, alpha: int = 8) -> None:
+    """A random PEFT LoRA (rank 4) for the checkpoint's UNet (and text encoder), saved as diffusers saves one."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(checkpoint / "unet")
+    unet_config = LoraConfig(r=4, lora_alpha=alpha, target_modules=list(unet_targets), init_lora_weights=False)
+    unet.add_adapter(unet_config)
+    layers = {"unet_lora_layers": get_peft_model_state_dict(unet), "unet_lora_adapter_metadata": unet_config.to_dict()}
+    if text:
+        encoder = CLIPTextModel.from_pretrained(checkpoint / "text_encoder")
+        text_config = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"], init_lora_weights=False)
+        encoder.add_adapter(text_config)
+        layers.update(text_encoder_lora_layers=get_peft_model_state_dict(encoder),
+                      text_encoder_lora_adapter_metadata=text_config.to_dict())
+    StableDiffusionPipeline.save_lora_weights(path.parent, weight_name=path.name, **layers)
+
+
+def to_kohya(peft_file, path, alpha: float) -> None:
+    """The same LoRA in kohya's form: lora_unet_/lora_te_ names with underscores, lora_down/lora_up, alpha."""
+    from safetensors.numpy import load_file, save_file
+
+    out = {}
+    for key, value in load_file(str(peft_file)).items():
+        component, _, rest = key.partition(".")
+        module, kind = rest.rsplit(".lora_", 1)
+        stem = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component] + module.replace(".", "_")
+        out[f"{stem}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value
+        out[f"{stem}.alpha"] = np.array(alpha if component == "unet" else 4.0, dtype=np.float32)
+    save_file(out, str(path))
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    make_lora(tiny_checkpoint, root / "style.safetensors", 1, ("to_q", "to_k", "to_v", "to_out.0"))
+    make_lora(tiny_checkpoint, root / "other.safetensors", 2, ("proj_in", "ff.net.2", "conv1"), text=False, alpha=4)
+    to_kohya(root / "style.safetensors", root / "style-kohya.safetensors", alpha=8.0)
+    to_kohya(root / "other.safetensors", root / "other-kohya.safetensors", alpha=4.0)
+    return root
+
+
+def diffusers_images(checkpoint, choices: list[LoraChoice], latents: np.ndarray) -> np.ndarray:
+    """diffusers with each LoRA loaded and fused at its scale, one after another."""
+    pipe = reference_pipeline("StableDiffusionPipeline", checkpoint)
+    for i, choice in enumerate(choices):
+        pipe.load_lora_weights(choice.path.parent, weight_name=choice.path.name, adapter_name=f"l{i}")
+        pipe.fuse_lora(lora_scale=choice.scale, adapter_names=[f"l{i}"])
+        pipe.unload_lora_weights()
+    with torch.no_grad():
+        return pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, latents=torch.from_numpy(latents),
+                    output_type="np").images
+
+
+SETS = [[("style.safetensors", 1.0)], [("style.safetensors", 0.5)], [("other-kohya.safetensors", 0.5)],
+        [("style.safetensors", 1.0), ("other.safetensors", 0.5)]]
+
+
+@pytest.mark.parametrize("chosen", SETS, ids=["peft-1.0", "peft-0.5", "kohya-0.5", "two"])
+def test_run_time_and_export_time_match_diffusers(chosen, loras, tiny_checkpoint, tiny_package, tmp_path):
+    from diffrt.export import ExportOptions, export_package
+
+    choices = [LoraChoice(loras / name, scale) for name, scale in chosen]
+    latents = np.random.default_rng(7).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    theirs = diffusers_images(tiny_checkpoint, choices, latents)
+    run_time = Pipeline.from_package(tiny_package, backend="ort-cpu", loras=choices)
+    merged = export_package(tiny_checkpoint, tmp_path / "merged", ExportOptions(loras=choices), log=lambda m: None)
+    plain = Pipeline.from_package(tiny_package, backend="ort-cpu")(PROMPT, steps=4, scheduler="pndm", latents=latents)
+    assert np.abs(plain.array - theirs).max() > 0.02  # the LoRA changes the image
+    for pipe in (run_time, Pipeline.from_package(merged, backend="ort-cpu")):
+        mine = pipe(PROMPT, steps=4, scheduler="pndm", latents=latents)
+        assert np.abs(mine.array - theirs).max() <= 1e-3
+        assert np.abs(np.round(mine.array * 255) - np.round(theirs * 255)).max() <= 1
+    recorded = json.loads((merged / "diffrt.json").read_text())["loras"]
+    assert [(r["file"], r["scale"]) for r in recorded] == chosen
+
+
+def test_kohya_text_encoder_layers_equal_their_peft_form(loras, tiny_package):
+    """The kohya file with text encoder layers gives the PEFT file's image (checked against diffusers above); diffusers
+    itself cannot be the oracle here: it renames kohya's q_proj/v_proj layers to a form its text encoder then drops."""
+    pipe = Pipeline.from_package(tiny_package, backend="ort-cpu", loras=[LoraChoice(loras / "style.safetensors", 0.7)])
+    peft = pipe(PROMPT, steps=3, seed=2)
+    pipe.set_loras([LoraChoice(loras / "style-kohya.safetensors", 0.7)])
+    assert np.abs(pipe(PROMPT, steps=3, seed=2).array - peft.array).max() <= 1e-5
+
+
+def test_switching_loras_at_run_time(loras, tiny_package):
+    """set_loras swaps the applied set; [] returns to the package's own weights; the package is never written."""
+    before = {p: p.stat().st_mtime_ns for p in tiny_package.rglob("*") if p.is_file()}
+    pipe = Pipeline.from_package(tiny_package, backend="ort-cpu")
+    plain = pipe(PROMPT, steps=3, seed=1)
+    pipe.set_loras([LoraChoice(loras / "style.safetensors", 1.0)])
+    styled = pipe(PROMPT, steps=3, seed=1)
+    pipe.set_loras([LoraChoice(loras / "other.safetensors", 1.0)])
+    other = pipe(PROMPT, steps=3, seed=1)
+    pipe.set_loras([])
+    again = pipe(PROMPT, steps=3, seed=1)
+    assert np.abs(styled.array - plain.array).max() > 0.02 and np.abs(other.array - styled.array).max() > 0.02
+    assert np.array_equal(again.array, plain.array)
+    assert before == {p: p.stat().st_mtime_ns for p in tiny_package.rglob("*") if p.is_file()}
+
+
+def test_bad_loras_are_refused(loras, tiny_package, tiny_sdxl_package, tmp_path):
+    pipe = Pipeline.from_package(tiny_package, backend="ort-cpu")
+    pickle = tmp_path / "old.ckpt"
+    pickle.write_bytes(b"\x80\x04junk")
+    with pytest.raises(UserError, match="pickle file"):
+        pipe.set_loras([LoraChoice(pickle)])
+    corrupt = tmp_path / "bad.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(UserError, match="not a readable .safetensors"):
+        pipe.set_loras([LoraChoice(corrupt)])
+    with pytest.raises(UserError, match="made for another architecture|match no weight"):
+        Pipeline.from_package(tiny_sdxl_package, backend="ort-cpu", loras=[LoraChoice(loras / "style.safetensors")])
+    with pytest.raises(UserError, match="is not a number"):
+        parse_choice("style.safetensors:strong")
+    assert parse_choice("a/b.safetensors:0.7") == LoraChoice(parse_choice("a/b.safetensors").path, 0.7)
+
+
+def test_cli_lora_bad_input_exits_2(loras, tiny_package, tmp_path):
+    for lora, message in (("style.safetensors:x", "is not a number"), ("missing.safetensors", "does not exist")):
+        proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "generate", "a house", "--model", str(tiny_package),
+                               "--lora", str(loras / lora), "-o", str(tmp_path / "x.png"), "--steps", "1"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
