@@ -3,7 +3,7 @@
     diffrt bench [PACKAGE | sd15] [--steps N] [--size WxH] [--batch 1,4] [--runs N] [--warmup N]
                  [--baseline diffusers] [--out DIR]
 
-With --baseline diffusers, diffusers' StableDiffusionPipeline runs on the checkpoint the package was exported
+With --baseline diffusers, diffusers (its DiffusionPipeline: SD or SDXL) runs on the checkpoint the package was exported
 from, with the same latents, steps and scheduler, interleaved run by run with diffrt so machine noise hits both,
 on the same kind of device: the CPU in float32 beside ort-cpu, the GPU beside ort-cuda and trt (float16 there
 unless the package is float32).
@@ -92,19 +92,20 @@ class Diffusers:
 
     def __init__(self, checkpoint: Path, threads: int | None, device: str = "cpu", dtype: str = "float32") -> None:
         import torch
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DiffusionPipeline
 
         if threads:
             torch.set_num_threads(threads)
         self.torch, self.device, self.dtype = torch, device, getattr(torch, dtype)
         start = time.perf_counter()
-        self.pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=self.dtype).to(device)
+        self.pipe = DiffusionPipeline.from_pretrained(checkpoint, torch_dtype=self.dtype).to(device)  # SD or SDXL
         self.scheduler_config = dict(self.pipe.scheduler.config)  # the checkpoint's, which each sampler is built over
         self.pipe.set_progress_bar_config(disable=True)
         self.load_seconds = time.perf_counter() - start
         self.stages: dict[str, list[tuple[Any, Any]]] = {}  # (start mark, end mark) per call
-        for name, module in (("text_encoder", self.pipe.text_encoder), ("unet", self.pipe.unet)):
-            self._hook(name, module)
+        for name in ("text_encoder", "text_encoder_2", "unet"):  # SDXL's two encoders time as one stage
+            if getattr(self.pipe, name, None) is not None:
+                self._hook(name.removesuffix("_2"), getattr(self.pipe, name))
         self.pipe.vae.decode = self._timed("vae_decode", self.pipe.vae.decode)
         self.pipe.vae.encode = self._timed("vae_encode", self.pipe.vae.encode)
 
@@ -120,10 +121,10 @@ class Diffusers:
 
     def img2img(self):
         """diffusers' image-to-image pipeline over the same modules (the hooks stay on them)."""
-        from diffusers import StableDiffusionImg2ImgPipeline
+        from diffusers import AutoPipelineForImage2Image
 
         if not hasattr(self, "_img2img"):
-            self._img2img = StableDiffusionImg2ImgPipeline(**self.pipe.components)
+            self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
             self._img2img.set_progress_bar_config(disable=True)
         self._img2img.scheduler = self.pipe.scheduler
         return self._img2img
@@ -214,7 +215,7 @@ def cold_start(cfg: BenchConfig, impl: str, package: Path, checkpoint: Path | No
         device, dtype = placement
         body = ("import torch, diffusers\n"
                 "from diffrt.runtime.schedulers import SHORT_NAMES\n"
-                f"p = diffusers.StableDiffusionPipeline.from_pretrained({str(checkpoint)!r}, torch_dtype=torch.{dtype})"
+                f"p = diffusers.DiffusionPipeline.from_pretrained({str(checkpoint)!r}, torch_dtype=torch.{dtype})"
                 f".to({device!r})\n"
                 "p.set_progress_bar_config(disable=True)\n"
                 f"cls, over = SHORT_NAMES[{scheduler!r}]\n"

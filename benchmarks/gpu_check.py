@@ -5,6 +5,7 @@ implementation's GPU memory is read in a fresh process of its own.
 
     python -m diffrt.benchmarks.gpu_check --out $OUT              # on the GPU box (README, "GPU check")
     python -m diffrt.benchmarks.gpu_check --tiny --out /tmp/gc    # the same steps at toy size, on the CPU
+    python -m diffrt.benchmarks.gpu_check --family sdxl --size 1024 --steps 20 --batches 1 --out $OUT   # SDXL
 
 Working files go to --work (default: a temporary folder), only gpu_check.json and a short log to --out.
 Prints a short table last.
@@ -35,19 +36,20 @@ TINY = {"unet": dict(sample_size=8, block_out_channels=[32, 64], layers_per_bloc
 PROMPT = "a photo of a cat"
 
 
-def prepare(work: Path, tiny: bool, timings: dict) -> tuple[Path, Path, Path]:
-    """Checkpoint, fp32 package (fused attention) and its fp16 copy, each timed."""
+def prepare(work: Path, tiny: bool, timings: dict, family: str = "sd1") -> tuple[Path, Path, Path]:
+    """Checkpoint, fp32 package (fused attention) and its fp16 copy (SDXL's VAE stays fp32), each timed."""
     from diffrt.export import ExportOptions, export_package
     from diffrt.export.precision import fp16_copy
-    from diffrt.runtime.package import REQUIRED
+    from diffrt.runtime.package import required
 
-    from .sd15 import make_checkpoint
+    from . import sd15, sdxl
 
     t = time.perf_counter()
-    ckpt = make_checkpoint(work / "checkpoint", overrides=TINY if tiny else None)
+    make = sdxl.make_checkpoint if family == "sdxl" else sd15.make_checkpoint
+    ckpt = make(work / "checkpoint", overrides=(sdxl.TINY if family == "sdxl" else TINY) if tiny else None)
     timings["checkpoint_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    options = ExportOptions(components=REQUIRED, check=False, overwrite=True)
+    options = ExportOptions(components=required(family), check=False, overwrite=True)
     fp32 = export_package(ckpt, work / "fp32", options, log=lambda m: print(m, file=sys.stderr))
     timings["export_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -58,11 +60,11 @@ def prepare(work: Path, tiny: bool, timings: dict) -> tuple[Path, Path, Path]:
 
 def load_diffusers(ckpt: Path, dtype_name: str, device: str):
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 
     torch.backends.cuda.matmul.allow_tf32 = True  # onnxruntime's CUDA provider uses TF32 for fp32 by default
     torch.backends.cudnn.allow_tf32 = True
-    pipe = StableDiffusionPipeline.from_pretrained(ckpt, torch_dtype=getattr(torch, dtype_name)).to(device)
+    pipe = DiffusionPipeline.from_pretrained(ckpt, torch_dtype=getattr(torch, dtype_name)).to(device)  # SD or SDXL
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -234,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--precisions", default="fp32,fp16", help="rows to time (fp16 on a GPU only)")
     ap.add_argument("--no-fused", action="store_true", help="skip the fp16 package with onnxruntime's CUDA UNet fusions")
+    ap.add_argument("--family", choices=("sd1", "sdxl"), default="sd1", help="SD 1.5's architecture or SDXL base's")
     args = ap.parse_args(argv)
     import torch
 
@@ -243,11 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="diffrt-gpu-check-"))
     t0, timings = time.perf_counter(), {}
-    ckpt, fp32, fp16 = prepare(work, args.tiny, timings)
+    ckpt, fp32, fp16 = prepare(work, args.tiny, timings, args.family)
     gpu = torch.cuda.is_available() and cuda_available() and not args.tiny
     size = json.loads((fp32 / "diffrt.json").read_text())["defaults"]["width"] if args.tiny else args.size
     batches = [int(b) for b in args.batches.split(",")]
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "backend": "ort-cuda" if gpu else "ort-cpu",
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "family": args.family,
+              "backend": "ort-cuda" if gpu else "ort-cpu",
               "size": size, "steps": args.steps, "scheduler": "euler", "guidance": 7.5, "tf32": "on for fp32, both sides",
               "cuda_graph_blockers": check_cuda_graph_ready(fp16 / "unet" / "model.onnx"), "timings": timings}
     if gpu:

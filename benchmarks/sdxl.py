@@ -1,6 +1,10 @@
 """The SDXL base architecture at full size with random weights (speed and memory do not depend on the values).
 
     python -m diffrt.benchmarks.sdxl export [--cache DIR]    # build, export with diffrt, report time and peak RSS
+    python -m diffrt.benchmarks.sdxl bench [--size 512x512 --steps 4 --runs 2 --impls ...]
+
+bench runs each implementation in its own child process, one after another in one run (diffrt's fp32 SDXL and
+diffusers' each hold about 14 GB: both at once would not fit in 24 GB), and reports per-stage times and peak RSS.
 
 The checkpoint (float16 safetensors, as SDXL's fp16 variant ships) and its package are cached under --cache
 (default .cache/sdxl). Each component is built and saved alone, so building never holds the whole model.
@@ -10,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -33,8 +40,20 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
                  timestep_spacing="leading", interpolation_type="linear", use_karras_sigmas=False)
 
 
-def make_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Save a random-weight SDXL-base-shaped StableDiffusionXLPipeline folder at path (about 7 GB in float16)."""
+TINY = {"unet": dict(sample_size=16, block_out_channels=[32, 64], layers_per_block=1, cross_attention_dim=64,
+                     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+                     attention_head_dim=[2, 4], transformer_layers_per_block=[1, 1], addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=32 + 6 * 8),
+        "text": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+        "text_2": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+        "vae": dict(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+                    up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32)}
+
+
+def make_checkpoint(path: Path, seed: int = 0, overrides: dict[str, dict] | None = None) -> Path:
+    """Save a random-weight SDXL-base-shaped StableDiffusionXLPipeline folder at path (about 7 GB in float16).
+
+    overrides: {"unet" | "text" | "text_2" | "vae": config keys} replacing SDXL's, e.g. for a toy-size test."""
     if (path / "model_index.json").is_file():
         return path
     import torch
@@ -50,9 +69,12 @@ def make_checkpoint(path: Path, seed: int = 0) -> Path:
         tokenizer = build_tokenizer(corpus, path / f"{folder}-build", 600)
         tokenizer.pad_token = pad or tokenizer.pad_token
         tokenizer.save_pretrained(path / folder)
-    builders = {"text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER)),
-                "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2)),
-                "vae": lambda: AutoencoderKL(**VAE), "unet": lambda: UNet2DConditionModel(**UNET)}
+    o = overrides or {}
+    builders = {"text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**{**TEXT_ENCODER, **o.get("text", {})})),
+                "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**{**TEXT_ENCODER_2,
+                                                                                      **o.get("text_2", {})})),
+                "vae": lambda: AutoencoderKL(**{**VAE, **o.get("vae", {})}),
+                "unet": lambda: UNet2DConditionModel(**{**UNET, **o.get("unet", {})})}
     for folder, build in builders.items():
         print(f"building {folder}", flush=True)
         build().half().save_pretrained(path / folder)
@@ -67,13 +89,83 @@ def make_checkpoint(path: Path, seed: int = 0) -> Path:
     return path
 
 
+IMPLS = {"diffrt-ort": ("diffrt", "ort-cpu"), "diffrt-ov-bf16": ("diffrt", "ov-cpu"), "diffrt-ov-fp32": ("diffrt", "ov-cpu"),
+         "diffusers": ("diffusers", "float32"), "diffusers-bf16": ("diffusers", "bfloat16")}
+
+
+def child(impl: str, cache: Path, width: int, height: int, steps: int, runs: int) -> dict:
+    """One implementation in this process: load, one warm-up image, then runs timed images (per stage)."""
+    import numpy as np
+
+    from .bench import BenchConfig, Diffusers, run_diffrt
+
+    kind, where = IMPLS[impl]
+    cfg = BenchConfig(package=cache / "package", steps=steps, width=width, height=height, prompt="a photo of a red house")
+    start = time.perf_counter()
+    if kind == "diffrt":
+        from diffrt.runtime.pipeline import Pipeline
+
+        pipe = Pipeline.from_package(cache / "package", backend=where,
+                                     precision="fp32" if impl.endswith("fp32") else "auto")
+        precision = pipe.precision
+        run = lambda lat: run_diffrt(pipe, cfg, "euler", steps, 5.0, lat, width, height)  # noqa: E731
+    else:
+        ref = Diffusers(cache / "checkpoint", None, "cpu", where)
+        precision = where
+        run = lambda lat: ref(cfg, "euler", steps, 5.0, lat, width, height)  # noqa: E731
+    load = time.perf_counter() - start
+    latents = np.random.default_rng(0).standard_normal((1, 4, height // 8, width // 8), dtype=np.float32)
+    run(latents)
+    records = [run(latents) for _ in range(runs)]
+    return {"impl": impl, "precision": precision, "load_seconds": load, "records": records,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def bench(args) -> dict:
+    """Every asked implementation in its own child process, in turn; the machine and settings with the results."""
+    from .machine import describe
+
+    width, height = (int(v) for v in args.size.split("x"))
+    results = []
+    for impl in args.impls.split(","):
+        print(f"{impl}: running", flush=True)
+        proc = subprocess.run([sys.executable, "-m", "diffrt.benchmarks.sdxl", "child", "--impl", impl, "--cache",
+                               str(args.cache), "--size", args.size, "--steps", str(args.steps), "--runs", str(args.runs)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            results.append({"impl": impl, "error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]})
+            print(f"{impl}: failed: {results[-1]['error']}", flush=True)
+            continue
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        totals = [x["total"] for x in r["records"]]
+        print(f"{impl} ({r['precision']}): load {r['load_seconds']:.1f} s, image {min(totals):.1f} s (best of "
+              f"{len(totals)}), peak RSS {r['peak_rss_gb']:.1f} GB", flush=True)
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "width": width, "height": height,
+            "steps": args.steps, "guidance_scale": 5.0, "scheduler": "euler", "results": results}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("action", choices=["export"])
+    ap.add_argument("action", choices=["export", "bench", "child"])
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--json", type=Path, help="write the measurement here")
+    ap.add_argument("--size", default="512x512", help="WIDTHxHEIGHT (bench)")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--impls", default="diffrt-ort,diffusers,diffusers-bf16,diffrt-ov-bf16")
+    ap.add_argument("--impl", choices=list(IMPLS), help="(child) the implementation this process runs")
     ap.add_argument("export_args", nargs="*", help="more `diffrt export` options, after --")
     args = ap.parse_args(argv)
+    if args.action == "child":
+        width, height = (int(v) for v in args.size.split("x"))
+        print(json.dumps(child(args.impl, args.cache, width, height, args.steps, args.runs)))
+        return
+    if args.action == "bench":
+        result = bench(args)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return
     t = time.perf_counter()
     ckpt = make_checkpoint(args.cache / "checkpoint")
     print(f"checkpoint ready in {time.perf_counter() - t:.0f} s: {ckpt}", flush=True)

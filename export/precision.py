@@ -115,12 +115,18 @@ def convert_fp16(src: Path, dst: Path, keep_ops: tuple[str, ...]) -> None:
 
 
 def fp16_copy(package: Path, out: Path, keep_ops: tuple[str, ...] = FP16_KEEP_OPS, log: Callable[[str], None] = print) -> Path:
-    """out: package with every graph in float16 and no quality gates or float32 copies (for speed and memory
-    measurements on random weights, where image gates mean nothing); the fp32 graphs are read, never copied."""
+    """out: package with every graph in float16 (but an SDXL VAE that must stay float32) and no quality gates or
+    float32 copies (for speed and memory measurements on random weights, where image gates mean nothing)."""
     graphs = {p for p in package.rglob("*") if p.suffix == ".onnx" or p.name.endswith("onnx_data")}
     shutil.copytree(package, out, ignore=lambda d, names: [n for n in names if Path(d) / n in graphs], dirs_exist_ok=True)
     manifest = json.loads((out / MANIFEST).read_text())
+    kept = upcast_vae(package, log) if manifest.get("family") == "sdxl" else ()
     for comp, entry in manifest["components"].items():
+        if comp in kept:
+            for graph in (package / entry["file"]).parent.iterdir():
+                if graph in graphs:
+                    shutil.copy2(graph, out / graph.relative_to(package))
+            continue
         log(f"{comp}: fp16")
         convert_fp16(package / entry["file"], out / entry["file"], keep_ops)
         entry.update(precision="fp16", made_by=f"onnxruntime float16 converter, kept float32: {', '.join(keep_ops)}")

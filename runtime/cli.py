@@ -244,7 +244,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"diffrt: warning: serving on {args.host} without --api-key: anyone who reaches it can use it", file=sys.stderr)
     options = ServeOptions(model=args.model, backend=args.backend, threads=args.threads, max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
-                           api_key=args.api_key or os.environ.get("DIFFRT_API_KEY"))
+                           api_key=args.api_key or os.environ.get("DIFFRT_API_KEY"), lora_dir=args.lora_dir)
     if args.ray:
         from diffrt.serve.ray_app import run_on_ray
 
@@ -280,6 +280,8 @@ def add_serve(sub) -> None:
                    "(default %(default)s)")
     s.add_argument("--max-queue", type=positive_int, default=64, help="queued requests before answering 429 (default %(default)s)")
     s.add_argument("--timeout", type=positive_number, default=600, help="seconds a request may take (default %(default)s)")
+    s.add_argument("--lora-dir", type=Path, help="LoRAs requests may name (<lora:NAME:SCALE> in the prompt, or a loras "
+                   "field): NAME.safetensors files in this folder")
     s.add_argument("--api-key", help="require this key (Authorization: Bearer KEY); env DIFFRT_API_KEY")
     r = s.add_argument_group("scale-out on Ray Serve (needs diffrt[ray])")
     r.add_argument("--ray", action="store_true", help="serve through Ray Serve: one ingress, model replicas on the cluster")

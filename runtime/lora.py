@@ -210,3 +210,72 @@ def lora_overrides(root: Path, components: dict[str, Path], choices: list[LoraCh
             raise UserError(f"{root} records no weight map for its {component} (an optimum export, or one made before "
                             "diffrt read LoRAs); re-export it with `diffrt export`, or merge the LoRA there with --lora")
     return {c: graph_overrides(components[c], layers, source) for c, layers in by_component.items()}
+
+
+class LoraSets:
+    """The merged weights of the last few LoRA sets used (a server switching between sets computes each once)."""
+
+    def __init__(self, root: Path, components: dict[str, Path], size: int = 4) -> None:
+        import threading
+        from collections import OrderedDict
+
+        self.root, self.components, self.size = root, components, size
+        self.cache: OrderedDict[tuple, dict[str, dict[str, np.ndarray]]] = OrderedDict()
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def key(choices: list[LoraChoice]) -> tuple:
+        """A set's identity: each file (and its modification time) with its scale, in order."""
+        return tuple((str(c.path.resolve()), c.path.stat().st_mtime_ns if c.path.is_file() else 0, c.scale)
+                     for c in choices)
+
+    def weights(self, choices: list[LoraChoice]) -> dict[str, dict[str, np.ndarray]]:
+        """{component: {initializer: merged value}} for the set, computed or from the cache."""
+        if not choices:
+            return {}
+        key = self.key(choices)
+        with self.lock:
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                return self.cache[key]
+        weights = lora_overrides(self.root, self.components, choices)
+        with self.lock:
+            self.cache[key] = weights
+            while len(self.cache) > self.size:
+                self.cache.popitem(last=False)
+        return weights
+
+
+PROMPT_LORA = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?>")
+
+
+def prompt_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """AUTOMATIC1111's `<lora:NAME:SCALE>` tags taken out of a prompt: the prompt without them, and (name, scale)."""
+    found = []
+    for name, scale in PROMPT_LORA.findall(prompt):
+        try:
+            value = float(scale) if scale.strip() else 1.0
+        except ValueError:
+            raise UserError(f"<lora:{name}:{scale}>: the scale {scale!r} is not a number") from None
+        found.append((name.strip(), value))
+    return PROMPT_LORA.sub("", prompt).strip(), found
+
+
+def named_loras(folder: Path | None, wanted: list[tuple[str, float]]) -> list[LoraChoice]:
+    """LoRAs by name (a file NAME.safetensors in folder), in order, one entry per name (the last scale given wins)."""
+    if not wanted:
+        return []
+    if folder is None:
+        raise UserError("this server has no LoRA folder; start it with --lora-dir DIR to serve LoRAs by name")
+    chosen: dict[str, float] = {}
+    for name, scale in wanted:
+        if not re.fullmatch(r"[\w.\- ]+", name) or name.startswith("."):
+            raise UserError(f"LoRA name {name!r} is not a plain file name (letters, digits, ., -, _)")
+        if not np.isfinite(scale):
+            raise UserError(f"LoRA {name}: the scale must be a finite number")
+        chosen[name] = scale
+    choices = [LoraChoice(folder / f"{name}.safetensors", scale) for name, scale in chosen.items()]
+    for choice in choices:
+        if not choice.path.is_file():
+            raise UserError(f"LoRA {choice.path.stem!r} is not in the server's LoRA folder; GET /sdapi/v1/loras lists them")
+    return choices

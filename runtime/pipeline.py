@@ -18,7 +18,7 @@ from .errors import UserError
 from .family import adapter_for
 from .generators import ImageGenerators
 from .img2img import Inpainting, image_input, latents_from, mask_input, strength_timesteps
-from .lora import LoraChoice, lora_overrides
+from .lora import LoraChoice, LoraSets
 from .memory import attention_layout, check_fits
 from .package import Package, load_package, required
 from .prompts import chunked, emphasized
@@ -129,7 +129,8 @@ class Pipeline:
                            gpu_mem_limit=gpu_mem_limit, lora=loras)
         self.backend = lora_backend(resolve_backend(backend), backend, loras)
         self.loras: list[LoraChoice] = list(loras or [])
-        self.lora_weights = lora_overrides(package.root, self._lora_targets(), self.loras) if self.loras else {}
+        self.lora_sets = LoraSets(package.root, self._lora_targets())
+        self.lora_weights = self.lora_sets.weights(self.loras)
         self.precision = self._compute_precision(precision, cuda_graph, gpu_mem_limit)
         self.threads = threads
         self.fp32_fallback = fp32_fallback
@@ -198,13 +199,21 @@ class Pipeline:
         """The graphs a LoRA may change: the text encoder(s) and the UNet."""
         return {c: self.package.component(c) for c in (*adapter_for(self.package.family).encoders, "unet")}
 
-    def set_loras(self, loras: list[LoraChoice]) -> None:
-        """Apply another set of LoRAs (each a file and scale; [] for none) without re-export: the merged weights are
-        computed in numpy and the changed graphs' sessions made again over them. On a bad LoRA nothing changes."""
-        if self.backend not in ("ort-cpu", "ort-cuda"):
+    def check_loras(self, loras: list[LoraChoice]) -> None:
+        """Refuse a LoRA set that cannot be applied here (backend, files, layers), computing its weights for later."""
+        if loras and self.backend not in ("ort-cpu", "ort-cuda"):
             raise UserError(f"LoRAs are applied at run time on onnxruntime (ort-cpu, ort-cuda), not {self.backend}; "
                             "merge them at export (`diffrt export --lora FILE:SCALE`)")
-        weights = lora_overrides(self.package.root, self._lora_targets(), list(loras)) if loras else {}
+        self.lora_sets.weights(list(loras))
+
+    def set_loras(self, loras: list[LoraChoice]) -> None:
+        """Apply another set of LoRAs (each a file and scale; [] for none) without re-export: the merged weights are
+        computed in numpy (the last few sets are kept) and the changed graphs' sessions made again over them. On a bad
+        LoRA nothing changes."""
+        if LoraSets.key(list(loras)) == LoraSets.key(self.loras):
+            return
+        self.check_loras(loras)
+        weights = self.lora_sets.weights(list(loras))
         changed = set(weights) | set(self.lora_weights)
         self.loras, self.lora_weights = list(loras), weights
         for name in changed:
@@ -253,7 +262,8 @@ class Pipeline:
                  num_inference_steps: int | None = None, num_images_per_prompt: int | None = None,
                  seeds: list[int] | None = None, image: Any = None, strength: float = 0.8, resize: bool = False,
                  mask: Any = None, rng: str = "numpy", clip_skip: int = 1, guidance_rescale: float = 0.0,
-                 original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0)) -> Result:
+                 original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
+                 loras: list[LoraChoice] | None = None) -> Result:
         """Images for prompt (or each of a list of prompts), num_images each. Image i gets seed + i (seed None or -1:
         random), so any image can be made again alone; seeds (and guidance_scale as a list) give every image's own
         (a server batching requests); steps and num_images also go by diffusers' names. With image (a Pillow image or a
@@ -265,7 +275,10 @@ class Pipeline:
         text encoder's N-th layer from the end (A1111's "Clip skip"; diffusers' clip_skip is N - 1). guidance_rescale
         (0..1) brings the guided noise prediction's spread back towards the prompt's, as diffusers' does (SD 2.x
         v-prediction models with zero terminal SNR). SDXL models also take diffusers' size conditioning: original_size
-        (height, width; default the image's own) and crops_coords_top_left (top, left)."""
+        (height, width; default the image's own) and crops_coords_top_left (top, left). loras (files and scales)
+        switches the applied LoRAs first (None: keep those applied, [] none; see set_loras)."""
+        if loras is not None:
+            self.set_loras(loras)
         pkg, d = self.package, self.package.defaults
         steps = next((v for v in (steps, num_inference_steps) if v is not None), d["steps"])
         num_images = num_images_per_prompt if num_images_per_prompt is not None else num_images
@@ -294,7 +307,8 @@ class Pipeline:
         settings = {"prompt": prompts[0], "negative_prompt": negatives[0], "steps": req.steps, "guidance_scale": req.guidances[0],
                     "scheduler": short_name(sched), "seed": req.seeds[0], "width": width, "height": height,
                     "num_images": len(prompts), "rng": req.rng, "clip_skip": req.clip_skip,
-                    "guidance_rescale": req.guidance_rescale, **self._size_settings(req), "model": pkg.name, "model_hash": pkg.model_hash,
+                    "guidance_rescale": req.guidance_rescale, **self._size_settings(req),
+                    **({"loras": [c.label for c in self.loras]} if self.loras else {}), "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.backend, "precision": self.precision, "diffrt": __version__}
         if pixels is not None:
             settings.update(mode="inpaint" if mask is not None else "img2img", strength=strength,

@@ -39,6 +39,7 @@ class ServeOptions:
     max_queue: int = 64
     timeout_s: float = 600
     api_key: str | None = None
+    lora_dir: Path | None = None  # LoRAs a request may name (NAME.safetensors)
 
 
 class ApiError(Exception):
@@ -119,6 +120,7 @@ class Service:
         d, s = self.pipe.package.defaults, job.settings
         self.pipe.check(job.prompts, job.negatives, s["steps"] or d["steps"], job.guidance, s["scheduler"], None, job.seeds,
                         s["width"] or d["width"], s["height"] or d["height"], 1, s.get("rng", "numpy"), s.get("clip_skip", 1))
+        self.pipe.check_loras(list(s.get("loras", ())))
         job.chunks = self.pipe.chunk_count(job.prompts + job.negatives)
 
     def describe(self) -> dict[str, Any]:
@@ -168,6 +170,22 @@ async def watch_disconnect(request: Request, task: asyncio.Future) -> None:
         await asyncio.sleep(0.2)
 
 
+def with_loras(options: ServeOptions, prompt: str, named: dict[str, float]) -> tuple[str, tuple]:
+    """The prompt without its <lora:NAME:SCALE> tags, and the LoRAs the tags and the request's loras field name."""
+    from diffrt.runtime.lora import named_loras, prompt_loras
+
+    prompt, tagged = prompt_loras(prompt)
+    folder = Path(options.lora_dir) if options.lora_dir else None
+    return prompt, tuple(named_loras(folder, tagged + list(named.items())))
+
+
+def lora_files(options: ServeOptions) -> list[dict[str, str]]:
+    """The LoRAs a request may name: the server's --lora-dir files, as A1111's /sdapi/v1/loras lists them."""
+    folder = Path(options.lora_dir) if options.lora_dir else None
+    files = sorted(folder.glob("*.safetensors")) if folder and folder.is_dir() else []
+    return [{"name": f.stem, "alias": f.stem, "path": str(f)} for f in files]
+
+
 def encode(image, settings: dict, fmt: str = "png") -> str:
     from diffrt.runtime.images import encoded
 
@@ -194,9 +212,10 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
         if body.model not in (None, service.name):
             raise ApiError(400, f"model {body.model!r} is not served here; GET /v1/models lists {service.name!r}", "model")
         width, height = body.dimensions()
-        job = Job([body.prompt] * body.n, [body.negative_prompt] * body.n, seeds_from(body.seed, body.n),
+        prompt, loras = with_loras(service.options, body.prompt, body.loras)
+        job = Job([prompt] * body.n, [body.negative_prompt] * body.n, seeds_from(body.seed, body.n),
                   {"steps": body.steps, "scheduler": body.scheduler, "width": width, "height": height, "rng": body.rng,
-                   "clip_skip": body.clip_skip},
+                   "clip_skip": body.clip_skip, "loras": loras},
                   body.guidance_scale)
         images = await service.generate(job, request)
         return {"created": int(time.time()), "output_format": body.output_format,
@@ -211,10 +230,11 @@ def add_a1111_routes(app: FastAPI, service: Service) -> None:
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
         count = body.batch_size * body.n_iter
-        job = Job([body.prompt] * count, [body.negative_prompt] * count, seeds_from(body.seed, count),
+        prompt, loras = with_loras(service.options, body.prompt, body.loras)
+        job = Job([prompt] * count, [body.negative_prompt] * count, seeds_from(body.seed, count),
                   {"steps": body.steps, "scheduler": body.sampler_name or body.scheduler, "width": body.width,
                    "height": body.height, "rng": body.rng(),
-                   "clip_skip": body.override_settings.CLIP_stop_at_last_layers}, body.cfg_scale)
+                   "clip_skip": body.override_settings.CLIP_stop_at_last_layers, "loras": loras}, body.cfg_scale)
         images = await service.generate(job, request)
         first = images[0][1]
         info = {"prompt": body.prompt, "all_prompts": job.prompts, "negative_prompt": body.negative_prompt,
@@ -224,6 +244,10 @@ def add_a1111_routes(app: FastAPI, service: Service) -> None:
                 "height": first["height"], "sd_model_name": service.name, "sd_model_hash": first["model_hash"][:10],
                 "batch_size": body.batch_size, "infotexts": [parameters(s) for _, s in images]}
         return {"images": [encode(img, s) for img, s in images], "parameters": body.model_dump(), "info": json.dumps(info)}
+
+    @app.get("/sdapi/v1/loras")
+    async def loras() -> list:
+        return lora_files(service.options)
 
     @app.get("/sdapi/v1/samplers")
     async def samplers() -> list:

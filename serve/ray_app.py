@@ -161,8 +161,9 @@ def app(args: dict) -> serve.Application:
     known = {f.name for f in dataclasses.fields(ServeOptions)}
     options = {k: v for k, v in args.items() if k in known and v is not None}
     options["threads"] = int(args.get("threads") or 1)
-    if options.get("model"):  # replicas may start in another folder (or on another node, where the path must exist)
-        options["model"] = str(Path(options["model"]).resolve())
+    for key in ("model", "lora_dir"):  # replicas may start in another folder (or on another node, where it must exist)
+        if options.get(key):
+            options[key] = str(Path(options[key]).resolve())
     for key, kind in (("max_batch", int), ("max_wait_ms", float), ("max_queue", int), ("timeout_s", float)):
         if key in options:
             options[key] = kind(options[key])

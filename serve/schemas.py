@@ -28,6 +28,7 @@ class OpenAIImageRequest(BaseModel):
     seed: int | None = Field(None, ge=-1, le=2**63 - 1 - MAX_N)
     rng: Literal["numpy", "torch-cpu", "torch-cuda"] = "numpy"
     clip_skip: int = Field(1, ge=1, le=48)
+    loras: dict[str, float] = Field(default_factory=dict, description="LoRA name -> scale, from the server's --lora-dir")
 
     @field_validator("size")
     @classmethod
@@ -72,6 +73,7 @@ class Txt2ImgRequest(BaseModel):
     batch_size: int = Field(1, ge=1, le=MAX_N)
     n_iter: int = Field(1, ge=1, le=MAX_N)
     override_settings: A1111Overrides = Field(default_factory=lambda: A1111Overrides())
+    loras: dict[str, float] = Field(default_factory=dict, description="diffrt's: LoRA name -> scale (or <lora:NAME:SCALE>)")
 
     def rng(self) -> str:
         """A1111's random number source as diffrt's rng; numpy when none is given."""

@@ -179,3 +179,18 @@ def test_bench_image_to_image_times_the_encoder_and_runs_strength_times_steps(ti
     assert all(len(r["unet_calls"]) == 3 for r in e2e)  # int(0.6 x 5)
     assert all(r["stages"]["vae_encode"] > 0 for r in e2e)
     assert not [r for r in result["records"] if r["kind"] == "cold_start"]
+
+
+def test_gpu_check_script_covers_sdxl_at_toy_size(tmp_path):
+    """--family sdxl: the SDXL architecture exported with both encoders, its fp16 copy keeping the VAE float32, and its
+    fp32 images matching diffusers' StableDiffusionXLPipeline."""
+    from diffrt.benchmarks import gpu_check
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert gpu_check.main(["--tiny", "--family", "sdxl", "--out", str(out), "--work", str(work), "--steps", "2",
+                           "--batches", "1", "--runs", "1"]) == 0
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["family"] == "sdxl" and report["rows"][0]["max_abs_diff"]["diffrt"] < 1e-2
+    manifest = json.loads((work / "fp16" / "diffrt.json").read_text())
+    assert {c: e["precision"] for c, e in manifest["components"].items()} == {
+        "text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_decoder": "fp32"}

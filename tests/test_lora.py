@@ -149,3 +149,44 @@ def test_cli_lora_bad_input_exits_2(loras, tiny_package, tmp_path):
                                "--lora", str(loras / lora), "-o", str(tmp_path / "x.png"), "--steps", "1"],
                               capture_output=True, text=True)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_server_takes_loras_per_request(loras, tiny_package):
+    """`diffrt serve --lora-dir`: <lora:NAME:SCALE> in the prompt and the loras field name LoRAs per request; the
+    server switches between sets (images equal the pipeline's with that set) and refuses unknown names with a 400."""
+    pytest.importorskip("fastapi")
+    import base64
+    from io import BytesIO
+
+    from PIL import Image
+    from test_serve import Server
+
+    server = Server(tiny_package, "--lora-dir", str(loras), "--max-wait-ms", "0")
+    try:
+        def image(body: dict) -> np.ndarray:
+            response = server.post("/v1/images/generations", {"steps": 3, "seed": 4, "size": "32x32", **body})
+            assert response.status_code == 200, response.text
+            return np.asarray(Image.open(BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))))
+
+        tagged = image({"prompt": f"{PROMPT} <lora:style:0.5>"})
+        plain = image({"prompt": PROMPT})
+        field = image({"prompt": PROMPT, "loras": {"style": 0.5}})
+        assert np.array_equal(tagged, field) and not np.array_equal(tagged, plain)
+        pipe = Pipeline.from_package(tiny_package, backend="ort-cpu", loras=[LoraChoice(loras / "style.safetensors", 0.5)])
+        ours = np.asarray(pipe(PROMPT, steps=3, seed=4, width=32, height=32).images[0])
+        assert np.abs(ours.astype(int) - tagged).max() <= 1
+        listed = httpx_get(server.url + "/sdapi/v1/loras")
+        assert {"style", "other", "style-kohya"} <= {entry["name"] for entry in listed}
+        for bad, message in (({"prompt": "x <lora:nothere:1>"}, "not in the server's LoRA folder"),
+                             ({"prompt": "x", "loras": {"../style": 1.0}}, "not a plain file name"),
+                             ({"prompt": "x <lora:style:lots>"}, "is not a number")):
+            response = server.post("/v1/images/generations", {"steps": 1, **bad})
+            assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+    finally:
+        assert server.stop() == 0
+
+
+def httpx_get(url: str):
+    import httpx
+
+    return httpx.get(url, timeout=30).json()
