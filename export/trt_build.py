@@ -31,9 +31,11 @@ class BuildOptions:
     opt_level: int = 3
     workspace_gb: float = 4.0
     components: tuple[str, ...] = COMPONENTS
+    refittable: bool = False  # REFIT: LoRAs are applied by TensorRT's Refitter, without a rebuild
 
 
-def build_flags(precision: str, graph_precision: str, trt_major: int, version_compatible: bool) -> dict[str, Any]:
+def build_flags(precision: str, graph_precision: str, trt_major: int, version_compatible: bool,
+                refittable: bool = False) -> dict[str, Any]:
     """Which network and builder flags a component gets.
 
     QDQ (int8) and fp16 graphs build strongly typed: the graph's types are the precision. An fp32 graph asked
@@ -47,6 +49,8 @@ def build_flags(precision: str, graph_precision: str, trt_major: int, version_co
         builder.append("FP16")
     if version_compatible:
         builder += ["VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"]
+    if refittable:
+        builder.append("REFIT")
     return {"strongly_typed": strongly_typed, "builder": builder}
 
 
@@ -93,7 +97,8 @@ def build_engines(package: Path, options: BuildOptions, log: Callable[[str], Non
     written = []
     for comp in (c for c in options.components if pkg.has(c)):
         graph = pkg.component(comp)
-        flags = build_flags(options.precision, pkg.precision(comp), major, options.version_compatible)
+        flags = build_flags(options.precision, pkg.precision(comp), major, options.version_compatible,
+                            options.refittable and (comp == "unet" or comp.startswith("text_encoder")))
         network_flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if flags["strongly_typed"] else 0
         network = builder.create_network(network_flags)
         parser = trt.OnnxParser(network, logger)

@@ -195,7 +195,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     import_tensorrt()
     options = BuildOptions(precision=args.precision, batch=args.batch, size=args.size, static=args.static,
                            timing_cache=args.timing_cache, version_compatible=args.version_compatible, opt_level=args.opt_level,
-                           workspace_gb=args.workspace)
+                           workspace_gb=args.workspace, refittable=args.refittable)
     for path in build_engines(args.package, options, log=lambda m: print(m, file=sys.stderr)):
         print(path)
     return 0
@@ -457,6 +457,8 @@ def add_build(sub) -> None:
     t.add_argument("--static", action="store_true", help="one fixed shape (enables CUDA graphs)")
     t.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file, read and updated")
     t.add_argument("--version-compatible", action="store_true", help="engines the lean runtime (tensorrt_lean) can run")
+    t.add_argument("--refittable", action="store_true", help="text encoder and UNet engines whose weights LoRAs can "
+                   "change at run time (TensorRT's Refitter) without a rebuild")
     t.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), help="builder optimization level (default 3)")
     t.add_argument("--workspace", type=positive_number, default=4.0, help="GB (default %(default)s)")
     t.set_defaults(func=cmd_build)

@@ -4,7 +4,7 @@ Forms read: diffusers/PEFT (`unet.<module>.lora_A.weight` / `lora_B`, `text_enco
 from the file's `lora_adapter_metadata`, else alpha = rank as diffusers assumes), diffusers' older
 `<module>.lora.down.weight` / `lora.up.weight`, and kohya / AUTOMATIC1111 (`lora_unet_<module>.lora_down.weight` /
 `lora_up`, `.alpha`; `lora_te_`, `lora_te1_`, `lora_te2_` for the text encoders), with module names as diffusers and
-transformers write them. Each layer changes one weight W (out, in[, kh, kw]) by scale * alpha / rank * up @ down."""
+transformers write them or, for the UNet, the original LDM / SGM block names kohya writes for SDXL. Each layer changes one weight W (out, in[, kh, kw]) by scale * alpha / rank * up @ down."""
 
 from __future__ import annotations
 
@@ -154,13 +154,54 @@ def _onnx():
     return onnx, numpy_helper
 
 
+RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+          "skip_connection": "conv_shortcut"}
+LDM_FIXED = {"time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_embedding_linear_2",
+             "label_emb_0_0": "add_embedding_linear_1", "label_emb_0_2": "add_embedding_linear_2",
+             "input_blocks_0_0": "conv_in", "out_2": "conv_out"}
+
+
+def _ldm_part(prefix: str, kind: int, rest: str) -> list[str]:
+    """diffusers' underscored names for part `kind` (0 resnet, 1 attention or upsampler, 2 upsampler) of a block."""
+    if kind == 0:
+        return [f"{prefix}_resnets_{{pos}}_{RESNET.get(rest, rest)}"]
+    if kind == 2 or rest == "conv":
+        return [f"{prefix}_upsamplers_0_{rest}"]
+    return [f"{prefix}_attentions_{{pos}}_{rest}"]
+
+
+def ldm_names(module: str, per_block: int = 2) -> list[str]:
+    """Candidate diffusers (underscored) names of a kohya UNet module written with the original LDM / SGM names
+    (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`, as kohya's SDXL LoRAs are): per_block layers a block."""
+    if module in LDM_FIXED:
+        return [LDM_FIXED[module]]
+    if m := re.fullmatch(r"input_blocks_(\d+)_(\d+)_(.+)", module):
+        n, kind, rest = int(m[1]) - 1, int(m[2]), m[3]
+        block, pos = divmod(n, per_block + 1)
+        if pos == per_block:
+            return [f"down_blocks_{block}_downsamplers_0_conv"]
+        prefix = f"down_blocks_{block}"
+        return [c.format(pos=pos) for c in _ldm_part(prefix, kind, rest)]
+    if m := re.fullmatch(r"middle_block_(\d)_(.+)", module):
+        part = {"0": "resnets_0", "1": "attentions_0", "2": "resnets_1"}[m[1]]
+        return [f"mid_block_{part}_{RESNET.get(m[2], m[2]) if m[1] != '1' else m[2]}"]
+    if m := re.fullmatch(r"output_blocks_(\d+)_(\d+)_(.+)", module):
+        block, pos = divmod(int(m[1]), per_block + 1)
+        return [c.format(pos=pos) for c in _ldm_part(f"up_blocks_{block}", int(m[2]), m[3])]
+    return []
+
+
 def weight_for(layer: LoraLayer, weights: dict) -> str | None:
-    """The checkpoint weight (of the names in weights) a layer patches: by module name (PEFT), or by its underscored
-    form (kohya)."""
+    """The checkpoint weight (of the names in weights) a layer patches: by module name (PEFT), by its underscored form
+    (kohya), or by the LDM / SGM block names kohya writes for SDXL."""
     name = f"{layer.module}.weight"
     if name in weights:
         return name
-    return next((k for k in weights if k.endswith(".weight") and k[:-7].replace(".", "_") == layer.module), None)
+    underscored = {k[:-7].replace(".", "_"): k for k in weights if k.endswith(".weight")}
+    for candidate in [layer.module] + (ldm_names(layer.module) if layer.component == "unet" else []):
+        if candidate in underscored:
+            return underscored[candidate]
+    return None
 
 
 def graph_overrides(graph: Path, chosen: list[tuple[LoraLayer, float]], source: dict[int, str]) -> dict[str, np.ndarray]:
@@ -210,6 +251,17 @@ def lora_overrides(root: Path, components: dict[str, Path], choices: list[LoraCh
             raise UserError(f"{root} records no weight map for its {component} (an optimum export, or one made before "
                             "diffrt read LoRAs); re-export it with `diffrt export`, or merge the LoRA there with --lora")
     return {c: graph_overrides(components[c], layers, source) for c, layers in by_component.items()}
+
+
+def restored(graph: Path, changed: dict[str, np.ndarray], before: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The weights to set when a graph goes from the set `before` to `changed` in place (TensorRT's Refitter): the new
+    values, and the graph's own values for the initializers only `before` changed."""
+    back = [name for name in before if name not in changed]
+    if not back:
+        return dict(changed)
+    onnx, numpy_helper = _onnx()
+    inits = {i.name: i for i in onnx.load(str(graph), load_external_data=False).graph.initializer if i.name in back}
+    return {**changed, **{n: numpy_helper.to_array(inits[n], base_dir=str(graph.parent)) for n in back}}
 
 
 class LoraSets:

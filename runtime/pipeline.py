@@ -18,7 +18,7 @@ from .errors import UserError
 from .family import adapter_for
 from .generators import ImageGenerators
 from .img2img import Inpainting, image_input, latents_from, mask_input, strength_timesteps
-from .lora import LoraChoice, LoraSets
+from .lora import LoraChoice, LoraSets, restored
 from .memory import attention_layout, check_fits
 from .package import Package, load_package, required
 from .prompts import chunked, emphasized
@@ -57,12 +57,13 @@ def refuse_for_trt(**options: Any) -> None:
 
 
 def lora_backend(backend: str, asked: str, loras: list[LoraChoice] | None) -> str:
-    """LoRAs are applied at run time on onnxruntime: auto then takes ort-cpu over ov-cpu; ov-cpu asked is refused."""
-    if not loras or backend in ("ort-cpu", "ort-cuda"):
+    """LoRAs are applied at run time on onnxruntime and TensorRT (refit): auto then takes ort-cpu over ov-cpu; ov-cpu
+    asked is refused."""
+    if not loras or backend in ("ort-cpu", "ort-cuda", "trt"):
         return backend
     if asked == "auto":
         return "ort-cpu"
-    raise UserError(f"LoRAs are applied at run time on onnxruntime (--backend ort-cpu or ort-cuda), not {backend}; "
+    raise UserError(f"LoRAs are applied at run time on onnxruntime (--backend ort-cpu or ort-cuda) or TensorRT, not {backend}; "
                     "or merge them into a package at export: `diffrt export CHECKPOINT OUT --lora FILE:SCALE`")
 
 
@@ -126,7 +127,7 @@ class Pipeline:
         self.package = package
         if backend == "trt":
             refuse_for_trt(threads=threads, fp32_fallback=fp32_fallback, cuda_graph=cuda_graph, graph_cache=graph_cache,
-                           gpu_mem_limit=gpu_mem_limit, lora=loras)
+                           gpu_mem_limit=gpu_mem_limit)
         self.backend = lora_backend(resolve_backend(backend), backend, loras)
         self.loras: list[LoraChoice] = list(loras or [])
         self.lora_sets = LoraSets(package.root, self._lora_targets())
@@ -147,6 +148,8 @@ class Pipeline:
         self.text_encoder_2: Engine | None = None
         for name, engine in self._open_engines().items():
             setattr(self, name, engine)
+            if self.backend == "trt" and name in self.lora_weights:
+                engine.refit(self.lora_weights[name])
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
 
     def _compute_precision(self, precision: str, cuda_graph: bool, gpu_mem_limit: int | None) -> str:
@@ -201,9 +204,9 @@ class Pipeline:
 
     def check_loras(self, loras: list[LoraChoice]) -> None:
         """Refuse a LoRA set that cannot be applied here (backend, files, layers), computing its weights for later."""
-        if loras and self.backend not in ("ort-cpu", "ort-cuda"):
-            raise UserError(f"LoRAs are applied at run time on onnxruntime (ort-cpu, ort-cuda), not {self.backend}; "
-                            "merge them at export (`diffrt export --lora FILE:SCALE`)")
+        if loras and self.backend not in ("ort-cpu", "ort-cuda", "trt"):
+            raise UserError(f"LoRAs are applied at run time on onnxruntime (ort-cpu, ort-cuda) and refittable TensorRT "
+                            f"engines, not {self.backend}; merge them at export (`diffrt export --lora FILE:SCALE`)")
         self.lora_sets.weights(list(loras))
 
     def set_loras(self, loras: list[LoraChoice]) -> None:
@@ -215,8 +218,12 @@ class Pipeline:
         self.check_loras(loras)
         weights = self.lora_sets.weights(list(loras))
         changed = set(weights) | set(self.lora_weights)
-        self.loras, self.lora_weights = list(loras), weights
+        before, self.loras, self.lora_weights = self.lora_weights, list(loras), weights
         for name in changed:
+            if self.backend == "trt":  # refit in place: the engine's own values for what only the old set changed
+                getattr(self, name).refit(restored(self.package.component(name), weights.get(name, {}),
+                                                   before.get(name, {})))
+                continue
             getattr(self, name).close()
             setattr(self, name, self._engine(name))
 

@@ -108,6 +108,27 @@ class TrtEngine:
         self.graphs: dict[tuple, Any] = {}
         self.static = all(p[n]["min"] == p[n]["max"] for p in info.meta["profiles"] for n in p)
 
+    @property
+    def refittable(self) -> bool:
+        return "REFIT" in self.info.meta.get("flags", {}).get("builder", [])
+
+    def refit(self, weights: dict[str, np.ndarray]) -> None:
+        """New values for named weights (the ONNX initializers the engine was parsed from), through TensorRT's
+        Refitter: no rebuild. The engine must have been built refittable (`diffrt build --refittable`)."""
+        if not self.refittable:
+            raise UserError(f"{self.path} was not built refittable, so LoRAs cannot be applied to it; rebuild with "
+                            "`diffrt build --refittable`, or merge the LoRA at export")
+        refitter = self.trt.Refitter(self.engine, self.trt.Logger(self.trt.Logger.WARNING))
+        kept = [np.ascontiguousarray(v) for v in weights.values()]  # alive until the refit is done
+        for name, array in zip(weights, kept):
+            if not refitter.set_named_weights(name, self.trt.Weights(array)):
+                raise UserError(f"{self.path}: TensorRT refused new weights for {name} (unknown name or another size)")
+        missing = refitter.get_missing_weights()
+        if missing:
+            raise UserError(f"{self.path}: refitting also needs {len(missing)} other weights (e.g. {missing[0]})")
+        if not refitter.refit_cuda_engine():
+            raise UserError(f"{self.path}: TensorRT could not refit the engine")
+
     def _buffer(self, name: str, shape: tuple[int, ...], dtype) -> Any:
         from polygraphy import cuda
 

@@ -190,3 +190,94 @@ def httpx_get(url: str):
     import httpx
 
     return httpx.get(url, timeout=30).json()
+
+
+def to_ldm_kohya(peft_file, path, alpha: float, per_block: int = 2) -> None:
+    """A PEFT UNet LoRA rewritten as kohya writes SDXL LoRAs: the original LDM / SGM block names (input_blocks_N_M,
+    middle_block_N, output_blocks_N_M, in_layers_2 for conv1, ...), lora_down/lora_up, alpha."""
+    import re
+
+    from safetensors.numpy import load_file, save_file
+
+    def ldm(module: str) -> str:
+        resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                  "conv_shortcut": "skip_connection"}
+        if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", module):
+            rest = resnet.get(m[4], m[4]) if m[2] == "resnets" else m[4]
+            return f"input_blocks.{1 + int(m[1]) * (per_block + 1) + int(m[3])}.{0 if m[2] == 'resnets' else 1}.{rest}"
+        if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", module):
+            rest = resnet.get(m[4], m[4]) if m[2] == "resnets" else m[4]
+            return f"output_blocks.{int(m[1]) * (per_block + 1) + int(m[3])}.{0 if m[2] == 'resnets' else 1}.{rest}"
+        if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", module):
+            return f"middle_block.1.{m[1]}"
+        if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", module):
+            return f"middle_block.{2 * int(m[1])}.{resnet.get(m[2], m[2])}"
+        raise AssertionError(module)
+
+    out = {}
+    for key, value in load_file(str(peft_file)).items():
+        module, kind = key.removeprefix("unet.").rsplit(".lora_", 1)
+        stem = "lora_unet_" + ldm(module).replace(".", "_")
+        out[f"{stem}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = value
+        out[f"{stem}.alpha"] = np.array(alpha, dtype=np.float32)
+    save_file(out, str(path))
+
+
+def test_kohya_sdxl_lora_with_ldm_block_names(tiny_sdxl_checkpoint, tiny_sdxl_package, tmp_path):
+    """kohya's SDXL LoRAs name the UNet's blocks as the original (LDM / SGM) code does; diffusers reads them, and so
+    does diffrt: the same image as the PEFT form, in diffusers and in diffrt."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_checkpoint / "unet")
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "proj_out", "conv1"], init_lora_weights=False)
+    unet.add_adapter(config)
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path, weight_name="peft.safetensors",
+                                                unet_lora_layers=get_peft_model_state_dict(unet))
+    to_ldm_kohya(tmp_path / "peft.safetensors", tmp_path / "ldm.safetensors", alpha=4.0)
+    latents = np.random.default_rng(1).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    images = {}
+    for form in ("peft", "ldm"):
+        pipe = reference_pipeline("StableDiffusionXLPipeline", tiny_sdxl_checkpoint)
+        pipe.load_lora_weights(tmp_path, weight_name=f"{form}.safetensors")
+        pipe.fuse_lora(lora_scale=0.7)
+        with torch.no_grad():
+            images[form] = pipe(PROMPT, num_inference_steps=3, guidance_scale=5.0, width=32, height=32,
+                                latents=torch.from_numpy(latents), output_type="np").images
+    assert np.abs(images["peft"] - images["ldm"]).max() <= 1e-4  # diffusers reads both forms alike
+    plain = Pipeline.from_package(tiny_sdxl_package, backend="ort-cpu")
+    before = plain(PROMPT, steps=3, guidance_scale=5.0, width=32, height=32, latents=latents, scheduler="euler")
+    assert np.abs(before.array - images["ldm"]).max() > 0.02
+    mine = Pipeline.from_package(tiny_sdxl_package, backend="ort-cpu", loras=[LoraChoice(tmp_path / "ldm.safetensors", 0.7)])
+    result = mine(PROMPT, steps=3, guidance_scale=5.0, width=32, height=32, latents=latents, scheduler="euler")
+    assert np.abs(result.array - images["ldm"]).max() <= 1e-3
+
+
+def test_refit_weights_restore_what_only_the_old_set_changed(loras, tiny_package):
+    """TensorRT refits in place: going from set A to B sets B's values and the graph's own for what only A changed;
+    going to none sets every changed weight back (the refit itself needs TensorRT: tests marked trt)."""
+    from onnx import numpy_helper
+
+    from diffrt.runtime.lora import LoraSets, restored
+
+    graph = tiny_package / "unet" / "model.onnx"
+    sets = LoraSets(tiny_package, {"unet": graph, "text_encoder": tiny_package / "text_encoder" / "model.onnx"})
+    a = sets.weights([LoraChoice(loras / "style.safetensors")])["unet"]
+    b = sets.weights([LoraChoice(loras / "other.safetensors")])["unet"]
+    assert a and b and not set(a) & set(b)
+    to_b = restored(graph, b, a)
+    assert set(to_b) == set(a) | set(b) and all(np.array_equal(to_b[k], v) for k, v in b.items())
+    import onnx
+
+    inits = {i.name: i for i in onnx.load(str(graph)).graph.initializer}
+    assert all(np.array_equal(to_b[k], numpy_helper.to_array(inits[k])) for k in a)
+    assert all(not np.array_equal(a[k], numpy_helper.to_array(inits[k])) for k in a)
+    assert set(restored(graph, {}, a)) == set(a)
+
+
+def test_build_flags_refit():
+    from diffrt.export.trt_build import build_flags
+
+    assert build_flags("fp16", "fp16", 10, False, refittable=True) == {"strongly_typed": True, "builder": ["REFIT"]}

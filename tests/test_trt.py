@@ -226,3 +226,32 @@ def test_trt_backend_refuses_onnxruntime_only_options(tiny_plain_package):
         flag = "--" + next(iter(option)).replace("_", "-")
         with pytest.raises(UserError, match=f"TensorRT backend does not take {flag}"):
             Pipeline.from_package(tiny_plain_package, backend="trt", **option)
+
+
+@trt
+def test_refittable_engines_take_loras_without_a_rebuild(tiny_plain_package, tiny_checkpoint, tmp_path):
+    """`diffrt build --refittable`: set_loras refits the text encoder and UNet engines in place; the image with the
+    LoRA is onnxruntime's with it, and [] brings back the engines' own."""
+    pytest.importorskip("tensorrt")
+    pytest.importorskip("peft")
+    import shutil
+
+    from test_lora import make_lora
+
+    from diffrt.export.trt_build import BuildOptions, build_engines
+    from diffrt.runtime.lora import LoraChoice
+    from diffrt.runtime.pipeline import Pipeline
+
+    package = tmp_path / "pkg"
+    shutil.copytree(tiny_plain_package, package)
+    make_lora(tiny_checkpoint, tmp_path / "style.safetensors", 1, ("to_q", "to_k", "to_v", "to_out.0", "conv1"))
+    build_engines(package, BuildOptions(precision="fp16", batch="1-2", size="32-64", refittable=True), log=lambda m: None)
+    choice = [LoraChoice(tmp_path / "style.safetensors", 0.8)]
+    engines = Pipeline.from_package(package, backend="trt")
+    plain = engines("a red cat", steps=4, seed=1)
+    engines.set_loras(choice)
+    styled = engines("a red cat", steps=4, seed=1)
+    reference = Pipeline.from_package(package, backend="ort-cpu", loras=choice)("a red cat", steps=4, seed=1)
+    assert np.abs(styled.array - reference.array).max() < 0.05 and np.abs(styled.array - plain.array).max() > 0.02
+    engines.set_loras([])
+    assert np.abs(engines("a red cat", steps=4, seed=1).array - plain.array).max() < 1e-3
