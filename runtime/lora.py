@@ -4,7 +4,8 @@ Forms read: diffusers/PEFT (`unet.<module>.lora_A.weight` / `lora_B`, `text_enco
 from the file's `lora_adapter_metadata`, else alpha = rank as diffusers assumes), diffusers' older
 `<module>.lora.down.weight` / `lora.up.weight`, and kohya / AUTOMATIC1111 (`lora_unet_<module>.lora_down.weight` /
 `lora_up`, `.alpha`; `lora_te_`, `lora_te1_`, `lora_te2_` for the text encoders), with module names as diffusers and
-transformers write them or, for the UNet, the original LDM / SGM block names kohya writes for SDXL. Each layer changes one weight W (out, in[, kh, kw]) by scale * alpha / rank * up @ down."""
+transformers write them or, for the UNet, the original LDM / SGM block names kohya writes for SDXL. Each layer
+changes one weight W (out, in[, kh, kw]) by scale * alpha / rank * up @ down."""
 
 from __future__ import annotations
 
