@@ -86,7 +86,8 @@ def export_package(checkpoint: str | Path, out: str | Path, options: ExportOptio
     options.components = ckpt.components if options.components is None else options.components
     for needed in required(ckpt.family):
         if needed not in options.components:
-            raise UserError(f"a {ckpt.family} package needs {needed}; add it to --components")
+            family = {"sdxl": "an SDXL", "sd2": "an SD 2.x", "sd1": "an SD 1.x"}.get(ckpt.family, "a")
+            raise UserError(f"{family} package needs {needed}; add it to --components")
     if options.loras:
         from .lora_merge import check_loras
 
