@@ -67,6 +67,24 @@ def read_onnx(path: Path):
                         "or not an ONNX graph: re-export the package") from None
 
 
+def with_weights(model, weights: dict[str, np.ndarray]):
+    """The model with the named initializers (OpenVINO's Constant nodes keep their ONNX names) holding new values:
+    LoRAs applied at run time."""
+    if not weights:
+        return model
+    from openvino import opset13
+
+    constants = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
+    for name, value in weights.items():
+        if name not in constants:
+            raise UserError(f"OpenVINO's reading of the graph has no weight {name}; apply this LoRA with --backend ort-cpu")
+        new = opset13.constant(np.ascontiguousarray(value))
+        new.set_friendly_name(name)
+        for target in list(constants[name].output(0).get_target_inputs()):
+            target.replace_source_output(new.output(0))
+    return model
+
+
 def spec(port) -> TensorSpec:
     shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
     return TensorSpec(port.get_any_name(), shape, DTYPES.get(port.get_element_type().get_type_name(), np.float32))
@@ -75,13 +93,15 @@ def spec(port) -> TensorSpec:
 class OvEngine:
     """One ONNX graph on OpenVINO's CPU plugin, compiled per input shape (the last MAX_SHAPES kept)."""
 
-    def __init__(self, path: Path, threads: int | None = None, precision: str = "fp32", cache: Path | None = None) -> None:
-        self.model = read_onnx(path)
+    def __init__(self, path: Path, threads: int | None = None, precision: str = "fp32", cache: Path | None = None,
+                 weights: dict[str, np.ndarray] | None = None) -> None:
+        self.weights = weights or {}
+        self.model = with_weights(read_onnx(path), self.weights)
         self.path, self.precision = path, precision
         self.config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": HINTS[precision]}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
-        if cache:  # OpenVINO's own model cache: a later start imports the compiled blob instead of compiling
+        if cache and not self.weights:  # OpenVINO's model cache: a later start imports the compiled blob instead of compiling
             from .optimized import writable
 
             self.config["CACHE_DIR"] = str(writable(cache, cache / "openvino"))
@@ -94,7 +114,7 @@ class OvEngine:
         if key in self.compiled:
             self.compiled.move_to_end(key)
             return self.compiled[key]
-        model = self.model if self.model is not None else read_onnx(self.path)
+        model = self.model if self.model is not None else with_weights(read_onnx(self.path), self.weights)
         self.model = None  # the float32 graph is not kept beside the compiled one; another shape reads it again
         model.reshape({name: list(np.shape(feeds[name])) for name in self.inputs})
         self.compiled[key] = core().compile_model(model, "CPU", self.config)
@@ -118,3 +138,4 @@ class OvEngine:
 
     def close(self) -> None:
         self.compiled.clear()
+        self.weights = {}

@@ -56,17 +56,6 @@ def refuse_for_trt(**options: Any) -> None:
                         "--backend ort-cuda")
 
 
-def lora_backend(backend: str, asked: str, loras: list[LoraChoice] | None) -> str:
-    """LoRAs are applied at run time on onnxruntime and TensorRT (refit): auto then takes ort-cpu over ov-cpu; ov-cpu
-    asked is refused."""
-    if not loras or backend in ("ort-cpu", "ort-cuda", "trt"):
-        return backend
-    if asked == "auto":
-        return "ort-cpu"
-    raise UserError(f"LoRAs are applied at run time on onnxruntime (--backend ort-cpu or ort-cuda) or TensorRT, not {backend}; "
-                    "or merge them into a package at export: `diffrt export CHECKPOINT OUT --lora FILE:SCALE`")
-
-
 class NonFiniteError(UserError):
     """A stage produced NaN or inf."""
 
@@ -128,7 +117,7 @@ class Pipeline:
         if backend == "trt":
             refuse_for_trt(threads=threads, fp32_fallback=fp32_fallback, cuda_graph=cuda_graph, graph_cache=graph_cache,
                            gpu_mem_limit=gpu_mem_limit)
-        self.backend = lora_backend(resolve_backend(backend), backend, loras)
+        self.backend = resolve_backend(backend)
         self.loras: list[LoraChoice] = list(loras or [])
         self.lora_sets = LoraSets(package.root, self._lora_targets())
         self.lora_weights = self.lora_sets.weights(self.loras)
@@ -193,7 +182,8 @@ class Pipeline:
         if self.backend == "ov-cpu":
             from .ov_backend import OvEngine
 
-            return OvEngine(path, self.threads, "fp32" if fallback else self.precision, self.graph_cache)
+            return OvEngine(path, self.threads, "fp32" if fallback else self.precision, self.graph_cache,
+                            weights=None if fallback else self.lora_weights.get(name))
         return OrtEngine(path, self.backend, self.threads, cuda_graph=self.cuda_graph and name == "unet",
                          graph_cache=self.graph_cache, gpu_mem_limit=self.gpu_mem_limit,
                          weights=None if fallback else self.lora_weights.get(name))
@@ -203,10 +193,7 @@ class Pipeline:
         return {c: self.package.component(c) for c in (*adapter_for(self.package.family).encoders, "unet")}
 
     def check_loras(self, loras: list[LoraChoice]) -> None:
-        """Refuse a LoRA set that cannot be applied here (backend, files, layers), computing its weights for later."""
-        if loras and self.backend not in ("ort-cpu", "ort-cuda", "trt"):
-            raise UserError(f"LoRAs are applied at run time on onnxruntime (ort-cpu, ort-cuda) and refittable TensorRT "
-                            f"engines, not {self.backend}; merge them at export (`diffrt export --lora FILE:SCALE`)")
+        """Refuse a LoRA set that cannot be applied (files, layers), computing its weights for later."""
         self.lora_sets.weights(list(loras))
 
     def set_loras(self, loras: list[LoraChoice]) -> None:

@@ -281,3 +281,17 @@ def test_build_flags_refit():
     from diffrt.export.trt_build import build_flags
 
     assert build_flags("fp16", "fp16", 10, False, refittable=True) == {"strongly_typed": True, "builder": ["REFIT"]}
+
+
+def test_openvino_applies_loras_too(loras, tiny_package):
+    """ov-cpu (what auto picks where OpenVINO is installed) applies LoRAs by replacing the graph's named constants:
+    in float32 the same image as onnxruntime's with the LoRA, and switching back gives its own again."""
+    pytest.importorskip("openvino")
+    choice = [LoraChoice(loras / "other.safetensors", 0.8)]
+    ort = Pipeline.from_package(tiny_package, backend="ort-cpu", loras=choice)(PROMPT, steps=3, seed=5)
+    ov = Pipeline.from_package(tiny_package, backend="ov-cpu", precision="fp32", loras=choice)
+    assert np.abs(ov(PROMPT, steps=3, seed=5).array - ort.array).max() <= 1e-3
+    plain = Pipeline.from_package(tiny_package, backend="ov-cpu", precision="fp32")(PROMPT, steps=3, seed=5)
+    ov.set_loras([])
+    assert np.abs(ov(PROMPT, steps=3, seed=5).array - plain.array).max() <= 1e-5
+    assert np.abs(plain.array - ort.array).max() > 0.02
