@@ -316,6 +316,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {comp}: {entry.get('precision', 'fp32')}, attention {entry.get('attention', 'unrecorded')}"
               + (", float32 fallback kept" if entry.get("fallback") else ""))
     print("  defaults: " + ", ".join(f"{k} {v}" for k, v in pkg.defaults.items()))
+    if pkg.manifest.get("loras"):
+        print("  LoRAs merged at export: " + ", ".join(f"{x['file']}:{x['scale']:g}" for x in pkg.manifest["loras"]))
     engines = list_engines(pkg.root)
     print("  TensorRT engines: " + (", ".join(f"{e.component}.{e.precision} ({e.plan.parent.name})" for e in engines)
                                   if engines else "none built"))
