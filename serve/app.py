@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from diffrt.runtime.errors import UserError
+from diffrt.runtime.request import check_size_conditioning
 
 from .batcher import Batcher, Cancelled, Job, QueueFull, ShuttingDown
 from .metrics import Metrics
@@ -121,6 +122,7 @@ class Service:
         self.pipe.check(job.prompts, job.negatives, s["steps"] or d["steps"], job.guidance, s["scheduler"], None, job.seeds,
                         s["width"] or d["width"], s["height"] or d["height"], 1, s.get("rng", "numpy"), s.get("clip_skip", 1))
         self.pipe.check_loras(list(s.get("loras", ())))
+        check_size_conditioning(s.get("original_size"), s.get("crops_coords_top_left", (0, 0)), self.pipe.package.family)
         job.chunks = self.pipe.chunk_count(job.prompts + job.negatives)
 
     def describe(self) -> dict[str, Any]:
@@ -179,6 +181,12 @@ def with_loras(options: ServeOptions, prompt: str, named: dict[str, float]) -> t
     return prompt, tuple(named_loras(folder, tagged + list(named.items())))
 
 
+def size_conditioning(body: OpenAIImageRequest) -> dict[str, Any]:
+    """SDXL's size conditioning when the request sets it (the pipeline refuses it for other families)."""
+    given = {"original_size": body.original_size, "crops_coords_top_left": body.crops_coords_top_left}
+    return {k: tuple(v) for k, v in given.items() if v is not None and tuple(v) != (0, 0)}
+
+
 def lora_files(options: ServeOptions) -> list[dict[str, str]]:
     """The LoRAs a request may name: the server's --lora-dir files, as A1111's /sdapi/v1/loras lists them."""
     folder = Path(options.lora_dir) if options.lora_dir else None
@@ -215,7 +223,7 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
         prompt, loras = with_loras(service.options, body.prompt, body.loras)
         job = Job([prompt] * body.n, [body.negative_prompt] * body.n, seeds_from(body.seed, body.n),
                   {"steps": body.steps, "scheduler": body.scheduler, "width": width, "height": height, "rng": body.rng,
-                   "clip_skip": body.clip_skip, "loras": loras},
+                   "clip_skip": body.clip_skip, "loras": loras, **size_conditioning(body)},
                   body.guidance_scale)
         images = await service.generate(job, request)
         return {"created": int(time.time()), "output_format": body.output_format,

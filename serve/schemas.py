@@ -29,6 +29,8 @@ class OpenAIImageRequest(BaseModel):
     rng: Literal["numpy", "torch-cpu", "torch-cuda"] = "numpy"
     clip_skip: int = Field(1, ge=1, le=48)
     loras: dict[str, float] = Field(default_factory=dict, description="LoRA name -> scale, from the server's --lora-dir")
+    original_size: tuple[int, int] | None = Field(None, description="SDXL: (height, width) the image is conditioned on")
+    crops_coords_top_left: tuple[int, int] = Field((0, 0), description="SDXL: (top, left) crop conditioning")
 
     @field_validator("size")
     @classmethod

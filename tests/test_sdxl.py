@@ -201,3 +201,30 @@ def test_fp16_package_keeps_the_vae_that_overflows_in_float16(tiny_sdxl_package,
     half = Pipeline.from_package(tmp_path / "fp16", backend="ort-cpu")(PROMPT, steps=3, seed=1)
     full = Pipeline.from_package(tiny_sdxl_package, backend="ort-cpu")(PROMPT, steps=3, seed=1)
     assert np.abs(half.array - full.array).max() < 0.05 and half.array.std() > 0.01
+
+
+def test_server_serves_sdxl_with_its_size_conditioning(tiny_sdxl_package, sdxl):
+    """`diffrt serve` on an SDXL package: the OpenAI body's original_size / crops_coords_top_left reach the UNet (the
+    image equals the pipeline's with them); an out-of-range crop is a 400."""
+    pytest.importorskip("fastapi")
+    import base64
+    from io import BytesIO
+
+    from PIL import Image
+    from test_serve import Server
+
+    server = Server(tiny_sdxl_package, "--max-wait-ms", "0")
+    try:
+        body = {"prompt": PROMPT, "steps": 3, "seed": 2, "size": "32x32", "original_size": [96, 64],
+                "crops_coords_top_left": [8, 16]}
+        response = server.post("/v1/images/generations", body)
+        assert response.status_code == 200, response.text
+        served = np.asarray(Image.open(BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"]))))
+        mine = sdxl(PROMPT, steps=3, seed=2, width=32, height=32, original_size=(96, 64), crops_coords_top_left=(8, 16))
+        assert np.abs(served.astype(int) - np.asarray(mine.images[0])).max() <= 1
+        plain = sdxl(PROMPT, steps=3, seed=2, width=32, height=32)
+        assert np.abs(served.astype(int) - np.asarray(plain.images[0])).max() > 1
+        bad = server.post("/v1/images/generations", {**body, "crops_coords_top_left": [-1, 0]})
+        assert bad.status_code == 400 and "crop top-left" in bad.json()["error"]["message"]
+    finally:
+        assert server.stop() == 0
