@@ -220,6 +220,8 @@ def graph_overrides(graph: Path, chosen: list[tuple[LoraLayer, float]], source: 
             unmatched.setdefault(source[id(layer)], []).append(f"{layer.component}.{layer.module}")
             continue
         init, transposed = mapping[param]
+        if init not in inits and f"{init}__fp16" in inits:  # `diffrt export --weights-fp16` stores it as float16
+            init = f"{init}__fp16"
         shape = tuple(inits[init].dims)
         delta = layer.delta(scale, shape[::-1] if transposed else shape)
         delta = delta.T if transposed else delta

@@ -120,6 +120,7 @@ class Pipeline:
         self.backend = resolve_backend(backend)
         self.loras: list[LoraChoice] = list(loras or [])
         self.lora_sets = LoraSets(package.root, self._lora_targets())
+        self.check_loras(self.loras)
         self.lora_weights = self.lora_sets.weights(self.loras)
         self.precision = self._compute_precision(precision, cuda_graph, gpu_mem_limit)
         self.threads = threads
@@ -194,7 +195,11 @@ class Pipeline:
 
     def check_loras(self, loras: list[LoraChoice]) -> None:
         """Refuse a LoRA set that cannot be applied (files, layers), computing its weights for later."""
-        self.lora_sets.weights(list(loras))
+        weights = self.lora_sets.weights(list(loras))
+        if self.backend.startswith("ort") and any(k.endswith("__fp16") for w in weights.values() for k in w):
+            raise UserError("this package stores its weights as float16 behind Casts (`diffrt export --weights-fp16`), "
+                            "which onnxruntime folds before a LoRA's values reach them; use a package exported without "
+                            "--weights-fp16, --backend ov-cpu, or merge the LoRA at export (--lora)")
 
     def set_loras(self, loras: list[LoraChoice]) -> None:
         """Apply another set of LoRAs (each a file and scale; [] for none) without re-export: the merged weights are

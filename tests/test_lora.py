@@ -295,3 +295,25 @@ def test_openvino_applies_loras_too(loras, tiny_package):
     ov.set_loras([])
     assert np.abs(ov(PROMPT, steps=3, seed=5).array - plain.array).max() <= 1e-5
     assert np.abs(plain.array - ort.array).max() > 0.02
+
+
+def test_lora_on_a_package_with_float16_weights(loras, tiny_checkpoint, tmp_path):
+    """`diffrt export --weights-fp16` stores each weight as NAME__fp16 behind a Cast, which onnxruntime folds before an
+    override reaches it: ort refuses in one line (nothing changes); OpenVINO replaces the constant and gives the image
+    the export-time merge gives."""
+    pytest.importorskip("openvino")
+    from diffrt.export import ExportOptions, export_package
+
+    choice = [LoraChoice(loras / "style.safetensors", 0.7)]
+    half = export_package(tiny_checkpoint, tmp_path / "half", ExportOptions(weights_fp16=True, check=False),
+                          log=lambda m: None)
+    merged = export_package(tiny_checkpoint, tmp_path / "merged", ExportOptions(weights_fp16=True, loras=choice, check=False),
+                            log=lambda m: None)
+    ort = Pipeline.from_package(half, backend="ort-cpu")
+    with pytest.raises(UserError, match="stores its weights as float16"):
+        ort.set_loras(choice)
+    assert ort.loras == [] and np.isfinite(ort(PROMPT, steps=1, seed=3).array).all()
+    ov = lambda package, **k: Pipeline.from_package(package, backend="ov-cpu", precision="fp32", **k)(  # noqa: E731
+        PROMPT, steps=3, seed=3).array
+    run_time, at_export, plain = ov(half, loras=choice), ov(merged), ov(half)
+    assert np.abs(run_time - at_export).max() <= 2e-3 < np.abs(plain - at_export).max()
