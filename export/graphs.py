@@ -256,10 +256,39 @@ def export_streamed(name: str, module: torch.nn.Module, ckpt: Checkpoint, folder
             missing.append(key)
     if missing:
         raise RuntimeError(f"streamed export of {name}: initializers {missing[:5]} are not weights of the model")
+    fold_weight_transposes(graph, tensors)
     path = folder / "model.onnx"
     ir.save(program.model, path, external_data=EXTERNAL_DATA)
     _check_io_names(path, spec)
     return path
+
+
+TRANSPOSED = "__transposed"  # an initializer holding a checkpoint weight transposed (what a Linear's MatMul takes)
+
+
+def fold_weight_transposes(graph, tensors: dict[str, torch.Tensor]) -> int:
+    """Replace each Transpose of a 2-D weight by the weight stored transposed (NAME__transposed), written lazily, one
+    tensor at a time. dynamo's unoptimized graph transposes every Linear's weight at run time; onnxruntime folds those
+    at load, but from the file, so a LoRA's initializer override would never reach them."""
+    import onnx_ir as ir
+
+    folded = 0
+    for node in list(graph):
+        source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        perm = node.attributes.get("perm")
+        if (source is None or not source.is_initializer() or source.name not in tensors or len(source.uses()) != 1
+                or len(source.shape) != 2 or (perm is not None and list(perm.as_ints()) != [1, 0])):
+            continue
+        weight = tensors[source.name]
+        value = ir.Value(name=source.name + TRANSPOSED, shape=ir.Shape(list(weight.shape[::-1])), type=source.type)
+        value.const_value = ir.LazyTensor(lambda w=weight: ir.Tensor(w.detach().T.contiguous().numpy()), source.dtype,
+                                          value.shape, name=value.name)
+        graph.register_initializer(value)
+        node.outputs[0].replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
+        folded += 1
+    return folded
 
 
 def _check_io_names(path: Path, spec: ComponentSpec) -> None:

@@ -317,3 +317,26 @@ def test_lora_on_a_package_with_float16_weights(loras, tiny_checkpoint, tmp_path
         PROMPT, steps=3, seed=3).array
     run_time, at_export, plain = ov(half, loras=choice), ov(merged), ov(half)
     assert np.abs(run_time - at_export).max() <= 2e-3 < np.abs(plain - at_export).max()
+
+
+def test_lora_on_a_streamed_export(loras, tiny_checkpoint, tmp_path, monkeypatch):
+    """A model over the size threshold (SDXL's UNet) is exported by dynamo with its weights streamed; its Linear
+    weights are stored transposed (no Transpose for onnxruntime to fold from the file), so run-time LoRAs reach them:
+    the image equals the export-time merge's."""
+    import diffrt.export.writer as writer
+    from diffrt.export import ExportOptions, export_package
+
+    monkeypatch.setattr(writer, "BIG_MODEL_BYTES", 1000)
+    choice = [LoraChoice(loras / "style.safetensors", 0.7)]
+    options = dict(components=("text_encoder", "unet", "vae_decoder"))
+    streamed = export_package(tiny_checkpoint, tmp_path / "s", ExportOptions(**options), log=lambda m: None)
+    manifest = json.loads((streamed / "diffrt.json").read_text())
+    assert manifest["components"]["unet"]["made_by"].startswith("torch.onnx dynamo") and all(
+        c["check"]["passed"] for c in manifest["components"].values())
+    unet_map = json.loads((streamed / "unet" / "weights_map.json").read_text())
+    assert any(name.endswith("__transposed") and flag == "T" for name, flag in unet_map.values())
+    merged = export_package(tiny_checkpoint, tmp_path / "m", ExportOptions(loras=choice, check=False, **options),
+                            log=lambda m: None)
+    run = lambda package, **k: Pipeline.from_package(package, backend="ort-cpu", **k)(PROMPT, steps=3, seed=3).array  # noqa: E731
+    run_time, at_export, plain = run(streamed, loras=choice), run(merged), run(streamed)
+    assert np.abs(run_time - at_export).max() <= 1e-4 < 0.02 < np.abs(plain - at_export).max()
