@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffrt.runtime.errors import UserError
-from diffrt.runtime.lora import LoraChoice, read_lora, weight_for
+from diffrt.runtime.lora import LoraChoice, WeightIndex, read_lora
 
 
 def check_loras(choices: list[LoraChoice], components: tuple[str, ...]) -> None:
@@ -20,12 +20,13 @@ def check_loras(choices: list[LoraChoice], components: tuple[str, ...]) -> None:
 def merge_loras(component: str, module: torch.nn.Module, choices: list[LoraChoice]) -> int:
     """Add each chosen LoRA's change (at its scale) to the module's weights; returns how many layers were merged."""
     params = dict(module.named_parameters())
+    index = WeightIndex(params)
     merged = 0
     for choice in choices:
         for layer in read_lora(choice.path):
             if layer.component != component:
                 continue
-            name = weight_for(layer, params)
+            name = index.find(layer)
             if name is None:
                 raise UserError(f"LoRA {choice.path.name}: layer {component}.{layer.module} matches no weight of the "
                                 "checkpoint: it was made for another model, or names layers in a form diffrt does not read")

@@ -162,62 +162,64 @@ LDM_FIXED = {"time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_em
              "input_blocks_0_0": "conv_in", "out_2": "conv_out"}
 
 
-def _ldm_part(prefix: str, kind: int, rest: str) -> list[str]:
-    """diffusers' underscored names for part `kind` (0 resnet, 1 attention or upsampler, 2 upsampler) of a block."""
+def _ldm_part(prefix: str, kind: int, pos: int, rest: str) -> str:
+    """diffusers' underscored name of part `kind` (0 resnet, 1 attention or upsampler, 2 upsampler) of a block."""
     if kind == 0:
-        return [f"{prefix}_resnets_{{pos}}_{RESNET.get(rest, rest)}"]
+        return f"{prefix}_resnets_{pos}_{RESNET.get(rest, rest)}"
     if kind == 2 or rest == "conv":
-        return [f"{prefix}_upsamplers_0_{rest}"]
-    return [f"{prefix}_attentions_{{pos}}_{rest}"]
+        return f"{prefix}_upsamplers_0_{rest}"
+    return f"{prefix}_attentions_{pos}_{rest}"
 
 
-def ldm_names(module: str, per_block: int = 2) -> list[str]:
-    """Candidate diffusers (underscored) names of a kohya UNet module written with the original LDM / SGM names
+def ldm_name(module: str, per_block: int = 2) -> str | None:
+    """The diffusers (underscored) name of a kohya UNet module written with the original LDM / SGM names
     (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`, as kohya's SDXL LoRAs are): per_block layers a block."""
     if module in LDM_FIXED:
-        return [LDM_FIXED[module]]
+        return LDM_FIXED[module]
     if m := re.fullmatch(r"input_blocks_(\d+)_(\d+)_(.+)", module):
-        n, kind, rest = int(m[1]) - 1, int(m[2]), m[3]
-        block, pos = divmod(n, per_block + 1)
+        block, pos = divmod(int(m[1]) - 1, per_block + 1)
         if pos == per_block:
-            return [f"down_blocks_{block}_downsamplers_0_conv"]
-        prefix = f"down_blocks_{block}"
-        return [c.format(pos=pos) for c in _ldm_part(prefix, kind, rest)]
+            return f"down_blocks_{block}_downsamplers_0_conv"
+        return _ldm_part(f"down_blocks_{block}", int(m[2]), pos, m[3])
     if m := re.fullmatch(r"middle_block_(\d)_(.+)", module):
         part = {"0": "resnets_0", "1": "attentions_0", "2": "resnets_1"}[m[1]]
-        return [f"mid_block_{part}_{RESNET.get(m[2], m[2]) if m[1] != '1' else m[2]}"]
+        return f"mid_block_{part}_{RESNET.get(m[2], m[2]) if m[1] != '1' else m[2]}"
     if m := re.fullmatch(r"output_blocks_(\d+)_(\d+)_(.+)", module):
         block, pos = divmod(int(m[1]), per_block + 1)
-        return [c.format(pos=pos) for c in _ldm_part(f"up_blocks_{block}", int(m[2]), m[3])]
-    return []
-
-
-def weight_for(layer: LoraLayer, weights: dict) -> str | None:
-    """The checkpoint weight (of the names in weights) a layer patches: by module name (PEFT), by its underscored form
-    (kohya), or by the LDM / SGM block names kohya writes for SDXL."""
-    name = f"{layer.module}.weight"
-    if name in weights:
-        return name
-    underscored = {k[:-7].replace(".", "_"): k for k in weights if k.endswith(".weight")}
-    for candidate in [layer.module] + (ldm_names(layer.module) if layer.component == "unet" else []):
-        if candidate in underscored:
-            return underscored[candidate]
+        return _ldm_part(f"up_blocks_{block}", int(m[2]), pos, m[3])
     return None
 
 
-def graph_overrides(graph: Path, chosen: list[tuple[LoraLayer, float]], source: dict[int, str]) -> dict[str, np.ndarray]:
-    """{initializer: new value} for one graph: each weight plus the sum of its LoRA changes, in the graph's layout
-    (transposed where it stores the weight so) and dtype. source names each layer's LoRA file, for errors."""
+class WeightIndex:
+    """A model's weight names, found by a LoRA layer's module name in any of the forms read here."""
+
+    def __init__(self, names) -> None:
+        self.names = set(names)
+        self.underscored = {k[:-7].replace(".", "_"): k for k in self.names if k.endswith(".weight")}
+
+    def find(self, layer: LoraLayer) -> str | None:
+        """The weight a layer patches: by module name (PEFT), by its underscored form (kohya), or by the LDM / SGM
+        block names kohya writes for SDXL."""
+        if f"{layer.module}.weight" in self.names:
+            return f"{layer.module}.weight"
+        ldm = ldm_name(layer.module) if layer.component == "unet" else None
+        return self.underscored.get(layer.module) or self.underscored.get(ldm)
+
+
+def graph_overrides(graph: Path, chosen: list[tuple[LoraLayer, float, str]]) -> dict[str, np.ndarray]:
+    """{initializer: new value} for one graph: each weight plus the sum of its LoRA changes (layer, scale, file name),
+    in the graph's layout (transposed where it stores the weight so) and dtype."""
     mapping = json.loads((graph.parent / "weights_map.json").read_text(encoding="utf-8"))
+    index = WeightIndex(mapping)
     onnx, numpy_helper = _onnx()
     model = onnx.load(str(graph), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
     changes: dict[str, np.ndarray] = {}
     unmatched: dict[str, list[str]] = {}
-    for layer, scale in chosen:
-        param = weight_for(layer, mapping)
+    for layer, scale, file in chosen:
+        param = index.find(layer)
         if param is None:
-            unmatched.setdefault(source[id(layer)], []).append(f"{layer.component}.{layer.module}")
+            unmatched.setdefault(file, []).append(f"{layer.component}.{layer.module}")
             continue
         init, transposed = mapping[param]
         if init not in inits and f"{init}__fp16" in inits:  # `diffrt export --weights-fp16` stores it as float16
@@ -240,20 +242,18 @@ def graph_overrides(graph: Path, chosen: list[tuple[LoraLayer, float]], source: 
 def lora_overrides(root: Path, components: dict[str, Path], choices: list[LoraChoice]) -> dict[str, dict[str, np.ndarray]]:
     """{component: {initializer: merged value}} that the chosen LoRAs make for a package's graphs; every layer of every
     file must find its weight."""
-    by_component: dict[str, list[tuple[LoraLayer, float]]] = {}
-    source: dict[int, str] = {}
+    by_component: dict[str, list[tuple[LoraLayer, float, str]]] = {}
     for choice in choices:
         for layer in read_lora(choice.path):
             if layer.component not in components:
                 raise UserError(f"LoRA {choice.path.name} changes a {layer.component}, which this model does not have: "
                                 "it was made for another model family")
-            by_component.setdefault(layer.component, []).append((layer, choice.scale))
-            source[id(layer)] = choice.path.name
+            by_component.setdefault(layer.component, []).append((layer, choice.scale, choice.path.name))
     for component in by_component:
         if not (components[component].parent / "weights_map.json").is_file():
             raise UserError(f"{root} records no weight map for its {component} (an optimum export, or one made before "
                             "diffrt read LoRAs); re-export it with `diffrt export`, or merge the LoRA there with --lora")
-    return {c: graph_overrides(components[c], layers, source) for c, layers in by_component.items()}
+    return {c: graph_overrides(components[c], layers) for c, layers in by_component.items()}
 
 
 def restored(graph: Path, changed: dict[str, np.ndarray], before: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

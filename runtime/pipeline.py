@@ -118,17 +118,16 @@ class Pipeline:
             refuse_for_trt(threads=threads, fp32_fallback=fp32_fallback, cuda_graph=cuda_graph, graph_cache=graph_cache,
                            gpu_mem_limit=gpu_mem_limit)
         self.backend = resolve_backend(backend)
+        self.family = adapter_for(package.family)
         self.loras: list[LoraChoice] = list(loras or [])
         self.lora_sets = LoraSets(package.root, self._lora_targets())
-        self.check_loras(self.loras)
-        self.lora_weights = self.lora_sets.weights(self.loras)
+        self.lora_weights = self.check_loras(self.loras)
         self.precision = self._compute_precision(precision, cuda_graph, gpu_mem_limit)
         self.threads = threads
         self.fp32_fallback = fp32_fallback
         self.cuda_graph = cuda_graph
         self.graph_cache = Path(graph_cache) if graph_cache else None
         self.gpu_mem_limit = gpu_mem_limit
-        self.family = adapter_for(package.family)
         self.stages = required(package.family)  # the components text-to-image runs
         self.attention = attention_layout(package.root)  # for the memory a request's size needs
         self.tokenizers = [ClipTokenizer.from_folder(package.root / name.replace("text_encoder", "tokenizer"),
@@ -191,15 +190,17 @@ class Pipeline:
 
     def _lora_targets(self) -> dict[str, Path]:
         """The graphs a LoRA may change: the text encoder(s) and the UNet."""
-        return {c: self.package.component(c) for c in (*adapter_for(self.package.family).encoders, "unet")}
+        return {c: self.package.component(c) for c in (*self.family.encoders, "unet")}
 
-    def check_loras(self, loras: list[LoraChoice]) -> None:
-        """Refuse a LoRA set that cannot be applied (files, layers), computing its weights for later."""
+    def check_loras(self, loras: list[LoraChoice]) -> dict[str, dict[str, np.ndarray]]:
+        """The merged weights of a LoRA set (computed, or kept from an earlier use), refused in one line when the set
+        cannot be applied (files, layers, a float16-weights package on onnxruntime)."""
         weights = self.lora_sets.weights(list(loras))
         if self.backend.startswith("ort") and any(k.endswith("__fp16") for w in weights.values() for k in w):
             raise UserError("this package stores its weights as float16 behind Casts (`diffrt export --weights-fp16`), "
                             "which onnxruntime folds before a LoRA's values reach them; use a package exported without "
                             "--weights-fp16, --backend ov-cpu, or merge the LoRA at export (--lora)")
+        return weights
 
     def set_loras(self, loras: list[LoraChoice]) -> None:
         """Apply another set of LoRAs (each a file and scale; [] for none) without re-export: the merged weights are
@@ -207,8 +208,7 @@ class Pipeline:
         LoRA nothing changes."""
         if LoraSets.key(list(loras)) == LoraSets.key(self.loras):
             return
-        self.check_loras(loras)
-        weights = self.lora_sets.weights(list(loras))
+        weights = self.check_loras(loras)
         changed = set(weights) | set(self.lora_weights)
         before, self.loras, self.lora_weights = self.lora_weights, list(loras), weights
         for name in changed:

@@ -142,20 +142,23 @@ def tiny_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
+def exported(checkpoint, tmp_path_factory, name: str, **options):
+    """checkpoint exported quietly by diffrt into a fresh folder as package `name` (ExportOptions from options)."""
+    from diffrt.export import ExportOptions, export_package
+
+    return export_package(checkpoint, tmp_path_factory.mktemp(f"pkg-{name}") / name, ExportOptions(**options),
+                          log=lambda msg: None)
+
+
 @pytest.fixture(scope="session")
 def tiny_package(tiny_checkpoint, tmp_path_factory):
-    from diffrt.export import export_package
-
-    return export_package(tiny_checkpoint, tmp_path_factory.mktemp("pkg") / "tiny", log=lambda msg: None)
+    return exported(tiny_checkpoint, tmp_path_factory, "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_plain_package(tiny_checkpoint, tmp_path_factory):
     """The tiny model exported with plain (MatMul/Softmax) attention: the form TensorRT parses."""
-    from diffrt.export import ExportOptions, export_package
-
-    return export_package(tiny_checkpoint, tmp_path_factory.mktemp("plain") / "tiny-plain", ExportOptions(attention="plain"),
-                          log=lambda msg: None)
+    return exported(tiny_checkpoint, tmp_path_factory, "tiny-plain", attention="plain")
 
 
 @pytest.fixture(scope="session")
@@ -166,9 +169,7 @@ def tiny_sd2_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sd2_package(tiny_sd2_checkpoint, tmp_path_factory):
-    from diffrt.export import export_package
-
-    return export_package(tiny_sd2_checkpoint, tmp_path_factory.mktemp("pkg-sd2") / "tiny-sd2", log=lambda msg: None)
+    return exported(tiny_sd2_checkpoint, tmp_path_factory, "tiny-sd2")
 
 
 @pytest.fixture(scope="session")
@@ -179,9 +180,7 @@ def tiny_sdxl_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_package(tiny_sdxl_checkpoint, tmp_path_factory):
-    from diffrt.export import export_package
-
-    return export_package(tiny_sdxl_checkpoint, tmp_path_factory.mktemp("pkg-sdxl") / "tiny-sdxl", log=lambda msg: None)
+    return exported(tiny_sdxl_checkpoint, tmp_path_factory, "tiny-sdxl")
 
 
 @pytest.fixture(scope="session")
@@ -193,10 +192,7 @@ def tiny_inpaint_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_inpaint_package(tiny_inpaint_checkpoint, tmp_path_factory):
-    from diffrt.export import export_package
-
-    return export_package(tiny_inpaint_checkpoint, tmp_path_factory.mktemp("pkg-inpaint") / "tiny-inpaint",
-                          log=lambda msg: None)
+    return exported(tiny_inpaint_checkpoint, tmp_path_factory, "tiny-inpaint")
 
 
 def reference_pipeline(class_name: str, checkpoint):
