@@ -27,7 +27,8 @@ SPECS = {
                                   {"last_hidden_state": {0: "batch_size", 1: "sequence_length"},
                                    "pooler_output": {0: "batch_size"},
                                    "layer_states": {0: "batch_size", 2: "sequence_length"}}),
-    "unet": ComponentSpec({"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {},
+    # one timestep per row, so that rows at different steps share a call (a server's step-level batching)
+    "unet": ComponentSpec({"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "batch_size"},
                            "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"}},
                           {"out_sample": {0: "batch_size", 2: "height", 3: "width"}}),
     "vae_decoder": ComponentSpec({"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}},
@@ -167,7 +168,7 @@ def example_inputs(name: str, ckpt: Checkpoint, batch: int, height: int, width: 
         hidden = int(ckpt.unet_config.get("cross_attention_dim", 768))
         length = int(ckpt.text_config.get("max_position_embeddings", 77))
         inputs = (torch.randn(batch, channels, height, width, generator=gen),
-                  torch.tensor(float(torch.randint(0, 1000, (1,), generator=gen).item())),
+                  torch.randint(0, 1000, (batch,), generator=gen).float(),
                   torch.randn(batch, length, hidden, generator=gen))
         if ckpt.family != "sdxl":
             return inputs

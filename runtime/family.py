@@ -13,13 +13,22 @@ from typing import Any
 import numpy as np
 
 from .engines import Engine, TensorSpec
+from .errors import UserError
 
+PER_ROW_FIX = ("make it take one per row with `python -m diffrt.export.timestep_rows PACKAGE`, or re-export the package "
+               "with `diffrt export`")
 LAYER_STATES = "layer_states"  # diffrt's SD text encoder output: every layer through the final norm (CLIP skip)
 
 
-def timestep_feed(spec: TensorSpec, t: float, batch: int) -> np.ndarray:
-    """The timestep in the dtype and rank the UNet graph declares: a scalar, [1], or one per batch row."""
-    value = np.asarray(round(float(t)) if np.issubdtype(spec.dtype, np.integer) else t, dtype=spec.dtype)
+def timestep_feed(spec: TensorSpec, t: float | np.ndarray, batch: int) -> np.ndarray:
+    """The timestep in the dtype and rank the UNet graph declares: a scalar, [1], or one per batch row. t is one
+    value, or one per row (rows at different steps), which only a graph taking one per row can be given."""
+    value = np.asarray(t, np.float64)
+    value = (value.round() if np.issubdtype(spec.dtype, np.integer) else value).astype(spec.dtype)
+    if value.ndim:
+        if len(spec.shape) != 1 or isinstance(spec.shape[0], int):
+            raise UserError(f"this UNet takes one timestep per call, so rows at different steps cannot share one; {PER_ROW_FIX}")
+        return value
     if len(spec.shape) == 0:
         return value
     n = spec.shape[0] if isinstance(spec.shape[0], int) else batch

@@ -93,6 +93,11 @@ class Package:
                 raise UserError(f"model package {self.root}: {rel} does not match its sha256 in {MANIFEST}; "
                                 "the file is corrupt: copy it again or re-export")
 
+    def per_row_timesteps(self) -> bool | None:
+        """Whether the manifest says the UNet takes one timestep per batch row (None: it does not say)."""
+        dims = self.manifest.get("components", {}).get("unet", {}).get("inputs", {}).get("timestep", {}).get("dims")
+        return None if dims is None else len(dims) == 1 and isinstance(dims[0], str)
+
     @property
     def model_hash(self) -> str:
         """A short id of the package for image metadata: the UNet graph's recorded sha256, else the manifest's."""

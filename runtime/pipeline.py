@@ -37,6 +37,7 @@ from .request import (
     size_note,
 )
 from .schedulers import short_name
+from .stream import NonFiniteError, Stream, check_joinable, joined_rows
 from .tokenizer import ClipTokenizer
 
 
@@ -56,14 +57,11 @@ def refuse_for_trt(**options: Any) -> None:
                         "--backend ort-cuda")
 
 
-class NonFiniteError(UserError):
-    """A stage produced NaN or inf."""
-
-
 @dataclass
 class Result:
     """Images, the same as float arrays in [0, 1] (n, H, W, 3), the settings that reproduce them, and stage timings
-    (seconds; unet and scheduler per step, the scheduler's including the loop's own Python).
+    (seconds; unet and scheduler per step, the scheduler's including the loop's own Python), and the final latents
+    (n, C, h, w) before the VAE's scaling (diffusers' output_type="latent").
 
     settings describe the whole call (`seed` is the first image's); `image_settings(i)` those that make image i
     again alone (its own prompt and seed)."""
@@ -76,6 +74,7 @@ class Result:
     negatives: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     guidances: list[float] = field(default_factory=list)
+    latents: np.ndarray | None = None
 
     def image_settings(self, i: int) -> dict[str, Any]:
         return {**self.settings, "prompt": self.prompts[i], "negative_prompt": self.negatives[i], "seed": self.seeds[i],
@@ -90,14 +89,6 @@ class Result:
         for i, (image, target) in enumerate(zip(self.images, paths)):
             save_image(image, target, self.image_settings(i))
         return paths
-
-
-def rescaled(guided: np.ndarray, text: np.ndarray, rescale: float) -> np.ndarray:
-    """diffusers' rescale_noise_cfg: each row's guided prediction scaled to the prompt-only prediction's standard
-    deviation (torch's unbiased one), blended with itself by `rescale`."""
-    axes = tuple(range(1, guided.ndim))
-    scaled = guided * (text.std(axis=axes, ddof=1, keepdims=True) / guided.std(axis=axes, ddof=1, keepdims=True))
-    return (rescale * scaled + (1 - rescale) * guided).astype(np.float32)
 
 
 class Pipeline:
@@ -140,6 +131,7 @@ class Pipeline:
             if self.backend == "trt" and name in self.lora_weights:
                 engine.refit(self.lora_weights[name])
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
+        self._joined: tuple[tuple, dict[str, Any]] = ((), {})  # the last set of streams stepped together, their text
 
     def _compute_precision(self, precision: str, cuda_graph: bool, gpu_mem_limit: int | None) -> str:
         """What the UNet computes in: on ov-cpu bf16 or fp32 (auto: bf16 where the CPU has AMX or AVX-512-BF16; CUDA
@@ -254,15 +246,29 @@ class Pipeline:
         return cls(load_package(path, hashes=verify_hashes), backend, threads, fp32_fallback, cuda_graph,
                    Path(graph_cache) if graph_cache else None, gpu_mem_limit, precision, loras)
 
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "", steps: int | None = None,
-                 guidance_scale: float | list[float] | None = None, scheduler: str | None = None, seed: int | None = None,
-                 width: int | None = None, height: int | None = None, num_images: int = 1,
-                 latents: np.ndarray | None = None, progress: Callable[[int, int], None] | None = None,
-                 num_inference_steps: int | None = None, num_images_per_prompt: int | None = None,
-                 seeds: list[int] | None = None, image: Any = None, strength: float = 0.8, resize: bool = False,
-                 mask: Any = None, rng: str = "numpy", clip_skip: int = 1, guidance_rescale: float = 0.0,
-                 original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
-                 loras: list[LoraChoice] | None = None) -> Result:
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "",
+                 progress: Callable[[int, int], None] | None = None, loras: list[LoraChoice] | None = None,
+                 **options: Any) -> Result:
+        """Images for prompt (or each of a list of prompts): `begin` (which documents the options), every step, `finish`.
+        progress(i, n) is called after each step; loras (files and scales) switches the applied LoRAs first (None: keep
+        those applied, [] none; see set_loras)."""
+        if loras is not None:
+            self.set_loras(loras)
+        stream = self.begin(prompt, negative_prompt, **options)
+        while not stream.done:
+            self.step([stream])
+            if progress:
+                progress(stream.i, stream.total)
+        return self.finish(stream)
+
+    def begin(self, prompt: str | list[str], negative_prompt: str | list[str] = "", steps: int | None = None,
+              guidance_scale: float | list[float] | None = None, scheduler: str | None = None, seed: int | None = None,
+              width: int | None = None, height: int | None = None, num_images: int = 1,
+              latents: np.ndarray | None = None, num_inference_steps: int | None = None,
+              num_images_per_prompt: int | None = None, seeds: list[int] | None = None, image: Any = None,
+              strength: float = 0.8, resize: bool = False, mask: Any = None, rng: str = "numpy", clip_skip: int = 1,
+              guidance_rescale: float = 0.0, original_size: tuple[int, int] | None = None,
+              crops_coords_top_left: tuple[int, int] = (0, 0)) -> Stream:
         """Images for prompt (or each of a list of prompts), num_images each. Image i gets seed + i (seed None or -1:
         random), so any image can be made again alone; seeds (and guidance_scale as a list) give every image's own
         (a server batching requests); steps and num_images also go by diffusers' names. With image (a Pillow image or a
@@ -274,10 +280,8 @@ class Pipeline:
         text encoder's N-th layer from the end (A1111's "Clip skip"; diffusers' clip_skip is N - 1). guidance_rescale
         (0..1) brings the guided noise prediction's spread back towards the prompt's, as diffusers' does (SD 2.x
         v-prediction models with zero terminal SNR). SDXL models also take diffusers' size conditioning: original_size
-        (height, width; default the image's own) and crops_coords_top_left (top, left). loras (files and scales)
-        switches the applied LoRAs first (None: keep those applied, [] none; see set_loras)."""
-        if loras is not None:
-            self.set_loras(loras)
+        (height, width; default the image's own) and crops_coords_top_left (top, left). Returns the stream of the call:
+        checked, its start latents drawn and its prompts encoded, ready for `step`."""
         pkg, d = self.package, self.package.defaults
         steps = next((v for v in (steps, num_inference_steps) if v is not None), d["steps"])
         num_images = num_images_per_prompt if num_images_per_prompt is not None else num_images
@@ -291,31 +295,71 @@ class Pipeline:
         req.guidance_rescale = check_rescale(guidance_rescale)
         req.original_size, req.crops_coords_top_left = check_size_conditioning(original_size, crops_coords_top_left,
                                                                                pkg.family)
-        width, height, prompts, negatives = req.width, req.height, req.prompts, req.negatives
         rng = ImageGenerators(req.seeds, req.rng)
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
         clock = time.perf_counter()
         timesteps, x, inpaint = self._start(sched, req, strength, pixels, mask, latents, rng, timings)
-        cond = self._encode_prompt(req, timings)
-        x = self._denoise(sched, x, timesteps, cond, req, rng, timings, progress, inpaint)
-        array = self._decode(x, timings)
+        host_cond = self._encode_prompt(req, timings)
+        cond = {k: self.unet.to_device(v) for k, v in host_cond.items()}
+        source = {}
+        if pixels is not None:
+            source = {"mode": "inpaint" if mask is not None else "img2img", "strength": strength,
+                      "image": Path(image).name if isinstance(image, (str, Path)) else "image", "image_sha256": pixels_hash(pixels)}
+            if inpaint is not None:
+                source["mask_sha256"] = pixels_hash(inpaint.mask[:1])
+        return Stream(req, sched, timesteps, x, cond, host_cond, rng, inpaint, timings, clock, source)
+
+    def finish(self, stream: Stream) -> Result:
+        """The stream's images decoded, with the settings that make each again."""
+        req, sched, timings, pkg = stream.req, stream.sched, stream.timings, self.package
+        prompts, negatives = req.prompts, req.negatives
+        array = self._decode(stream.x, timings)
         start = time.perf_counter()
         images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
         timings["postprocess"] = time.perf_counter() - start
-        timings["total"] = time.perf_counter() - clock
+        timings["total"] = time.perf_counter() - stream.clock
         settings = {"prompt": prompts[0], "negative_prompt": negatives[0], "steps": req.steps, "guidance_scale": req.guidances[0],
-                    "scheduler": short_name(sched), "seed": req.seeds[0], "width": width, "height": height,
+                    "scheduler": short_name(sched), "seed": req.seeds[0], "width": req.width, "height": req.height,
                     "num_images": len(prompts), "rng": req.rng, "clip_skip": req.clip_skip,
                     "guidance_rescale": req.guidance_rescale, **self._size_settings(req),
                     **({"loras": [c.label for c in self.loras]} if self.loras else {}), "model": pkg.name, "model_hash": pkg.model_hash,
-                    "backend": self.backend, "precision": self.precision, "diffrt": __version__}
-        if pixels is not None:
-            settings.update(mode="inpaint" if mask is not None else "img2img", strength=strength,
-                            image=Path(image).name if isinstance(image, (str, Path)) else "image",
-                            image_sha256=pixels_hash(pixels))
-            if inpaint is not None:
-                settings["mask_sha256"] = pixels_hash(inpaint.mask[:1])
-        return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances)
+                    "backend": self.backend, "precision": self.precision, "diffrt": __version__, **stream.source}
+        return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances, stream.x)
+
+    @property
+    def per_row_timesteps(self) -> bool:
+        """Whether the UNet takes one timestep per batch row, so streams at different steps can share a call."""
+        shape = self.unet.inputs["timestep"].shape
+        return len(shape) == 1 and not isinstance(shape[0], int)
+
+    def step(self, streams: list[Stream]) -> None:
+        """One UNet call for every stream's next step, then each stream's guidance and scheduler step. Streams at
+        different steps, of different schedules and guidance, share the call when they have the same size and text
+        length and the UNet takes one timestep per row (per_row_timesteps)."""
+        if len(streams) > 1:
+            check_joinable(streams)
+        inputs, t, seconds = joined_rows(streams)
+        feeds = self.family.unet_feeds(self.unet, np.concatenate(inputs) if len(inputs) > 1 else inputs[0], t,
+                                       self._joined_cond(streams))
+        first = streams[0]
+        where = f"at step {first.i + 1} of {first.total}" if len(streams) == 1 else f"on {len(streams)} requests' step"
+        called = time.perf_counter()
+        out = self._guarded("unet", feeds, self.family.unet_output, where).astype(np.float32)
+        unet_seconds, start = time.perf_counter() - called, 0
+        for stream, rows, own in zip(streams, inputs, seconds):
+            stream.advance(out[start:start + len(rows)], unet_seconds, own)
+            start += len(rows)
+
+    def _joined_cond(self, streams: list[Stream]) -> dict[str, Any]:
+        """The streams' text inputs side by side, made once per set of streams (the engine skips copying an input
+        that is the same array as on its last call)."""
+        if len(streams) == 1:
+            return streams[0].cond
+        key = tuple(id(s) for s in streams)
+        if self._joined[0] != key:
+            first = streams[0].host_cond
+            self._joined = (key, {k: self.unet.to_device(np.concatenate([s.host_cond[k] for s in streams])) for k in first})
+        return self._joined[1]
 
     def check(self, prompt: Any, negative: Any, steps: int, guidance: Any, scheduler: str | None, seed: Any,
               seeds: list[int] | None, width: int, height: int, num_images: int, rng: str = "numpy",
@@ -386,7 +430,7 @@ class Pipeline:
             pooled[empty] = 0
         size = [*(req.original_size or (req.height, req.width)), *req.crops_coords_top_left, req.height, req.width]
         cond = self.family.conditioning(hidden, pooled, np.tile(np.array(size, np.float32), (len(texts), 1)))
-        cond = {k: self.unet.to_device(v.astype(self.unet.inputs[k].dtype)) for k, v in cond.items()}
+        cond = {k: v.astype(self.unet.inputs[k].dtype) for k, v in cond.items()}
         timings["text_encoder"] = time.perf_counter() - start - timings["tokenize"]
         return cond
 
@@ -456,40 +500,6 @@ class Pipeline:
         inpaint = Inpainting(np.repeat(mask[:, :, ::f, ::f], count, axis=0), masked if nine else None,
                              None if nine else image_latents, noise)
         return x.astype(np.float32), inpaint
-
-    def _denoise(self, sched, x: np.ndarray, timesteps: np.ndarray, cond: dict[str, Any], req: Request, rng: ImageGenerators,
-                 timings: dict, progress: Callable[[int, int], None] | None,
-                 inpaint: Inpainting | None = None) -> np.ndarray:
-        """The scheduler loop around the UNet, classifier-free guidance batched into one call per step; an image whose
-        guidance is 1 or less takes the conditional output as it is."""
-        guided, n = req.guided, len(x)
-        g = np.array(req.guidances, np.float32)[:, None, None, None]
-        for i, t in enumerate(timesteps):
-            start = time.perf_counter()
-            model_in = sched.scale_model_input(np.concatenate([x, x]) if guided else x, t)
-            if inpaint is not None:
-                model_in = inpaint.unet_input(model_in, guided)
-            feeds = self.family.unet_feeds(self.unet, model_in, t, cond)
-            called = time.perf_counter()
-            out = self._guarded("unet", feeds, self.family.unet_output,
-                                f"at step {i + 1} of {len(timesteps)}").astype(np.float32)
-            returned = time.perf_counter()
-            if guided:
-                text_out, out = out[n:], np.where(g > 1, out[:n] + g * (out[n:] - out[:n]), out[n:])
-                if req.guidance_rescale > 0:
-                    out = rescaled(out, text_out, req.guidance_rescale)
-            x = sched.step(out, t, x, rng)
-            if inpaint is not None:
-                x = inpaint.blend(sched, x, timesteps[i + 1] if i + 1 < len(timesteps) else None)
-            if not np.isfinite(x).all():
-                raise NonFiniteError(f"the {sched.name} scheduler's step made NaN or inf at step {i + 1} of "
-                                     f"{len(timesteps)} (the UNet's output was finite); use fewer steps or another "
-                                     "scheduler")
-            timings["unet"].append(returned - called)
-            timings["scheduler"].append(time.perf_counter() - returned + called - start)
-            if progress:
-                progress(i + 1, len(timesteps))
-        return x
 
     def _decode(self, x: np.ndarray, timings: dict) -> np.ndarray:
         """Images as floats in [0, 1], (n, H, W, 3). One image per VAE call: the decoder's activations are the largest
