@@ -1,7 +1,11 @@
 """Load benchmark of `diffrt serve` on the loopback address, bounded in requests and time: closed loops at several
-concurrencies and an open loop of Poisson arrivals, for no batching (--max-batch 1) and request-level batching.
+concurrencies and an open loop of Poisson arrivals, for no batching (--max-batch 1), request-level and step-level
+batching.
 
-    python -m diffrt.benchmarks.serve_load [--model DIR] [--requests 48] [--concurrency 1,4,16] [--out DIR]
+    python -m diffrt.benchmarks.serve_load [--model DIR] [--requests 48] [--concurrency 1,4,16] [--rate auto] [--out DIR]
+
+--rate auto runs every mode's open loop at the same rate, 80 % of request-level batching's best closed-loop
+throughput (its capacity), after all closed loops: step-level and request-level batching compared at equal load.
 
 Per run: images/s, latency p50/p90/p99, mean queue wait (the server's metric), errors, the server's peak RSS.
 Writes serve_load.json, serve_load.md and serve_load.png to --out; prints the markdown table.
@@ -25,7 +29,10 @@ import numpy as np
 
 from .machine import describe
 
-MODES = {"none": ["--max-batch", "1", "--max-wait-ms", "0"], "request": ["--max-batch", "8", "--max-wait-ms", "50"]}
+MODES = {"none": ["--batching", "request", "--max-batch", "1", "--max-wait-ms", "0"],
+         "request": ["--batching", "request", "--max-batch", "8", "--max-wait-ms", "50"],
+         "step": ["--batching", "step", "--max-batch", "8"]}
+AUTO_LOAD = 0.8  # --rate auto: this fraction of request-level batching's capacity
 
 
 def start_server(model: Path | None, mode: str) -> tuple[subprocess.Popen, str]:
@@ -168,10 +175,11 @@ def run_mode(model: Path | None, mode: str, concurrencies: list[int], requests: 
         if soak_requests:
             return {"soak": soak(url, proc.pid, soak_requests), "server_peak_rss_mb": peak_rss_mb(proc.pid)}
         closed_loop(url, 2, 4)  # warm-up
+        closed_loop(url, 8, 16)
         runs = {}
         loads = [(f"c{c}", lambda c=c: closed_loop(url, c, max(requests, 2 * c))) for c in concurrencies]
         if rate:
-            loads.append((f"poisson{rate:g}", lambda: open_loop(url, rate, requests)))
+            loads.append((f"poisson{rate:.3g}", lambda: open_loop(url, rate, requests)))
         for name, load in loads:
             before = queue_wait(url)
             start = time.perf_counter()
@@ -225,6 +233,11 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def capacity(runs: dict) -> float:
+    """A mode's best closed-loop throughput (images/s)."""
+    return max(r["images_per_s"] for k, r in runs.items() if k.startswith("c") and isinstance(r, dict))
+
+
 def direct_seconds(model: Path | None, calls: int = 10) -> float:
     """Median seconds of the same request made by the pipeline in this process: what the server adds is measured
     against it."""
@@ -245,18 +258,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, help="package folder (default: the bundled model)")
     ap.add_argument("--requests", type=int, default=48, help="requests per run (at least 2 per client)")
     ap.add_argument("--concurrency", default="1,4,16")
-    ap.add_argument("--rate", type=float, help="Poisson arrivals per second for an open-loop run (default: none)")
-    ap.add_argument("--modes", default="none,request")
+    ap.add_argument("--rate", help="Poisson arrivals per second for an open-loop run, or auto: 80 %% of request-level "
+                    "batching's capacity, the same for every mode (default: none)")
+    ap.add_argument("--modes", default="none,request,step")
     ap.add_argument("--soak", type=int, default=0, help="instead: this many requests, good and bad mixed, every answer "
                     "checked, RSS growth after warm-up")
     ap.add_argument("--out", type=Path, default=Path("serve-load-out"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
+    modes = args.modes.split(",")
+    fixed = None if args.rate in (None, "auto") else float(args.rate)
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "model": str(args.model or "bundled"),
               "direct_pipeline_s": None if args.soak else direct_seconds(args.model),
-              "modes": {m: run_mode(args.model, m, concurrencies, args.requests, args.rate, args.soak)
-                        for m in args.modes.split(",")}}
+              "modes": {m: run_mode(args.model, m, concurrencies, args.requests, fixed, args.soak) for m in modes}}
+    if args.rate == "auto" and not args.soak:
+        rate = AUTO_LOAD * capacity(report["modes"].get("request") or max(report["modes"].values(), key=capacity))
+        report["auto_rate"] = rate
+        for m in modes:
+            again = run_mode(args.model, m, [], args.requests, rate)
+            peak = max(again.pop("server_peak_rss_mb"), report["modes"][m]["server_peak_rss_mb"])
+            report["modes"][m].update(again, server_peak_rss_mb=peak)
     (args.out / "serve_load.json").write_text(json.dumps(report, indent=1))
     (args.out / "serve_load.md").write_text(markdown(report))
     if not args.soak:

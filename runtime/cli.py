@@ -239,12 +239,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .package import load_package
 
     if args.model is not None:
-        load_package(args.model)  # a bad --model is refused here, before the server starts
+        package = load_package(args.model)  # a bad --model is refused here, before the server starts
+        if args.batching == "step" and package.per_row_timesteps() is False:
+            from diffrt.serve.app import step_needs_rows
+
+            raise UserError(step_needs_rows())
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"diffrt: warning: serving on {args.host} without --api-key: anyone who reaches it can use it", file=sys.stderr)
     options = ServeOptions(model=args.model, backend=args.backend, threads=args.threads, max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
-                           api_key=args.api_key or os.environ.get("DIFFRT_API_KEY"), lora_dir=args.lora_dir)
+                           api_key=args.api_key or os.environ.get("DIFFRT_API_KEY"), lora_dir=args.lora_dir,
+                           batching=args.batching)
     if args.ray:
         from diffrt.serve.ray_app import run_on_ray
 
@@ -275,9 +280,12 @@ def add_serve(sub) -> None:
     s.add_argument("--port", type=positive_int, default=7860, help="default %(default)s")
     s.add_argument("--backend", choices=BACKENDS, default="auto", help="default auto")
     s.add_argument("--threads", type=positive_int, help="CPU threads for onnxruntime (default: all cores)")
-    s.add_argument("--max-batch", type=positive_int, default=4, help="images per pipeline call (default %(default)s)")
-    s.add_argument("--max-wait-ms", type=number, default=50, help="how long a request waits for others to batch with "
-                   "(default %(default)s)")
+    s.add_argument("--max-batch", type=positive_int, default=4, help="images per UNet call (default %(default)s)")
+    s.add_argument("--batching", choices=("auto", "step", "request"), default="auto",
+                   help="step: a request joins the running ones at their next step; request: requests that arrive "
+                   "together run together; auto (default): step where the model's UNet takes one timestep per row")
+    s.add_argument("--max-wait-ms", type=number, default=50, help="request-level batching: how long a request waits "
+                   "for others to batch with (default %(default)s)")
     s.add_argument("--max-queue", type=positive_int, default=64, help="queued requests before answering 429 (default %(default)s)")
     s.add_argument("--timeout", type=positive_number, default=600, help="seconds a request may take (default %(default)s)")
     s.add_argument("--lora-dir", type=Path, help="LoRAs requests may name (<lora:NAME:SCALE> in the prompt, or a loras "

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.request import check_size_conditioning
 
-from .batcher import Batcher, Cancelled, Job, QueueFull, ShuttingDown
+from .batcher import Batcher, Cancelled, Job, QueueFull, RequestBatcher, ShuttingDown, StepBatcher
 from .metrics import Metrics
 from .schemas import OpenAIImageRequest, Txt2ImgRequest
 
@@ -41,6 +41,10 @@ class ServeOptions:
     timeout_s: float = 600
     api_key: str | None = None
     lora_dir: Path | None = None  # LoRAs a request may name (NAME.safetensors)
+    batching: str = "auto"  # "step", "request", or auto: step where the UNet takes one timestep per row
+
+
+BATCHING = ("auto", "step", "request")
 
 
 class ApiError(Exception):
@@ -50,6 +54,12 @@ class ApiError(Exception):
 
     def __reduce__(self):  # rebuilt whole on the far side of a process boundary (a Ray replica's answer)
         return ApiError, (self.status, self.message, self.param, self.headers)
+
+
+def step_needs_rows() -> str:
+    from diffrt.runtime.family import PER_ROW_FIX
+
+    return f"step-level batching needs a UNet that takes one timestep per row: {PER_ROW_FIX}; or use --batching request"
 
 
 def error_body(message: str, kind: str, param: str | None = None) -> dict:
@@ -63,16 +73,35 @@ class Service:
         self.options, self.metrics = options, Metrics()
         self.pipe = None
         self.load_error: str | None = None
-        self.batcher = Batcher(self.run_batch, options.max_batch, options.max_wait_ms / 1000, options.max_queue,
-                               on_batch=self.record_batch)
+        self.batcher: Batcher | None = None  # made once the model is loaded: its UNet decides what auto batching is
 
     def load(self) -> None:
         from diffrt.runtime.pipeline import Pipeline
 
         try:
-            self.pipe = Pipeline.from_package(self.options.model, backend=self.options.backend, threads=self.options.threads)
+            pipe = Pipeline.from_package(self.options.model, backend=self.options.backend, threads=self.options.threads)
+            self.batcher = self.make_batcher(pipe)
+            self.pipe = pipe
         except Exception as exc:  # reported by /health; the process stays up for an operator to see why
             self.load_error = f"{type(exc).__name__}: {exc}"
+
+    def make_batcher(self, pipe: Any) -> Batcher:
+        """Step-level batching where the UNet takes one timestep per row (auto), else request-level."""
+        o = self.options
+        if o.batching not in BATCHING:
+            raise UserError(f"unknown batching {o.batching!r}; use {', '.join(BATCHING)}")
+        if o.batching == "step" and not pipe.per_row_timesteps:
+            raise UserError(step_needs_rows())
+        common = {"max_batch": o.max_batch, "max_wait": o.max_wait_ms / 1000, "max_queue": o.max_queue,
+                  "on_batch": self.record_batch}
+        if o.batching == "request" or not pipe.per_row_timesteps:
+            return RequestBatcher(**common, run=self.run_batch)
+        return StepBatcher(**common, begin=self.begin_job, step=self.step_jobs, finish=self.finish_job,
+                           on_step=self.record_step)
+
+    @property
+    def batching(self) -> str | None:
+        return None if self.batcher is None else "step" if isinstance(self.batcher, StepBatcher) else "request"
 
     @property
     def name(self) -> str:
@@ -88,10 +117,18 @@ class Service:
             if all(job.cancelled for job in jobs):
                 raise Cancelled
 
-        default = self.pipe.package.defaults["guidance_scale"]
-        guidance = [default if j.guidance is None else j.guidance for j in jobs for _ in j.prompts]
         result = self.pipe([p for j in jobs for p in j.prompts], negative_prompt=[n for j in jobs for n in j.negatives],
-                           seeds=[s for j in jobs for s in j.seeds], guidance_scale=guidance, progress=progress, **settings)
+                           seeds=[s for j in jobs for s in j.seeds], guidance_scale=self.guidances(jobs), progress=progress,
+                           **settings)
+        self.metrics.batch_images.observe(sum(len(j.prompts) for j in jobs))
+        return self.split(jobs, result)
+
+    def guidances(self, jobs: list[Job]) -> list[float]:
+        default = self.pipe.package.defaults["guidance_scale"]
+        return [default if j.guidance is None else j.guidance for j in jobs for _ in j.prompts]
+
+    def split(self, jobs: list[Job], result: Any) -> list[Any]:
+        """Each job's (image, settings) pairs from one pipeline result; its stage times into the metrics."""
         for stage in ("text_encoder", "vae_decode"):
             self.metrics.stage.labels(stage).observe(result.timings[stage])
         self.metrics.stage.labels("unet").observe(sum(result.timings["unet"]))
@@ -101,16 +138,33 @@ class Service:
             start += len(job.prompts)
         return out
 
-    def progress(self) -> dict[str, int]:
-        """Step i of n of the running batch, and how many jobs run and wait."""
-        running = self.batcher.running
+    def begin_job(self, job: Job) -> Any:
+        """Step-level batching: the job's stream, its prompts encoded (its LoRAs are those of the running jobs)."""
+        settings = dict(job.settings)
+        self.pipe.set_loras(list(settings.pop("loras", ())))
+        return self.pipe.begin(job.prompts, job.negatives, seeds=job.seeds, guidance_scale=self.guidances([job]), **settings)
+
+    def step_jobs(self, jobs: list[Job]) -> None:
+        self.pipe.step([j.stream for j in jobs])
+        for job in jobs:
+            job.step, job.total = job.stream.i, job.stream.total
+
+    def finish_job(self, job: Job) -> Any:
+        return self.split([job], self.pipe.finish(job.stream))[0]
+
+    def record_step(self, jobs: list[Job]) -> None:
+        self.metrics.batch_images.observe(sum(len(j.prompts) for j in jobs))
+
+    def progress(self) -> dict[str, Any]:
+        """Step i of n of the oldest running job and of each (jobs, by id), and how many jobs run and wait."""
+        running = self.batcher.running if self.batcher else []
         step, total = (running[0].step, running[0].total) if running else (0, 0)
-        return {"step": step, "total": total, "running": len(running), "queued": len(self.batcher.queue)}
+        return {"step": step, "total": total, "running": len(running), "queued": len(self.batcher.queue) if self.batcher else 0,
+                "jobs": [{"id": j.id, "step": j.step, "total": j.total} for j in running]}
 
     def record_batch(self, jobs: list[Job], seconds: float) -> None:
         for job in jobs:
             self.metrics.queue_wait.observe(job.started - job.enqueued)
-        self.metrics.batch_images.observe(sum(len(j.prompts) for j in jobs))
         self.metrics.images.inc(sum(len(j.prompts) for j in jobs))
 
     def check(self, job: Job) -> None:
@@ -119,8 +173,9 @@ class Service:
         if self.pipe is None:
             raise ApiError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
         d, s = self.pipe.package.defaults, job.settings
+        s["width"], s["height"] = s["width"] or d["width"], s["height"] or d["height"]  # one batch key for a size
         self.pipe.check(job.prompts, job.negatives, s["steps"] or d["steps"], job.guidance, s["scheduler"], None, job.seeds,
-                        s["width"] or d["width"], s["height"] or d["height"], 1, s.get("rng", "numpy"), s.get("clip_skip", 1))
+                        s["width"], s["height"], 1, s.get("rng", "numpy"), s.get("clip_skip", 1))
         self.pipe.check_loras(list(s.get("loras", ())))
         check_size_conditioning(s.get("original_size"), s.get("crops_coords_top_left", (0, 0)), self.pipe.package.family)
         job.chunks = self.pipe.chunk_count(job.prompts + job.negatives)
@@ -129,13 +184,14 @@ class Service:
         """What /health and A1111's model list say of this instance."""
         pkg = self.pipe.package if self.pipe else None
         return {"name": self.name, "model_hash": pkg.model_hash if pkg else None, "root": str(pkg.root) if pkg else None,
-                "backend": self.pipe.backend if self.pipe else None, "queue": len(self.batcher.queue),
+                "backend": self.pipe.backend if self.pipe else None, "queue": len(self.batcher.queue) if self.batcher else 0,
+                "batching": self.batching,
                 "ready": self.pipe is not None, "load_error": self.load_error}
 
     async def run(self, job: Job) -> list[tuple[Any, dict]]:
         """The job's images, checked, queued and batched, or an ApiError saying why not (timeout included)."""
         self.check(job)
-        self.metrics.queue_depth.set(len(self.batcher.queue) + 1)
+        self.metrics.queue_depth.set(len(self.batcher.queue) + 1)  # check() passed: the model and batcher are there
         try:
             return await asyncio.wait_for(self.batcher.submit(job), self.options.timeout_s)
         except QueueFull:
@@ -357,6 +413,7 @@ def add_plumbing(app: FastAPI, service: Service) -> None:
         if not info["ready"]:
             return JSONResponse({"status": "loading"}, 503)
         return JSONResponse({"status": "ok", "model": info["name"], "backend": info["backend"], "queue": info["queue"],
+                             "batching": info.get("batching"),
                              **({"replicas": info["replicas"]} if "replicas" in info else {})})
 
     @app.get("/v1/progress/stream")
@@ -386,13 +443,17 @@ def create_app(options: ServeOptions | None = None, **kwargs: Any) -> FastAPI:
     """The ASGI app; the model loads in the background at startup (/health says 503 until it is ready)."""
     service = Service(options or ServeOptions(**kwargs))
 
+    async def load() -> None:
+        await asyncio.to_thread(service.load)
+        if service.batcher:
+            service.batcher.start()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.batcher.start()
-        loading = asyncio.get_running_loop().create_task(asyncio.to_thread(service.load))
-        app.state.loading = loading
+        app.state.loading = asyncio.get_running_loop().create_task(load())
         yield
-        await service.batcher.stop()
+        if service.batcher:
+            await service.batcher.stop()
 
     return build_app(service, lifespan)
 

@@ -1,8 +1,14 @@
-"""Request-level dynamic batching: jobs that can share UNet calls (same size, steps and scheduler; guidance may
-differ per image) are
-gathered for at most max_wait seconds, up to max_batch images, and run as one pipeline call. Each image keeps its own
-seed, so it equals what the request alone would give. A lone job under a load of one request at a time (the last
-batch held one job) starts at once: waiting for company that never comes would only add latency."""
+"""Dynamic batching of a server's jobs; each image keeps its own seed, so it equals what the request alone gives.
+
+Request-level (RequestBatcher): jobs that can share UNet calls (same size, steps and scheduler; guidance may differ
+per image) are gathered for at most max_wait seconds, up to max_batch images, and run as one pipeline call. A lone
+job under a load of one request at a time (the last batch held one job) starts at once: waiting for company that
+never comes would only add latency.
+
+Step-level (StepBatcher): a job starts at once, and a job arriving while others denoise joins them at the next step,
+up to max_batch images: the UNet takes one timestep per row, so rows at different steps (and of different step
+counts and schedulers) share each call. A finished job leaves at once; a job whose client went away leaves at the
+next step."""
 
 from __future__ import annotations
 
@@ -44,15 +50,32 @@ class Job:
     total: int = 0
     cancelled: bool = False
 
+    stream: Any = None  # step-level batching: the job's denoising state between steps
+
     def key(self) -> tuple:
+        """What jobs sharing a pipeline call must have in common."""
         return (*sorted(self.settings.items()), ("chunks", self.chunks))
+
+    def step_key(self) -> tuple:
+        """What jobs sharing one UNet step must have in common: the latent size, text length and applied LoRAs."""
+        s = self.settings
+        return s["width"], s["height"], s.get("loras", ()), self.chunks
+
+    def settle(self, result: Any) -> None:
+        """Hand the job's result (or the exception it ended with) to its request, unless the request is gone."""
+        if self.future.done() or self.cancelled:
+            return
+        if isinstance(result, Exception):
+            self.future.set_exception(result)
+        else:
+            self.future.set_result(result)
 
 
 @dataclass
 class Batcher:
-    """One worker runs the pipeline (in a thread, so the server keeps answering) on batches of compatible jobs."""
+    """One worker runs the pipeline (in a thread, so the server keeps answering) on batches of compatible jobs; the
+    subclasses say how jobs are batched."""
 
-    run: Callable[[list[Job]], list[Any]]  # makes every job's images in one call; returns one result per job
     max_batch: int = 4
     max_wait: float = 0.05
     max_queue: int = 64
@@ -67,8 +90,8 @@ class Batcher:
         self.worker = asyncio.get_running_loop().create_task(self._work())
 
     async def stop(self) -> None:
-        """Cancel what is still queued, let the running batch finish, and end the worker."""
-        for job in self.queue:
+        """Cancel what is still queued or running, and end the worker."""
+        for job in self.queue + self.running:
             if not job.future.done():
                 job.future.set_exception(ShuttingDown())
         self.queue.clear()
@@ -89,6 +112,14 @@ class Batcher:
             if job in self.queue:
                 self.queue.remove(job)
             raise
+
+    async def _work(self) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class RequestBatcher(Batcher):
+    run: Callable[[list[Job]], list[Any]] | None = None  # makes every job's images in one call; one result per job
 
     def _take(self) -> list[Job]:
         """The oldest job and the queued jobs that fit its batch, in arrival order."""
@@ -123,9 +154,63 @@ class Batcher:
             if self.on_batch:
                 self.on_batch(batch, time.perf_counter() - started)
             for job, result in zip(batch, results):
-                if job.future.done() or job.cancelled:
+                job.settle(result)
+
+
+@dataclass
+class StepBatcher(Batcher):
+    begin: Callable[[Job], Any] | None = None  # the job's stream: checked, its prompts encoded (run in the thread)
+    step: Callable[[list[Job]], None] | None = None  # one UNet step for every running job's stream
+    finish: Callable[[Job], Any] | None = None  # the job's result from its finished stream
+    on_step: Callable[[list[Job]], None] | None = None
+
+    async def _admit(self) -> None:
+        """Queued jobs that fit the running set (same step key, max_batch images), oldest first; none while the oldest
+        queued job cannot join, so that it is not passed over for ever."""
+        key = (self.running or self.queue)[0].step_key()
+        images = sum(len(j.prompts) for j in self.running)
+        for job in list(self.queue):
+            if job.step_key() != key:
+                if not self.running:
                     continue
-                if isinstance(result, Exception):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+                break
+            if images and images + len(job.prompts) > self.max_batch:
+                break
+            self.queue.remove(job)
+            job.started = time.perf_counter()
+            try:
+                job.stream = await asyncio.to_thread(self.begin, job)
+            except Exception as exc:  # this job's own failure (its prompts); the others go on
+                job.settle(exc)
+                continue
+            self.running.append(job)
+            images += len(job.prompts)
+
+    async def _work(self) -> None:
+        while True:
+            if not self.queue and not self.running:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+            self.running = [j for j in self.running if not j.cancelled]
+            if self.queue:
+                await self._admit()
+            if not self.running:
+                continue
+            try:
+                await asyncio.to_thread(self.step, self.running)
+            except Exception as exc:  # a failed UNet call fails the jobs in it; the worker goes on
+                for job in self.running:
+                    job.settle(exc)
+                self.running = []
+                continue
+            if self.on_step:
+                self.on_step(self.running)
+            for job in [j for j in self.running if j.stream.done]:
+                self.running.remove(job)
+                try:
+                    result = await asyncio.to_thread(self.finish, job)
+                except Exception as exc:
+                    result = exc
+                job.settle(result)
+                if self.on_batch:
+                    self.on_batch([job], time.perf_counter() - job.started)

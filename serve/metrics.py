@@ -17,8 +17,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter("diffrt_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
         self.queue_depth = Gauge("diffrt_queue_depth", "jobs waiting for the pipeline", registry=r)
-        self.batch_images = Histogram("diffrt_batch_images", "images per pipeline call", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
-                                      registry=r)
+        self.batch_images = Histogram("diffrt_batch_images", "images per UNet call (request-level batching: per pipeline call)",
+                                      buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
         self.queue_wait = Histogram("diffrt_queue_wait_seconds", "time a job waited before its batch ran",
                                     buckets=STAGE_BUCKETS, registry=r)
         self.stage = Histogram("diffrt_stage_seconds", "pipeline stage time per batch", ["stage"], buckets=STAGE_BUCKETS,

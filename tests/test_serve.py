@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -60,6 +61,13 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tiny_package):
     srv = Server(tiny_package, "--max-wait-ms", "400", "--max-batch", "4")
+    yield srv
+    assert srv.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def request_server(tiny_package):
+    srv = Server(tiny_package, "--batching", "request", "--max-wait-ms", "400", "--max-batch", "4")
     yield srv
     assert srv.stop() == 0
 
@@ -138,21 +146,22 @@ def test_the_rng_of_both_apis(server, local):
     assert bad.status_code == 422 and "rng" in bad.text
 
 
-def test_concurrent_requests_are_batched_and_each_equals_its_request_alone(server, local):
+def test_concurrent_requests_are_batched_and_each_equals_its_request_alone(request_server, local):
     """Four at once, one of them a prompt of two 75-token chunks: that one is batched only with prompts as long (the
     others' embeddings would be filled out to its length), and each image equals its request made alone."""
     def prompt(seed: int) -> str:
         return " ".join(["a long cat"] * 30) if seed == 33 else f"a cat number {seed}"
 
     def ask(seed: int) -> httpx.Response:
-        return server.post("/v1/images/generations", {"prompt": prompt(seed), "seed": seed, "steps": 4})
+        return request_server.post("/v1/images/generations", {"prompt": prompt(seed), "seed": seed, "steps": 4})
 
+    assert httpx.get(request_server.url + "/health").json()["batching"] == "request"
     with ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(ask, (31, 32, 33, 34)))
     for seed, r in zip((31, 32, 33, 34), responses):
         assert r.status_code == 200, r.text
         assert np.abs(decode(r.json()["data"][0]["b64_json"]) - alone(local, prompt(seed), seed, steps=4)).max() <= 1
-    metrics = httpx.get(server.url + "/metrics").text
+    metrics = httpx.get(request_server.url + "/metrics").text
     batched = [line for line in metrics.splitlines() if line.startswith("diffrt_batch_images_bucket") and 'le="1.0"' in line]
     count = [line for line in metrics.splitlines() if line.startswith("diffrt_batch_images_count")]
     assert float(batched[0].split()[-1]) < float(count[0].split()[-1])  # some pipeline call made more than one image
@@ -252,7 +261,7 @@ def test_load_benchmark_at_toy_size(tiny_package, tmp_path):
     assert main(["--model", str(tiny_package), "--requests", "4", "--concurrency", "1,2", "--rate", "20",
                  "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "serve_load.json").read_text())
-    for mode in ("none", "request"):
+    for mode in ("none", "request", "step"):
         runs = report["modes"][mode]
         assert runs["c2"]["errors"] == 0 and runs["c2"]["images_per_s"] > 0 and runs["poisson20"]["requests"] == 4
         assert runs["server_peak_rss_mb"] > 0
@@ -297,11 +306,13 @@ def test_soak_at_toy_size_checks_every_answer(tiny_package, tmp_path):
     assert soak["correct"] == 18 and soak["wrong"] == 0 and soak["rss_end_mb"] > 0
 
 
-def test_requests_with_different_guidance_share_a_batch(server, local):
+@pytest.mark.parametrize("batching", ["request", "step"])
+def test_requests_with_different_guidance_share_a_batch(batching, request_server, server, local):
     """Guidance is per image in a batch (1 or less: no guidance for that image), each equal to its request alone."""
     def ask(case):
         seed, guidance = case
-        return server.post("/v1/images/generations", {"prompt": "a red house", "seed": seed, "steps": 3, "guidance_scale": guidance})
+        body = {"prompt": "a red house", "seed": seed, "steps": 3, "guidance_scale": guidance}
+        return (request_server if batching == "request" else server).post("/v1/images/generations", body)
 
     cases = [(51, 7.5), (52, 1.0), (53, 3.0), (54, 0.0)]
     with ThreadPoolExecutor(4) as pool:
@@ -310,3 +321,52 @@ def test_requests_with_different_guidance_share_a_batch(server, local):
         assert r.status_code == 200, r.text
         want = alone(local, "a red house", seed, steps=3, guidance_scale=guidance)
         assert np.abs(decode(r.json()["data"][0]["b64_json"]) - want).max() <= 1, guidance
+
+
+def test_a_request_joins_a_running_one_at_its_next_step(server, local):
+    """Step-level batching (the tiny package's UNet takes one timestep per row): a short request sent while a long
+    one denoises runs beside it and is answered first; both images equal their requests made alone, and the
+    progress stream shows both jobs at their own steps."""
+    long = {"prompt": "a slow red house", "seed": 61, "steps": 300, "scheduler": "euler"}
+    short = {"prompt": "a quick blue cat", "seed": 62, "steps": 30, "scheduler": "dpmpp_2m", "guidance_scale": 3.0}
+    assert httpx.get(server.url + "/health").json()["batching"] == "step"
+    answered = {}
+
+    def ask(name, body):
+        answered[name] = (server.post("/v1/images/generations", body), time.time())
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(ask, "long", long)
+        both = None
+        with httpx.stream("GET", server.url + "/v1/progress/stream", timeout=60) as stream:
+            for line in stream.iter_lines():
+                state = json.loads(line[6:]) if line.startswith("data: ") else {}
+                if state.get("step", 0) >= 10 and "short" not in answered and both is None:
+                    pool.submit(ask, "short", short)
+                    both = []
+                if both is not None and len(state.get("jobs", [])) == 2:
+                    both = state["jobs"]
+                    break
+        first.result()
+    assert both and {j["total"] for j in both} == {300, 30} and len({j["step"] for j in both}) == 2, both
+    assert answered["short"][1] < answered["long"][1]
+    for name, body in (("long", long), ("short", short)):
+        r = answered[name][0]
+        assert r.status_code == 200, r.text
+        settings = {k: v for k, v in body.items() if k not in ("prompt", "seed")}
+        want = alone(local, body["prompt"], body["seed"], **settings)
+        assert np.abs(decode(r.json()["data"][0]["b64_json"]) - want).max() <= 1, name
+
+
+def test_step_batching_is_refused_for_a_unet_with_one_timestep_per_call(tmp_path):
+    """A package whose manifest declares a scalar timestep: `--batching step` is refused before serving."""
+    from diffrt.runtime.bundled import bundled_model
+
+    old = tmp_path / "old"
+    shutil.copytree(bundled_model(), old)
+    manifest = json.loads((old / "diffrt.json").read_text())
+    manifest["components"]["unet"]["inputs"]["timestep"]["dims"] = []
+    (old / "diffrt.json").write_text(json.dumps(manifest))
+    done = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "serve", "--model", str(old), "--batching", "step",
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "timestep_rows" in done.stderr and "Traceback" not in done.stderr, done.stderr
