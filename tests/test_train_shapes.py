@@ -20,3 +20,28 @@ def test_zero_snr_run_writes_a_checkpoint_the_runtime_schedules(tmp_path):
     assert scheduler.timesteps[0] == 999 and scheduler.alphas_cumprod[999] == 0.0
     assert (out / "snapshot-2" / "unet").is_dir() and not (out / "snapshot-4").exists()
     assert len(json.loads((out / "training.json").read_text())["curve"]) == 4
+
+
+def test_encoder_script_adds_a_vae_encoder_the_runtime_uses(tmp_path):
+    """train_encoder at toy size on a copy of the bundled package without its encoder: the package gains one (in its
+    manifest, hashes and all) and image-to-image runs on it; text-to-image stays the same."""
+    import shutil
+
+    import numpy as np
+
+    from diffrt.models.train_encoder import main as train_encoder
+    from diffrt.runtime.bundled import bundled_model
+    from diffrt.runtime.pipeline import Pipeline
+
+    package = tmp_path / "shapes"
+    shutil.copytree(bundled_model(), package)
+    shutil.rmtree(package / "vae_encoder")
+    manifest = json.loads((package / "diffrt.json").read_text())
+    del manifest["components"]["vae_encoder"]
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("vae_encoder/")}
+    (package / "diffrt.json").write_text(json.dumps(manifest))
+    before = Pipeline.from_package(package, backend="ort-cpu")("a red circle", seed=3, steps=4).array
+    train_encoder(["--package", str(package), "--pairs", "16", "--steps", "4"])
+    pipe = Pipeline.from_package(package, backend="ort-cpu", verify_hashes=True)
+    assert np.array_equal(pipe("a red circle", seed=3, steps=4).array, before)
+    assert pipe("a blue circle", image=pipe("a red circle", seed=3).images[0], strength=0.5, seed=1).images[0].size == (64, 64)
