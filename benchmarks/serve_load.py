@@ -41,7 +41,8 @@ def start_server(model: Path | None, mode: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [sys.executable, "-m", "diffrt.runtime.cli", "serve", "--port", str(port), "--max-queue", "256", *MODES[mode]]
+    args = [sys.executable, "-m", "diffrt.runtime.cli", "serve", "--port", str(port), "--max-queue", "256", "--warm-up",
+            *MODES[mode]]
     proc = subprocess.Popen(args + (["--model", str(model)] if model else []), stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(300):
@@ -174,8 +175,7 @@ def run_mode(model: Path | None, mode: str, concurrencies: list[int], requests: 
     try:
         if soak_requests:
             return {"soak": soak(url, proc.pid, soak_requests), "server_peak_rss_mb": peak_rss_mb(proc.pid)}
-        closed_loop(url, 2, 4)  # warm-up
-        closed_loop(url, 8, 16)
+        closed_loop(url, 2, 4)  # warm-up (the server also ran every batch size before it said ready)
         runs = {}
         loads = [(f"c{c}", lambda c=c: closed_loop(url, c, max(requests, 2 * c))) for c in concurrencies]
         if rate:

@@ -310,7 +310,9 @@ class Pipeline:
         return Stream(req, sched, timesteps, x, cond, host_cond, rng, inpaint, timings, clock, source)
 
     def finish(self, stream: Stream) -> Result:
-        """The stream's images decoded, with the settings that make each again."""
+        """The stream's images decoded, with the settings that make each again (or the error that stopped it)."""
+        if stream.error is not None:
+            raise stream.error
         req, sched, timings, pkg = stream.req, stream.sched, stream.timings, self.package
         prompts, negatives = req.prompts, req.negatives
         array = self._decode(stream.x, timings)
@@ -335,7 +337,8 @@ class Pipeline:
     def step(self, streams: list[Stream]) -> None:
         """One UNet call for every stream's next step, then each stream's guidance and scheduler step. Streams at
         different steps, of different schedules and guidance, share the call when they have the same size and text
-        length and the UNet takes one timestep per row (per_row_timesteps)."""
+        length and the UNet takes one timestep per row (per_row_timesteps). A stream whose own step fails (its
+        scheduler's NaN) is done, with the error that `finish` raises."""
         if len(streams) > 1:
             check_joinable(streams)
         inputs, t, seconds = joined_rows(streams)
@@ -347,7 +350,10 @@ class Pipeline:
         out = self._guarded("unet", feeds, self.family.unet_output, where).astype(np.float32)
         unet_seconds, start = time.perf_counter() - called, 0
         for stream, rows, own in zip(streams, inputs, seconds):
-            stream.advance(out[start:start + len(rows)], unet_seconds, own)
+            try:
+                stream.advance(out[start:start + len(rows)], unet_seconds, own)
+            except UserError as exc:  # this stream's own failure: the others sharing the call go on
+                stream.error = exc
             start += len(rows)
 
     def _joined_cond(self, streams: list[Stream]) -> dict[str, Any]:

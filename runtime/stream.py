@@ -45,6 +45,7 @@ class Stream:
     clock: float  # when the call began (perf_counter)
     source: dict[str, Any] = field(default_factory=dict)  # image-to-image settings for the images' metadata
     i: int = 0  # steps done
+    error: UserError | None = None  # what stopped this stream alone (its scheduler's NaN); finish raises it
 
     @property
     def total(self) -> int:
@@ -52,7 +53,7 @@ class Stream:
 
     @property
     def done(self) -> bool:
-        return self.i >= len(self.timesteps)
+        return self.error is not None or self.i >= len(self.timesteps)
 
     @property
     def t(self) -> float:

@@ -42,6 +42,7 @@ class ServeOptions:
     api_key: str | None = None
     lora_dir: Path | None = None  # LoRAs a request may name (NAME.safetensors)
     batching: str = "auto"  # "step", "request", or auto: step where the UNet takes one timestep per row
+    warm_up: bool = False  # run every batch size up to max_batch once before answering ready
 
 
 BATCHING = ("auto", "step", "request")
@@ -81,9 +82,17 @@ class Service:
         try:
             pipe = Pipeline.from_package(self.options.model, backend=self.options.backend, threads=self.options.threads)
             self.batcher = self.make_batcher(pipe)
+            if self.options.warm_up:
+                self.warm_up(pipe)
             self.pipe = pipe
         except Exception as exc:  # reported by /health; the process stays up for an operator to see why
             self.load_error = f"{type(exc).__name__}: {exc}"
+
+    def warm_up(self, pipe: Any) -> None:
+        """One step of every batch size up to max_batch at the model's default size, guided as by default: a backend
+        that compiles per input shape (ov-cpu) has then compiled what serving at that size meets."""
+        for n in range(1, self.options.max_batch + 1):
+            pipe([""] * n, steps=1, seed=0)
 
     def make_batcher(self, pipe: Any) -> Batcher:
         """Step-level batching where the UNet takes one timestep per row (auto), else request-level."""

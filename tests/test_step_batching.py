@@ -166,3 +166,20 @@ def test_an_old_package_is_refused_then_rewritten(old_package, tmp_path):
     assert again.returncode == 0 and "already" in again.stdout
     bad = subprocess.run([sys.executable, "-m", "diffrt.export.timestep_rows", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no diffrt.json" in bad.stderr
+
+
+def test_a_stream_whose_own_step_fails_stops_alone(pipe):
+    """Bookkeeping: one stream's scheduler made to give NaN (a stand-in for an unstable sampler) ends that stream with
+    its error; the stream sharing its UNet calls goes on and equals its call alone."""
+    from diffrt.runtime.stream import NonFiniteError
+
+    want = pipe("a cat", seed=4, steps=5).array
+    good, bad = pipe.begin("a cat", seed=4, steps=5), pipe.begin("a dog", seed=5, steps=5)
+    bad.sched.step = lambda out, t, x, rng: x * np.nan
+    pipe.step([good, bad])
+    assert bad.done and isinstance(bad.error, NonFiniteError) and good.i == 1
+    with pytest.raises(NonFiniteError, match="NaN or inf at step 1 of"):
+        pipe.finish(bad)
+    while not good.done:
+        pipe.step([good])
+    assert np.abs(pipe.finish(good).array - want).max() <= 1e-6
