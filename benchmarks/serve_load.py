@@ -45,12 +45,14 @@ def start_server(model: Path | None, mode: str) -> tuple[subprocess.Popen, str]:
             *MODES[mode]]
     proc = subprocess.Popen(args + (["--model", str(model)] if model else []), stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+    deadline = time.monotonic() + 180  # loading, and with --warm-up every batch size run once
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
         except httpx.TransportError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     proc.kill()
     raise RuntimeError("the server did not start")
 

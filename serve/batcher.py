@@ -186,6 +186,24 @@ class StepBatcher(Batcher):
             self.running.append(job)
             images += len(job.prompts)
 
+    def _steps(self) -> None:
+        """Steps of the running jobs (in the worker's thread, without going back to the event loop between them)
+        until one is done or given up, or a job waits to join."""
+        while True:
+            self.step(self.running)
+            if self.on_step:
+                self.on_step(self.running)
+            if self._joinable() or any(j.stream.done or j.cancelled for j in self.running):
+                return
+
+    def _joinable(self) -> bool:
+        """Whether the oldest queued job could join the running ones now (read from the worker's thread)."""
+        queue = list(self.queue)
+        if not queue:
+            return False
+        images = sum(len(j.prompts) for j in self.running)
+        return queue[0].step_key() == self.running[0].step_key() and images + len(queue[0].prompts) <= self.max_batch
+
     async def _work(self) -> None:
         while True:
             if not self.queue and not self.running:
@@ -197,14 +215,12 @@ class StepBatcher(Batcher):
             if not self.running:
                 continue
             try:
-                await asyncio.to_thread(self.step, self.running)
+                await asyncio.to_thread(self._steps)
             except Exception as exc:  # a failed UNet call fails the jobs in it; the worker goes on
                 for job in self.running:
                     job.settle(exc)
                 self.running = []
                 continue
-            if self.on_step:
-                self.on_step(self.running)
             for job in [j for j in self.running if j.stream.done]:
                 self.running.remove(job)
                 try:
