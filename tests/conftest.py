@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 
 import numpy as np
 import pytest
@@ -140,6 +141,21 @@ def make_tiny_sdxl_checkpoint(root, turbo: bool = False):
 def tiny_checkpoint(tmp_path_factory):
     pytest.importorskip("diffusers")
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+def bundled_without_vae_encoder(dest):
+    """A copy of the bundled package at dest with its VAE encoder taken out (graph and manifest entries)."""
+    import shutil
+
+    from diffrt.runtime.bundled import bundled_model
+
+    shutil.copytree(bundled_model(), dest)
+    shutil.rmtree(dest / "vae_encoder")
+    manifest = json.loads((dest / "diffrt.json").read_text())
+    del manifest["components"]["vae_encoder"]
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("vae_encoder/")}
+    (dest / "diffrt.json").write_text(json.dumps(manifest))
+    return dest
 
 
 def exported(checkpoint, tmp_path_factory, name: str, **options):

@@ -27,7 +27,7 @@ def test_manifest(tiny_package, tiny_checkpoint):
     assert m["defaults"] == {"width": 32, "height": 32, "steps": 20, "guidance_scale": 7.5, "scheduler": "pndm"}
     unet = m["components"]["unet"]
     assert unet["inputs"]["sample"] == {"dtype": "float32", "dims": ["batch_size", 4, "height", "width"]}
-    assert unet["inputs"]["timestep"] == {"dtype": "float32", "dims": []}
+    assert unet["inputs"]["timestep"] == {"dtype": "float32", "dims": ["batch_size"]}  # one per row
     assert unet["outputs"]["out_sample"]["dims"] == ["batch_size", 4, "height", "width"]
     assert set(m["components"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
     for comp in m["components"].values():

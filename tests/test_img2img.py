@@ -133,7 +133,7 @@ def test_inpainting_bad_input(tiny_package, tiny_inpaint_package):
 
 
 def test_a_package_without_vae_encoder_is_refused_in_one_line(tmp_path):
-    from diffrt.runtime.bundled import bundled_model
+    from conftest import bundled_without_vae_encoder
 
     with pytest.raises(UserError, match="has no VAE encoder, which image-to-image and inpainting need"):
-        Pipeline.from_package(bundled_model(), backend="ort-cpu")(PROMPT, image=picture(64, 64), steps=2)
+        Pipeline.from_package(bundled_without_vae_encoder(tmp_path / "pkg"), backend="ort-cpu")(PROMPT, image=picture(64, 64), steps=2)

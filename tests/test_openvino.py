@@ -16,7 +16,7 @@ from diffrt.runtime.ov_backend import BF16_GATE_DB, OvEngine, has_bf16  # noqa: 
 
 def unet_feeds(batch: int = 2, size: int = 8, hidden: int = 32) -> dict:
     rng = np.random.default_rng(0)
-    return {"sample": rng.standard_normal((batch, 4, size, size), dtype=np.float32), "timestep": np.array(321.0, np.float32),
+    return {"sample": rng.standard_normal((batch, 4, size, size), dtype=np.float32), "timestep": np.full((batch,), 321.0, np.float32),
             "encoder_hidden_states": rng.standard_normal((batch, 77, hidden), dtype=np.float32)}
 
 

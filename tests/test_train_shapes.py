@@ -25,21 +25,13 @@ def test_zero_snr_run_writes_a_checkpoint_the_runtime_schedules(tmp_path):
 def test_encoder_script_adds_a_vae_encoder_the_runtime_uses(tmp_path):
     """train_encoder at toy size on a copy of the bundled package without its encoder: the package gains one (in its
     manifest, hashes and all) and image-to-image runs on it; text-to-image stays the same."""
-    import shutil
-
     import numpy as np
+    from conftest import bundled_without_vae_encoder
 
     from diffrt.models.train_encoder import main as train_encoder
-    from diffrt.runtime.bundled import bundled_model
     from diffrt.runtime.pipeline import Pipeline
 
-    package = tmp_path / "shapes"
-    shutil.copytree(bundled_model(), package)
-    shutil.rmtree(package / "vae_encoder")
-    manifest = json.loads((package / "diffrt.json").read_text())
-    del manifest["components"]["vae_encoder"]
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("vae_encoder/")}
-    (package / "diffrt.json").write_text(json.dumps(manifest))
+    package = bundled_without_vae_encoder(tmp_path / "shapes")
     before = Pipeline.from_package(package, backend="ort-cpu")("a red circle", seed=3, steps=4).array
     train_encoder(["--package", str(package), "--pairs", "16", "--steps", "4"])
     pipe = Pipeline.from_package(package, backend="ort-cpu", verify_hashes=True)
