@@ -7,13 +7,11 @@ fused (onnxruntime's MultiHeadAttention, the default since it runs fast on CUDA)
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import numpy as np
 
-from .machine import describe
+from .machine import unet_report
 from .sd15 import DEFAULT_CACHE, make_checkpoint
 from .timing import interleaved
 
@@ -56,10 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         diff = float(np.abs(outs["mha"] - outs["plain"]).max() / np.abs(outs["plain"]).max())
         rows.append({"latent_size": size, "median_s": med, "runs_s": times, "plain_over_mha": med["plain"] / med["mha"],
                      "rel_max_diff": diff})
-    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "batch": 2, "rows": rows}
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
-    print(f"{report['machine']['cpu']}, {report['machine']['cores']} cores | SD 1.5 UNet, batch 2, onnxruntime CPU")
+    unet_report(rows, args.json, "onnxruntime CPU")
     print("| latents | plain attention s | fused (mha) s | plain / mha | max rel diff |")
     for r in rows:
         print(f"| {r['latent_size']}x{r['latent_size']} | {r['median_s']['plain']:.3f} | {r['median_s']['mha']:.3f} | "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
 import subprocess
+import time
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from diffrt.runtime.doctor import gpu_info
 from diffrt.runtime.optimized import cpu_isa, cpu_name
@@ -41,3 +44,13 @@ def versions() -> dict[str, str]:
 def describe() -> dict:
     return {"cpu": cpu_name(), "isa": cpu_isa(), "cores": os.cpu_count(), "gpu": gpu_name(), "os": platform.platform(),
             "versions": versions()}
+
+
+def unet_report(rows: list[dict], json_path: Path | None, engine: str) -> dict:
+    """An SD 1.5 UNet benchmark's report (date, machine, batch 2, its rows), written to json_path where given; its
+    heading line printed."""
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "batch": 2, "rows": rows}
+    if json_path:
+        json_path.write_text(json.dumps(report, indent=1))
+    print(f"{report['machine']['cpu']}, {report['machine']['cores']} cores | SD 1.5 UNet, batch 2, {engine}")
+    return report
