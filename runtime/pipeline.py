@@ -131,7 +131,7 @@ class Pipeline:
             if self.backend == "trt" and name in self.lora_weights:
                 engine.refit(self.lora_weights[name])
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
-        self._joined: tuple[tuple, dict[str, Any]] = ((), {})  # the last set of streams stepped together, their text
+        self._joined: tuple[list[Stream], dict[str, Any]] = ([], {})  # the last streams stepped together, their text
 
     def _compute_precision(self, precision: str, cuda_graph: bool, gpu_mem_limit: int | None) -> str:
         """What the UNet computes in: on ov-cpu bf16 or fp32 (auto: bf16 where the CPU has AMX or AVX-512-BF16; CUDA
@@ -361,10 +361,11 @@ class Pipeline:
         that is the same array as on its last call)."""
         if len(streams) == 1:
             return streams[0].cond
-        key = tuple(id(s) for s in streams)
-        if self._joined[0] != key:
+        last = self._joined[0]  # the streams themselves, held: an id() of a finished one could be a new one's
+        if len(last) != len(streams) or any(a is not b for a, b in zip(last, streams)):
             first = streams[0].host_cond
-            self._joined = (key, {k: self.unet.to_device(np.concatenate([s.host_cond[k] for s in streams])) for k in first})
+            self._joined = (list(streams), {k: self.unet.to_device(np.concatenate([s.host_cond[k] for s in streams]))
+                                            for k in first})
         return self._joined[1]
 
     def check(self, prompt: Any, negative: Any, steps: int, guidance: Any, scheduler: str | None, seed: Any,

@@ -183,3 +183,18 @@ def test_a_stream_whose_own_step_fails_stops_alone(pipe):
     while not good.done:
         pipe.step([good])
     assert np.abs(pipe.finish(good).array - want).max() <= 1e-6
+
+
+def test_a_new_stream_in_a_finished_ones_place_gets_its_own_text(pipe):
+    """The joined text inputs are remade whenever the set of streams changes: each new stream beside the same other
+    one gets its own prompt's rows (a finished stream's memory, and so its id(), may be a new one's)."""
+    import gc
+
+    other = pipe.begin("a dog", seed=2, steps=20)
+    for i in range(6):
+        stream = pipe.begin(f"a cat number {i}", seed=i, steps=3)
+        pipe.step([stream, other])
+        joined = pipe._joined_cond([stream, other])["encoder_hidden_states"]
+        assert np.array_equal(joined[:len(joined) // 2], stream.host_cond["encoder_hidden_states"]), i
+        del stream, joined
+        gc.collect()
