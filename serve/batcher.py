@@ -164,17 +164,20 @@ class StepBatcher(Batcher):
     finish: Callable[[Job], Any] | None = None  # the job's result from its finished stream
     on_step: Callable[[list[Job]], None] | None = None
 
-    async def _admit(self) -> None:
-        """Queued jobs that fit the running set (same step key, max_batch images), oldest first; none while the oldest
-        queued job cannot join, so that it is not passed over for ever."""
-        key = (self.running or self.queue)[0].step_key()
+    def _fits(self, job: Job) -> bool:
+        """Whether job may join the running ones: same step key and max_batch images (a lone job may exceed it)."""
+        if not self.running:
+            return True
         images = sum(len(j.prompts) for j in self.running)
+        return job.step_key() == self.running[0].step_key() and images + len(job.prompts) <= self.max_batch
+
+    async def _admit(self) -> None:
+        """Queued jobs that fit the running set, oldest first, the first of an empty set setting its key; none after
+        one that cannot join, so that it is not passed over for ever."""
         for job in list(self.queue):
-            if job.step_key() != key:
-                if not self.running:
-                    continue
-                break
-            if images and images + len(job.prompts) > self.max_batch:
+            if job not in self.queue:  # its client went away while an earlier job's prompts were encoded
+                continue
+            if not self._fits(job):
                 break
             self.queue.remove(job)
             job.started = time.perf_counter()
@@ -184,7 +187,6 @@ class StepBatcher(Batcher):
                 job.settle(exc)
                 continue
             self.running.append(job)
-            images += len(job.prompts)
 
     def _steps(self) -> None:
         """Steps of the running jobs (in the worker's thread, without going back to the event loop between them)
@@ -199,10 +201,7 @@ class StepBatcher(Batcher):
     def _joinable(self) -> bool:
         """Whether the oldest queued job could join the running ones now (read from the worker's thread)."""
         queue = list(self.queue)
-        if not queue:
-            return False
-        images = sum(len(j.prompts) for j in self.running)
-        return queue[0].step_key() == self.running[0].step_key() and images + len(queue[0].prompts) <= self.max_batch
+        return bool(queue) and self._fits(queue[0])
 
     async def _work(self) -> None:
         while True:
