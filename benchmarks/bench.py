@@ -319,7 +319,7 @@ def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
                 "guidance_scale": guidance, "scheduler": scheduler, "width": width, "height": height, "batches": cfg.batches,
                 "runs": cfg.runs, "warmup": cfg.warmup, "threads": cfg.threads, "baseline": cfg.baseline,
                 "cuda_graph": cfg.cuda_graph, "graph_cache": str(cfg.graph_cache) if cfg.graph_cache else None,
-                "precision": pipe.precision, "baselines": {b: {"device": d, "dtype": t} for b, (d, t) in placements.items()},
+                "precision": pipe.computes, "baselines": {b: {"device": d, "dtype": t} for b, (d, t) in placements.items()},
                 "baseline_device": next(iter(placements.values()))[0] if refs else None,
                 "baseline_dtype": next(iter(placements.values()))[1] if refs else None}
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "settings": settings, "records": records,

@@ -38,6 +38,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def width_height(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT, each a positive multiple of 8."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 512x512") from None
+    if min(width, height) < 8 or width % 8 or height % 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive multiples of 8")
+    return width, height
+
+
 def number(text: str) -> float:
     try:
         value = float(text)
@@ -181,7 +192,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                               keep_fp32_components=split(args.keep_fp32_components), keep_fp32_layers=keep_layers,
                               calibration_prompts=args.calibration_prompts, keep_fallback=not args.no_fallback,
                               accept_quality=args.accept_quality, overwrite=args.overwrite, steps=args.steps,
-                              adherence=args.adherence)
+                              size=args.size, gate_seeds=args.gate_seeds, adherence=args.adherence)
     quantize_package(args.package, args.out, options, log=lambda m: print(m, file=sys.stderr))
     print(args.out)
     return 0
@@ -448,11 +459,14 @@ def add_quantize(sub) -> None:
     q.add_argument("--keep-fp32-ops", help="fp16: op types left in float32, comma-separated (default: the normalizations, "
                    "Softmax, Pow and ReduceMean)")
     q.add_argument("--keep-fp32-components", default="", help="fp16: components left in float32, e.g. vae_decoder")
-    q.add_argument("--keep-fp32-layers", help="int8: layers (module-path fragments) left unquantized (default: time "
-                   "embedding, conv_in/out, normalizations, attention and its projections)")
+    q.add_argument("--keep-fp32-layers", help="int8: layers (module-path fragments, comma-separated) left unquantized "
+                   "(default: time_embedding,time_proj,conv_in,conv_out; add norm,attn,proj_in,proj_out if the gate is missed)")
     q.add_argument("--calibration-prompts", type=positive_int, default=8, help="int8: prompts whose trajectories calibrate "
                    "(default %(default)s)")
     q.add_argument("--steps", type=positive_int, help="steps per trajectory (default: the package's)")
+    q.add_argument("--size", type=width_height, help="WIDTHxHEIGHT of the calibration and gate images (default: the "
+                   "package's; calibrate at the size you will generate)")
+    q.add_argument("--gate-seeds", type=positive_int, default=2, help="seeds per gate prompt (default %(default)s)")
     q.add_argument("--no-fallback", action="store_true", help="do not keep the float32 graphs for the NaN/inf fallback")
     q.add_argument("--adherence", action="store_true", help="also gate on the shapes model's prompt-adherence scores")
     q.add_argument("--accept-quality", action="store_true", help="write the package even if it misses its quality gate")

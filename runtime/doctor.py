@@ -76,7 +76,7 @@ def check_backends(package: Path, backends: list[str], steps: int = 4, seeds: in
         try:
             pipe = Pipeline.from_package(package, backend=backend)
             arrays[backend] = np.stack([pipe(p, steps=steps, seed=s).array[0] for p in GATE_PROMPTS for s in range(seeds)])
-            results[backend] = {"ok": True, "precision": pipe.precision}
+            results[backend] = {"ok": True, "precision": pipe.computes}
         except UserError as exc:
             results[backend] = {"ok": False, "error": str(exc)}
     for backend, array in arrays.items():

@@ -325,8 +325,15 @@ class Pipeline:
                     "num_images": len(prompts), "rng": req.rng, "clip_skip": req.clip_skip,
                     "guidance_rescale": req.guidance_rescale, **self._size_settings(req),
                     **({"loras": [c.label for c in self.loras]} if self.loras else {}), "model": pkg.name, "model_hash": pkg.model_hash,
-                    "backend": self.backend, "precision": self.precision, "diffrt": __version__, **stream.source}
+                    "backend": self.backend, "precision": self.computes, "diffrt": __version__, **stream.source}
         return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances, stream.x)
+
+    @property
+    def computes(self) -> str:
+        """The UNet's precision as recorded with each image: on ov-cpu a quantized package's own (int8, fp16) with
+        OpenVINO's precision for the float rest, e.g. int8+bf16; elsewhere the precision it runs in."""
+        unet = self.package.precision("unet")
+        return f"{unet}+{self.precision}" if self.backend == "ov-cpu" and unet != "fp32" else self.precision
 
     @property
     def per_row_timesteps(self) -> bool:
