@@ -49,6 +49,15 @@ def machine_report() -> dict[str, Any]:
             "gpus": gpu_info(), "both_onnxruntimes": both_onnxruntimes()}
 
 
+def int8_path(isa: list[str]) -> str:
+    """What int8 packages (`diffrt quantize --precision int8`) run on here, from the CPU's extensions."""
+    found = next((name for flag, name in (("amx_int8", "AMX-INT8"), ("avx512_vnni", "AVX-512 VNNI"),
+                                          ("avx_vnni", "AVX-VNNI")) if flag in isa), None)
+    if found:
+        return f"int8 packages compute their convolutions and matrix products in int8 here ({found})"
+    return "int8 packages gain little here (no AMX-INT8 or VNNI: int8 products are emulated)"
+
+
 def cpu_precision() -> str:
     from .ov_backend import compute_precision
 
@@ -100,6 +109,7 @@ def format_report(report: dict[str, Any], checks: dict[str, Any] | None = None) 
     lines = [f"CPU: {report['cpu']}; {', '.join(report['cpu_isa']) or 'no AVX2/AVX-512/AMX'}",
              f"OpenVINO: {report['openvino']}, computes in {report['openvino_precision']} here" if report["openvino"] else
              'OpenVINO: not installed (`pip install "diffrt[openvino]"` for backend ov-cpu)',
+             int8_path(report["cpu_isa"]),
              f"onnxruntime {report['onnxruntime']}: {', '.join(report['providers'])}",
              f"TensorRT: {report['tensorrt'] or 'not installed'}; lean runtime: {report['tensorrt_lean'] or 'not installed'}"]
     lines += [f"GPU: {g['name']}, {g['memory']}, driver {g['driver']}, compute capability {g['compute_capability']}"

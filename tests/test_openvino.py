@@ -66,3 +66,13 @@ def test_the_model_cache_is_written_and_reused(tiny_package, tmp_path):
     assert blobs, list(tmp_path.rglob("*"))
     again = Pipeline.from_package(tiny_package, backend="ov-cpu", graph_cache=tmp_path)("a cat", steps=2, seed=1)
     assert sorted((tmp_path / "openvino").glob("*.blob")) == blobs and np.array_equal(first.array, again.array)
+
+
+def test_doctor_names_the_cpu_int8_path():
+    from diffrt.runtime.doctor import format_report, int8_path, machine_report
+
+    assert "(AMX-INT8)" in int8_path(["avx2", "avx512_vnni", "amx_int8"])
+    assert "(AVX-512 VNNI)" in int8_path(["avx2", "avx512_vnni"]) and "(AVX-VNNI)" in int8_path(["avx2", "avx_vnni"])
+    assert "gain little" in int8_path(["avx2"])
+    report = machine_report()
+    assert int8_path(report["cpu_isa"]) in format_report(report).splitlines()
