@@ -11,6 +11,7 @@ import numpy as np
 
 from .engines import MAX_SHAPES, TensorSpec
 from .errors import UserError
+from .mapped import drop_mapped_pages
 
 PRECISIONS = ("auto", "bf16", "fp32")
 HINTS = {"bf16": "bf16", "fp32": "f32"}
@@ -119,6 +120,8 @@ class OvEngine:
         model.reshape({name: list(np.shape(feeds[name])) for name in self.inputs})
         self.compiled[key] = core().compile_model(model, "CPU", self.config)
         del model
+        cache = self.config.get("CACHE_DIR")  # the plugin packed its own copy; the files' pages are read again if needed
+        drop_mapped_pages(self.path, *([Path(cache)] if cache else []))
         if len(self.compiled) > MAX_SHAPES:
             self.compiled.popitem(last=False)
         return self.compiled[key]

@@ -76,3 +76,56 @@ def test_doctor_names_the_cpu_int8_path():
     assert "gain little" in int8_path(["avx2"])
     report = machine_report()
     assert int8_path(report["cpu_isa"]) in format_report(report).splitlines()
+
+
+def mapped_resident_kb(prefix) -> int:
+    """Resident kB of this process's mappings of files under prefix (from /proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            inside = len(fields) == 6 and fields[5].startswith(str(prefix))
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def test_weight_file_pages_are_handed_back_after_compiling(tiny_package, tmp_path):
+    """OpenVINO maps external weights and keeps them mapped beside its packed copy; diffrt drops those pages after
+    compiling (they count twice otherwise) and the engine's results stay the same and equal onnxruntime's."""
+    import onnx
+
+    from diffrt.runtime.mapped import shared_read_only
+
+    graph = tmp_path / "unet" / "model.onnx"
+    graph.parent.mkdir()
+    onnx.save(onnx.load(str(tiny_package / "unet" / "model.onnx")), str(graph), save_as_external_data=True,
+              location="model.onnx_data", size_threshold=0)
+    engine, feeds = OvEngine(graph, precision="fp32"), unet_feeds()
+    engine._compiled(feeds)  # compiling alone: the pages it read are dropped (in fp32 some are read again when run)
+    assert shared_read_only(graph.parent.resolve(), open("/proc/self/maps").read()), "OpenVINO did not map the weights"
+    assert mapped_resident_kb(graph.parent.resolve()) == 0
+    first = engine.run(feeds)["out_sample"]
+    assert np.array_equal(engine.run(feeds)["out_sample"], first)
+    want = OrtEngine(graph, "ort-cpu", 2).run(feeds)["out_sample"]
+    assert np.abs(first - want).max() <= 1e-4 * np.abs(want).max()
+    for _ in range(2):  # the first writes the model cache, the second imports its blob, which stays mapped too
+        cached = OvEngine(graph, precision="fp32", cache=tmp_path / "cache")
+        cached._compiled(feeds)
+    blobs = (tmp_path / "cache").resolve()
+    assert shared_read_only(blobs, open("/proc/self/maps").read()) and mapped_resident_kb(blobs) == 0
+    assert np.array_equal(cached.run(feeds)["out_sample"], first)
+
+
+def test_only_shared_read_only_mappings_of_the_graph_are_picked():
+    from pathlib import Path
+
+    from diffrt.runtime.mapped import shared_read_only
+
+    maps = ("7f00-7f10 r--s 00000000 fd:01 1 /pkg/unet/model.onnx_data\n"
+            "7f10-7f20 r--p 00000000 fd:01 2 /pkg/unet/model.onnx_data\n"
+            "7f20-7f30 rw-s 00000000 fd:01 3 /pkg/unet/model.onnx_data\n"
+            "7f30-7f40 r--s 00000000 fd:01 4 /pkg/vae_decoder/model.onnx\n"
+            "7f40-7f50 r--s 00000000 fd:01 5 /pkg/unet/model.onnx\n"
+            "7f50-7f60 rw-p 00000000 00:00 0 \n")
+    assert shared_read_only(Path("/pkg/unet/model.onnx"), maps) == [(0x7F00, 0x7F10), (0x7F40, 0x7F50)]
