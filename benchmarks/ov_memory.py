@@ -1,6 +1,8 @@
 """Memory of the SD 1.5 UNet compiled by OpenVINO's CPU plugin (bf16 on AMX), by the form of its source weights:
 the fp32 package's graph, the same weights as fp16 (OpenVINO IR saved with compress_to_fp16) and the int8 package's
 QDQ graph. Each compiles in a fresh process at 32x32 latents, batch 2; its RSS after compiling and after one call.
+Then the whole pipeline (text encoder, UNet, VAE decoder) on each package, two 256x256 images in a fresh process: its
+RSS after them and its peak, with diffrt handing back the mapped weight pages after compiling and without.
 
     python -m diffrt.benchmarks.ov_memory [--package .cache/sd15/package] [--int8 .cache/sd15/package-int8] [--json FILE]
 
@@ -41,8 +43,22 @@ print(json.dumps({"rss_after_compile_mb": after_compile, "rss_after_call_mb": rs
 """
 
 
-def measure(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True)
+PIPELINE = """
+import json, resource, sys
+import diffrt.runtime.ov_backend as backend
+from diffrt.runtime.pipeline import Pipeline
+if sys.argv[2] == "keep":
+    backend.drop_mapped_pages = lambda *paths: 0
+pipe = Pipeline.from_package(sys.argv[1], backend="ov-cpu")
+for _ in range(2):
+    pipe("a cat", steps=2, width=256, height=256, scheduler="euler")
+rss = int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
+print(json.dumps({"rss_after_two_images_mb": rss, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}))
+"""
+
+
+def measure(args: list[str], code: str = CHILD) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -58,13 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = {"fp32 graph": measure([fp32]), "fp16 weights (IR)": measure([fp32, str(Path(tmp) / "unet.xml")]),
                 "int8 QDQ graph": measure([str(args.int8 / "unet" / "model.onnx")])}
-    report = {"machine": describe(), "latents": "2x4x32x32", "rows": rows}
+    pipelines = {f"{name}, pages {mode}": measure([str(package), mode], PIPELINE) for name, package in
+                 (("bf16 (fp32 package)", args.package), ("int8+bf16 (int8 package)", args.int8)) for mode in ("dropped", "keep")}
+    report = {"machine": describe(), "latents": "2x4x32x32", "rows": rows, "pipelines": pipelines}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     print(f"{report['machine']['cpu']} | SD 1.5 UNet on OpenVINO CPU, bf16")
     print("| source weights | RSS after compile (MB) | after one call (MB) |")
     for name, r in rows.items():
         print(f"| {name} | {r['rss_after_compile_mb']} | {r['rss_after_call_mb']} |")
+    print("| pipeline | RSS after two images (MB) | peak RSS (MB) |")
+    for name, r in pipelines.items():
+        print(f"| {name} | {r['rss_after_two_images_mb']} | {r['peak_rss_mb']} |")
     return 0
 
 
