@@ -11,7 +11,6 @@ import torch
 from .checkpoint import Checkpoint
 
 EXTERNAL_DATA = "model.onnx_data"
-TWO_GB = 2**31
 
 
 @dataclass(frozen=True)
@@ -188,7 +187,7 @@ def effective_opset(opset: int, exporter: str) -> int:
 
 def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folder: Path, opset: int, exporter: str,
                      attention: str = "mha") -> tuple[Path, str]:
-    """Write folder/model.onnx (plus model.onnx_data when the weights pass 2 GB); returns it and the attention form
+    """Write folder/model.onnx and its weights in model.onnx_data; returns it and the attention form
     written ("mha": onnxruntime's fused MultiHeadAttention, "plain": MatMul/Softmax (always so in the text encoder),
     "none": no attention layers)."""
     opset = effective_opset(opset, exporter)
@@ -211,12 +210,13 @@ def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folde
                           dynamic_axes={**spec.inputs, **spec.outputs}, opset_version=opset, do_constant_folding=True,
                           dynamo=exporter == "dynamo", verbose=False,
                           custom_opsets={DOMAIN: 1} if fused else None)
+    # weights always go to model.onnx_data: past 2 GB protobuf needs it, and below it OpenVINO maps the file (then
+    # diffrt hands those pages back after compiling) where it would copy weights held inside model.onnx for good
     extra = [p for p in folder.iterdir() if p.name != "model.onnx"]
-    if extra or path.stat().st_size > TWO_GB:
-        model = onnx.load(str(path))
-        for p in extra:
-            p.unlink()
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA)
+    model = onnx.load(str(path))
+    for p in extra:
+        p.unlink()
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA)
     if exporter == "dynamo":
         _check_io_names(path, spec)
     has_attention = name.startswith("text_encoder") or bool(getattr(module, "attn_processors", None))
