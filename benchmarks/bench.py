@@ -375,12 +375,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> list[Path]:
 
 
 def config_from_args(args) -> BenchConfig:
-    width = height = None
-    if args.size:
-        try:
-            width, height = (int(v) for v in args.size.lower().split("x"))
-        except ValueError:
-            raise UserError(f"--size {args.size!r} is not WIDTHxHEIGHT, e.g. 512x512") from None
+    width, height = args.size or (None, None)  # parsed by the CLI's width_height
     try:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:

@@ -499,7 +499,7 @@ def add_bench(sub) -> None:
 
     b.add_argument("--backend", choices=BACKENDS, default="auto", help="default auto")
     b.add_argument("--steps", type=positive_int, help="default: the package's")
-    b.add_argument("--size", help="WIDTHxHEIGHT (default: the package's)")
+    b.add_argument("--size", type=width_height, help="WIDTHxHEIGHT (default: the package's)")
     b.add_argument("--batch", default="1", help="batch sizes, comma-separated (e.g. 1,4; default 1)")
     b.add_argument("--runs", type=positive_int, default=5, help="timed runs (default 5)")
     b.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")

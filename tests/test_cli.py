@@ -293,3 +293,12 @@ def test_samplers_are_listed_and_a1111_names_reproduce(tiny_package, tmp_path):
     piped = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m diffrt.runtime.cli samplers | true"],
                            capture_output=True, text=True, timeout=120)
     assert piped.returncode == 0 and "Traceback" not in piped.stderr, piped.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["bench", "--size", "64"], "'64' is not WIDTHxHEIGHT"),
+    (["quantize", "pkg", "out", "--precision", "int8", "--size", "100x7"], "positive multiples of 8"),
+    (["quantize", "pkg", "out", "--precision", "int8", "--gate-seeds", "0"], "--gate-seeds"),
+])
+def test_bench_and_quantize_sizes_are_checked(args, fragment, tmp_path):
+    assert_refused(diffrt(*args, cwd=tmp_path), fragment)
