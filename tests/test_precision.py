@@ -182,25 +182,3 @@ def test_fp16_of_a_graph_over_two_gigabytes(tmp_path):
     got = ort.InferenceSession(str(dst)).run(None, {"x": x})[0]
     assert got.dtype == np.float32 and np.abs(got - want).max() / np.abs(want).max() < 1e-2
     assert (dst.parent / "model.fp16.onnx_data").is_file() is False  # 1.07 GB of fp16 weights fit inline
-
-
-def test_cuda_fused_unet_package_at_toy_size(tiny_package, tmp_path):
-    """onnxruntime's CUDA UNet fusions apply to diffrt's fused-attention export (they crashed on the old plain one);
-    the result keeps float32 I/O, lists its CUDA-only provider, and loads on the CPU only to be refused."""
-    import onnx
-    import onnxruntime as ort
-
-    from diffrt.export.cuda_fusions import cuda_fused_copy
-    from diffrt.export.precision import fp16_copy
-
-    fp16 = fp16_copy(tiny_package, tmp_path / "fp16", log=lambda m: None)
-    counts = cuda_fused_copy(tiny_package, fp16, tmp_path / "fused")
-    assert counts["NhwcConv"] > 0 and counts["GroupNorm"] + counts["SkipGroupNorm"] > 0 and counts["MultiHeadAttention"] == 12
-    package = load_package(tmp_path / "fused", hashes=True)
-    assert package.manifest["components"]["unet"]["providers"] == ["CUDAExecutionProvider"]
-    graph = onnx.load(str(tmp_path / "fused" / "unet" / "model.onnx"))
-    assert {i.type.tensor_type.elem_type for i in graph.graph.input} == {onnx.TensorProto.FLOAT}
-    with pytest.raises(Exception, match="NhwcConv"):
-        ort.InferenceSession(str(tmp_path / "fused" / "unet" / "model.onnx"), providers=["CPUExecutionProvider"])
-    with pytest.raises(UserError, match="CUDA provider only"):
-        Pipeline.from_package(tmp_path / "fused", backend="ort-cpu")
