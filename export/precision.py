@@ -50,6 +50,7 @@ class QuantizeOptions:
     steps: int | None = None
     size: tuple[int, int] | None = None  # width, height of the calibration and gate images (default: the package's)
     adherence: bool = False
+    cuda_fusions: bool = False  # fp16: UNet and VAE decoder fused for onnxruntime's CUDA provider (runs there only)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -197,6 +198,8 @@ def quantize_package(package: str | Path, out: str | Path, options: QuantizeOpti
 
     if options.precision not in GATES:
         raise UserError(f"precision {options.precision!r} is not one of fp16, int8 (fp32 is what `diffrt export` writes)")
+    if options.cuda_fusions and options.precision != "fp16":
+        raise UserError("--cuda-fusions makes float16 graphs for onnxruntime's CUDA provider; use it with --precision fp16")
     source = load_package(package, hashes=False)
     if any(source.precision(c) != "fp32" for c in REQUIRED):
         raise UserError(f"{source.root} is not an fp32 package; quantize the package `diffrt export` wrote")
@@ -215,6 +218,12 @@ def quantize_package(package: str | Path, out: str | Path, options: QuantizeOpti
         if not gates["passed"] and not options.accept_quality:
             raise UserError(f"the {options.precision} package misses its quality gate ({missed(gates)}); nothing was "
                             "written: keep more layers in float, or pass --accept-quality to write it anyway")
+        if options.cuda_fusions:
+            from .cuda_fusions import fuse_package
+
+            reference.close()  # its float32 sessions' memory, before the fusions (a full-size UNet's take 17 GB)
+            fuse_package(tmp, source.root, manifest, options.size, log)
+            write_manifest(tmp, manifest)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -192,7 +192,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                               keep_fp32_components=split(args.keep_fp32_components), keep_fp32_layers=keep_layers,
                               calibration_prompts=args.calibration_prompts, keep_fallback=not args.no_fallback,
                               accept_quality=args.accept_quality, overwrite=args.overwrite, steps=args.steps,
-                              size=args.size, gate_seeds=args.gate_seeds, adherence=args.adherence)
+                              size=args.size, gate_seeds=args.gate_seeds, adherence=args.adherence,
+                              cuda_fusions=args.cuda_fusions)
     quantize_package(args.package, args.out, options, log=lambda m: print(m, file=sys.stderr))
     print(args.out)
     return 0
@@ -336,7 +337,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{pkg.root}: {pkg.name}, family {pkg.manifest.get('family', 'unknown')}, {size / 1e6:.1f} MB")
     for comp, entry in pkg.manifest.get("components", {}).items():
         print(f"  {comp}: {entry.get('precision', 'fp32')}, attention {entry.get('attention', 'unrecorded')}"
-              + (", float32 fallback kept" if entry.get("fallback") else ""))
+              + (", float32 fallback kept" if entry.get("fallback") else "")
+              + (", CUDA fusions: runs on --backend ort-cuda only" if entry.get("providers") else ""))
     print("  defaults: " + ", ".join(f"{k} {v}" for k, v in pkg.defaults.items()))
     if pkg.manifest.get("loras"):
         print("  LoRAs merged at export: " + ", ".join(f"{x['file']}:{x['scale']:g}" for x in pkg.manifest["loras"]))
@@ -469,6 +471,8 @@ def add_quantize(sub) -> None:
     q.add_argument("--gate-seeds", type=positive_int, default=2, help="seeds per gate prompt (default %(default)s)")
     q.add_argument("--no-fallback", action="store_true", help="do not keep the float32 graphs for the NaN/inf fallback")
     q.add_argument("--adherence", action="store_true", help="also gate on the shapes model's prompt-adherence scores")
+    q.add_argument("--cuda-fusions", action="store_true", help="fp16: fuse the UNet and VAE decoder for onnxruntime's CUDA "
+                   "provider (GroupNorm, NHWC convolutions, ...; checked on the CPU); the package then runs on --backend ort-cuda only")
     q.add_argument("--accept-quality", action="store_true", help="write the package even if it misses its quality gate")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.set_defaults(func=cmd_quantize)

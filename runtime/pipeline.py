@@ -148,6 +148,11 @@ class Pipeline:
 
     def _open_engines(self) -> dict[str, Engine]:
         """Every stage's engine on the chosen backend: one construction path, options a backend cannot honour refused."""
+        components = self.package.manifest.get("components", {})
+        cuda_only = [c for c in self.stages if components.get(c, {}).get("providers") == ["CUDAExecutionProvider"]]
+        if cuda_only and self.backend != "ort-cuda":
+            raise UserError(f"this package's {', '.join(cuda_only)} run(s) on onnxruntime's CUDA provider only (the graphs "
+                            "carry CUDA fusions); use --backend ort-cuda on an NVIDIA GPU, or the plain fp16 package")
         if self.backend != "trt":
             return {c: self._engine(c) for c in self.stages}
         from .engine_store import engine_precisions
@@ -166,10 +171,6 @@ class Pipeline:
             shared.free()
 
     def _engine(self, name: str, fallback: bool = False) -> OrtEngine:
-        needs = self.package.manifest.get("components", {}).get(name, {}).get("providers")
-        if needs and not fallback and self.backend != "ort-cuda":
-            raise UserError(f"this package's {name} runs on onnxruntime's CUDA provider only (its graph carries CUDA "
-                            "fusions); use --backend ort-cuda on an NVIDIA GPU, or the plain fp16 package")
         path = self.package.fallback(name) if fallback else self.package.component(name)
         if self.backend == "ov-cpu":
             from .ov_backend import OvEngine
