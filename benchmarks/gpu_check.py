@@ -131,7 +131,7 @@ def memory_probe(argv: list[str]) -> int:
     else:
         from diffrt.runtime.pipeline import Pipeline
 
-        pipe = Pipeline.from_package(path, backend="ort-cuda", cuda_graph=impl == "diffrt_graph")
+        pipe = Pipeline.from_package(path, backend="ort-cuda", cuda_graph=impl.endswith("_graph"))
     latents = np.random.default_rng(0).standard_normal((batch, 4, size // 8, size // 8), dtype=np.float32)
     runner(pipe, size, steps, batch, latents)()
     report = {"impl": impl, "card_used_delta_mb": gpu_memory_used_mb() - before, "process_mb": process_gpu_mb()}
@@ -154,10 +154,11 @@ def process_gpu_mb() -> float | None:
     return None
 
 
-def memory(fp16: Path, ckpt: Path, size: int, batch: int, steps: int) -> dict[str, dict]:
+def memory(fp16: Path, ckpt: Path, size: int, batch: int, steps: int, fused: Path | None = None) -> dict[str, dict]:
     """GPU memory of each implementation, each in a fresh process, one after the other."""
     found = {}
-    for impl, path in (("diffrt", fp16), ("diffrt_graph", fp16), ("diffusers", ckpt)):
+    impls = [("diffrt", fp16), ("diffrt_graph", fp16)] + ([("diffrt_fused", fused)] if fused else []) + [("diffusers", ckpt)]
+    for impl, path in impls:
         proc = subprocess.run([sys.executable, "-m", "diffrt.benchmarks.gpu_check", "--memory-probe", impl, str(path),
                                str(size), str(batch), str(steps)], capture_output=True, text=True)
         lines = proc.stdout.strip().splitlines()
@@ -166,8 +167,8 @@ def memory(fp16: Path, ckpt: Path, size: int, batch: int, steps: int) -> dict[st
 
 
 def fused_package(fp32: Path, fp16: Path, work: Path, timings: dict) -> tuple[Path | None, dict]:
-    """The fp16 package with onnxruntime's CUDA UNet fusions (GroupNorm, NHWC convolutions, ...), timed; a failure is
-    reported instead of ending the check."""
+    """The fp16 package with onnxruntime's CUDA fusions of the UNet and VAE decoder (GroupNorm, NHWC convolutions, ...),
+    timed; a failure is reported instead of ending the check."""
     from diffrt.export.cuda_fusions import cuda_fused_copy
 
     t = time.perf_counter()
@@ -182,7 +183,7 @@ def fused_package(fp32: Path, fp16: Path, work: Path, timings: dict) -> tuple[Pa
 def load_pipelines(fp32: Path, fp16: Path, ckpt: Path, gpu: bool, precisions: list[str],
                    fused: Path | None = None) -> tuple[dict[str, dict], dict]:
     """diffrt and diffusers per precision (fp16 on the GPU only); on the GPU also diffrt with CUDA graphs and with the
-    CUDA-fused UNet (failures are reported)."""
+    CUDA-fused UNet and VAE decoder (failures are reported)."""
     from diffrt.runtime.pipeline import Pipeline
 
     backend, device = ("ort-cuda", "cuda") if gpu else ("ort-cpu", "cpu")
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--precisions", default="fp32,fp16", help="rows to time (fp16 on a GPU only)")
-    ap.add_argument("--no-fused", action="store_true", help="skip the fp16 package with onnxruntime's CUDA UNet fusions")
+    ap.add_argument("--no-fused", action="store_true", help="skip the fp16 package with onnxruntime's CUDA fusions")
     ap.add_argument("--family", choices=("sd1", "sdxl"), default="sd1", help="SD 1.5's architecture or SDXL base's")
     args = ap.parse_args(argv)
     import torch
@@ -254,11 +255,11 @@ def main(argv: list[str] | None = None) -> int:
               "backend": "ort-cuda" if gpu else "ort-cpu",
               "size": size, "steps": args.steps, "scheduler": "euler", "guidance": 7.5, "tf32": "on for fp32, both sides",
               "cuda_graph_blockers": check_cuda_graph_ready(fp16 / "unet" / "model.onnx"), "timings": timings}
-    if gpu:
-        report["gpu_memory_mb"] = memory(fp16, ckpt, size, max(batches), 2)  # fresh processes, before this one holds any
     fused = None
     if gpu and not args.no_fused and "fp16" in args.precisions:
         fused, report["fused_ops"] = fused_package(fp32, fp16, work, timings)
+    if gpu:  # fresh processes, before this one holds any
+        report["gpu_memory_mb"] = memory(fp16, ckpt, size, max(batches), 2, fused)
     pipes, report["load_errors"] = load_pipelines(fp32, fp16, ckpt, gpu, args.precisions.split(","), fused)
     report["rows"] = compare(pipes, size, args.steps, batches, args.runs)
     report["total_s"] = time.perf_counter() - t0
