@@ -164,3 +164,14 @@ def test_cuda_fused_package_runs_on_the_gpu(tiny_package, tmp_path):
     for graph in (False, True):
         fused = Pipeline.from_package(tmp_path / "fused", backend="ort-cuda", cuda_graph=graph)
         assert np.abs(fused("a red house", steps=5, seed=4, num_images=2).array - plain.array).max() <= 2e-2
+
+
+def test_cpu_fusion_benchmark_at_toy_size(tiny_package, tmp_path, capsys):
+    """benchmarks/cuda_fusions_cpu.py, which measured the full-size figures, on the tiny package."""
+    from diffrt.benchmarks import cuda_fusions_cpu
+
+    assert cuda_fusions_cpu.main([str(tiny_package), "--out", str(tmp_path / "r.json"), "--sides", "8"]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["component"] for r in rows] == ["unet", "vae_decoder"]
+    assert all(p["max_error_of_range"] < PARITY_TOLERANCE for r in rows for p in r["parity"])
+    assert "| unet |" in capsys.readouterr().out
