@@ -16,21 +16,26 @@ from pathlib import Path
 
 import numpy as np
 
+from .cuda_reference import CUDA_SIZES, CudaKernelRefusal
+
 FUSED_OPS = ("NhwcConv", "GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd", "SkipLayerNormalization",
              "MultiHeadAttention")
 MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae"}  # component -> onnxruntime optimizer model type
 EXTERNAL = 1_500_000_000  # bytes of weights past which they are written beside the graph
 PARITY_TOLERANCE = 0.02  # max |fused - plain| over max |plain|, both float16 (their own rounding differs)
+GROUP_NORM_SWITCHES = ("enable_group_norm", "enable_skip_group_norm")
+FUSION_SWITCHES = {"BiasSplitGelu": ("enable_bias_splitgelu",), "BiasAdd": ("enable_bias_add",),  # FusionOptions' names
+                   "GroupNorm": GROUP_NORM_SWITCHES, "SkipGroupNorm": GROUP_NORM_SWITCHES}
 
 
 def fuse_for_cuda(src: Path, dst: Path, component: str = "unet", fp16: bool = True) -> dict[str, int]:
     """Write dst, the CUDA-fused (and, by default, float16) form of the fp32 graph src of component (unet or
-    vae_decoder), its weights in `<dst name>.data` past EXTERNAL bytes; returns how many of each fused op it holds."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    kind = MODEL_TYPES[component]
-    model = optimize_model(str(src), model_type=kind, opt_level=0, optimization_options=FusionOptions(kind), use_gpu=True)
+    vae_decoder), its weights in `<dst name>.data` past EXTERNAL bytes; returns how many of each fused op it holds.
+    Fusions whose CUDA kernels would refuse this model's sizes are left out."""
+    model = optimized(src, MODEL_TYPES[component])
+    refused = refused_by_cuda(model.model)
+    if refused:
+        model = optimized(src, MODEL_TYPES[component], tuple(sorted(refused)))
     if fp16:
         model.convert_float_to_float16(keep_io_types=True, op_block_list=["RandomNormalLike", "Resize"])
     weights = sum(len(t.raw_data) for t in model.model.graph.initializer)
@@ -38,6 +43,33 @@ def fuse_for_cuda(src: Path, dst: Path, component: str = "unet", fp16: bool = Tr
     model.save_model_to_file(str(dst), use_external_data_format=weights > EXTERNAL)
     counts = Counter(n.op_type for n in model.model.graph.node)
     return {op: counts[op] for op in FUSED_OPS if counts[op]}
+
+
+def optimized(src: Path, kind: str, without: tuple[str, ...] = ()):
+    """onnxruntime's optimizer (model type kind) over src, with the fusions into the ops in `without` switched off."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions(kind)
+    for switch in (s for op in without for s in FUSION_SWITCHES[op]):
+        setattr(options, switch, False)
+    return optimize_model(str(src), model_type=kind, opt_level=0, optimization_options=options, use_gpu=True)
+
+
+def refused_by_cuda(model) -> set[str]:
+    """Fused ops in model whose CUDA kernels refuse its sizes: BiasAdd and BiasSplitGelu take SD's channel counts only,
+    GroupNorm an even number of channels per group (a smaller or distilled model keeps the plain ops instead)."""
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    refused = set()
+    for node in model.graph.node:
+        last = (dims.get(node.input[1]) if len(node.input) > 1 else None) or [0]
+        if node.op_type in CUDA_SIZES and last[-1] not in CUDA_SIZES[node.op_type]:
+            refused.add(node.op_type)
+        if node.op_type in ("GroupNorm", "SkipGroupNorm"):
+            groups = next(a.i for a in node.attribute if a.name == "groups")
+            if (last[-1] // groups) % 2:
+                refused.add(node.op_type)
+    return refused
 
 
 def parity(plain: Path, fused: Path, feeds: dict[str, np.ndarray]) -> float:
@@ -111,7 +143,11 @@ def fuse_package(root: Path, source: Path, manifest: dict, size: tuple[int, int]
         plain = root / entry["file"]
         work = plain.parent / "cuda-fused"
         counts = fuse_for_cuda(source / entry["file"], work / plain.name, comp)
-        error = parity(plain, work / plain.name, feeds[comp])
+        try:
+            error = parity(plain, work / plain.name, feeds[comp])
+        except CudaKernelRefusal as exc:
+            raise UserError(f"the CUDA-fused {comp} would be refused by onnxruntime's CUDA kernels ({exc}); quantize "
+                            "without --cuda-fusions") from None
         log(f"{comp}: CUDA fusions ({', '.join(f'{k} {v}' for k, v in counts.items())}); on the CPU against the plain "
             f"float16 graph: max error {error:.1e} of the output's range (limit {PARITY_TOLERANCE})")
         if not error <= PARITY_TOLERANCE:

@@ -2,9 +2,11 @@
 
 onnx's reference evaluator runs the fused graph with these kernels for the com.microsoft ops, written from the
 ops' schemas (onnxruntime's ContribOperators): NhwcConv (NHWC input and output, weights M x kH x kW x C/group),
-GroupNorm and SkipGroupNorm (channels_last, optional SiLU), BiasSplitGelu, BiasAdd, SkipLayerNormalization and
-MultiHeadAttention (separate query, key and value); and MatMul. They compute in float32 and return the input's dtype,
-as the CUDA kernels accumulate in float32.
+GroupNorm and SkipGroupNorm (channels_last, optional SiLU), BiasSplitGelu, Gelu, BiasGelu, BiasAdd,
+SkipLayerNormalization and MultiHeadAttention (separate query, key and value); and MatMul. They compute in float32
+and return the input's dtype, as the CUDA kernels accumulate in float32, and refuse what those kernels refuse
+(BiasAdd and BiasSplitGelu take Stable Diffusion's channel counts only, GroupNorm float32 gamma and beta in NHWC and
+an even number of channels per group), so the CPU check fails where the GPU would.
 """
 
 from __future__ import annotations
@@ -14,42 +16,62 @@ from pathlib import Path
 import numpy as np
 from onnx.reference.op_run import OpRun
 
+CUDA_SIZES = {"BiasSplitGelu": (2560, 5120, 10240), "BiasAdd": (320, 640, 1280)}  # the last dims their kernels take
+
+
+class CudaKernelRefusal(ValueError):
+    """The graph asks a CUDA-only op for something its CUDA kernel refuses (it would fail on the GPU too)."""
+
 
 def _f32(*arrays):
     return [None if a is None else np.asarray(a, dtype=np.float32) for a in arrays]
 
 
-def _group_norm(s: np.ndarray, gamma, beta, epsilon: float, groups: int, activation: int, channels_last: int):
-    """Group normalization of s over its channel groups, then SiLU when activation is 1."""
-    x = s if channels_last else s.transpose(0, 2, 3, 1)
+def _group_norm(x: np.ndarray, gamma, beta, epsilon: float, groups: int, activation: int) -> np.ndarray:
+    """Group normalization of the NHWC x over its channel groups, then SiLU when activation is 1."""
     n, h, w, c = x.shape
     g = x.reshape(n, h * w, groups, c // groups)
     mean = g.mean(axis=(1, 3), keepdims=True)
     var = g.var(axis=(1, 3), keepdims=True)
     y = ((g - mean) / np.sqrt(var + epsilon)).reshape(n, h, w, c) * gamma + beta
-    if activation == 1:
-        y = y / (1.0 + np.exp(-y))
-    return y if channels_last else y.transpose(0, 3, 1, 2)
+    return y / (1.0 + np.exp(-y)) if activation == 1 else y
+
+
+def _cuda_group_norm_inputs(gamma, beta, channels_last: int, groups: int) -> None:
+    if not channels_last:
+        raise CudaKernelRefusal("GroupNorm: only the channels_last layout is supported")
+    if (gamma.shape[0] // groups) % 2:
+        raise CudaKernelRefusal(f"GroupNorm: {gamma.shape[0] // groups} channel(s) per group; its CUDA kernel reads "
+                                "channels in pairs from one group")
+    if gamma.dtype != np.float32 or beta.dtype != np.float32:
+        raise CudaKernelRefusal("GroupNorm only supports gamma and beta in float type")
+
+
+def _last_dim(op: str, x: np.ndarray) -> None:
+    if x.shape[-1] not in CUDA_SIZES[op]:
+        raise CudaKernelRefusal(f"{op}: last dimension {x.shape[-1]} is not one of {CUDA_SIZES[op]}")
 
 
 class GroupNorm(OpRun):
     op_domain = "com.microsoft"
 
     def _run(self, x, gamma, beta, epsilon=1e-5, groups=None, activation=0, channels_last=1):
-        xf, gf, bf = _f32(x, gamma, beta)
-        return (_group_norm(xf, gf, bf, epsilon, groups, activation, channels_last).astype(x.dtype),)
+        _cuda_group_norm_inputs(gamma, beta, channels_last, groups)
+        return (_group_norm(*_f32(x, gamma, beta), epsilon, groups, activation).astype(x.dtype),)
 
 
 class SkipGroupNorm(OpRun):
     op_domain = "com.microsoft"
 
     def _run(self, x, gamma, beta, skip, bias=None, epsilon=1e-5, groups=None, activation=0, channels_last=1):
+        _cuda_group_norm_inputs(gamma, beta, channels_last, groups)
+        n, c = x.shape[0], x.shape[3]
+        if skip.shape != x.shape and skip.shape not in ((n, c), (n, 1, 1, c)):
+            raise CudaKernelRefusal(f"SkipGroupNorm: skip of shape {skip.shape} for input {x.shape}")
         xf, gf, bf, sf, biasf = _f32(x, gamma, beta, skip, bias)
-        if sf.ndim == 2:  # (N, C)
-            sf = sf[:, None, None, :] if channels_last else sf[:, :, None, None]
-        s = xf + sf + (0 if biasf is None else (biasf if channels_last else biasf[:, None, None]))
-        y = _group_norm(s, gf, bf, epsilon, groups, activation, channels_last)
-        return y.astype(x.dtype), s.astype(x.dtype)
+        s = xf + sf.reshape(n, 1, 1, c) if sf.ndim == 2 else xf + sf
+        s = s if biasf is None else s + biasf
+        return _group_norm(s, gf, bf, epsilon, groups, activation).astype(x.dtype), s.astype(x.dtype)
 
 
 class NhwcConv(OpRun):
@@ -76,15 +98,35 @@ class BiasSplitGelu(OpRun):
     def _run(self, x, bias):
         import torch
 
+        _last_dim("BiasSplitGelu", x)
         h = torch.from_numpy(_f32(x)[0] + _f32(bias)[0])
         left, right = h.chunk(2, dim=-1)
         return ((left * torch.nn.functional.gelu(right)).numpy().astype(x.dtype),)
+
+
+class Gelu(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, x, approximate="none"):  # onnx's own Gelu's attribute, which the evaluator fills in by name
+        import torch
+
+        return (torch.nn.functional.gelu(torch.from_numpy(_f32(x)[0])).numpy().astype(x.dtype),)
+
+
+class BiasGelu(OpRun):
+    op_domain = "com.microsoft"
+
+    def _run(self, x, bias):
+        import torch
+
+        return (torch.nn.functional.gelu(torch.from_numpy(_f32(x)[0] + _f32(bias)[0])).numpy().astype(x.dtype),)
 
 
 class BiasAdd(OpRun):
     op_domain = "com.microsoft"
 
     def _run(self, x, bias, skip):
+        _last_dim("BiasAdd", x)
         xf, bf, sf = _f32(x, bias, skip)
         return ((xf + bf + sf).astype(x.dtype),)
 
@@ -127,7 +169,8 @@ class MatMul(OpRun):
         return (np.matmul(*_f32(a, b)).astype(np.result_type(a, b)),)
 
 
-CONTRIB_OPS = [GroupNorm, SkipGroupNorm, NhwcConv, BiasSplitGelu, BiasAdd, SkipLayerNormalization, MultiHeadAttention, MatMul]
+CONTRIB_OPS = [GroupNorm, SkipGroupNorm, NhwcConv, BiasSplitGelu, Gelu, BiasGelu, BiasAdd, SkipLayerNormalization,
+               MultiHeadAttention, MatMul]
 
 
 def run_reference(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

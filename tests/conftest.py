@@ -50,9 +50,11 @@ def _corpus(n: int = 3000) -> list[str]:
     return [" ".join(rng.choice(CORPUS_WORDS, size=rng.integers(3, 12))) for _ in range(n)]
 
 
-def make_tiny_checkpoint(root, pad_token: str | None = None, unet_in_channels: int = 4, sd2: bool = False):
+def make_tiny_checkpoint(root, pad_token: str | None = None, unet_in_channels: int = 4, sd2: bool = False,
+                         norm_groups: int = 32):
     """A tiny random SD-1.x-shaped diffusers checkpoint, built from configs (no download); sd2: shaped as SD 2.x is
-    (OpenCLIP's GELU text encoder, `!` padding, v-prediction over zero-terminal-SNR betas, trailing spacing)."""
+    (OpenCLIP's GELU text encoder, `!` padding, v-prediction over zero-terminal-SNR betas, trailing spacing);
+    norm_groups: the UNet's and VAE's GroupNorm groups (SD's 32 leaves one channel per group at 32 channels)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -73,9 +75,11 @@ def make_tiny_checkpoint(root, pad_token: str | None = None, unet_in_channels: i
     unet = UNet2DConditionModel(sample_size=16, in_channels=unet_in_channels, out_channels=4, layers_per_block=2,
                                 block_out_channels=(32, 64),
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=norm_groups)
     vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=norm_groups)
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                               steps_offset=1, set_alpha_to_one=False,
                               **({"prediction_type": "v_prediction", "timestep_spacing": "trailing"} if sd2 else {}))

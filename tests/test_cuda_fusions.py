@@ -14,11 +14,21 @@ from diffrt.runtime.package import load_package
 from diffrt.runtime.pipeline import Pipeline
 
 pytest.importorskip("torch")
+from conftest import exported, make_tiny_checkpoint  # noqa: E402
+
 from diffrt.export.cuda_fusions import PARITY_TOLERANCE, cuda_fused_copy, fuse_for_cuda, parity  # noqa: E402
 from diffrt.export.cuda_reference import run_reference  # noqa: E402
 from diffrt.export.precision import QuantizeOptions, fp16_copy, quantize_package  # noqa: E402
 
 RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def fusable_package(tmp_path_factory):
+    """The tiny model with 16 GroupNorm groups, so that every group has an even number of channels, which
+    onnxruntime's GroupNorm kernel needs (the tiny model's 32 groups over 32 channels leave it unfused)."""
+    root = tmp_path_factory.mktemp("fusable")
+    return exported(make_tiny_checkpoint(root, norm_groups=16), tmp_path_factory, "fusable")
 
 
 def unet_feeds(batch: int, height: int, width: int) -> dict[str, np.ndarray]:
@@ -49,7 +59,7 @@ def run_both(model, feeds: dict[str, np.ndarray], providers: list[str], tmp_path
 
 
 def test_reference_ops_match_onnxruntimes_cpu_kernels(tmp_path):
-    """The two fused ops onnxruntime also runs on the CPU, written out the same way as the CUDA-only ones."""
+    """The fused ops onnxruntime also runs on the CPU, written out the same way as the CUDA-only ones."""
     x = {"x": RNG.standard_normal((2, 5, 16), dtype=np.float32), "skip": RNG.standard_normal((2, 5, 16), dtype=np.float32),
          "gamma": RNG.standard_normal(16, dtype=np.float32), "beta": RNG.standard_normal(16, dtype=np.float32),
          "bias": RNG.standard_normal(16, dtype=np.float32)}
@@ -61,18 +71,67 @@ def test_reference_ops_match_onnxruntimes_cpu_kernels(tmp_path):
     want, got = run_both(single_op("MultiHeadAttention", {k: v.shape for k, v in qkv.items()}, num_heads=4), qkv,
                          ["CPUExecutionProvider"], tmp_path)
     assert np.abs(want[0] - got[0]).max() < 1e-5
+    for op, inputs in (("Gelu", {"x": (2, 5, 16)}), ("BiasGelu", {"x": (2, 5, 16), "bias": (16,)})):
+        feeds = {k: 3 * RNG.standard_normal(s, dtype=np.float32) for k, s in inputs.items()}
+        want, got = run_both(single_op(op, inputs), feeds, ["CPUExecutionProvider"], tmp_path)
+        assert np.abs(want[0] - got[0]).max() < 1e-5, op
+
+
+def test_reference_ops_refuse_what_the_cuda_kernels_refuse(tmp_path):
+    """BiasAdd and BiasSplitGelu take SD's channel counts only, GroupNorm float32 gamma and beta: the CPU check fails
+    where the GPU would, and the fusion leaves such ops out of a model of other sizes."""
+    from diffrt.export.cuda_fusions import refused_by_cuda
+    from diffrt.export.cuda_reference import CudaKernelRefusal
+
+    small = {"x": (2, 16, 32), "bias": (32,), "skip": (2, 16, 32)}
+    with pytest.raises(CudaKernelRefusal, match="BiasAdd"):
+        run_reference_of(single_op("BiasAdd", small), {k: RNG.standard_normal(s, dtype=np.float32) for k, s in small.items()},
+                         tmp_path)
+    half = {"x": (1, 2, 2, 64), "gamma": (64,), "beta": (64,)}
+    model = single_op("GroupNorm", half, epsilon=1e-5, groups=32, activation=0)
+    model.graph.input[1].type.tensor_type.elem_type = TensorProto.FLOAT16
+    feeds = {"x": RNG.standard_normal(half["x"], dtype=np.float32), "gamma": np.ones(64, np.float16),
+             "beta": np.zeros(64, np.float32)}
+    with pytest.raises(CudaKernelRefusal, match="gamma and beta in float"):
+        run_reference_of(model, feeds, tmp_path)
+    odd = {"x": (1, 2, 2, 32), "gamma": (32,), "beta": (32,)}
+    with pytest.raises(CudaKernelRefusal, match="1 channel"):
+        run_reference_of(single_op("GroupNorm", odd, epsilon=1e-5, groups=32, activation=0),
+                         {k: RNG.standard_normal(s, dtype=np.float32) for k, s in odd.items()}, tmp_path)
+    for channels, refused in ((320, set()), (32, {"BiasAdd"})):
+        graph = single_op("BiasAdd", {"x": (1, 4, channels), "skip": (1, 4, channels)}).graph
+        graph.node[0].input[:] = ["x", "bias", "skip"]
+        graph.initializer.append(helper.make_tensor("bias", TensorProto.FLOAT, [channels], [0.0] * channels))
+        assert refused_by_cuda(helper.make_model(graph)) == refused
+
+
+def test_fusions_the_cuda_kernels_would_refuse_are_left_out(tiny_package, tmp_path):
+    """The tiny model (one channel per GroupNorm group at 32 channels, a GEGLU of 512): no GroupNorm, BiasSplitGelu or
+    BiasAdd fusions, the rest fused, and the result still computes what the plain graph does."""
+    counts = fuse_for_cuda(tiny_package / "unet" / "model.onnx", tmp_path / "unet.onnx", fp16=False)
+    assert counts["NhwcConv"] > 0 and counts["MultiHeadAttention"] > 0
+    assert not {"GroupNorm", "SkipGroupNorm", "BiasSplitGelu", "BiasAdd"} & set(counts)
+    assert parity(tiny_package / "unet" / "model.onnx", tmp_path / "unet.onnx", unet_feeds(2, 8, 8)) < 1e-4
+
+
+def run_reference_of(model, feeds: dict[str, np.ndarray], tmp_path) -> list:
+    import onnx
+
+    onnx.save(model, str(tmp_path / "op.onnx"))
+    return run_reference(tmp_path / "op.onnx", feeds)
 
 
 @pytest.mark.parametrize("component, feeds", [("unet", unet_feeds), ("vae_decoder", vae_feeds)])
-def test_fused_graphs_compute_what_the_plain_ones_do(tiny_package, tmp_path, component, feeds):
+def test_fused_graphs_compute_what_the_plain_ones_do(fusable_package, tmp_path, component, feeds):
     """float32 fusions leave each output as it was (batches, non-square sizes); a fusion that got one attribute wrong
     (one GroupNorm without its SiLU) is caught by the same check."""
     import onnx
 
-    plain = tiny_package / component / "model.onnx"
+    plain = fusable_package / component / "model.onnx"
     fused = tmp_path / "fused.onnx"
     counts = fuse_for_cuda(plain, fused, component, fp16=False)
     assert counts["NhwcConv"] > 0 and counts["GroupNorm"] > 0 and counts["MultiHeadAttention"] > 0
+    assert "BiasSplitGelu" not in counts and "BiasAdd" not in counts  # the tiny model's sizes: the kernels refuse them
     for batch, height, width in ((1, 8, 8), (2, 16, 8)):
         assert parity(plain, fused, feeds(batch, height, width)) < 1e-4, (batch, height, width)
     model = onnx.load(str(fused))
@@ -82,12 +141,12 @@ def test_fused_graphs_compute_what_the_plain_ones_do(tiny_package, tmp_path, com
     assert parity(plain, tmp_path / "broken.onnx", feeds(1, 8, 8)) > 1e-2
 
 
-def test_fp16_fused_package_at_toy_size(tiny_package, tmp_path):
+def test_fp16_fused_package_at_toy_size(fusable_package, tmp_path):
     """The benchmark's fused copy: float32 I/O, its providers listed, float16 parity, and refused off CUDA."""
     import onnxruntime as ort
 
-    fp16 = fp16_copy(tiny_package, tmp_path / "fp16", log=lambda m: None)
-    counts = cuda_fused_copy(tiny_package, fp16, tmp_path / "fused")
+    fp16 = fp16_copy(fusable_package, tmp_path / "fp16", log=lambda m: None)
+    counts = cuda_fused_copy(fusable_package, fp16, tmp_path / "fused")
     assert set(counts) == {"unet", "vae_decoder"} and counts["unet"]["MultiHeadAttention"] == 12
     package = load_package(tmp_path / "fused", hashes=True)
     assert package.manifest["components"]["vae_decoder"]["providers"] == ["CUDAExecutionProvider"]
@@ -99,11 +158,11 @@ def test_fp16_fused_package_at_toy_size(tiny_package, tmp_path):
         Pipeline.from_package(tmp_path / "fused", backend="ort-cpu")
 
 
-def test_quantize_with_cuda_fusions(tiny_package, tmp_path, capsys):
+def test_quantize_with_cuda_fusions(fusable_package, tiny_package, tmp_path, capsys):
     """`diffrt quantize --precision fp16 --cuda-fusions`: gated as fp16, then fused, each fused graph checked on the CPU
     against the plain one on a real call; the fp32 fallback kept; int8 with fusions refused."""
     out = tmp_path / "fused"
-    quantize_package(tiny_package, out, QuantizeOptions(precision="fp16", steps=4, gate_seeds=1, cuda_fusions=True),
+    quantize_package(fusable_package, out, QuantizeOptions(precision="fp16", steps=4, gate_seeds=1, cuda_fusions=True),
                      log=lambda m: None)
     manifest = json.loads((out / "diffrt.json").read_text())
     for comp in ("unet", "vae_decoder"):
@@ -150,7 +209,7 @@ def test_reference_ops_match_onnxruntimes_cuda_kernels(op, inputs, outputs, attr
 
 
 @pytest.mark.gpu
-def test_cuda_fused_package_runs_on_the_gpu(tiny_package, tmp_path):
+def test_cuda_fused_package_runs_on_the_gpu(fusable_package, tmp_path):
     """The quantized, CUDA-fused package on ort-cuda (also replayed from CUDA graphs) makes the plain fp16 package's
     images."""
     from diffrt.runtime.engines import cuda_available
@@ -158,19 +217,19 @@ def test_cuda_fused_package_runs_on_the_gpu(tiny_package, tmp_path):
     if not cuda_available():
         pytest.skip("onnxruntime's CUDA provider is not available here")
     options = dict(precision="fp16", steps=4, gate_seeds=1)
-    quantize_package(tiny_package, tmp_path / "plain", QuantizeOptions(**options), log=lambda m: None)
-    quantize_package(tiny_package, tmp_path / "fused", QuantizeOptions(**options, cuda_fusions=True), log=lambda m: None)
+    quantize_package(fusable_package, tmp_path / "plain", QuantizeOptions(**options), log=lambda m: None)
+    quantize_package(fusable_package, tmp_path / "fused", QuantizeOptions(**options, cuda_fusions=True), log=lambda m: None)
     plain = Pipeline.from_package(tmp_path / "plain", backend="ort-cuda")("a red house", steps=5, seed=4, num_images=2)
     for graph in (False, True):
         fused = Pipeline.from_package(tmp_path / "fused", backend="ort-cuda", cuda_graph=graph)
         assert np.abs(fused("a red house", steps=5, seed=4, num_images=2).array - plain.array).max() <= 2e-2
 
 
-def test_cpu_fusion_benchmark_at_toy_size(tiny_package, tmp_path, capsys):
+def test_cpu_fusion_benchmark_at_toy_size(fusable_package, tmp_path, capsys):
     """benchmarks/cuda_fusions_cpu.py, which measured the full-size figures, on the tiny package."""
     from diffrt.benchmarks import cuda_fusions_cpu
 
-    assert cuda_fusions_cpu.main([str(tiny_package), "--out", str(tmp_path / "r.json"), "--sides", "8"]) == 0
+    assert cuda_fusions_cpu.main([str(fusable_package), "--out", str(tmp_path / "r.json"), "--sides", "8"]) == 0
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["component"] for r in rows] == ["unet", "vae_decoder"]
     assert all(p["max_error_of_range"] < PARITY_TOLERANCE for r in rows for p in r["parity"])
