@@ -234,3 +234,19 @@ def test_cpu_fusion_benchmark_at_toy_size(fusable_package, tmp_path, capsys):
     assert [r["component"] for r in rows] == ["unet", "vae_decoder"]
     assert all(p["max_error_of_range"] < PARITY_TOLERANCE for r in rows for p in r["parity"])
     assert "| unet |" in capsys.readouterr().out
+
+
+def test_sdxl_unet_fuses_and_its_float32_vae_stays_plain(tiny_sdxl_package, tmp_path):
+    """SDXL's UNet (linear projections, text_embeds and time_ids) fuses and computes what its plain graph does; the
+    fused fp16 copy leaves the VAE that fp16 keeps in float32 (force_upcast) as it is."""
+    unet = tiny_sdxl_package / "unet" / "model.onnx"
+    counts = fuse_for_cuda(unet, tmp_path / "unet.onnx", fp16=False)
+    assert counts["NhwcConv"] > 0 and counts["MultiHeadAttention"] > 0
+    feeds = {**unet_feeds(2, 8, 8), "encoder_hidden_states": RNG.standard_normal((2, 77, 64), dtype=np.float32),
+             "text_embeds": RNG.standard_normal((2, 24), dtype=np.float32),
+             "time_ids": RNG.uniform(0, 64, (2, 6)).astype(np.float32)}
+    assert parity(unet, tmp_path / "unet.onnx", feeds) < 1e-4
+    fp16 = fp16_copy(tiny_sdxl_package, tmp_path / "fp16", log=lambda m: None)
+    assert set(cuda_fused_copy(tiny_sdxl_package, fp16, tmp_path / "fused")) == {"unet"}
+    manifest = json.loads((tmp_path / "fused" / "diffrt.json").read_text())["components"]
+    assert manifest["vae_decoder"]["precision"] == "fp32" and "providers" not in manifest["vae_decoder"]
