@@ -107,6 +107,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError("give a prompt (or --from IMAGE to make an image again)")
     check_text(args.prompt, "prompt")
     check_text(args.negative, "negative prompt")
+    check_image_options(args)
     seeds = image_seeds(args.seed, args.n)
     paths = output_paths(args.output, seeds, args.overwrite)  # refuse a bad -o before any work
     pipe = Pipeline.from_package(args.model, backend=args.backend, threads=args.threads, verify_hashes=args.verify,
@@ -115,7 +116,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  precision=args.precision, loras=[parse_choice(x) for x in args.lora or []])
     result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   scheduler=args.scheduler, seed=seeds[0], width=args.width, height=args.height, num_images=args.n,
-                  progress=None if args.quiet else ProgressBar("denoising, UNet calls"), image=args.image, strength=args.strength,
+                  progress=None if args.quiet else ProgressBar("denoising, UNet calls"), image=args.image,
+                  strength=0.8 if args.strength is None else args.strength,
                   resize=args.resize, mask=blurred(args.mask, args.mask_blur) if args.mask else None, rng=args.rng or "numpy",
                   clip_skip=args.clip_skip or 1, guidance_rescale=args.guidance_rescale or 0.0,
                   original_size=tuple(args.original_size[::-1]) if args.original_size else None,
@@ -138,6 +140,17 @@ def blurred(mask: Path, radius: float):
     from .img2img import open_image
 
     return open_image(mask).convert("L").filter(ImageFilter.GaussianBlur(radius))
+
+
+def check_image_options(args: argparse.Namespace) -> None:
+    """Refuse image-to-image options given without --image (they would be ignored without a word; a mask without an
+    image is refused by the pipeline)."""
+    given = [flag for flag, value in (("--strength", args.strength is not None), ("--mask-blur", args.mask_blur),
+                                      ("--resize", args.resize)) if value]
+    if args.image is None and given:
+        one = len(given) == 1
+        raise UserError(f"{', '.join(given)} only appl{'ies' if one else 'y'} to image-to-image: give --image IN.png, "
+                        f"or leave {'it' if one else 'them'} out")
 
 
 def apply_settings(args: argparse.Namespace, settings: dict) -> None:
@@ -402,8 +415,8 @@ def add_generate(sub) -> None:
     g.add_argument("--height", type=positive_int, help=own.format(d.get("height", "")))
     g.add_argument("-n", type=positive_int, default=1, help="number of images (default 1)")
     g.add_argument("--image", type=Path, help="image-to-image: start from this image (its size is the output's)")
-    g.add_argument("--strength", type=number, default=0.8, help="image-to-image: how much of the schedule repaints the "
-                   "image, above 0 to 1 (default %(default)s)")
+    g.add_argument("--strength", type=number, help="image-to-image: how much of the schedule repaints the "
+                   "image, above 0 to 1 (default 0.8)")
     g.add_argument("--mask", type=Path, help="inpainting: white repaints, black keeps (with --image; same size)")
     g.add_argument("--mask-blur", type=number, default=0, metavar="PX", help="inpainting: blur the mask's edge by PX "
                    "pixels first (default 0)")

@@ -300,6 +300,8 @@ def test_samplers_are_listed_and_a1111_names_reproduce(tiny_package, tmp_path):
     (["quantize", "pkg", "out", "--precision", "int8", "--size", "100x7"], "positive multiples of 8"),
     (["quantize", "pkg", "out", "--precision", "int8", "--gate-seeds", "0"], "--gate-seeds"),
     (["quantize", "pkg", "out", "--precision", "int8", "--cuda-fusions"], "use it with --precision fp16"),
+    (["generate", "x", "--model", "pkg", "--strength", "0.5"], "--strength only applies to image-to-image"),
+    (["generate", "x", "--model", "pkg", "--resize", "--mask-blur", "2"], "--mask-blur, --resize only apply to"),
 ])
 def test_bench_and_quantize_sizes_are_checked(args, fragment, tmp_path):
     assert_refused(diffrt(*args, cwd=tmp_path), fragment)
