@@ -203,6 +203,9 @@ def quantize_package(package: str | Path, out: str | Path, options: QuantizeOpti
     source = load_package(package, hashes=False)
     if any(source.precision(c) != "fp32" for c in REQUIRED):
         raise UserError(f"{source.root} is not an fp32 package; quantize the package `diffrt export` wrote")
+    if options.cuda_fusions and source.manifest.get("components", {}).get("unet", {}).get("attention") != "mha":
+        raise UserError(f"--cuda-fusions needs a UNet exported with fused attention, which {source.root} does not have; "
+                        "export the checkpoint again with `diffrt export CHECKPOINT OUT --attention mha`")
     out = Path(out).expanduser()
     tmp = _prepare_out(out, options.overwrite)
     try:

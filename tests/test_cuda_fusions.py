@@ -183,6 +183,13 @@ def test_quantize_with_cuda_fusions(fusable_package, tiny_package, tmp_path, cap
     assert not (tmp_path / "int8").exists()
 
 
+def test_cuda_fusions_refuse_a_plain_attention_export(tiny_plain_package, tmp_path):
+    """onnxruntime's UNet optimizer crashes on plain attention (TensorRT's form): refused in one line up front."""
+    with pytest.raises(UserError, match="fused attention"):
+        quantize_package(tiny_plain_package, tmp_path / "out", QuantizeOptions(precision="fp16", cuda_fusions=True))
+    assert not (tmp_path / "out").exists()
+
+
 CUDA_ONLY = [
     ("GroupNorm", {"x": (2, 4, 4, 64), "gamma": (64,), "beta": (64,)}, 1, dict(epsilon=1e-5, groups=32, activation=1)),
     ("SkipGroupNorm", {"x": (2, 4, 4, 64), "gamma": (64,), "beta": (64,), "skip": (2, 64)}, 2,
