@@ -137,6 +137,9 @@ def fuse_package(root: Path, source: Path, manifest: dict, size: tuple[int, int]
     on the same real inputs; refused in one line past PARITY_TOLERANCE."""
     from diffrt.runtime.errors import UserError
 
+    if not fusable(manifest):
+        log("--cuda-fusions: neither the UNet nor the VAE decoder is float16 here; nothing fused")
+        return
     feeds = recorded_feeds(root, size)
     for comp in fusable(manifest):
         entry = manifest["components"][comp]
