@@ -144,6 +144,10 @@ VARIANTS = [
     ("heun", {"clip_sample": True, "clip_sample_range": 0.5}),
     ("lms", {"prediction_type": "sample"}),
     ("euler_karras", {"timestep_spacing": "trailing"}),
+    *[(name, {"use_exponential_sigmas": True}) for name in ("euler", "heun", "lms", "dpm2", "dpm2_a", "dpmpp_2m",
+                                                             "dpmpp_2m_sde", "unipc", "deis")],
+    ("euler", {"use_exponential_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
+    ("unipc", {"use_exponential_sigmas": True, "solver_order": 3}),
 ]
 
 
@@ -151,7 +155,7 @@ VARIANTS = [
 @pytest.mark.parametrize("name, config", VARIANTS, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in c.items())}" for n, c in VARIANTS])
 def test_sampler_variants_match_diffusers(name, config):
     """UniPC's two B(h) of orders 1-3 in both parametrizations, DEIS's orders, DPM++ 2M SDE's Heun form, DDPM's
-    variances, Karras sigmas and x0 prediction where the samplers offer them."""
+    variances, Karras and exponential sigmas and x0 prediction where the samplers offer them."""
     for steps in (3, 10, 25):
         worst = compare(name, {**SD_BETAS, **config}, steps)
         assert worst is not None and worst <= TOLERANCE, (name, config, steps, worst)
@@ -192,6 +196,15 @@ def test_tcd_deterministic_at_eta_zero(monkeypatch):
 def test_ddim_clip_sample():
     worst = compare("ddim", {"clip_sample": True, "clip_sample_range": 0.5}, 10)
     assert worst is not None and worst <= TOLERANCE
+
+
+def test_a_karras_name_means_karras_sigmas_over_an_exponential_config():
+    """euler_karras on a config that asks for exponential sigmas runs what diffusers' Euler with Karras sigmas runs."""
+    ours = make_scheduler("euler_karras", {**SD_BETAS, "use_exponential_sigmas": True})
+    theirs = diffusers.EulerDiscreteScheduler.from_config({**SD_BETAS, "use_karras_sigmas": True})
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    np.testing.assert_allclose(ours.sigmas, theirs.sigmas.numpy(), rtol=1e-5)
 
 
 def test_names_and_unknown_keys():

@@ -23,7 +23,7 @@ from .unipc import UniPC
 
 CLASSES: dict[str, type[Scheduler]] = {c.class_name: c for c in (
     DDIM, PNDM, Euler, EulerAncestral, DPMSolverPP2M, LCM, Heun, LMS, UniPC, DEIS, DPM2, DPM2Ancestral, DDPM, TCD)}
-KARRAS = {"use_karras_sigmas": True}
+KARRAS = {"use_karras_sigmas": True, "use_exponential_sigmas": False}  # Karras names mean Karras sigmas, whatever the config
 ODE = {"algorithm_type": "dpmsolver++"}
 SDE = {"algorithm_type": "sde-dpmsolver++"}
 # short name -> (class, config overrides, AUTOMATIC1111's name); A1111's name goes into image metadata

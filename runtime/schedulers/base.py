@@ -30,14 +30,13 @@ class Scheduler:
     class_name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
     prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
-    handles: ClassVar[tuple[str, ...]] = ()  # keys of UNSUPPORTED this sampler implements itself
     stochastic: bool = False  # draws fresh noise from the request's generator while sampling
 
     def __init__(self, **config: Any) -> None:
         known = {**COMMON_DEFAULTS, **self.defaults}
         self.config = {k: config.get(k, v) for k, v in known.items()}
-        for key, ok in UNSUPPORTED.items():
-            if key not in self.handles and config.get(key) is not None and config[key] != ok:
+        for key, ok in UNSUPPORTED.items():  # a sampler whose defaults name one of these keys implements it
+            if key not in known and config.get(key) is not None and config[key] != ok:
                 raise ValueError(f"{self.class_name}: {key}={config[key]!r} is not supported by diffrt; set it to {ok!r}")
         if self.config["prediction_type"] not in self.prediction_types:
             raise ValueError(f"{self.class_name}: prediction_type {self.config['prediction_type']!r} is not supported; "

@@ -16,7 +16,6 @@ class DDPM(Scheduler):
     stochastic = True
     defaults = {"variance_type": "fixed_small", "clip_sample": True, "clip_sample_range": 1.0}
     prediction_types = ("epsilon", "v_prediction", "sample")
-    handles = ("variance_type",)
 
     def __init__(self, **config) -> None:
         super().__init__(**config)

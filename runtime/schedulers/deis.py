@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import alpha_sigma, alphas_cumprod, multistep_sigmas, x0_eps
+from .schedules import SPREAD, alpha_sigma, alphas_cumprod, multistep_sigmas, x0_eps
 
 
 def weight2(t, b, c):
@@ -24,7 +24,7 @@ class DEIS(Scheduler):
     name = "deis"
     class_name = "DEISMultistepScheduler"
     defaults = {"solver_order": 2, "algorithm_type": "deis", "solver_type": "logrho", "lower_order_final": True,
-                "use_karras_sigmas": False, "timestep_spacing": "linspace"}
+                **SPREAD, "timestep_spacing": "linspace"}
     prediction_types = ("epsilon", "v_prediction", "sample")
 
     def __init__(self, **config) -> None:

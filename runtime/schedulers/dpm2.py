@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .euler import Euler
-from .schedules import doubled, sigma_schedule, sigma_to_t, train_sigmas, x0_at_sigma
+from .schedules import SPREAD, doubled, sigma_schedule, sigma_to_t, train_sigmas, x0_at_sigma
 
 
 def log_midpoint(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -19,7 +19,7 @@ def log_midpoint(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 class DPM2(Euler):
     name = "dpm2"
     class_name = "KDPM2DiscreteScheduler"
-    defaults = {"timestep_spacing": "linspace", "use_karras_sigmas": False}
+    defaults = {"timestep_spacing": "linspace", **SPREAD}
 
     @property
     def order(self) -> int:

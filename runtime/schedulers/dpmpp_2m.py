@@ -6,14 +6,24 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler, noise_like
-from .schedules import alpha_sigma, alphas_cumprod, first_index, multistep_karras, multistep_timesteps, train_sigmas, x0_eps
+from .schedules import (
+    SPREAD,
+    alpha_sigma,
+    alphas_cumprod,
+    first_index,
+    multistep_spread,
+    multistep_timesteps,
+    spreads,
+    train_sigmas,
+    x0_eps,
+)
 
 
 class DPMSolverPP2M(Scheduler):
     name = "dpmpp_2m"
     class_name = "DPMSolverMultistepScheduler"
     defaults = {"solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": True,
-                "euler_at_final": False, "use_karras_sigmas": False, "final_sigmas_type": "zero",
+                "euler_at_final": False, **SPREAD, "final_sigmas_type": "zero",
                 "lambda_min_clipped": -float("inf"), "timestep_spacing": "linspace"}
     prediction_types = ("epsilon", "v_prediction", "sample")
 
@@ -35,9 +45,9 @@ class DPMSolverPP2M(Scheduler):
         last = c["num_train_timesteps"] - int(np.searchsorted(self.lambda_t[::-1], c["lambda_min_clipped"]))
         timesteps = multistep_timesteps(c, num_inference_steps, last)  # only those above lambda_min_clipped
         sigmas = train_sigmas(self.alphas_cumprod)
-        if c["use_karras_sigmas"]:
-            sched, timesteps = multistep_karras(c, self.alphas_cumprod, num_inference_steps)
-            if c["beta_schedule"] != "squaredcos_cap_v2":
+        if spreads(c):
+            sched, timesteps = multistep_spread(c, self.alphas_cumprod, num_inference_steps)
+            if c["use_karras_sigmas"] and c["beta_schedule"] != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
         else:
             sched = np.interp(timesteps, np.arange(len(sigmas)), sigmas)

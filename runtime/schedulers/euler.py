@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import alphas_cumprod, first_index, sigma_schedule, x0_at_sigma
+from .schedules import SPREAD, alphas_cumprod, first_index, sigma_schedule, x0_at_sigma
 
 
 class Euler(Scheduler):
     name = "euler"
     class_name = "EulerDiscreteScheduler"
-    defaults = {"timestep_spacing": "linspace", "use_karras_sigmas": False, "sigma_min": None, "sigma_max": None,
+    defaults = {"timestep_spacing": "linspace", **SPREAD, "sigma_min": None, "sigma_max": None,
                 "final_sigmas_type": "zero"}
 
     def __init__(self, **config) -> None:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from .euler import Euler
-from .schedules import doubled, sigma_schedule, x0_at_sigma
+from .schedules import SPREAD, doubled, sigma_schedule, x0_at_sigma
 
 
 class Heun(Euler):
     name = "heun"
     class_name = "HeunDiscreteScheduler"
-    defaults = {"timestep_spacing": "linspace", "use_karras_sigmas": False, "clip_sample": False, "clip_sample_range": 1.0}
+    defaults = {"timestep_spacing": "linspace", **SPREAD, "clip_sample": False, "clip_sample_range": 1.0}
     prediction_types = ("epsilon", "v_prediction", "sample")
 
     @property

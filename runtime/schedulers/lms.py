@@ -7,7 +7,7 @@ import numpy as np
 from numpy.polynomial import Polynomial
 
 from .euler import Euler
-from .schedules import sigma_schedule, x0_at_sigma
+from .schedules import SPREAD, sigma_schedule, x0_at_sigma
 
 MAX_ORDER = 4
 
@@ -25,7 +25,7 @@ def lms_coefficient(sigmas: np.ndarray, order: int, i: int, j: int) -> float:
 class LMS(Euler):
     name = "lms"
     class_name = "LMSDiscreteScheduler"
-    defaults = {"timestep_spacing": "linspace", "use_karras_sigmas": False}
+    defaults = {"timestep_spacing": "linspace", **SPREAD}
     prediction_types = ("epsilon", "v_prediction", "sample")
 
     def set_timesteps(self, num_inference_steps: int) -> None:

@@ -85,6 +85,21 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     return (hi + ramp * (lo - hi)) ** rho
 
 
+SPREAD = {"use_karras_sigmas": False, "use_exponential_sigmas": False}  # the config keys of spread_sigmas
+
+
+def spreads(config: dict) -> bool:
+    """Whether the config asks for sigmas spread between the schedule's ends (Karras' or exponential)."""
+    return bool(config.get("use_karras_sigmas") or config.get("use_exponential_sigmas"))
+
+
+def spread_sigmas(config: dict, sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """n sigmas from sigma_max down to sigma_min: Karras', or evenly spaced in log sigma (use_exponential_sigmas)."""
+    if config.get("use_exponential_sigmas"):
+        return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+    return karras_sigmas(sigma_min, sigma_max, n)
+
+
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional training timestep of each sigma, interpolated in log-sigma."""
     log_sigma = np.log(np.maximum(sigmas, 1e-10))
@@ -96,17 +111,18 @@ def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 
 def sigma_schedule(config: dict, acp: np.ndarray, n: int, round_karras: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The k-diffusion schedule (Euler, Heun, LMS, DPM2): n sigmas down the spaced timesteps, or Karras' sigmas
-    between the same ends (or the config's sigma_min / sigma_max) with their fractional (or rounded) timesteps."""
+    """The k-diffusion schedule (Euler, Heun, LMS, DPM2): n sigmas down the spaced timesteps, or Karras' (exponential)
+    sigmas between the same ends (or the config's sigma_min / sigma_max) with their fractional timesteps (Karras'
+    rounded where round_karras)."""
     sigmas = train_sigmas(acp)
     timesteps = spaced_timesteps(config, n, np.float32)
     sched = np.interp(timesteps, np.arange(len(sigmas)), sigmas)
-    if config.get("use_karras_sigmas"):
+    if spreads(config):
         lo = config["sigma_min"] if config.get("sigma_min") is not None else float(sched[-1])
         hi = config["sigma_max"] if config.get("sigma_max") is not None else float(sched[0])
-        sched = karras_sigmas(lo, hi, n)
+        sched = spread_sigmas(config, lo, hi, n)
         timesteps = sigma_to_t(sched, np.log(sigmas))
-        if round_karras:
+        if round_karras and config.get("use_karras_sigmas"):
             timesteps = timesteps.round()
     return sched, timesteps.astype(np.float32)
 
@@ -119,24 +135,25 @@ def multistep_timesteps(config: dict, n: int, last: int | None = None) -> np.nda
     return spaced_timesteps(config, n + 1, last=last)[:-1]
 
 
-def multistep_karras(config: dict, acp: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Karras sigmas over the whole training range (or the config's bounds) and their fractional timesteps, as the
-    multistep solvers take them."""
+def multistep_spread(config: dict, acp: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Karras' (exponential) sigmas over the whole training range (or the config's bounds) and their fractional
+    timesteps, as the multistep solvers take them."""
     sigmas = train_sigmas(acp)
     lo = config["sigma_min"] if config.get("sigma_min") is not None else float(sigmas[0])
     hi = config["sigma_max"] if config.get("sigma_max") is not None else float(sigmas[-1])
-    sched = karras_sigmas(lo, hi, n)
+    sched = spread_sigmas(config, lo, hi, n)
     timesteps = sigma_to_t(sched, np.log(sigmas))
     return sched, timesteps
 
 
 def multistep_sigmas(config: dict, acp: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, float]:
     """UniPC's and DEIS's schedule: (sigmas, int timesteps, the smallest sigma a sigma_min end stops at), Karras'
-    (rounded timesteps) or the spaced one."""
+    (rounded timesteps), exponential (truncated, as diffusers casts them) or the spaced one."""
     sigmas = train_sigmas(acp)
-    if config["use_karras_sigmas"]:
-        sched, timesteps = multistep_karras(config, acp, n)
-        return sched, timesteps.round().astype(np.int64), float(sched[-1])
+    if spreads(config):
+        sched, timesteps = multistep_spread(config, acp, n)
+        timesteps = timesteps.round() if config.get("use_karras_sigmas") else timesteps
+        return sched, timesteps.astype(np.int64), float(sched[-1])
     timesteps = multistep_timesteps(config, n)
     return np.interp(timesteps, np.arange(len(sigmas)), sigmas), timesteps.astype(np.int64), float(sigmas[0])
 

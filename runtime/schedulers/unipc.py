@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import alpha_sigma, alphas_cumprod, multistep_sigmas, x0_eps
+from .schedules import SPREAD, alpha_sigma, alphas_cumprod, multistep_sigmas, x0_eps
 
 
 def log_snr(sigma):
@@ -31,7 +31,7 @@ class UniPC(Scheduler):
     name = "unipc"
     class_name = "UniPCMultistepScheduler"
     defaults = {"solver_order": 2, "solver_type": "bh2", "predict_x0": True, "lower_order_final": True,
-                "disable_corrector": [], "solver_p": None, "use_karras_sigmas": False, "timestep_spacing": "linspace",
+                "disable_corrector": [], "solver_p": None, **SPREAD, "timestep_spacing": "linspace",
                 "final_sigmas_type": "zero", "sigma_min": None, "sigma_max": None}
     prediction_types = ("epsilon", "v_prediction", "sample")
 
