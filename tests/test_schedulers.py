@@ -148,6 +148,8 @@ VARIANTS = [
                                                              "dpmpp_2m_sde", "unipc", "deis")],
     ("euler", {"use_exponential_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0}),
     ("unipc", {"use_exponential_sigmas": True, "solver_order": 3}),
+    ("dpmpp_2m", {"use_lu_lambdas": True}), ("dpmpp_2m_sde", {"use_lu_lambdas": True}),
+    ("dpmpp_2m", {"use_lu_lambdas": True, "beta_schedule": "squaredcos_cap_v2"}),
 ]
 
 

@@ -23,7 +23,7 @@ class DPMSolverPP2M(Scheduler):
     name = "dpmpp_2m"
     class_name = "DPMSolverMultistepScheduler"
     defaults = {"solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": True,
-                "euler_at_final": False, **SPREAD, "final_sigmas_type": "zero",
+                "euler_at_final": False, **SPREAD, "use_lu_lambdas": False, "final_sigmas_type": "zero",
                 "lambda_min_clipped": -float("inf"), "timestep_spacing": "linspace"}
     prediction_types = ("epsilon", "v_prediction", "sample")
 
@@ -47,7 +47,7 @@ class DPMSolverPP2M(Scheduler):
         sigmas = train_sigmas(self.alphas_cumprod)
         if spreads(c):
             sched, timesteps = multistep_spread(c, self.alphas_cumprod, num_inference_steps)
-            if c["use_karras_sigmas"] and c["beta_schedule"] != "squaredcos_cap_v2":
+            if (c["use_karras_sigmas"] or c["use_lu_lambdas"]) and c["beta_schedule"] != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
         else:
             sched = np.interp(timesteps, np.arange(len(sigmas)), sigmas)

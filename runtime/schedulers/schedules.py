@@ -89,15 +89,20 @@ SPREAD = {"use_karras_sigmas": False, "use_exponential_sigmas": False}  # the co
 
 
 def spreads(config: dict) -> bool:
-    """Whether the config asks for sigmas spread between the schedule's ends (Karras' or exponential)."""
-    return bool(config.get("use_karras_sigmas") or config.get("use_exponential_sigmas"))
+    """Whether the config asks for sigmas spread between the schedule's ends (Karras', or evenly in log sigma:
+    exponential, and DPM-Solver's Lu lambdas, which are the same sigmas)."""
+    return any(config.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas"))
 
 
 def spread_sigmas(config: dict, sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
-    """n sigmas from sigma_max down to sigma_min: Karras', or evenly spaced in log sigma (use_exponential_sigmas)."""
-    if config.get("use_exponential_sigmas"):
-        return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
-    return karras_sigmas(sigma_min, sigma_max, n)
+    """n sigmas from sigma_max down to sigma_min: Karras' where asked (first, as diffusers), else evenly spaced in
+    log sigma."""
+    if config.get("use_karras_sigmas"):
+        return karras_sigmas(sigma_min, sigma_max, n)
+    if config.get("use_lu_lambdas"):  # the same spacing, from log sigmas taken in float32 as diffusers takes them
+        ends = np.log(np.array([sigma_max, sigma_min], np.float32))
+        return np.exp(np.linspace(float(ends[0]), float(ends[1]), n))
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
 
 
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
