@@ -295,8 +295,18 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
                 "data": [{"b64_json": encode(img, s, body.output_format), "revised_prompt": body.prompt} for img, s in images]}
 
 
+def a1111_sampler(sampler: str | None, schedule: str | None) -> str | None:
+    """diffrt's scheduler for A1111's sampler_name and scheduler (schedule type) fields; a bad pair is a 400."""
+    from diffrt.runtime.schedulers import a1111_scheduler
+
+    try:
+        return a1111_scheduler(sampler, schedule)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 def add_a1111_routes(app: FastAPI, service: Service) -> None:
-    from diffrt.runtime.schedulers import A1111_NAMES, SHORT_NAMES
+    from diffrt.runtime.schedulers import A1111_NAMES, SCHEDULE_TYPES, SHORT_NAMES
 
     a1111_name = {short: label for label, short in A1111_NAMES.items()}
 
@@ -305,7 +315,7 @@ def add_a1111_routes(app: FastAPI, service: Service) -> None:
         count = body.batch_size * body.n_iter
         prompt, loras = with_loras(service.options, body.prompt, body.loras)
         job = Job([prompt] * count, [body.negative_prompt] * count, seeds_from(body.seed, count),
-                  {"steps": body.steps, "scheduler": body.sampler_name or body.scheduler, "width": body.width,
+                  {"steps": body.steps, "scheduler": a1111_sampler(body.sampler_name, body.scheduler), "width": body.width,
                    "height": body.height, "rng": body.rng(),
                    "clip_skip": body.override_settings.CLIP_stop_at_last_layers, "loras": loras}, body.cfg_scale)
         images = await service.generate(job, request)
@@ -326,6 +336,10 @@ def add_a1111_routes(app: FastAPI, service: Service) -> None:
     async def samplers() -> list:
         return [{"name": label, "aliases": [short, SHORT_NAMES[short][0].class_name], "options": {}}
                 for label, short in A1111_NAMES.items()]
+
+    @app.get("/sdapi/v1/schedulers")
+    async def schedulers() -> list:
+        return [{"name": kind, "label": kind.title()} for kind in SCHEDULE_TYPES]
 
     @app.get("/sdapi/v1/sd-models")
     async def sd_models() -> list:

@@ -209,6 +209,21 @@ def test_a_karras_name_means_karras_sigmas_over_an_exponential_config():
     np.testing.assert_allclose(ours.sigmas, theirs.sigmas.numpy(), rtol=1e-5)
 
 
+def test_a1111_sampler_and_schedule_type():
+    from diffrt.runtime.schedulers import a1111_scheduler
+
+    assert a1111_scheduler("DPM++ 2M", "Karras") == "dpmpp_2m_karras"
+    assert a1111_scheduler("DPM++ 2M SDE", "exponential") == "dpmpp_2m_sde_exponential"
+    assert a1111_scheduler("DPM++ 2M Karras", "Automatic") == "dpmpp_2m_karras"  # the legacy combined name kept
+    assert a1111_scheduler("Euler Karras", "Exponential") == "euler_exponential"
+    assert a1111_scheduler("Euler a", None) == "Euler a" and a1111_scheduler(None, "euler") == "euler"
+    assert a1111_scheduler(None, "Automatic") is None
+    for sampler, schedule, message in (("Euler a", "Karras", "no Karras schedule"), ("Euler", "SGM Uniform", "unknown schedule"),
+                                       (None, "Karras", "needs a sampler_name")):
+        with pytest.raises(ValueError, match=message):
+            a1111_scheduler(sampler, schedule)
+
+
 def test_names_and_unknown_keys():
     config = {**SD_BETAS, "_class_name": "PNDMScheduler", "some_future_key": 3, "skip_prk_steps": True}
     assert type(make_scheduler(None, config)).__name__ == "PNDM"

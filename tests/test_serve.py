@@ -121,6 +121,21 @@ def test_a1111_txt2img_and_its_lists(server, local):
     assert httpx.get(server.url + "/sdapi/v1/progress").json()["state"]["sampling_step"] == 0
 
 
+def test_a1111_sampler_and_schedule_type_sent_apart(server, local):
+    """A1111 1.9+ clients send sampler_name "DPM++ 2M" and scheduler "Karras" apart: the image is DPM++ 2M Karras's
+    (not plain DPM++ 2M's), and Exponential works the same way; /sdapi/v1/schedulers lists the types."""
+    for schedule, short in (("Karras", "dpmpp_2m_karras"), ("Exponential", "dpmpp_2m_exponential"), ("Automatic", "dpmpp_2m")):
+        body = {"prompt": "a green tree", "seed": 9, "sampler_name": "DPM++ 2M", "scheduler": schedule, "steps": 4,
+                "width": 32, "height": 32}
+        r = server.post("/sdapi/v1/txt2img", body)
+        assert r.status_code == 200, r.text
+        want = alone(local, "a green tree", 9, steps=4, scheduler=short)
+        assert np.abs(decode(r.json()["images"][0]) - want).max() <= 1, schedule
+    assert np.abs(want - alone(local, "a green tree", 9, steps=4, scheduler="dpmpp_2m_karras")).max() > 1
+    labels = [s["label"] for s in httpx.get(server.url + "/sdapi/v1/schedulers").json()]
+    assert labels == ["Automatic", "Uniform", "Karras", "Exponential"]
+
+
 def test_the_rng_of_both_apis(server, local):
     """OpenAI's body takes diffrt's rng; A1111's takes override_settings.randn_source (CPU, GPU, NV), as A1111 does;
     each image equals the pipeline's with that rng, and the infotext names the source. Long, weighted prompts with
@@ -179,6 +194,9 @@ def test_concurrent_requests_are_batched_and_each_equals_its_request_alone(reque
     ("/v1/images/generations", {"prompt": "a cat", "response_format": "url"}, 422, "response_format"),
     ("/v1/images/generations", '{"prompt": "a \\udcff cat"}', 422, "prompt: Input should be a valid string"),  # lone surrogate
     ("/sdapi/v1/txt2img", {"prompt": "a cat", "sampler_name": "Heun++"}, 400, "unknown scheduler 'Heun++'"),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "sampler_name": "Euler", "scheduler": "Align Your Steps"}, 400,
+     "unknown schedule type 'Align Your Steps'"),
+    ("/sdapi/v1/txt2img", {"prompt": "a cat", "sampler_name": "DDIM", "scheduler": "Karras"}, 400, "DDIM has no Karras schedule"),
     ("/sdapi/v1/txt2img", {"prompt": "a cat", "override_settings": {"randn_source": "TPU"}}, 422, "randn_source"),
     ("/sdapi/v1/txt2img", {"prompt": "a cat", "override_settings": {"CLIP_stop_at_last_layers": 9}}, 400, "clip skip 9 is more than"),
     ("/sdapi/v1/txt2img", {"prompt": "a cat", "steps": 1000, "sampler_name": "DDIM"}, 400, "at most 999"),

@@ -24,27 +24,36 @@ from .unipc import UniPC
 CLASSES: dict[str, type[Scheduler]] = {c.class_name: c for c in (
     DDIM, PNDM, Euler, EulerAncestral, DPMSolverPP2M, LCM, Heun, LMS, UniPC, DEIS, DPM2, DPM2Ancestral, DDPM, TCD)}
 KARRAS = {"use_karras_sigmas": True, "use_exponential_sigmas": False}  # Karras names mean Karras sigmas, whatever the config
+EXPONENTIAL = {"use_karras_sigmas": False, "use_exponential_sigmas": True}
+PLAIN = {"use_karras_sigmas": False, "use_exponential_sigmas": False}  # A1111's Automatic / Uniform schedule
 ODE = {"algorithm_type": "dpmsolver++"}
 SDE = {"algorithm_type": "sde-dpmsolver++"}
 # short name -> (class, config overrides, AUTOMATIC1111's name); A1111's name goes into image metadata
 SAMPLERS: dict[str, tuple[type[Scheduler], dict, str]] = {
     "ddim": (DDIM, {}, "DDIM"),
     "pndm": (PNDM, {}, "PLMS"),
-    "euler": (Euler, {"use_karras_sigmas": False}, "Euler"),
+    "euler": (Euler, PLAIN, "Euler"),
     "euler_karras": (Euler, KARRAS, "Euler Karras"),
+    "euler_exponential": (Euler, EXPONENTIAL, "Euler Exponential"),
     "euler_a": (EulerAncestral, {}, "Euler a"),
-    "heun": (Heun, {"use_karras_sigmas": False}, "Heun"),
+    "heun": (Heun, PLAIN, "Heun"),
     "heun_karras": (Heun, KARRAS, "Heun Karras"),
-    "lms": (LMS, {"use_karras_sigmas": False}, "LMS"),
+    "heun_exponential": (Heun, EXPONENTIAL, "Heun Exponential"),
+    "lms": (LMS, PLAIN, "LMS"),
     "lms_karras": (LMS, KARRAS, "LMS Karras"),
-    "dpm2": (DPM2, {"use_karras_sigmas": False}, "DPM2"),
+    "lms_exponential": (LMS, EXPONENTIAL, "LMS Exponential"),
+    "dpm2": (DPM2, PLAIN, "DPM2"),
     "dpm2_karras": (DPM2, KARRAS, "DPM2 Karras"),
-    "dpm2_a": (DPM2Ancestral, {"use_karras_sigmas": False}, "DPM2 a"),
+    "dpm2_exponential": (DPM2, EXPONENTIAL, "DPM2 Exponential"),
+    "dpm2_a": (DPM2Ancestral, PLAIN, "DPM2 a"),
     "dpm2_a_karras": (DPM2Ancestral, KARRAS, "DPM2 a Karras"),
-    "dpmpp_2m": (DPMSolverPP2M, {**ODE, "use_karras_sigmas": False}, "DPM++ 2M"),
+    "dpm2_a_exponential": (DPM2Ancestral, EXPONENTIAL, "DPM2 a Exponential"),
+    "dpmpp_2m": (DPMSolverPP2M, {**ODE, **PLAIN}, "DPM++ 2M"),
     "dpmpp_2m_karras": (DPMSolverPP2M, {**ODE, **KARRAS}, "DPM++ 2M Karras"),
-    "dpmpp_2m_sde": (DPMSolverPP2M, {**SDE, "use_karras_sigmas": False}, "DPM++ 2M SDE"),
+    "dpmpp_2m_exponential": (DPMSolverPP2M, {**ODE, **EXPONENTIAL}, "DPM++ 2M Exponential"),
+    "dpmpp_2m_sde": (DPMSolverPP2M, {**SDE, **PLAIN}, "DPM++ 2M SDE"),
     "dpmpp_2m_sde_karras": (DPMSolverPP2M, {**SDE, **KARRAS}, "DPM++ 2M SDE Karras"),
+    "dpmpp_2m_sde_exponential": (DPMSolverPP2M, {**SDE, **EXPONENTIAL}, "DPM++ 2M SDE Exponential"),
     "unipc": (UniPC, {}, "UniPC"),
     "deis": (DEIS, {}, "DEIS"),
     "ddpm": (DDPM, {}, "DDPM"),
@@ -86,8 +95,35 @@ def short_name(scheduler: Scheduler) -> str:
     name = scheduler.name
     if scheduler.config.get("algorithm_type") == "sde-dpmsolver++":
         name += "_sde"
-    karras = f"{name}_karras"
-    return karras if karras in SAMPLERS and scheduler.config.get("use_karras_sigmas") else name
+    for key, suffix in (("use_karras_sigmas", "_karras"), ("use_exponential_sigmas", "_exponential")):
+        if f"{name}{suffix}" in SAMPLERS and scheduler.config.get(key):
+            return f"{name}{suffix}"
+    return name
+
+
+SCHEDULE_TYPES = {"automatic": "", "uniform": "", "karras": "_karras", "exponential": "_exponential"}
+
+
+def a1111_scheduler(sampler: str | None, schedule: str | None) -> str | None:
+    """The scheduler for an AUTOMATIC1111 sampler and schedule type, which A1111 1.9 and later send apart ("DPM++ 2M"
+    and "Karras"); a sampler alone, or a scheduler name in the schedule's field, is taken as a scheduler name (as
+    older clients send them); Automatic or Uniform alone means the package's own scheduler."""
+    if not schedule:
+        return sampler
+    suffix = SCHEDULE_TYPES.get(schedule.strip().lower())
+    if not sampler:
+        if suffix:
+            raise ValueError(f"schedule type {schedule!r} needs a sampler_name (such as 'DPM++ 2M')")
+        return None if suffix == "" else schedule
+    if suffix is None:
+        raise ValueError(f"unknown schedule type {schedule!r}; diffrt offers Automatic, Uniform, Karras and Exponential")
+    base = canonical_name(sampler)
+    if base not in SHORT_NAMES:  # an unknown name, or a diffusers class: said as it is, or refused where it is used
+        return sampler if not suffix else f"{sampler} {schedule}"
+    plain = base.removesuffix("_karras").removesuffix("_exponential")
+    if suffix and f"{plain}{suffix}" not in SHORT_NAMES:
+        raise ValueError(f"{sampler} has no {schedule} schedule in diffrt; use schedule type Automatic")
+    return f"{plain}{suffix}" if suffix else base
 
 
 def sampler_table() -> list[str]:
@@ -107,4 +143,4 @@ def load_config(path: str | Path) -> dict:
 
 
 __all__ = ["Scheduler", "make_scheduler", "sampler_table", "scheduler_names", "canonical_name", "short_name", "load_config", "CLASSES",
-           "SHORT_NAMES", "A1111_NAMES"]
+           "SHORT_NAMES", "A1111_NAMES", "a1111_scheduler"]
