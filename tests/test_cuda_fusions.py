@@ -75,6 +75,17 @@ def test_reference_ops_match_onnxruntimes_cpu_kernels(tmp_path):
         feeds = {k: 3 * RNG.standard_normal(s, dtype=np.float32) for k, s in inputs.items()}
         want, got = run_both(single_op(op, inputs), feeds, ["CPUExecutionProvider"], tmp_path)
         assert np.abs(want[0] - got[0]).max() < 1e-5, op
+    # BiasSplitGelu (CUDA only) against its parts on onnxruntime's CPU: add the bias, halve, GELU the right half, multiply
+    nodes = [helper.make_node("Add", ["x", "bias"], ["h"]), helper.make_node("Split", ["h"], ["a", "b"], axis=-1, num_outputs=2),
+             helper.make_node("Gelu", ["b"], ["g"], domain="com.microsoft"), helper.make_node("Mul", ["a", "g"], ["y0"])]
+    graph = helper.make_graph(nodes, "parts", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (2, 4, 2560)),
+                                               helper.make_tensor_value_info("bias", TensorProto.FLOAT, (2560,))],
+                              [helper.make_tensor_value_info("y0", TensorProto.FLOAT, None)])
+    parts = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    feeds = {"x": RNG.standard_normal((2, 4, 2560), dtype=np.float32), "bias": RNG.standard_normal(2560, dtype=np.float32)}
+    want, _ = run_both(parts, feeds, ["CPUExecutionProvider"], tmp_path)
+    got = run_reference_of(single_op("BiasSplitGelu", {"x": (2, 4, 2560), "bias": (2560,)}), feeds, tmp_path)
+    assert got[0].shape == (2, 4, 1280) and np.abs(want[0] - got[0]).max() < 1e-5
 
 
 def test_reference_ops_refuse_what_the_cuda_kernels_refuse(tmp_path):
