@@ -94,8 +94,7 @@ def cuda_fused_copy(fp32: Path, fp16: Path, out: Path) -> dict[str, dict[str, in
     from .precision import write_manifest
 
     manifest = json.loads((fp16 / MANIFEST).read_text())
-    fused = {c: manifest["components"][c] for c in MODEL_TYPES
-             if manifest["components"].get(c, {}).get("precision") == "fp16"}
+    fused = {c: manifest["components"][c] for c in fusable(manifest)}
     folders = {fp16 / Path(e["file"]).parent for e in fused.values()}
     shutil.copytree(fp16, out, dirs_exist_ok=True,
                     ignore=lambda d, names: [n for n in names if Path(d) in folders and n.startswith("model.")])
@@ -109,8 +108,11 @@ def cuda_fused_copy(fp32: Path, fp16: Path, out: Path) -> dict[str, dict[str, in
 
 def mark_cuda_only(entry: dict, counts: dict[str, int]) -> None:
     """A manifest entry for a fused graph: what made it, and that it runs on onnxruntime's CUDA provider only."""
-    entry.update(made_by="onnxruntime fusions for CUDA, then float16: " + ", ".join(f"{k} {v}" for k, v in counts.items()),
-                 providers=["CUDAExecutionProvider"])
+    entry.update(made_by=f"onnxruntime fusions for CUDA, then float16: {described(counts)}", providers=["CUDAExecutionProvider"])
+
+
+def described(counts: dict[str, int]) -> str:
+    return ", ".join(f"{op} {n}" for op, n in counts.items())
 
 
 def fusable(manifest: dict) -> list[str]:
@@ -151,7 +153,7 @@ def fuse_package(root: Path, source: Path, manifest: dict, size: tuple[int, int]
         except CudaKernelRefusal as exc:
             raise UserError(f"the CUDA-fused {comp} would be refused by onnxruntime's CUDA kernels ({exc}); quantize "
                             "without --cuda-fusions") from None
-        log(f"{comp}: CUDA fusions ({', '.join(f'{k} {v}' for k, v in counts.items())}); on the CPU against the plain "
+        log(f"{comp}: CUDA fusions ({described(counts)}); on the CPU against the plain "
             f"float16 graph: max error {error:.1e} of the output's range (limit {PARITY_TOLERANCE})")
         if not error <= PARITY_TOLERANCE:
             raise UserError(f"the CUDA-fused {comp} differs from the plain float16 graph by {error:.1e} of its output's "
