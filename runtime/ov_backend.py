@@ -17,7 +17,6 @@ PRECISIONS = ("auto", "bf16", "fp32")
 HINTS = {"bf16": "bf16", "fp32": "f32"}
 DTYPES = {"f32": np.float32, "f16": np.float16, "i64": np.int64, "i32": np.int32, "bf16": np.float32}
 _CORE: list = []
-BF16_GATE_DB = 30.0  # lowest PSNR of bf16 images against float32 ones (fp16's gate is 35 dB, int8's 22 dB)
 
 
 def core():
@@ -91,6 +90,12 @@ def spec(port) -> TensorSpec:
     return TensorSpec(port.get_any_name(), shape, DTYPES.get(port.get_element_type().get_type_name(), np.float32))
 
 
+def output_name(port, names) -> str:
+    """The graph's name of a compiled output: OpenVINO's first name for it may be a Cast's it put in front (an fp16
+    graph's float32 outputs), the graph's own is among the others."""
+    return next((name for name in port.get_names() if name in names), port.get_any_name())
+
+
 class OvEngine:
     """One ONNX graph on OpenVINO's CPU plugin, compiled per input shape (the last MAX_SHAPES kept)."""
 
@@ -134,7 +139,7 @@ class OvEngine:
 
         compiled = self._compiled(feeds)  # np.asarray keeps the 0-d timestep 0-d (np.ascontiguousarray would not)
         results = compiled({name: ov.Tensor(np.asarray(feeds[name], order="C")) for name in self.inputs})
-        return {port.get_any_name(): np.array(value) for port, value in results.items()}
+        return {output_name(port, self.outputs): np.array(value) for port, value in results.items()}
 
     def to_device(self, array: np.ndarray) -> np.ndarray:
         return array
