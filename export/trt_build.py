@@ -15,9 +15,10 @@ from typing import Any
 
 from diffrt.runtime.engine_store import engine_file, gpu_slug, write_engine_meta
 from diffrt.runtime.errors import UserError
-from diffrt.runtime.package import COMPONENTS, load_package
+from diffrt.runtime.package import COMPONENTS, Package, load_package
 
 from .profiles import derive_profiles, parse_batch, parse_size
+from .trt_ready import symmetric_form
 
 
 @dataclass
@@ -76,6 +77,18 @@ def package_profiles(pkg, batch, width, height, static: bool = False) -> dict[st
     return derive_profiles(shape, batch, width, height, static, guided=pkg.defaults["guidance_scale"] > 1)
 
 
+def trt_graph(pkg: Package, comp: str, log: Callable[[str], None] = print) -> Path:
+    """The graph TensorRT builds a component from: an int8 UNet's uint8 activations made symmetric int8 over the same
+    ranges (build/trt/<component>/model.onnx, made again when the package's graph changed), any other as it is."""
+    graph = pkg.component(comp)
+    if pkg.precision(comp) != "int8":
+        return graph
+    out = pkg.root / "build" / "trt" / comp / "model.onnx"
+    if not out.is_file() or out.stat().st_mtime < graph.stat().st_mtime:
+        log(f"{comp}: {symmetric_form(graph, out)} activation ranges made symmetric int8 for TensorRT")
+    return out
+
+
 def build_engines(package: Path, options: BuildOptions, log: Callable[[str], None] = print) -> list[Path]:
     check_trt_package(package)
     import tensorrt as trt
@@ -96,7 +109,7 @@ def build_engines(package: Path, options: BuildOptions, log: Callable[[str], Non
     cache_bytes = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
     written = []
     for comp in (c for c in options.components if pkg.has(c)):
-        graph = pkg.component(comp)
+        graph = trt_graph(pkg, comp, log)
         flags = build_flags(options.precision, pkg.precision(comp), major, options.version_compatible,
                             options.refittable and (comp == "unet" or comp.startswith("text_encoder")))
         network_flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if flags["strongly_typed"] else 0

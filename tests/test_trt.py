@@ -118,7 +118,39 @@ def test_int8_qdq_graph_is_tensorrt_ready(tiny_plain_package, tmp_path):
     gates = quantize_package(tiny_plain_package, tmp_path / "int8", QuantizeOptions(
         precision="int8", steps=3, calibration_prompts=1, accept_quality=True, gate_seeds=1), log=lambda m: None)
     assert gates["unet_step_rel_err_max"] > 0
-    assert trt_problems(tmp_path / "int8" / "unet" / "model.onnx") == []
+    graph = tmp_path / "int8" / "unet" / "model.onnx"
+    problems = trt_problems(graph)  # uint8 activations (right on every CPU) are not TensorRT's form ...
+    assert problems and all("zero point must be int8 and 0" in p for p in problems)
+    from diffrt.export.trt_build import trt_graph
+    from diffrt.runtime.package import load_package
+
+    symmetric = trt_graph(load_package(tmp_path / "int8"), "unet", log=lambda m: None)  # ... which `diffrt build` makes
+    assert symmetric == tmp_path / "int8" / "build" / "trt" / "unet" / "model.onnx" and trt_problems(symmetric) == []
+    assert symmetric_ranges_match(graph, symmetric, tmp_path / "int8" / "build" / "calibration" / "unet.npz")
+
+
+def symmetric_ranges_match(asymmetric, symmetric, calibration) -> bool:
+    """Each activation's symmetric scale is max(|low|, |high|) / 127 of its uint8 range, and the symmetric graph
+    computes what the asymmetric one does to within int8 rounding (on onnxruntime, a real calibration call)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from diffrt.export.precision import load_calibration
+
+    before = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(asymmetric)).graph.initializer}
+    after = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(symmetric)).graph.initializer}
+    pairs = [(n[: -len("_zero_point__symmetric")]) for n in after if n.endswith("_zero_point__symmetric")]
+    assert pairs
+    for name in pairs:
+        scale, zero = before[f"{name}_scale"].astype(np.float64), before[f"{name}_zero_point"].astype(np.float64)
+        low, high = -zero * scale, (255 - zero) * scale
+        assert np.allclose(after[f"{name}_scale__symmetric"], max(abs(low), abs(high)) / 127, rtol=1e-6)
+    feeds = load_calibration(calibration)[0]
+    run = {g: ort.InferenceSession(str(g), providers=["CPUExecutionProvider"]).run(None, feeds)[0] for g in (asymmetric, symmetric)}
+    fp32 = ort.InferenceSession(str(asymmetric.with_name("model.fp32.onnx")), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    err = {g: np.linalg.norm(out - fp32) / np.linalg.norm(fp32) for g, out in run.items()}
+    return err[symmetric] < 2 * err[asymmetric] + 0.02  # symmetric int8 spends one bit of the range on its sign
 
 
 def test_trt_problems_flags_what_the_parser_refuses(tiny_package, tmp_path):
