@@ -230,7 +230,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import available_backends, check_backends, format_report, machine_report
 
     report = machine_report()
-    checks = check_backends(args.check, available_backends(report)) if args.check else None
+    checks = check_backends(args.check, available_backends(report), args.steps) if args.check else None
     print(format_report(report, checks))
     return 0 if not checks or all(c["ok"] for c in checks.values()) else 1
 
@@ -550,7 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize(sub)
     add_build(sub)
     dr = sub.add_parser("doctor", help="what this machine offers; with --check, every backend compared")
-    dr.add_argument("--check", type=Path, metavar="PACKAGE", help="run every usable backend on this package and compare")
+    dr.add_argument("--check", type=Path, metavar="PACKAGE", help="run every usable path (backend and precision) on "
+                    "the gate prompts against the package's float32 graphs, hold each to its gate and keep the verdicts "
+                    "for this machine (exit 1 when one fails)")
+    dr.add_argument("--steps", type=int, help="sampling steps of the check's images (default: the package's)")
     dr.set_defaults(func=cmd_doctor)
     add_bench(sub)
     add_serve(sub)

@@ -75,15 +75,23 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in onnxruntime().get_available_providers()
 
 
+def auto_order() -> list[str]:
+    """The backends 'auto' may pick, fastest first: ort-cuda where onnxruntime has its CUDA provider, ov-cpu where
+    OpenVINO is installed, ort-cpu."""
+    from .ov_backend import openvino_available
+
+    return ["ort-cuda"] * cuda_available() + ["ov-cpu"] * openvino_available() + ["ort-cpu"]
+
+
 def resolve_backend(backend: str) -> str:
-    """'auto' becomes ort-cuda where onnxruntime has its CUDA provider, else ov-cpu where OpenVINO is installed, else
-    ort-cpu."""
+    """'auto' becomes the first of auto_order() (a pipeline also skips paths this CPU does not trust); a named
+    backend is checked to be installed."""
     from .ov_backend import openvino_available
 
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     if backend == "auto":
-        return "ort-cuda" if cuda_available() else "ov-cpu" if openvino_available() else "ort-cpu"
+        return auto_order()[0]
     if backend == "ov-cpu" and not openvino_available():
         raise UserError('backend ov-cpu needs OpenVINO: `pip install "diffrt[openvino]"`, or use --backend ort-cpu')
     if backend == "trt":

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .engines import Engine, OrtEngine, check_cuda_options, resolve_backend
+from .engines import Engine, OrtEngine, auto_order, check_cuda_options, resolve_backend
 from .errors import UserError
 from .family import adapter_for
 from .generators import ImageGenerators
@@ -46,6 +46,12 @@ def pixels_hash(array: np.ndarray) -> str:
     import hashlib
 
     return hashlib.sha256(np.ascontiguousarray(array, np.float32).tobytes()).hexdigest()[:12]
+
+
+def computes(backend: str, precision: str, unet: str) -> str:
+    """What a path computes in, as recorded with images: on ov-cpu a quantized UNet's own precision with OpenVINO's
+    for the float rest (int8+bf16); elsewhere the precision it runs in."""
+    return f"{unet}+{precision}" if backend == "ov-cpu" and unet != "fp32" else precision
 
 
 def refuse_for_trt(**options: Any) -> None:
@@ -103,17 +109,16 @@ class Pipeline:
 
     def __init__(self, package: Package, backend: str = "auto", threads: int | None = None, fp32_fallback: bool = False,
                  cuda_graph: bool = False, graph_cache: Path | None = None, gpu_mem_limit: int | None = None,
-                 precision: str = "auto", loras: list[LoraChoice] | None = None) -> None:
+                 precision: str = "auto", loras: list[LoraChoice] | None = None, gated: bool = True) -> None:
         self.package = package
         if backend == "trt":
             refuse_for_trt(threads=threads, fp32_fallback=fp32_fallback, cuda_graph=cuda_graph, graph_cache=graph_cache,
                            gpu_mem_limit=gpu_mem_limit)
-        self.backend = resolve_backend(backend)
+        self.backend, self.precision = self._choose(backend, precision, cuda_graph, gpu_mem_limit, gated)
         self.family = adapter_for(package.family)
         self.loras: list[LoraChoice] = list(loras or [])
         self.lora_sets = LoraSets(package.root, self._lora_targets())
         self.lora_weights = self.check_loras(self.loras)
-        self.precision = self._compute_precision(precision, cuda_graph, gpu_mem_limit)
         self.threads = threads
         self.fp32_fallback = fp32_fallback
         self.cuda_graph = cuda_graph
@@ -133,16 +138,36 @@ class Pipeline:
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
         self._joined: tuple[list[Stream], dict[str, Any]] = ([], {})  # the last streams stepped together, their text
 
-    def _compute_precision(self, precision: str, cuda_graph: bool, gpu_mem_limit: int | None) -> str:
+    def _choose(self, backend: str, precision: str, cuda_graph: bool, gpu_mem_limit: int | None,
+                gated: bool) -> tuple[str, str]:
+        """The backend and what it computes in: a named backend, refused where this CPU has no reason to trust its
+        path (trust.py); auto, the first of auto_order() that takes the options and is trusted. gated=False skips
+        trust (the gate measurements themselves)."""
+        from .trust import refusal, verdict
+
+        refusals = []
+        for name in auto_order() if backend == "auto" else [resolve_backend(backend)]:
+            try:
+                computed = self._compute_precision(name, precision, cuda_graph, gpu_mem_limit)
+            except UserError as exc:
+                refusals.append(str(exc))
+                continue
+            found = verdict(self.package, name, computes(name, computed, self.package.precision("unet")))
+            if found.trusted or not gated:
+                return name, computed
+            refusals.append(refusal(self.package, name, computes(name, computed, self.package.precision("unet")), found.why))
+        raise UserError(refusals[0])
+
+    def _compute_precision(self, backend: str, precision: str, cuda_graph: bool, gpu_mem_limit: int | None) -> str:
         """What the UNet computes in: on ov-cpu bf16 or fp32 (auto: bf16 where the CPU has AMX or AVX-512-BF16; CUDA
         options refused there); elsewhere the package's own precision, which --precision cannot change."""
-        if self.backend == "ov-cpu":
+        if backend == "ov-cpu":
             from .ov_backend import compute_precision
 
-            check_cuda_options(self.backend, cuda_graph, gpu_mem_limit)
+            check_cuda_options(backend, cuda_graph, gpu_mem_limit)
             return compute_precision(precision)
         if precision != "auto":
-            raise UserError(f"--precision picks OpenVINO's CPU precision (--backend ov-cpu); {self.backend} runs the "
+            raise UserError(f"--precision picks OpenVINO's CPU precision (--backend ov-cpu); {backend} runs the "
                             "package's own precision: leave it out, or use a package made by `diffrt quantize`")
         return self.package.precision("unet")
 
@@ -180,6 +205,18 @@ class Pipeline:
         return OrtEngine(path, self.backend, self.threads, cuda_graph=self.cuda_graph and name == "unet",
                          graph_cache=self.graph_cache, gpu_mem_limit=self.gpu_mem_limit,
                          weights=None if fallback else self.lora_weights.get(name))
+
+    def use_float32(self) -> None:
+        """Run every stage on the package's float32 graphs (the reference quantized paths are held to); refused in one
+        line where a reduced-precision stage kept no float32 copy."""
+        for name in self.stages:
+            if self.package.precision(name) == "fp32":
+                continue
+            if not self.package.has_fallback(name):
+                raise UserError(f"{self.package.root} keeps no float32 copy of its {name} (quantized with --no-fallback), "
+                                "so there is nothing to compare it with; check the fp32 package it was made from")
+            getattr(self, name).close()
+            setattr(self, name, self._engine(name, fallback=True))
 
     def _lora_targets(self) -> dict[str, Path]:
         """The graphs a LoRA may change: the text encoder(s) and the UNet."""
@@ -238,14 +275,14 @@ class Pipeline:
     def from_package(cls, path: str | Path | None = None, backend: str = "auto", threads: int | None = None,
                      verify_hashes: bool = False, fp32_fallback: bool = False, cuda_graph: bool = False,
                      graph_cache: str | Path | None = None, gpu_mem_limit: int | None = None,
-                     precision: str = "auto", loras: list[LoraChoice] | None = None) -> Pipeline:
+                     precision: str = "auto", loras: list[LoraChoice] | None = None, gated: bool = True) -> Pipeline:
         """Open a package folder (the bundled default model when path is None)."""
         if path is None:
             from .bundled import bundled_model
 
             path = bundled_model()
         return cls(load_package(path, hashes=verify_hashes), backend, threads, fp32_fallback, cuda_graph,
-                   Path(graph_cache) if graph_cache else None, gpu_mem_limit, precision, loras)
+                   Path(graph_cache) if graph_cache else None, gpu_mem_limit, precision, loras, gated)
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "",
                  progress: Callable[[int, int], None] | None = None, loras: list[LoraChoice] | None = None,
@@ -333,8 +370,7 @@ class Pipeline:
     def computes(self) -> str:
         """The UNet's precision as recorded with each image: on ov-cpu a quantized package's own (int8, fp16) with
         OpenVINO's precision for the float rest, e.g. int8+bf16; elsewhere the precision it runs in."""
-        unet = self.package.precision("unet")
-        return f"{unet}+{self.precision}" if self.backend == "ov-cpu" and unet != "fp32" else self.precision
+        return computes(self.backend, self.precision, self.package.precision("unet"))
 
     @property
     def per_row_timesteps(self) -> bool:

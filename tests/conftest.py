@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -141,6 +143,11 @@ def make_tiny_sdxl_checkpoint(root, turbo: bool = False):
     return path
 
 
+# doctor's per-machine verdicts (runtime/trust.py) go to a folder of the run's own, never the user's cache; CLI
+# subprocesses inherit it
+os.environ["DIFFRT_CACHE_DIR"] = tempfile.mkdtemp(prefix="diffrt-checks-")
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     pytest.importorskip("diffusers")
@@ -243,3 +250,26 @@ def ours(tiny_package):
     from diffrt.runtime.pipeline import Pipeline
 
     return Pipeline.from_package(tiny_package, backend="ort-cpu")
+
+
+def plant_addition(package, value: float, name: str = "unet") -> None:
+    """Make a component's graph add `value` to its output (inf: what an fp16 overflow gives; a finite one: a path
+    that draws wrong images), its manifest no longer vouching for the file."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = package / name / "model.onnx"
+    model = onnx.load(str(path))
+    g = model.graph
+    old = g.output[0].name
+    for node in g.node:
+        node.output[:] = [f"{o}__pre" if o == old else o for o in node.output]
+        node.input[:] = [f"{o}__pre" if o == old else o for o in node.input]
+    g.node.extend([
+        helper.make_node("Constant", [], [f"{old}__add"], value=helper.make_tensor("add", TensorProto.FLOAT, [], [value])),
+        helper.make_node("Add", [f"{old}__pre", f"{old}__add"], [old]),
+    ])
+    onnx.save(model, str(path))
+    manifest = json.loads((package / "diffrt.json").read_text())
+    manifest["files"].pop(f"{name}/model.onnx")
+    (package / "diffrt.json").write_text(json.dumps(manifest))

@@ -87,16 +87,25 @@ def test_inpainting_repaints_only_the_mask(pipe):
     assert np.abs(border[0] - border[1]).mean() < 12
 
 
-def test_int8_bundled_model_passes_its_gates_and_follows_the_prompt(tmp_path):
-    """`diffrt quantize --precision int8` on the bundled model: 22 dB against float32 on onnxruntime and on OpenVINO
-    (int8 with bf16 for the rest where the CPU has it), and its images still read as the prompt says."""
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """The bundled model's fp16 and int8 packages, as `diffrt quantize` makes them (each refused under its gates)."""
     pytest.importorskip("onnx")
     from diffrt.export.precision import QuantizeOptions, quantize_package
-    from diffrt.runtime.ov_backend import openvino_available
 
-    out = tmp_path / "int8"
-    gates = quantize_package(bundled_model(), out, QuantizeOptions(precision="int8"), log=lambda m: None)  # refuses < 22 dB
-    assert gates["passed"] and gates["psnr_db_min"] >= 22 and gates["images"] == 8
+    out = tmp_path_factory.mktemp("bundled-quantized")
+    return {p: (out / p, quantize_package(bundled_model(), out / p, QuantizeOptions(precision=p), log=lambda m: None))
+            for p in ("fp16", "int8")}
+
+
+def test_int8_bundled_model_passes_its_gates_and_follows_the_prompt(quantized):
+    """`diffrt quantize --precision int8` on the bundled model: 22 dB against float32 on onnxruntime and on OpenVINO
+    (int8 with bf16 or fp32 for the rest, by the CPU), and its images still read as the prompt says."""
+    from diffrt.runtime.ov_backend import openvino_available
+    from diffrt.runtime.trust import cpu_kind
+
+    out, gates = quantized["int8"]
+    assert gates["passed"] and gates["psnr_db_min"] >= 22 and gates["images"] == 8 and gates["cpu_kind"] == cpu_kind()
     backend = "ov-cpu" if openvino_available() else "ort-cpu"
     if backend == "ov-cpu":
         assert gates["ov-cpu"]["psnr_db_min"] >= 22 and gates["ov-cpu"]["computes"].startswith("int8+")
@@ -104,3 +113,27 @@ def test_int8_bundled_model_passes_its_gates_and_follows_the_prompt(tmp_path):
     for prompt, seed, expected in CASES:
         reading = read_image(np.asarray(int8(prompt, seed=seed).images[0]))
         assert (reading.background, reading.colour) == expected[:2], (prompt, reading)
+
+
+def test_every_precision_on_every_cpu_backend(quantized):
+    """fp32, fp16 and int8 packages of the bundled model on ort-cpu and, where installed, ov-cpu, each backend named:
+    images within the path's gate (trust.gate_db of what it computed) against float32 on the gate prompts."""
+    from diffrt.export.precision import gate_backends
+    from diffrt.runtime.doctor import GATE_PROMPTS, psnr
+    from diffrt.runtime.trust import gate_db
+
+    reference = Pipeline.from_package(None, backend="ort-cpu")
+    want = {p: reference(p, seed=0).array for p in GATE_PROMPTS[:2]}
+    packages = {"fp32": bundled_model(), "fp16": quantized["fp16"][0], "int8": quantized["int8"][0]}
+    seen = set()
+    for precision, package in packages.items():
+        for backend in gate_backends():
+            pipe = Pipeline.from_package(package, backend=backend)
+            for prompt, array in want.items():
+                got = pipe(prompt, seed=0)
+                assert got.settings["precision"].startswith("bf16" if precision == "fp32" and pipe.precision == "bf16"
+                                                            else precision)
+                low = psnr(got.array, array)
+                assert low >= gate_db(got.settings["precision"]), (precision, backend, prompt, low)
+            seen.add((precision, backend))
+    assert len(seen) == 3 * len(gate_backends())

@@ -11,7 +11,8 @@ from diffrt.runtime.errors import UserError
 from diffrt.runtime.pipeline import Pipeline
 
 pytest.importorskip("openvino")
-from diffrt.runtime.ov_backend import BF16_GATE_DB, OvEngine, has_bf16  # noqa: E402
+from diffrt.runtime.ov_backend import OvEngine, has_bf16  # noqa: E402
+from diffrt.runtime.trust import GATES_DB  # noqa: E402
 
 
 def unet_feeds(batch: int = 2, size: int = 8, hidden: int = 32) -> dict:
@@ -41,7 +42,8 @@ def test_pipeline_fp32_equals_ort_cpu_and_bf16_passes_its_gate(tiny_package):
     assert ov.settings["backend"] == "ov-cpu" and ov.settings["precision"] == "fp32"
     if has_bf16():
         checks = check_backends(tiny_package, ["ort-cpu", "ov-cpu"])
-        assert checks["ov-cpu"]["precision"] == "bf16" and checks["ov-cpu"]["psnr_db_min"] >= BF16_GATE_DB, checks
+        assert checks["ov-cpu"]["precision"] == "bf16" and checks["ov-cpu"]["psnr_db_min"] >= GATES_DB["bf16"], checks
+        assert checks["ov-cpu fp32"]["ok"] and checks["ort-cpu"]["psnr_db_min"] == float("inf"), checks
 
 
 def test_auto_picks_openvino_and_precision_is_checked(tiny_package, monkeypatch):
