@@ -145,17 +145,22 @@ class Pipeline:
         trust (the gate measurements themselves)."""
         from .trust import refusal, verdict
 
-        refusals = []
+        refusals, untrusted = [], []
         for name in auto_order() if backend == "auto" else [resolve_backend(backend)]:
             try:
                 computed = self._compute_precision(name, precision, cuda_graph, gpu_mem_limit)
             except UserError as exc:
                 refusals.append(str(exc))
                 continue
-            found = verdict(self.package, name, computes(name, computed, self.package.precision("unet")))
+            path = computes(name, computed, self.package.precision("unet"))
+            found = verdict(self.package, name, path)
             if found.trusted or not gated:
+                if untrusted:
+                    warnings.warn(f"auto runs {name} ({path}): {'; '.join(untrusted)}", stacklevel=3)
                 return name, computed
-            refusals.append(refusal(self.package, name, computes(name, computed, self.package.precision("unet")), found.why))
+            refusals.append(refusal(self.package, name, path, found.why))
+            untrusted.append(f"{name} ({path}) is not trusted on this CPU ({found.why}; `diffrt doctor --check "
+                             f"{self.package.root}` measures it here)")
         raise UserError(refusals[0])
 
     def _compute_precision(self, backend: str, precision: str, cuda_graph: bool, gpu_mem_limit: int | None) -> str:

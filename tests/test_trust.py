@@ -97,7 +97,11 @@ def test_a_package_gated_on_another_cpu_kind_is_refused_until_checked(int8_packa
     if "ov-cpu" not in load_package(int8_package).manifest["quality"]:
         return
     ov_unmeasured = edited(int8_package, tmp_path / "b", lambda m: m["quality"]["ov-cpu"].update(computes="int8+fp64"))
-    assert Pipeline.from_package(ov_unmeasured).backend == "ort-cpu"  # auto passes over the path nobody measured
+    with pytest.warns(UserWarning, match=r"auto runs ort-cpu \(int8\): ov-cpu \(int8\+\w+\) is not trusted on this CPU"):
+        assert Pipeline.from_package(ov_unmeasured).backend == "ort-cpu"  # auto passes over the path nobody measured
+    proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "generate", "a cat", "--model", str(ov_unmeasured),
+                           "--steps", "2", "-q", "-o", str(tmp_path / "y.png")], capture_output=True, text=True)
+    assert proc.returncode == 0 and "diffrt: warning: auto runs ort-cpu (int8): ov-cpu" in proc.stderr, proc.stderr
     with pytest.raises(UserError, match=r"ov-cpu \(int8\+\w+\) is not trusted on this CPU: its gates were not measured"):
         Pipeline.from_package(ov_unmeasured, backend="ov-cpu")
 
