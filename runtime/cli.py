@@ -353,6 +353,15 @@ def cmd_info(args: argparse.Namespace) -> int:
               + (", float32 fallback kept" if entry.get("fallback") else "")
               + (", CUDA fusions: runs on --backend ort-cuda only" if entry.get("providers") else ""))
     print("  defaults: " + ", ".join(f"{k} {v}" for k, v in pkg.defaults.items()))
+    quality = pkg.manifest.get("quality")
+    if quality:
+        from .trust import cpu_kind
+
+        gates = [(b, g) for b, g in (("ort-cpu", quality), ("ov-cpu", quality.get("ov-cpu"))) if g]
+        print("  gates against float32: " + ", ".join(f"{b} ({g.get('computes', pkg.precision('unet'))}) "
+                                                      f"{g['psnr_db_min']:.1f} dB" for b, g in gates)
+              + f", measured on {quality.get('cpu', 'a CPU not recorded')} ({quality.get('cpu_kind', 'kind not recorded')}); "
+              f"this CPU is {cpu_kind()} (docs/cpu-kinds.md)")
     if pkg.manifest.get("loras"):
         print("  LoRAs merged at export: " + ", ".join(f"{x['file']}:{x['scale']:g}" for x in pkg.manifest["loras"]))
     engines = list_engines(pkg.root)

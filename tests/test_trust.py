@@ -140,3 +140,10 @@ def test_doctor_check_refuses_a_package_without_float32_copies(int8_package, tmp
     proc = doctor(bare)
     assert proc.returncode == 2 and "keeps no float32 copy of its unet" in proc.stderr and "Traceback" not in proc.stderr
 
+
+
+def test_info_names_the_gates_and_the_cpu_kinds(int8_package):
+    proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "info", str(int8_package)], capture_output=True,
+                          text=True)
+    line = next(x for x in proc.stdout.splitlines() if "gates against float32" in x)
+    assert "ort-cpu (int8)" in line and f"({trust.cpu_kind()}); this CPU is {trust.cpu_kind()}" in line, line
