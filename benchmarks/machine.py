@@ -33,7 +33,8 @@ def gpu_memory_used_mb() -> float | None:
 
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
-    for name in ("diffrt", "numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "torch", "diffusers", "transformers"):
+    for name in ("diffrt", "numpy", "onnxruntime", "onnxruntime-gpu", "openvino", "tokenizers", "torch", "diffusers",
+                 "transformers"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:

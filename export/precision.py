@@ -55,6 +55,7 @@ class QuantizeOptions:
     size: tuple[int, int] | None = None  # width, height of the calibration and gate images (default: the package's)
     adherence: bool = False
     cuda_fusions: bool = False  # fp16: UNet and VAE decoder fused for onnxruntime's CUDA provider (runs there only)
+    activations: str = "uint8"  # int8: "int8" (symmetric, signed) is wrong on OpenVINO without AMX; benchmarks compare
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -155,7 +156,10 @@ def sensitive_nodes(path: Path, patterns: tuple[str, ...]) -> list[str]:
     return [n.name for n in model.graph.node if any(p in n.name or any(p in i for i in n.input) for p in patterns)]
 
 
-def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], keep_layers: tuple[str, ...]) -> None:
+def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]], keep_layers: tuple[str, ...],
+                  activations: str = "uint8") -> None:
+    """dst: src's Conv, MatMul and Gemm in QDQ form, weights symmetric int8 per channel, activations uint8 with zero
+    points (or, asked, symmetric int8)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -165,11 +169,15 @@ def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]
         def get_next(self):
             return next(self.it, None)
 
+    if activations not in ("uint8", "int8"):
+        raise UserError(f"activations must be uint8 or int8, not {activations!r}")
+    signed = activations == "int8"
     big = src.stat().st_size > 1_500_000_000 or (src.parent / "model.onnx_data").exists()
     quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=sensitive_nodes(src, keep_layers), use_external_data_format=big,
-                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "QuantizeBias": False})
+                    per_channel=True, activation_type=QuantType.QInt8 if signed else QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, nodes_to_exclude=sensitive_nodes(src, keep_layers),
+                    use_external_data_format=big,
+                    extra_options={"ActivationSymmetric": signed, "WeightSymmetric": True, "QuantizeBias": False})
 
 
 def image_psnrs(reference: Pipeline, candidate: Pipeline, prompts: list[str], seeds: int, steps: int | None,
@@ -278,9 +286,9 @@ def convert_components(tmp: Path, manifest: dict[str, Any], reference: Pipeline,
             convert_fp16(fp32, graph, options.keep_fp32_ops)
             entry["made_by"] = f"onnxruntime float16 converter, kept float32: {', '.join(options.keep_fp32_ops)}"
         else:
-            quantize_int8(fp32, graph, load_calibration(calibration_file), options.keep_fp32_layers)
-            entry["activations"] = "uint8"  # runtime/trust.py: signed activations are wrong on OpenVINO without AMX
-            entry["made_by"] = (f"onnxruntime quantize_static QDQ, uint8 activations with zero points, symmetric int8 "
+            quantize_int8(fp32, graph, load_calibration(calibration_file), options.keep_fp32_layers, options.activations)
+            entry["activations"] = options.activations  # runtime/trust.py: int8 ones are wrong on OpenVINO without AMX
+            entry["made_by"] = (f"onnxruntime quantize_static QDQ, {options.activations} activations, symmetric int8 "
                                 f"per-channel weights, float biases, MinMax "
                                 f"calibration on {len(calls)} UNet calls ({calibration_file.relative_to(tmp)}); kept float: "
                                 f"{', '.join(options.keep_fp32_layers)}")

@@ -147,3 +147,20 @@ def test_info_names_the_gates_and_the_cpu_kinds(int8_package):
                           text=True)
     line = next(x for x in proc.stdout.splitlines() if "gates against float32" in x)
     assert "ort-cpu (int8)" in line and f"({trust.cpu_kind()}); this CPU is {trust.cpu_kind()}" in line, line
+
+
+def test_signed_activations_are_refused_on_openvino_without_amx(tiny_package, tmp_path):
+    """A package quantized with signed int8 activations (every int8 package before 2026-12-06) draws speckles on
+    OpenVINO without AMX: refused there by name, whatever its gates said; onnxruntime still runs it."""
+    out = tmp_path / "signed"
+    quantize_package(tiny_package, out, QuantizeOptions(precision="int8", activations="int8", steps=3, calibration_prompts=1,
+                                                        gate_seeds=1, accept_quality=True), log=lambda m: None)
+    assert load_package(out).manifest["components"]["unet"]["activations"] == "int8"
+    assert Pipeline.from_package(out, backend="ort-cpu").backend == "ort-cpu"
+    if "ov-cpu" not in load_package(out).manifest["quality"]:
+        return
+    if trust.cpu_kind() == "amx":
+        assert Pipeline.from_package(out, backend="ov-cpu").backend == "ov-cpu"
+    else:
+        with pytest.raises(UserError, match="quantizes activations as signed int8, which OpenVINO computes wrongly"):
+            Pipeline.from_package(out, backend="ov-cpu")
