@@ -301,19 +301,20 @@ def convert_components(tmp: Path, manifest: dict[str, Any], reference: Pipeline,
     manifest["precision"] = options.precision
 
 
-def gate_backends() -> list[str]:
-    """The CPU backends a package's gates run on: onnxruntime, and OpenVINO where it is installed (its CPU plugin runs
-    a QDQ graph in int8 and the float rest in bf16 where the CPU has it, so those images are gated as well)."""
+def gate_backends(precision: str) -> list[str]:
+    """The CPU backends a package's gates run on: onnxruntime always; OpenVINO too for int8 where it is installed (its
+    CPU plugin runs the QDQ graph in int8 kernels of its own, per CPU kind, so those images are gated as well; float
+    paths accumulate in float32 everywhere, trust.py needs no gate of theirs)."""
     from diffrt.runtime.ov_backend import openvino_available
 
-    return ["ort-cpu"] + (["ov-cpu"] if openvino_available() else [])
+    return ["ort-cpu"] + (["ov-cpu"] if precision == "int8" and openvino_available() else [])
 
 
 def quality_gates(reference: Pipeline, candidate: Package, options: QuantizeOptions,
                   log: Callable[[str], None]) -> dict[str, Any]:
-    """PSNR and per-step UNet error against the fp32 package on onnxruntime, the PSNR on OpenVINO too, each path held
-    to its gate (trust.gate_db), with the CPU kind they were measured on (and, asked, the shapes model's prompt
-    adherence)."""
+    """PSNR and per-step UNet error against the fp32 package on onnxruntime, the PSNR on OpenVINO too for int8, each
+    path held to its gate (trust.gate_db), with the CPU kind they were measured on (and, asked, the shapes model's
+    prompt adherence)."""
     prompts, pipe = list(GATE_PROMPTS), Pipeline(candidate, backend="ort-cpu", gated=False)
     gates = quality(reference, pipe, prompts, options.gate_seeds, options.steps, options.size)
     gate = gate_db(pipe.computes)
@@ -322,7 +323,7 @@ def quality_gates(reference: Pipeline, candidate: Package, options: QuantizeOpti
     log(f"ort-cpu: PSNR min {gates['psnr_db_min']:.1f} dB (gate {gate:.0f} dB), mean {gates['psnr_db_mean']:.1f} dB over "
         f"{gates['images']} images; UNet per-step relative error max {gates['unet_step_rel_err_max']:.2e}, mean "
         f"{gates['unet_step_rel_err_mean']:.2e}")
-    for backend in gate_backends()[1:]:
+    for backend in gate_backends(options.precision)[1:]:
         other = Pipeline(candidate, backend=backend, gated=False)
         gate = gate_db(other.computes)
         gates[backend] = {"computes": other.computes, "psnr_gate_db": gate,

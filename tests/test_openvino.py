@@ -41,7 +41,7 @@ def test_pipeline_fp32_equals_ort_cpu_and_bf16_passes_its_gate(tiny_package):
     assert np.abs(ov.array - ort.array).max() <= 1e-3
     assert ov.settings["backend"] == "ov-cpu" and ov.settings["precision"] == "fp32"
     if has_bf16():
-        checks = check_backends(tiny_package, ["ort-cpu", "ov-cpu"])
+        checks = check_backends(tiny_package, ["ort-cpu", "ov-cpu"], steps=4)
         assert checks["ov-cpu"]["precision"] == "bf16" and checks["ov-cpu"]["psnr_db_min"] >= GATES_DB["bf16"], checks
         assert checks["ov-cpu fp32"]["ok"] and checks["ort-cpu"]["psnr_db_min"] == float("inf"), checks
 
