@@ -106,7 +106,8 @@ def check_backends(package: Path, backends: list[str], steps: int | None = None,
         except UserError as exc:
             results[label] = {"ok": False, "error": str(exc)}
             continue
-        array = gate_images(pipe, steps, seeds)
+        same = backend == "ort-cpu" and all(pkg.precision(c) == "fp32" for c in pipe.stages)  # the reference itself
+        array = ref if same else gate_images(pipe, steps, seeds)
         pipe.close()
         low, gate = min(psnr(a, b) for a, b in zip(array, ref)), trust.gate_db(pipe.computes)
         results[label] = {"ok": low >= gate, "precision": pipe.computes, "psnr_db_min": low, "gate_db": gate,
