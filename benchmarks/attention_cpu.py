@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import onnxruntime as ort
 
-    from diffrt.runtime.engines import session_options
+    from diffrt.runtime.backends.onnxruntime import session_options
 
     ckpt = make_checkpoint(args.cache / "checkpoint")
     graphs = {form: export_unet(ckpt, args.cache / f"unet-{form}", form) for form in ("plain", "mha")}

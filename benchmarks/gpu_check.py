@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from diffrt.export.cuda_ready import check_cuda_graph_ready
-    from diffrt.runtime.engines import cuda_available
+    from diffrt.runtime.backends.onnxruntime import cuda_available
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="diffrt-gpu-check-"))

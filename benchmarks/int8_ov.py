@@ -66,7 +66,7 @@ def compile_variants(path: Path, qdq: dict[str, tuple[Path, float]], size: int, 
     """{variant: compiled model} at one static size, and the seconds each took to make (quantize + compile)."""
     import openvino as ov
 
-    from diffrt.runtime.ov_backend import read_onnx
+    from diffrt.runtime.backends.openvino import read_onnx
 
     core, rng = ov.Core(), np.random.default_rng(1)
     config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16",

@@ -28,7 +28,7 @@ COMPONENTS = REQUIRED
 
 def random_feeds(session, latent: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for any component's session: named batch dims get `batch`, sequence 77, the rest `latent`."""
-    from diffrt.runtime.engines import ORT_DTYPES
+    from diffrt.runtime.backends.onnxruntime import ORT_DTYPES
 
     rng = np.random.default_rng(seed)
     feeds = {}
@@ -49,7 +49,7 @@ def compare(model: Path, latent: int, batch: int, runs: int, threads: int | None
     """Per level: session creation seconds, and the run seconds of interleaved runs after one warm-up each."""
     import onnxruntime as ort
 
-    from diffrt.runtime.engines import session_options
+    from diffrt.runtime.backends.onnxruntime import session_options
 
     sessions, out = {}, {}
     for level in LEVELS:

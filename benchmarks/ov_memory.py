@@ -45,7 +45,7 @@ print(json.dumps({"rss_after_compile_mb": after_compile, "rss_after_call_mb": rs
 
 PIPELINE = """
 import json, resource, sys
-import diffrt.runtime.ov_backend as backend
+import diffrt.runtime.backends.openvino as backend
 from diffrt.runtime.pipeline import Pipeline
 if sys.argv[2] == "keep":
     backend.drop_mapped_pages = lambda *paths: 0

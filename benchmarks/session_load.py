@@ -23,7 +23,7 @@ def load(model: Path, cache: Path | None, threads: int) -> dict:
     """Session creation time in a fresh process, and that process's peak RSS."""
     graph_cache = f"Path({str(cache)!r})" if cache else "None"
     fresh = run_fresh(
-        "import time\nfrom pathlib import Path\nfrom diffrt.runtime.engines import OrtEngine\nstart = time.perf_counter()\n"
+        "import time\nfrom pathlib import Path\nfrom diffrt.runtime.backends.onnxruntime import OrtEngine\nstart = time.perf_counter()\n"
         f"OrtEngine(Path({str(model)!r}), 'ort-cpu', {threads}, graph_cache={graph_cache})\n"
         "print('SECONDS', time.perf_counter() - start)")
     if fresh.proc.returncode:
@@ -35,7 +35,7 @@ def same_outputs(model: Path, cache: Path, threads: int) -> float:
     """Max |difference| between a plain session and one from the cache on the same random inputs."""
     import numpy as np
 
-    from diffrt.runtime.engines import OrtEngine
+    from diffrt.runtime.backends.onnxruntime import OrtEngine
 
     plain, cached = OrtEngine(model, "ort-cpu", threads), OrtEngine(model, "ort-cpu", threads, graph_cache=cache)
     feeds = random_feeds(plain.session, latent=8, batch=2)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffrt.runtime.engines import OrtEngine
+from diffrt.runtime.backends.onnxruntime import OrtEngine
 
 from .checkpoint import Checkpoint
 from .graphs import example_inputs, latent_size, spec_for, wrapped

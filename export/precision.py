@@ -305,7 +305,7 @@ def gate_backends(precision: str) -> list[str]:
     """The CPU backends a package's gates run on: onnxruntime always; OpenVINO too for int8 where it is installed (its
     CPU plugin runs the QDQ graph in int8 kernels of its own, per CPU kind, so those images are gated as well; float
     paths accumulate in float32 everywhere, trust.py needs no gate of theirs)."""
-    from diffrt.runtime.ov_backend import openvino_available
+    from diffrt.runtime.backends.openvino import openvino_available
 
     return ["ort-cpu"] + (["ov-cpu"] if precision == "int8" and openvino_available() else [])
 

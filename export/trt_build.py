@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from diffrt.runtime.engine_store import engine_file, gpu_slug, write_engine_meta
+from diffrt.runtime.backends.engine_store import engine_file, gpu_slug, write_engine_meta
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.package import COMPONENTS, Package, load_package
 
@@ -93,7 +93,7 @@ def build_engines(package: Path, options: BuildOptions, log: Callable[[str], Non
     check_trt_package(package)
     import tensorrt as trt
 
-    from diffrt.runtime.trt_backend import current_device
+    from diffrt.runtime.backends.tensorrt import current_device
 
     pkg = load_package(package)
     if options.precision == "int8" and pkg.precision("unet") != "int8":

@@ -36,9 +36,9 @@ def _version(dist: str) -> str | None:
 
 
 def machine_report() -> dict[str, Any]:
-    from .engines import both_onnxruntimes, onnxruntime
+    from .backends.onnxruntime import both_onnxruntimes, onnxruntime
+    from .backends.openvino import openvino_available
     from .optimized import cpu_isa, cpu_name
-    from .ov_backend import openvino_available
 
     ort = onnxruntime()
     openvino = _version("openvino") if openvino_available() else None
@@ -59,7 +59,7 @@ def int8_path(isa: list[str]) -> str:
 
 
 def cpu_precision() -> str:
-    from .ov_backend import compute_precision
+    from .backends.openvino import compute_precision
 
     return compute_precision("auto")
 
@@ -74,9 +74,11 @@ def available_backends(report: dict[str, Any]) -> list[str]:
 
 
 def paths(backends: list[str], bf16: bool) -> list[tuple[str, str]]:
-    """(backend, --precision) of every path to check: each backend as auto runs it, and OpenVINO in fp32 too where
-    it computes in bf16 by default."""
-    return [(b, "auto") for b in backends] + ([("ov-cpu", "fp32")] if "ov-cpu" in backends and bf16 else [])
+    """(backend, --precision) of every path to check: each backend as auto runs it, and in fp32 too a backend that
+    computes in bf16 by default (OpenVINO)."""
+    from .backends.registry import get
+
+    return [(b, "auto") for b in backends] + [(b, "fp32") for b in backends if bf16 and "bf16" in get(b).precisions]
 
 
 def gate_images(pipe, steps: int | None, seeds: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .engines import Engine, TensorSpec
+from .backends.engine import Engine, TensorSpec
 from .errors import UserError
 
 PER_ROW_FIX = ("make it take one per row with `python -m diffrt.export.timestep_rows PACKAGE`, or re-export the package "
@@ -39,9 +39,14 @@ class StableDiffusion:
     """SD 1.x / 2.x: optimum's input and output names."""
 
     encoders = ("text_encoder",)
+    patch = 1  # latent pixels per side of one token of the denoiser's sequence (FLUX packs 2x2)
     unet_output = "out_sample"
     vae_output = "sample"
     encoder_output = "latent_parameters"
+
+    def image_seq_len(self, width: int, height: int, vae_factor: int) -> int:
+        """How many latent tokens an image of this size is (what flow schedules shift by)."""
+        return (height // vae_factor // self.patch) * (width // vae_factor // self.patch)
 
     def hidden_output(self, encoder: Engine, clip_skip: int) -> tuple[str, int | None]:
         """The encoder output holding the hidden state that clip_skip picks, and its layer index there (None: it is

@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .engines import Engine, OrtEngine, auto_order, check_cuda_options, resolve_backend
+from .backends.engine import Engine
+from .backends.registry import REGISTRY, Backend, EngineOptions, auto_order, get
 from .errors import UserError
 from .family import adapter_for
 from .generators import ImageGenerators
@@ -46,21 +47,6 @@ def pixels_hash(array: np.ndarray) -> str:
     import hashlib
 
     return hashlib.sha256(np.ascontiguousarray(array, np.float32).tobytes()).hexdigest()[:12]
-
-
-def computes(backend: str, precision: str, unet: str) -> str:
-    """What a path computes in, as recorded with images: on ov-cpu a quantized UNet's own precision with OpenVINO's
-    for the float rest (int8+bf16); elsewhere the precision it runs in."""
-    return f"{unet}+{precision}" if backend == "ov-cpu" and unet != "fp32" else precision
-
-
-def refuse_for_trt(**options: Any) -> None:
-    """The TensorRT backend's engines are built ahead: options that only onnxruntime sessions take are refused."""
-    given = [f"--{k.replace('_', '-')}" for k, v in options.items() if v]
-    if given:
-        raise UserError(f"the TensorRT backend does not take {', '.join(given)} (engines capture CUDA graphs when built with "
-                        "--static; fp32 engines come from `diffrt build --precision fp32`): leave them out or use "
-                        "--backend ort-cuda")
 
 
 @dataclass
@@ -111,19 +97,15 @@ class Pipeline:
                  cuda_graph: bool = False, graph_cache: Path | None = None, gpu_mem_limit: int | None = None,
                  precision: str = "auto", loras: list[LoraChoice] | None = None, gated: bool = True) -> None:
         self.package = package
-        if backend == "trt":
-            refuse_for_trt(threads=threads, fp32_fallback=fp32_fallback, cuda_graph=cuda_graph, graph_cache=graph_cache,
-                           gpu_mem_limit=gpu_mem_limit)
-        self.backend, self.precision = self._choose(backend, precision, cuda_graph, gpu_mem_limit, gated)
+        self.options = EngineOptions(threads, cuda_graph, Path(graph_cache) if graph_cache else None, gpu_mem_limit,
+                                     fp32_fallback)
+        self.runner, self.precision = self._choose(backend, precision, gated)
+        self.backend = self.runner.name
         self.family = adapter_for(package.family)
         self.loras: list[LoraChoice] = list(loras or [])
         self.lora_sets = LoraSets(package.root, self._lora_targets())
+        self.fallback_lora_sets = LoraSets(package.root, self._lora_targets(fallback=True))
         self.lora_weights = self.check_loras(self.loras)
-        self.threads = threads
-        self.fp32_fallback = fp32_fallback
-        self.cuda_graph = cuda_graph
-        self.graph_cache = Path(graph_cache) if graph_cache else None
-        self.gpu_mem_limit = gpu_mem_limit
         self.stages = required(package.family)  # the components text-to-image runs
         self.attention = attention_layout(package.root)  # for the memory a request's size needs
         self.tokenizers = [ClipTokenizer.from_folder(package.root / name.replace("text_encoder", "tokenizer"),
@@ -133,62 +115,48 @@ class Pipeline:
         self.text_encoder_2: Engine | None = None
         for name, engine in self._open_engines().items():
             setattr(self, name, engine)
-            if self.backend == "trt" and name in self.lora_weights:
-                engine.refit(self.lora_weights[name])
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
         self._joined: tuple[list[Stream], dict[str, Any]] = ([], {})  # the last streams stepped together, their text
 
-    def _choose(self, backend: str, precision: str, cuda_graph: bool, gpu_mem_limit: int | None,
-                gated: bool) -> tuple[str, str]:
+    def _choose(self, backend: str, precision: str, gated: bool) -> tuple[Backend, str]:
         """The backend and what it computes in: a named backend, refused where this CPU has no reason to trust its
         path (trust.py); auto, the first of auto_order() that takes the options and is trusted. gated=False skips
         trust (the gate measurements themselves)."""
         from .trust import refusal, verdict
 
         refusals, untrusted = [], []
-        for name in auto_order() if backend == "auto" else [resolve_backend(backend)]:
+        for runner in auto_order() if backend == "auto" else [get(backend)]:
             try:
-                computed = self._compute_precision(name, precision, cuda_graph, gpu_mem_limit)
+                runner.check_options(self.options)
+                if runner.missing():
+                    raise UserError(runner.missing())
+                computed = runner.compute_precision(precision, self.package.precision("unet"))
             except UserError as exc:
                 refusals.append(str(exc))
                 continue
-            path = computes(name, computed, self.package.precision("unet"))
-            found = verdict(self.package, name, path)
+            path = runner.computes(computed, self.package.precision("unet"))
+            found = verdict(self.package, runner.name, path)
             if found.trusted or not gated:
                 if untrusted:
-                    warnings.warn(f"auto runs {name} ({path}): {'; '.join(untrusted)}", stacklevel=3)
-                return name, computed
-            refusals.append(refusal(self.package, name, path, found.why))
-            untrusted.append(f"{name} ({path}) is not trusted on this CPU ({found.why}; `diffrt doctor --check "
+                    warnings.warn(f"auto runs {runner.name} ({path}): {'; '.join(untrusted)}", stacklevel=3)
+                return runner, computed
+            refusals.append(refusal(self.package, runner.name, path, found.why))
+            untrusted.append(f"{runner.name} ({path}) is not trusted on this CPU ({found.why}; `diffrt doctor --check "
                              f"{self.package.root}` measures it here)")
         raise UserError(refusals[0])
-
-    def _compute_precision(self, backend: str, precision: str, cuda_graph: bool, gpu_mem_limit: int | None) -> str:
-        """What the UNet computes in: on ov-cpu bf16 or fp32 (auto: bf16 where the CPU has AMX or AVX-512-BF16; CUDA
-        options refused there); elsewhere the package's own precision, which --precision cannot change."""
-        if backend == "ov-cpu":
-            from .ov_backend import compute_precision
-
-            check_cuda_options(backend, cuda_graph, gpu_mem_limit)
-            return compute_precision(precision)
-        if precision != "auto":
-            raise UserError(f"--precision picks OpenVINO's CPU precision (--backend ov-cpu); {backend} runs the "
-                            "package's own precision: leave it out, or use a package made by `diffrt quantize`")
-        return self.package.precision("unet")
 
     def _open_engines(self) -> dict[str, Engine]:
         """Every stage's engine on the chosen backend: one construction path, options a backend cannot honour refused."""
         components = self.package.manifest.get("components", {})
         cuda_only = [c for c in self.stages if components.get(c, {}).get("providers") == ["CUDAExecutionProvider"]]
-        if cuda_only and self.backend != "ort-cuda":
+        if cuda_only and not self.runner.cuda_fusions:
+            fused = next(b.name for b in REGISTRY.values() if b.cuda_fusions)
             raise UserError(f"this package's {', '.join(cuda_only)} run(s) on onnxruntime's CUDA provider only (the graphs "
-                            "carry CUDA fusions); use --backend ort-cuda on an NVIDIA GPU, or the plain fp16 package")
-        if self.backend != "trt":
-            return {c: self._engine(c) for c in self.stages}
-        from .engine_store import engine_precisions
-        from .trt_backend import open_engines
-
-        return open_engines(self.package.root, engine_precisions(self.package.precision("unet")), self.stages)
+                            f"carry CUDA fusions); use --backend {fused} on an NVIDIA GPU, or the plain fp16 package")
+        engines = self.runner.open_stages(self.package.root, self.package.precision("unet"),
+                                          {c: self.package.component(c) for c in self.stages}, self.precision,
+                                          self.options, self.lora_weights)
+        return engines
 
     def close(self) -> None:
         """Release every engine (device memory, CUDA graphs); the pipeline cannot be called after."""
@@ -200,16 +168,13 @@ class Pipeline:
         if shared is not None:
             shared.free()
 
-    def _engine(self, name: str, fallback: bool = False) -> OrtEngine:
-        path = self.package.fallback(name) if fallback else self.package.component(name)
-        if self.backend == "ov-cpu":
-            from .ov_backend import OvEngine
-
-            return OvEngine(path, self.threads, "fp32" if fallback else self.precision, self.graph_cache,
-                            weights=None if fallback else self.lora_weights.get(name))
-        return OrtEngine(path, self.backend, self.threads, cuda_graph=self.cuda_graph and name == "unet",
-                         graph_cache=self.graph_cache, gpu_mem_limit=self.gpu_mem_limit,
-                         weights=None if fallback else self.lora_weights.get(name))
+    def _engine(self, name: str, fallback: bool = False) -> Engine:
+        """A stage's engine on this pipeline's backend with the applied LoRAs: its own graph, or its float32 copy."""
+        if fallback:
+            return self.runner.open(self.package.fallback(name), name, "fp32", self.options,
+                                    self.fallback_lora_sets.weights(self.loras).get(name))
+        return self.runner.open(self.package.component(name), name, self.precision, self.options,
+                                self.lora_weights.get(name))
 
     def use_float32(self) -> None:
         """Run every stage on the package's float32 graphs (the reference quantized paths are held to); refused in one
@@ -223,15 +188,16 @@ class Pipeline:
             getattr(self, name).close()
             setattr(self, name, self._engine(name, fallback=True))
 
-    def _lora_targets(self) -> dict[str, Path]:
-        """The graphs a LoRA may change: the text encoder(s) and the UNet."""
-        return {c: self.package.component(c) for c in (*self.family.encoders, "unet")}
+    def _lora_targets(self, fallback: bool = False) -> dict[str, Path]:
+        """The graphs a LoRA may change: the text encoder(s) and the UNet (or their float32 copies)."""
+        path = self.package.fallback if fallback else self.package.component
+        return {c: path(c) for c in (*self.family.encoders, "unet")}
 
     def check_loras(self, loras: list[LoraChoice]) -> dict[str, dict[str, np.ndarray]]:
         """The merged weights of a LoRA set (computed, or kept from an earlier use), refused in one line when the set
         cannot be applied (files, layers, a float16-weights package on onnxruntime)."""
         weights = self.lora_sets.weights(list(loras))
-        if self.backend.startswith("ort") and any(k.endswith("__fp16") for w in weights.values() for k in w):
+        if not self.runner.fp16_weight_overrides and any(k.endswith("__fp16") for w in weights.values() for k in w):
             raise UserError("this package stores its weights as float16 behind Casts (`diffrt export --weights-fp16`), "
                             "which onnxruntime folds before a LoRA's values reach them; use a package exported without "
                             "--weights-fp16, --backend ov-cpu, or merge the LoRA at export (--lora)")
@@ -239,20 +205,44 @@ class Pipeline:
 
     def set_loras(self, loras: list[LoraChoice]) -> None:
         """Apply another set of LoRAs (each a file and scale; [] for none) without re-export: the merged weights are
-        computed in numpy (the last few sets are kept) and the changed graphs' sessions made again over them. On a bad
-        LoRA nothing changes."""
+        computed in numpy (the last few sets are kept) and the changed graphs' engines made again over them (a stage
+        that fell back to float32 stays there) or refitted in place. On a bad LoRA, or an engine that fails to open,
+        nothing changes."""
         if LoraSets.key(list(loras)) == LoraSets.key(self.loras):
             return
         weights = self.check_loras(loras)
-        changed = set(weights) | set(self.lora_weights)
-        before, self.loras, self.lora_weights = self.lora_weights, list(loras), weights
-        for name in changed:
-            if self.backend == "trt":  # refit in place: the engine's own values for what only the old set changed
-                getattr(self, name).refit(restored(self.package.component(name), weights.get(name, {}),
-                                                   before.get(name, {})))
-                continue
+        before = (self.loras, self.lora_weights)
+        self.loras, self.lora_weights = list(loras), weights
+        try:
+            opened = self._swap_weights(set(weights) | set(before[1]), before[1])
+        except BaseException:
+            self.loras, self.lora_weights = before
+            raise
+        for name, engine in opened.items():
             getattr(self, name).close()
-            setattr(self, name, self._engine(name))
+            setattr(self, name, engine)
+
+    def _swap_weights(self, changed: set[str], before: dict[str, dict[str, np.ndarray]]) -> dict[str, Engine]:
+        """The changed stages' weights moved to self.lora_weights: refitted in place (undone on a failure), or new
+        engines returned for the caller to put in place (closed on a failure)."""
+        done: dict[str, Engine] = {}
+        try:
+            for name in sorted(changed):
+                if self.runner.lora == "refit":  # the engine's own values for what only the old set changed
+                    getattr(self, name).refit(restored(self.package.component(name), self.lora_weights.get(name, {}),
+                                                       before.get(name, {})))
+                    done[name] = getattr(self, name)
+                else:
+                    done[name] = self._engine(name, fallback=name in self.fell_back)
+        except BaseException:
+            for name, engine in done.items():
+                if self.runner.lora == "refit":
+                    engine.refit(restored(self.package.component(name), before.get(name, {}),
+                                          self.lora_weights.get(name, {})))
+                else:
+                    engine.close()
+            raise
+        return {} if self.runner.lora == "refit" else done
 
     def _guarded(self, name: str, feeds: dict[str, Any], output: str, where: str) -> np.ndarray:
         return self._guarded_outputs(name, feeds, (output,), where)[0]
@@ -264,7 +254,7 @@ class Pipeline:
         if all(np.isfinite(o).all() for o in out):
             return out
         precision = self.package.precision(name)
-        if not self.fp32_fallback or name in self.fell_back:
+        if not self.options.fp32_fallback or name in self.fell_back:
             hint = ("retry with --fp32-fallback (Pipeline(fp32_fallback=True)) to rerun it in float32, or use the fp32 package"
                     if name not in self.fell_back else "the float32 graph overflows too: check the inputs and the model")
             raise NonFiniteError(f"the {name} ({precision}) produced NaN or inf {where}; {hint}")
@@ -272,7 +262,9 @@ class Pipeline:
             raise NonFiniteError(f"the {name} ({precision}) produced NaN or inf {where} and the package keeps no float32 copy "
                                  f"of it; use the fp32 package, or re-quantize without --no-fallback")
         warnings.warn(f"{name} ({precision}) produced NaN or inf {where}; rerunning it in float32", stacklevel=3)
-        setattr(self, name, self._engine(name, fallback=True))
+        fallback = self._engine(name, fallback=True)
+        getattr(self, name).close()
+        setattr(self, name, fallback)
         self.fell_back.append(name)
         return self._guarded_outputs(name, feeds, outputs, where)
 
@@ -368,20 +360,20 @@ class Pipeline:
                     "num_images": len(prompts), "rng": req.rng, "clip_skip": req.clip_skip,
                     "guidance_rescale": req.guidance_rescale, **self._size_settings(req),
                     **({"loras": [c.label for c in self.loras]} if self.loras else {}), "model": pkg.name, "model_hash": pkg.model_hash,
-                    "backend": self.backend, "precision": self.computes, "diffrt": __version__, **stream.source}
+                    "backend": self.runner.name, "precision": self.computes, "diffrt": __version__, **stream.source}
         return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances, stream.x)
 
     @property
     def computes(self) -> str:
         """The UNet's precision as recorded with each image: on ov-cpu a quantized package's own (int8, fp16) with
         OpenVINO's precision for the float rest, e.g. int8+bf16; elsewhere the precision it runs in."""
-        return computes(self.backend, self.precision, self.package.precision("unet"))
+        return self.runner.computes(self.precision, self.package.precision("unet"))
 
     @property
     def per_row_timesteps(self) -> bool:
         """Whether the UNet takes one timestep per batch row, so streams at different steps can share a call."""
         shape = self.unet.inputs["timestep"].shape
-        return len(shape) == 1 and not isinstance(shape[0], int)
+        return self.runner.per_row_timesteps and len(shape) == 1 and shape[0] is None
 
     def step(self, streams: list[Stream]) -> None:
         """One UNet call for every stream's next step, then each stream's guidance and scheduler step. Streams at
@@ -429,11 +421,12 @@ class Pipeline:
         req = Request(prompts, negatives, image_seeds(seed, len(prompts)) if seeds is None else check_seeds(seeds, len(prompts)),
                       steps, per_image(guidance, len(prompts)), width, height, check_rng(rng),
                       check_clip_skip(clip_skip, self.family.layers([getattr(self, e) for e in self.family.encoders])))
-        sched = make_checked_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config, steps)
-        if self.backend == "trt" and self.chunk_count(prompts + negatives) > 1:
-            raise UserError("the TensorRT engines take one 75-token chunk of text (their profiles fix the sequence "
-                            "length); shorten the prompt (or drop BREAK), or use --backend ort-cuda")
-        if self.backend in ("ort-cpu", "ov-cpu"):
+        sched = make_checked_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config, steps,
+                                       self.family.image_seq_len(width, height, pkg.vae_scale_factor))
+        if not self.runner.text_chunks and self.chunk_count(prompts + negatives) > 1:
+            raise UserError(f"the {self.runner.name} engines take one 75-token chunk of text (their profiles fix the "
+                            "sequence length); shorten the prompt (or drop BREAK), or use --backend ort-cuda")
+        if self.runner.device == "cpu":
             too_big = check_fits(self.attention, width, height, pkg.vae_scale_factor, len(prompts) * (2 if req.guided else 1))
             if too_big:
                 raise UserError(too_big)
@@ -529,8 +522,8 @@ class Pipeline:
     def _encode_image(self, pixels: np.ndarray, count: int, rng: ImageGenerators, timings: dict) -> np.ndarray:
         """The image's latents for each of count images: one encoder call, a sample of its distribution per image."""
         start = time.perf_counter()
-        if self.backend == "trt":
-            raise UserError("image-to-image on the TensorRT backend is not built yet; use --backend ort-cuda or ort-cpu")
+        if not self.runner.image_to_image:
+            raise UserError(f"image-to-image on the {self.runner.name} backend is not built yet; use --backend ort-cuda or ort-cpu")
         if self.vae_encoder is None:
             if not self.package.has("vae_encoder"):
                 raise UserError(f"the model {self.package.name} has no VAE encoder, which image-to-image and inpainting need; "

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .backends.registry import get
 from .package import Package
 
 GATES_DB = {"int8": 22.0, "bf16": 30.0, "fp16": 35.0, "fp32": 35.0}  # lowest PSNR against float32; fp32 paths as fp16
+TOP_GATE = "ort-cpu"  # the manifest's quality block is this backend's gate; the others' are nested under their names
 KIND_FLAGS = (("amx_int8", "amx"), ("avx512_vnni", "avx512-vnni"), ("avx_vnni", "avx-vnni"), ("avx512f", "avx512"),
               ("avx2", "avx2"))
 
@@ -36,7 +38,7 @@ def int8_class(backend: str, kind: str | None) -> str | None:
     """CPU kinds whose int8 arithmetic is the same for a backend: onnxruntime's int8 products are exact integer sums
     with AMX or VNNI alike (without them they pass through saturating 16-bit sums); OpenVINO picks kernels, and the
     activations' signedness, per kind."""
-    return "exact" if backend == "ort-cpu" and kind in ("amx", "avx512-vnni", "avx-vnni") else kind
+    return "exact" if kind in get(backend).int8_exact_on else kind
 
 
 def gate_db(computes: str) -> float:
@@ -93,7 +95,7 @@ def signed_activations(package: Package) -> bool:
 def manifest_gate(package: Package, backend: str) -> dict[str, Any] | None:
     """The quantize-time gate of a backend, with what it computed and the CPU kind it ran on."""
     quality = package.manifest.get("quality") or {}
-    gate = quality if backend == "ort-cpu" else quality.get(backend)
+    gate = quality if backend == TOP_GATE else quality.get(backend)
     if not gate:
         return None
     return {**gate, "computes": gate.get("computes", package.precision("unet")), "cpu_kind": quality.get("cpu_kind")}
@@ -101,7 +103,8 @@ def manifest_gate(package: Package, backend: str) -> dict[str, Any] | None:
 
 def verdict(package: Package, backend: str, computes: str) -> Verdict:
     """Whether backend may run package computing in `computes` on this machine, and if not why."""
-    if backend not in ("ort-cpu", "ov-cpu"):
+    runner = get(backend)
+    if runner.device != "cpu":  # GPU paths are not gated by CPU kind
         return Verdict(True)
     kind = cpu_kind()
     checked = _records().get(_key(package, backend, computes))
@@ -110,9 +113,9 @@ def verdict(package: Package, backend: str, computes: str) -> Verdict:
                                           f"{checked['checked']}, under its {checked['gate_db']:.0f} dB gate")
     if "int8" not in computes:
         return Verdict(True)
-    if backend == "ov-cpu" and kind != "amx" and signed_activations(package):
-        return Verdict(False, "its int8 UNet quantizes activations as signed int8, which OpenVINO computes wrongly on CPUs "
-                              f"without AMX ({kind} here: speckled images)")
+    if runner.signed_int8_on and kind not in runner.signed_int8_on and signed_activations(package):
+        return Verdict(False, f"its int8 UNet quantizes activations as signed int8, which {backend} computes wrongly on CPUs "
+                              f"without {' or '.join(k.upper() for k in runner.signed_int8_on)} ({kind} here: speckled images)")
     gate = manifest_gate(package, backend)
     if gate is None or gate["computes"] != computes:
         return Verdict(False, f"its gates were not measured on {backend} computing in {computes}")

@@ -5,10 +5,40 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import tempfile
 
 import numpy as np
 import pytest
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`diffrt ARGS` run in this process (no new interpreter, onnxruntime already loaded): its exit code and what it
+    wrote to stdout and stderr. Real subprocesses are kept for what only they show (signals, argv bytes, pipes)."""
+    import io
+    import signal
+    import warnings
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from diffrt.runtime import cli
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    handlers, showwarning = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)], warnings.showwarning
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            try:
+                code = cli.main([str(a) for a in args])
+            except SystemExit as exc:  # argparse's own errors
+                code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    finally:
+        os.chdir(here)
+        for s, handler in zip((signal.SIGINT, signal.SIGTERM), handlers):
+            signal.signal(s, handler)
+        warnings.showwarning = showwarning
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 @contextlib.contextmanager
@@ -180,6 +210,16 @@ def exported(checkpoint, tmp_path_factory, name: str, **options):
 @pytest.fixture(scope="session")
 def tiny_package(tiny_checkpoint, tmp_path_factory):
     return exported(tiny_checkpoint, tmp_path_factory, "tiny")
+
+
+@pytest.fixture(scope="session")
+def fp16_package(tiny_package, tmp_path_factory):
+    """The tiny package quantized to fp16, its float32 graphs kept for the NaN/inf fallback."""
+    from diffrt.export.precision import QuantizeOptions, quantize_package
+
+    out = tmp_path_factory.mktemp("fp16") / "tiny-fp16"
+    quantize_package(tiny_package, out, QuantizeOptions(precision="fp16", steps=6, gate_seeds=1), log=lambda m: None)
+    return out
 
 
 @pytest.fixture(scope="session")

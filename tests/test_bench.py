@@ -137,7 +137,7 @@ def test_bench_on_the_gpu_puts_diffusers_on_the_gpu(tiny_package, tiny_checkpoin
     import torch
 
     from diffrt.benchmarks.bench import BenchConfig, benchmark
-    from diffrt.runtime.engines import cuda_available
+    from diffrt.runtime.backends.onnxruntime import cuda_available
 
     if not (cuda_available() and torch.cuda.is_available()):
         pytest.skip("needs onnxruntime's CUDA provider and a CUDA build of torch")

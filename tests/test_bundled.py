@@ -101,7 +101,7 @@ def quantized(tmp_path_factory):
 def test_int8_bundled_model_passes_its_gates_and_follows_the_prompt(quantized):
     """`diffrt quantize --precision int8` on the bundled model: 22 dB against float32 on onnxruntime and on OpenVINO
     (int8 with bf16 or fp32 for the rest, by the CPU), and its images still read as the prompt says."""
-    from diffrt.runtime.ov_backend import openvino_available
+    from diffrt.runtime.backends.openvino import openvino_available
     from diffrt.runtime.trust import cpu_kind
 
     out, gates = quantized["int8"]
@@ -119,8 +119,8 @@ def test_every_precision_on_every_cpu_backend(quantized):
     """fp32, fp16 and int8 packages of the bundled model on ort-cpu and, where installed, ov-cpu, each backend named:
     images within the path's gate (trust.gate_db of what it computed) against float32 on the gate prompts (4 steps,
     as doctor's bf16 check was measured on AMX; a broken path, such as signed int8 without AMX, fails at any count)."""
+    from diffrt.runtime.backends.openvino import openvino_available
     from diffrt.runtime.doctor import GATE_PROMPTS, psnr
-    from diffrt.runtime.ov_backend import openvino_available
     from diffrt.runtime.trust import gate_db
 
     backends = ["ort-cpu"] + ["ov-cpu"] * openvino_available()

@@ -216,7 +216,7 @@ CUDA_ONLY = [
 @pytest.mark.parametrize("op, inputs, outputs, attrs", CUDA_ONLY, ids=[c[0] for c in CUDA_ONLY])
 def test_reference_ops_match_onnxruntimes_cuda_kernels(op, inputs, outputs, attrs, tmp_path):
     """The CPU check's written-out ops against the kernels the fused graphs run on the GPU."""
-    from diffrt.runtime.engines import cuda_available
+    from diffrt.runtime.backends.onnxruntime import cuda_available
 
     if not cuda_available():
         pytest.skip("onnxruntime's CUDA provider is not available here")
@@ -230,7 +230,7 @@ def test_reference_ops_match_onnxruntimes_cuda_kernels(op, inputs, outputs, attr
 def test_cuda_fused_package_runs_on_the_gpu(fusable_package, tmp_path):
     """The quantized, CUDA-fused package on ort-cuda (also replayed from CUDA graphs) makes the plain fp16 package's
     images."""
-    from diffrt.runtime.engines import cuda_available
+    from diffrt.runtime.backends.onnxruntime import cuda_available
 
     if not cuda_available():
         pytest.skip("onnxruntime's CUDA provider is not available here")

@@ -8,7 +8,7 @@ import pytest
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.family import timestep_feed
 from diffrt.runtime.pipeline import Pipeline
-from diffrt.runtime.schedulers import SHORT_NAMES
+from diffrt.runtime.schedulers import samplers_for
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -30,7 +30,7 @@ def run_reference(pipe, name, latents, steps, guidance, width, height, seed):
                     height=height, latents=torch.from_numpy(latents), output_type="np", **extra).images
 
 
-@pytest.mark.parametrize("name", list(SHORT_NAMES))
+@pytest.mark.parametrize("name", samplers_for(flow=False))
 def test_images_match_diffusers(name, reference, ours):
     steps = 4 if name == "lcm" else 6
     for guidance in (1.0, 7.5):
@@ -71,7 +71,7 @@ def test_settings_reproduce_the_image(ours):
 @pytest.mark.gpu
 def test_ort_cuda_matches_cpu(tiny_package):
     """Runs wherever onnxruntime has its CUDA provider (onnxruntime-gpu and an NVIDIA GPU); skipped elsewhere."""
-    from diffrt.runtime.engines import cuda_available
+    from diffrt.runtime.backends.onnxruntime import cuda_available
 
     if not cuda_available():
         pytest.skip("onnxruntime's CUDA provider is not available here")
@@ -88,7 +88,7 @@ def test_ort_cuda_matches_cpu(tiny_package):
 @pytest.mark.gpu
 def test_cuda_graph_replay_matches_cpu(tiny_package):
     """The UNet captured as CUDA graphs (one per shape) gives the CPU's images, across prompts, batches and sizes."""
-    from diffrt.runtime.engines import cuda_available
+    from diffrt.runtime.backends.onnxruntime import cuda_available
 
     if not cuda_available():
         pytest.skip("onnxruntime's CUDA provider is not available here")
@@ -106,7 +106,7 @@ def test_fp16_fused_attention_package_with_cuda_graphs(tiny_package, tmp_path):
     """The fp16 copy of the fused-attention package runs on CUDA, captured as CUDA graphs, within fp16's error of
     the fp32 package on the CPU."""
     from diffrt.export.precision import fp16_copy
-    from diffrt.runtime.engines import cuda_available
+    from diffrt.runtime.backends.onnxruntime import cuda_available
 
     if not cuda_available():
         pytest.skip("onnxruntime's CUDA provider is not available here")
@@ -127,7 +127,7 @@ def unet_feeds(engine, rng, batch: int, side: int) -> dict:
 
 def test_fixed_buffers_follow_new_inputs(tiny_package):
     """The bookkeeping a CUDA graph relies on, run on the CPU: buffers bound once per shape, refilled every call."""
-    from diffrt.runtime.engines import OrtEngine, ShapeBuffers
+    from diffrt.runtime.backends.onnxruntime import OrtEngine, ShapeBuffers
 
     engine = OrtEngine(tiny_package / "unet" / "model.onnx")
     cache = ShapeBuffers("cpu", graphs=True)
@@ -141,7 +141,7 @@ def test_fixed_buffers_follow_new_inputs(tiny_package):
 
 
 def test_fixed_buffers_copy_a_frozen_input_once_and_a_new_one_always(tiny_package):
-    from diffrt.runtime.engines import OrtEngine, ShapeBuffers
+    from diffrt.runtime.backends.onnxruntime import OrtEngine, ShapeBuffers
 
     engine = OrtEngine(tiny_package / "unet" / "model.onnx")
     cache = ShapeBuffers("cpu", graphs=False)
@@ -158,7 +158,7 @@ def test_fixed_buffers_copy_a_frozen_input_once_and_a_new_one_always(tiny_packag
 
 def test_buffers_are_kept_for_a_bounded_number_of_shapes(tiny_package):
     """Past MAX_SHAPES shapes no new CUDA graph is captured and plain buffers make room, least recently used first."""
-    from diffrt.runtime.engines import MAX_SHAPES, OrtEngine, ShapeBuffers
+    from diffrt.runtime.backends.onnxruntime import MAX_SHAPES, OrtEngine, ShapeBuffers
 
     engine = OrtEngine(tiny_package / "unet" / "model.onnx")
     rng = np.random.default_rng(2)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from diffrt.runtime.engines import OrtEngine, check_provider, cuda_provider, load_error
+from diffrt.runtime.backends.onnxruntime import OrtEngine, check_provider, cuda_provider, load_error
 from diffrt.runtime.errors import UserError
 
 GRAPH = Path("unet/model.onnx")
@@ -64,18 +64,19 @@ def test_cuda_provider_options():
 
 
 def test_gpu_options_need_ort_cuda(tmp_path):
-    with pytest.raises(UserError, match="ort-cuda"):
+    """The engine refuses CUDA options off CUDA (the registry has refused them in one line before it is reached)."""
+    with pytest.raises(ValueError, match="ort-cuda"):
         OrtEngine(tmp_path / "model.onnx", "ort-cpu", gpu_mem_limit=2**30)
 
 
 def test_missing_onnxruntime_names_the_extras(monkeypatch):
     import sys
 
-    from diffrt.runtime.engines import resolve_backend
+    from diffrt.runtime.backends.registry import resolve
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as when it is not installed
     with pytest.raises(UserError, match=r'diffrt\[cpu\].*diffrt\[gpu\]'):
-        resolve_backend("auto")
+        resolve("auto")
 
 
 def test_the_gpu_extra_does_not_pull_the_cpu_onnxruntime():
@@ -88,8 +89,28 @@ def test_the_gpu_extra_does_not_pull_the_cpu_onnxruntime():
     assert project["optional-dependencies"]["gpu"] == ["onnxruntime-gpu>=1.20"]
 
 
+def test_the_gpu_test_lane_installs_only_the_cuda_onnxruntime():
+    """`pip install -e ".[dev-gpu]"` (the gpu-marked tests' install line) pulls onnxruntime-gpu and not the CPU
+    onnxruntime, which would shadow it and skip every GPU test; `.[dev]` pulls the CPU one only."""
+    import re
+
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def closure(extra: str) -> set[str]:
+        found = set()
+        for dep in extras[extra]:
+            inner = re.fullmatch(r"diffrt\[(.*)\]", dep)
+            found |= set().union(*(closure(e) for e in inner.group(1).split(","))) if inner else {re.split(r"[<>=\[ ]", dep)[0]}
+        return found
+
+    assert "onnxruntime-gpu" in closure("dev-gpu") and "onnxruntime" not in closure("dev-gpu")
+    assert "onnxruntime" in closure("dev") and "onnxruntime-gpu" not in closure("dev")
+
+
 def test_ctrl_c_while_onnxruntime_loads_is_an_interrupt_not_a_missing_install():
-    from diffrt.runtime.engines import interrupted
+    from diffrt.runtime.backends.onnxruntime import interrupted
 
     try:
         try:

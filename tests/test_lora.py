@@ -4,8 +4,7 @@ run time, against diffusers' load_lora_weights + fuse_lora at the same scales; b
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from diffrt.runtime.pipeline import Pipeline
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
-from conftest import reference_pipeline  # noqa: E402
+from conftest import plant_addition, reference_pipeline, run_cli  # noqa: E402
 
 PROMPT = "a red house under a green sky"
 
@@ -145,9 +144,8 @@ def test_bad_loras_are_refused(loras, tiny_package, tiny_sdxl_package, tmp_path)
 
 def test_cli_lora_bad_input_exits_2(loras, tiny_package, tmp_path):
     for lora, message in (("style.safetensors:x", "is not a number"), ("missing.safetensors", "does not exist")):
-        proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "generate", "a house", "--model", str(tiny_package),
-                               "--lora", str(loras / lora), "-o", str(tmp_path / "x.png"), "--steps", "1"],
-                              capture_output=True, text=True)
+        proc = run_cli("generate", "a house", "--model", str(tiny_package),
+                               "--lora", str(loras / lora), "-o", str(tmp_path / "x.png"), "--steps", "1")
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -340,3 +338,36 @@ def test_lora_on_a_streamed_export(loras, tiny_checkpoint, tmp_path, monkeypatch
     run = lambda package, **k: Pipeline.from_package(package, backend="ort-cpu", **k)(PROMPT, steps=3, seed=3).array  # noqa: E731
     run_time, at_export, plain = run(streamed, loras=choice), run(merged), run(streamed)
     assert np.abs(run_time - at_export).max() <= 1e-4 < 0.02 < np.abs(plain - at_export).max()
+
+
+def test_float32_fallback_keeps_the_loras(loras, fp16_package, tiny_package, tmp_path, monkeypatch):
+    """An fp16 UNet that overflows reruns on its float32 copy with the applied LoRAs (the metadata lists them); after
+    set_loras it stays in float32 with the new set; a set whose engines fail to open changes nothing."""
+    broken = tmp_path / "broken"
+    shutil.copytree(fp16_package, broken)
+    plant_addition(broken, np.inf)  # the inf an fp16 overflow gives
+    style, other = ([LoraChoice(loras / f"{n}.safetensors", 1.0)] for n in ("style", "other"))
+    run = dict(steps=3, seed=1, scheduler="ddim")
+    pipe = Pipeline.from_package(broken, backend="ort-cpu", fp32_fallback=True, loras=style)
+    with pytest.warns(UserWarning, match="rerunning it in float32"):
+        rescued = pipe(PROMPT, **run)
+    reference = Pipeline.from_package(tiny_package, backend="ort-cpu", loras=style)
+    plain = Pipeline.from_package(tiny_package, backend="ort-cpu")(PROMPT, **run).array
+    near = lambda a, b: np.abs(a - b).max()  # noqa: E731
+    assert near(rescued.array, reference(PROMPT, **run).array) < near(rescued.array, plain) / 3
+    assert rescued.settings["loras"] == [c.label for c in style]
+    pipe.set_loras(other)
+    assert pipe.fell_back == ["unet"]
+    again = pipe(PROMPT, **run)  # no overflow: the UNet is still the float32 one, now with the other LoRA
+    reference.set_loras(other)
+    assert near(again.array, reference(PROMPT, **run).array) < near(again.array, plain) / 3
+
+    def fails(*args, **kwargs):
+        raise UserError("no memory left for the engine")
+
+    monkeypatch.setattr(pipe, "_engine", fails)
+    with pytest.raises(UserError, match="no memory left"):
+        pipe.set_loras(style)
+    monkeypatch.undo()
+    assert pipe.loras == other
+    assert np.array_equal(pipe(PROMPT, **run).array, again.array)  # the engines in place were not closed

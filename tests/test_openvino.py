@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffrt.runtime.engines import OrtEngine, resolve_backend
+from diffrt.runtime.backends.onnxruntime import OrtEngine
+from diffrt.runtime.backends.registry import resolve
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.pipeline import Pipeline
 
 pytest.importorskip("openvino")
-from diffrt.runtime.ov_backend import OvEngine, has_bf16  # noqa: E402
+from diffrt.runtime.backends.openvino import OvEngine, has_bf16  # noqa: E402
 from diffrt.runtime.trust import GATES_DB  # noqa: E402
 
 
@@ -47,10 +48,10 @@ def test_pipeline_fp32_equals_ort_cpu_and_bf16_passes_its_gate(tiny_package):
 
 
 def test_auto_picks_openvino_and_precision_is_checked(tiny_package, monkeypatch):
-    import diffrt.runtime.ov_backend as ov_backend
+    import diffrt.runtime.backends.openvino as ov_backend
 
-    assert resolve_backend("auto") == "ov-cpu"  # no CUDA here, OpenVINO installed
-    with pytest.raises(UserError, match="--precision picks OpenVINO's CPU precision"):
+    assert resolve("auto").name == "ov-cpu"  # no CUDA here, OpenVINO installed
+    with pytest.raises(UserError, match="--precision picks the CPU precision of --backend ov-cpu"):
         Pipeline.from_package(tiny_package, backend="ort-cpu", precision="bf16")
     with pytest.raises(UserError, match="precision must be one of auto, bf16, fp32"):
         Pipeline.from_package(tiny_package, backend="ov-cpu", precision="int4")
@@ -58,7 +59,7 @@ def test_auto_picks_openvino_and_precision_is_checked(tiny_package, monkeypatch)
     assert Pipeline.from_package(tiny_package, backend="ov-cpu").precision == "fp32"
     with pytest.raises(UserError, match="neither AMX nor AVX-512-BF16"):
         Pipeline.from_package(tiny_package, backend="ov-cpu", precision="bf16")
-    with pytest.raises(UserError, match="CUDA graphs need the ort-cuda backend, not ov-cpu"):
+    with pytest.raises(UserError, match="the ov-cpu backend does not take --cuda-graph: leave it out or use --backend ort-cuda"):
         Pipeline.from_package(tiny_package, backend="ov-cpu", cuda_graph=True)
 
 

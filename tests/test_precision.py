@@ -19,13 +19,6 @@ from conftest import plant_addition  # noqa: E402
 from diffrt.export.precision import QuantizeOptions, quantize_package  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def fp16_package(tiny_package, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp16") / "tiny-fp16"
-    quantize_package(tiny_package, out, QuantizeOptions(precision="fp16", steps=6, gate_seeds=1), log=lambda m: None)
-    return out
-
-
 def test_fp16_package(fp16_package, tiny_package):
     m = json.loads((fp16_package / "diffrt.json").read_text())
     for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):

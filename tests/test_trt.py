@@ -4,13 +4,12 @@ engine builds and runs marked `trt`, run wherever TensorRT and a GPU exist."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
-from diffrt.runtime.engine_store import Device, engine_dir_name, engine_file, gpu_slug, select_engine, write_engine_meta
+from diffrt.runtime.backends.engine_store import Device, engine_dir_name, engine_file, gpu_slug, select_engine, write_engine_meta
 from diffrt.runtime.errors import UserError
 
 pytest.importorskip("onnx")
@@ -184,9 +183,9 @@ def test_tensorrt_missing_is_a_clear_error(tiny_plain_package):
     except ImportError:
         pass
     for args in (["build", str(tiny_plain_package)], ["generate", "a cat", "--model", str(tiny_plain_package), "--backend", "trt"]):
-        proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", *args], capture_output=True, text=True)
+        proc = run_cli(*args)
         assert proc.returncode == 2 and "TensorRT is not installed" in proc.stderr and "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "doctor"], capture_output=True, text=True)
+    proc = run_cli("doctor")
     assert proc.returncode == 0 and "TensorRT: not installed" in proc.stdout and "ort-cpu" in proc.stdout
 
 
@@ -240,7 +239,7 @@ def test_cuda_graph_replay_is_timed(tiny_plain_package, tmp_path):
 
 
 def test_fp32_engines_are_used_when_no_fp16_ones_exist(tmp_path):
-    from diffrt.runtime.engine_store import engine_precisions, pick_engine
+    from diffrt.runtime.backends.engine_store import engine_precisions, pick_engine
 
     fake_engine(tmp_path, H100, precision="fp32")
     assert engine_precisions("fp32") == ("fp16", "fp32") and engine_precisions("int8") == ("int8",)
@@ -256,7 +255,7 @@ def test_trt_backend_refuses_onnxruntime_only_options(tiny_plain_package):
 
     for option in ({"threads": 2}, {"fp32_fallback": True}, {"cuda_graph": True}, {"graph_cache": "/tmp/x"}):
         flag = "--" + next(iter(option)).replace("_", "-")
-        with pytest.raises(UserError, match=f"TensorRT backend does not take {flag}"):
+        with pytest.raises(UserError, match=f"the trt backend does not take {flag}"):
             Pipeline.from_package(tiny_plain_package, backend="trt", **option)
 
 

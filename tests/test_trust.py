@@ -7,7 +7,6 @@ import dataclasses
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -17,7 +16,7 @@ from diffrt.runtime.package import load_package
 from diffrt.runtime.pipeline import Pipeline
 
 pytest.importorskip("torch")
-from conftest import plant_addition  # noqa: E402
+from conftest import plant_addition, run_cli  # noqa: E402
 
 from diffrt.export.precision import QuantizeOptions, quantize_package  # noqa: E402
 
@@ -90,8 +89,8 @@ def test_a_package_gated_on_another_cpu_kind_is_refused_until_checked(int8_packa
         with pytest.raises(UserError, match=r"not trusted on this CPU: its gates were measured on a CPU of another kind "
                                             r"\(baseline, this one is .*doctor --check"):
             Pipeline.from_package(moved, backend=backend)
-    proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "generate", "a cat", "--model", str(moved),
-                           "--steps", "2", "-o", str(tmp_path / "x.png")], capture_output=True, text=True)
+    proc = run_cli("generate", "a cat", "--model", str(moved),
+                           "--steps", "2", "-o", str(tmp_path / "x.png"))
     assert proc.returncode == 2 and "doctor --check" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
     if "ov-cpu" not in load_package(int8_package).manifest["quality"]:
@@ -99,16 +98,16 @@ def test_a_package_gated_on_another_cpu_kind_is_refused_until_checked(int8_packa
     ov_unmeasured = edited(int8_package, tmp_path / "b", lambda m: m["quality"]["ov-cpu"].update(computes="int8+fp64"))
     with pytest.warns(UserWarning, match=r"auto runs ort-cpu \(int8\): ov-cpu \(int8\+\w+\) is not trusted on this CPU"):
         assert Pipeline.from_package(ov_unmeasured).backend == "ort-cpu"  # auto passes over the path nobody measured
-    proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "generate", "a cat", "--model", str(ov_unmeasured),
-                           "--steps", "2", "-q", "-o", str(tmp_path / "y.png")], capture_output=True, text=True)
+    proc = run_cli("generate", "a cat", "--model", str(ov_unmeasured),
+                           "--steps", "2", "-q", "-o", str(tmp_path / "y.png"))
     assert proc.returncode == 0 and "diffrt: warning: auto runs ort-cpu (int8): ov-cpu" in proc.stderr, proc.stderr
     with pytest.raises(UserError, match=r"ov-cpu \(int8\+\w+\) is not trusted on this CPU: its gates were not measured"):
         Pipeline.from_package(ov_unmeasured, backend="ov-cpu")
 
 
 def doctor(package, steps: int = 4) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "doctor", "--check", str(package), "--steps",
-                           str(steps)], capture_output=True, text=True)
+    return run_cli("doctor", "--check", str(package), "--steps",
+                           str(steps))
 
 
 def test_doctor_check_holds_every_path_to_its_gate_and_auto_follows(int8_package, tmp_path, monkeypatch):
@@ -143,8 +142,7 @@ def test_doctor_check_refuses_a_package_without_float32_copies(int8_package, tmp
 
 
 def test_info_names_the_gates_and_the_cpu_kinds(int8_package):
-    proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "info", str(int8_package)], capture_output=True,
-                          text=True)
+    proc = run_cli("info", str(int8_package))
     line = next(x for x in proc.stdout.splitlines() if "gates against float32" in x)
     assert "ort-cpu (int8)" in line and f"({trust.cpu_kind()}); this CPU is {trust.cpu_kind()}" in line, line
 
@@ -162,5 +160,5 @@ def test_signed_activations_are_refused_on_openvino_without_amx(tiny_package, tm
     if trust.cpu_kind() == "amx":
         assert Pipeline.from_package(out, backend="ov-cpu").backend == "ov-cpu"
     else:
-        with pytest.raises(UserError, match="quantizes activations as signed int8, which OpenVINO computes wrongly"):
+        with pytest.raises(UserError, match="quantizes activations as signed int8, which ov-cpu computes wrongly"):
             Pipeline.from_package(out, backend="ov-cpu")

@@ -1,4 +1,4 @@
-"""OpenVINO on the CPU (backend ov-cpu): the package's ONNX graphs read as they are and compiled once per input shape
+"""The OpenVINO backend (ov-cpu): the package's ONNX graphs read as they are and compiled once per input shape
 (static shapes are what its CPU plugin runs fastest), in bf16 where the CPU has AMX or AVX-512-BF16, else fp32."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .engines import MAX_SHAPES, TensorSpec
-from .errors import UserError
-from .mapped import drop_mapped_pages
+from ..errors import UserError
+from ..mapped import drop_mapped_pages
+from .engine import MAX_SHAPES, TensorSpec
 
 PRECISIONS = ("auto", "bf16", "fp32")
 HINTS = {"bf16": "bf16", "fp32": "f32"}
@@ -108,7 +108,7 @@ class OvEngine:
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
         if cache and not self.weights:  # OpenVINO's model cache: a later start imports the compiled blob instead of compiling
-            from .optimized import writable
+            from ..optimized import writable
 
             self.config["CACHE_DIR"] = str(writable(cache, cache / "openvino"))
         self.inputs = {s.name: s for s in map(spec, self.model.inputs)}

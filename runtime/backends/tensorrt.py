@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
+from .engine import TensorSpec
 from .engine_store import Device, EngineInfo
-from .engines import TensorSpec
-from .errors import UserError
 
 
 def import_tensorrt():

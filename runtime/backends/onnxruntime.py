@@ -1,41 +1,18 @@
-"""Engines: one ONNX graph behind `run(feeds) -> outputs`, on onnxruntime's CPU or CUDA provider."""
+"""The onnxruntime backends (ort-cpu, ort-cuda): one ONNX graph per session behind the Engine seam."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
+from .engine import MAX_SHAPES, TensorSpec
 
-BACKENDS = ("auto", "ort-cpu", "ov-cpu", "ort-cuda", "trt")
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(double)": np.float64}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A graph input or output: name, dims (int, or a name for a dynamic axis) and numpy dtype."""
-
-    name: str
-    shape: tuple[int | str | None, ...]
-    dtype: type
-
-
-class Engine(Protocol):
-    """What every backend implements: its graph's inputs and outputs, run, to_device and close."""
-
-    inputs: dict[str, TensorSpec]
-    outputs: dict[str, TensorSpec]
-
-    def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]: ...
-
-    def to_device(self, array: np.ndarray) -> Any:
-        """An input that stays the same over many calls (the text embeddings), in the form run takes fastest."""
-
-    def close(self) -> None: ...
 
 
 def onnxruntime():
@@ -75,40 +52,15 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in onnxruntime().get_available_providers()
 
 
-def auto_order() -> list[str]:
-    """The backends 'auto' may pick, fastest first: ort-cuda where onnxruntime has its CUDA provider, ov-cpu where
-    OpenVINO is installed, ort-cpu."""
-    from .ov_backend import openvino_available
-
-    return ["ort-cuda"] * cuda_available() + ["ov-cpu"] * openvino_available() + ["ort-cpu"]
-
-
-def resolve_backend(backend: str) -> str:
-    """'auto' becomes the first of auto_order() (a pipeline also skips paths this CPU does not trust); a named
-    backend is checked to be installed."""
-    from .ov_backend import openvino_available
-
-    if backend not in BACKENDS:
-        raise UserError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return auto_order()[0]
-    if backend == "ov-cpu" and not openvino_available():
-        raise UserError('backend ov-cpu needs OpenVINO: `pip install "diffrt[openvino]"`, or use --backend ort-cpu')
-    if backend == "trt":
-        from .trt_backend import import_tensorrt
-
-        import_tensorrt()
-        return backend
-    if backend == "ort-cuda" and not cuda_available():
-        if both_onnxruntimes():
-            raise UserError("onnxruntime and onnxruntime-gpu are both installed and the CPU one shadows the GPU one: "
-                            "`pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu`")
-        raise UserError("backend ort-cuda needs onnxruntime's CUDA provider, which is not installed: "
-                        '`pip install "diffrt[gpu]"` on a machine with an NVIDIA GPU, or use --backend ort-cpu')
-    return backend
-
-
-MAX_SHAPES = 8  # input shapes an engine keeps device buffers (and CUDA graphs) for
+def cuda_missing() -> str | None:
+    """Why ort-cuda cannot run here, with the fix (None: it can)."""
+    if cuda_available():
+        return None
+    if both_onnxruntimes():
+        return ("onnxruntime and onnxruntime-gpu are both installed and the CPU one shadows the GPU one: "
+                "`pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu`")
+    return ("backend ort-cuda needs onnxruntime's CUDA provider, which is not installed: "
+            '`pip install "diffrt[gpu]"` on a machine with an NVIDIA GPU, or use --backend ort-cpu')
 
 
 @dataclass
@@ -257,7 +209,7 @@ def open_session(path: Path, backend: str, providers: list, threads: int | None,
     weights."""
     import onnxruntime as ort
 
-    from . import optimized
+    from .. import optimized
 
     if backend == "ort-cuda":
         preload_cuda()
@@ -289,15 +241,6 @@ def open_session(path: Path, backend: str, providers: list, threads: int | None,
     return session
 
 
-def check_cuda_options(backend: str, cuda_graph: bool, gpu_mem_limit: int | None) -> None:
-    """CUDA graphs and a GPU memory limit belong to ort-cuda; on any other backend they are refused in one line."""
-    if cuda_graph and backend != "ort-cuda":
-        raise UserError(f"CUDA graphs need the ort-cuda backend, not {backend}: use --backend ort-cuda, "
-                        "or leave out --cuda-graph")
-    if gpu_mem_limit and backend != "ort-cuda":
-        raise UserError(f"a GPU memory limit needs the ort-cuda backend, not {backend}: leave out --gpu-mem-limit")
-
-
 class OrtEngine:
     """One onnxruntime session. On CUDA every input shape gets device buffers bound once (ShapeBuffers); with
     cuda_graph each shape is also captured as a CUDA graph on its first call and replayed after."""
@@ -307,8 +250,9 @@ class OrtEngine:
                  weights: dict[str, np.ndarray] | None = None) -> None:
         import onnxruntime as ort
 
-        check_cuda_options(backend, cuda_graph, gpu_mem_limit)
         cuda = backend == "ort-cuda"
+        if not cuda and (cuda_graph or gpu_mem_limit):
+            raise ValueError("cuda_graph and gpu_mem_limit are onnxruntime CUDA options (backend ort-cuda)")
         providers = [cuda_provider(cuda_graph, gpu_mem_limit), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         # the OrtValues must outlive the session that reads them
         self.weights = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in (weights or {}).items()}
