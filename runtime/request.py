@@ -181,28 +181,30 @@ def check_seeds(seeds: Any, count: int) -> list[int]:
     return [int(s) for s in seeds]
 
 
-def make_checked_scheduler(name: str | None, config: dict, steps: int):
-    """The scheduler set to `steps`, refused in one line when it cannot take that many (naming the most it can)."""
+def make_checked_scheduler(name: str | None, config: dict, steps: int, image_seq_len: int | None = None):
+    """The scheduler set to `steps` for an image of image_seq_len latent tokens, refused in one line when it cannot
+    take that many steps (naming the most it can)."""
     try:
         sched = make_scheduler(name, config)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    if schedule_fits(sched, steps):
+    if schedule_fits(sched, steps, image_seq_len):
         return sched
-    most = max((n for n in range(1, steps) if schedule_fits(sched, n)), default=0)
+    most = max((n for n in range(1, steps) if schedule_fits(sched, n, image_seq_len)), default=0)
     raise UserError(f"the {type(sched).name} scheduler cannot take {steps} steps with this model's scheduler config; "
                     f"use at most {most}")
 
 
-def schedule_fits(sched, steps: int) -> bool:
-    """Whether every timestep of a `steps`-step schedule is a training timestep the scheduler can index."""
+def schedule_fits(sched, steps: int, image_seq_len: int | None = None) -> bool:
+    """Whether every timestep of a `steps`-step schedule is one the model was trained on (a discrete one it can
+    index; a flow's run up to num_train_timesteps itself)."""
     try:
-        sched.set_timesteps(steps)
+        sched.set_timesteps(steps, image_seq_len)
     except (ValueError, IndexError):
         return False
-    total = sched.config["num_train_timesteps"]
+    top = sched.config["num_train_timesteps"] - (0 if sched.flow else 1)
     t = np.asarray(sched.timesteps, np.float64)
-    return len(t) > 0 and bool(np.all(t >= 0) and np.all(t <= total - 1))
+    return len(t) > 0 and bool(np.all(t >= 0) and np.all(t <= top))
 
 
 def size_note(defaults: dict, width: int, height: int) -> str | None:

@@ -8,7 +8,7 @@ from PIL import Image
 
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.pipeline import Pipeline
-from diffrt.runtime.schedulers import SHORT_NAMES
+from diffrt.runtime.schedulers import samplers_for
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -28,7 +28,7 @@ def picture(width: int, height: int, mode: str = "RGB") -> Image.Image:
     return Image.fromarray(rgb).convert(mode)
 
 
-@pytest.mark.parametrize("name", list(SHORT_NAMES))
+@pytest.mark.parametrize("name", samplers_for(flow=False))
 def test_img2img_matches_diffusers(name, reference, ours):
     steps = 4 if name == "lcm" else 6  # as text-to-image's parity test (DDIM's x0 clipping amplifies float noise by 8)
     for strength in (0.3, 0.75, 1.0):
@@ -105,7 +105,7 @@ def test_inpainting_matches_diffusers(kind, tiny_checkpoint, tiny_package, tiny_
     checkpoint, package = (tiny_checkpoint, tiny_package) if kind == "blend" else (tiny_inpaint_checkpoint, tiny_inpaint_package)
     reference = reference_pipeline("StableDiffusionInpaintPipeline", checkpoint)
     ours = Pipeline.from_package(package, backend="ort-cpu")
-    for name in SHORT_NAMES:
+    for name in samplers_for(flow=False):
         steps = 4 if name == "lcm" else 6
         for strength in (0.3, 0.75, 1.0):
             for width, height in ((32, 32), (40, 24)):

@@ -11,7 +11,7 @@ import pytest
 
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.pipeline import Pipeline
-from diffrt.runtime.schedulers import SHORT_NAMES as SAMPLERS
+from diffrt.runtime.schedulers import samplers_for
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -58,7 +58,7 @@ def test_sdxl_images_match_diffusers(name, sdxl, reference):
                 assert np.abs(np.round(mine * 255) - np.round(theirs * 255)).max() <= 1
 
 
-@pytest.mark.parametrize("name", [n for n in SAMPLERS if n not in ("euler", "dpmpp_2m", "ddim", "euler_a")])
+@pytest.mark.parametrize("name", [n for n in samplers_for(flow=False) if n not in ("euler", "dpmpp_2m", "ddim", "euler_a")])
 def test_every_other_sampler_matches_diffusers_on_sdxl(name, sdxl, reference):
     theirs, mine = theirs_and_mine(reference, sdxl, name, 5.0, (32, 32))
     assert np.abs(mine - theirs).max() <= 1e-3, name

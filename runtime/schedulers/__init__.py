@@ -14,6 +14,7 @@ from .dpm2_ancestral import DPM2Ancestral
 from .dpmpp_2m import DPMSolverPP2M
 from .euler import Euler
 from .euler_ancestral import EulerAncestral
+from .flow_match_euler import FlowMatchEuler
 from .heun import Heun
 from .lcm import LCM
 from .lms import LMS
@@ -22,7 +23,8 @@ from .tcd import TCD
 from .unipc import UniPC
 
 CLASSES: dict[str, type[Scheduler]] = {c.class_name: c for c in (
-    DDIM, PNDM, Euler, EulerAncestral, DPMSolverPP2M, LCM, Heun, LMS, UniPC, DEIS, DPM2, DPM2Ancestral, DDPM, TCD)}
+    DDIM, PNDM, Euler, EulerAncestral, DPMSolverPP2M, LCM, Heun, LMS, UniPC, DEIS, DPM2, DPM2Ancestral, DDPM, TCD,
+    FlowMatchEuler)}
 KARRAS = {"use_karras_sigmas": True, "use_exponential_sigmas": False}  # Karras names mean Karras sigmas, whatever the config
 EXPONENTIAL = {"use_karras_sigmas": False, "use_exponential_sigmas": True}
 PLAIN = {"use_karras_sigmas": False, "use_exponential_sigmas": False}  # A1111's Automatic / Uniform schedule
@@ -59,9 +61,15 @@ SAMPLERS: dict[str, tuple[type[Scheduler], dict, str]] = {
     "ddpm": (DDPM, {}, "DDPM"),
     "lcm": (LCM, {}, "LCM"),
     "tcd": (TCD, {}, "TCD"),
+    "flow_euler": (FlowMatchEuler, {}, "Flow Euler"),  # flow-matching models (SD3, FLUX) only
 }
 SHORT_NAMES: dict[str, tuple[type[Scheduler], dict]] = {k: (cls, o) for k, (cls, o, _) in SAMPLERS.items()}
 A1111_NAMES = {a1111: k for k, (_, _, a1111) in SAMPLERS.items()}
+
+
+def samplers_for(flow: bool) -> list[str]:
+    """The short names of the samplers for flow-matching models (flow=True) or for discrete-time ones."""
+    return [name for name, (cls, _) in SHORT_NAMES.items() if cls.flow == flow]
 
 
 def scheduler_names() -> list[str]:
@@ -87,6 +95,10 @@ def make_scheduler(name: str | None, config: dict) -> Scheduler:
     else:
         raise ValueError(f"unknown scheduler {given!r}; choose one of: {', '.join(SHORT_NAMES)} (or their diffusers class "
                          f"or AUTOMATIC1111 names: {', '.join(A1111_NAMES)})")
+    flow = str(config.get("_class_name", "")).startswith("FlowMatch")
+    if cls.flow != flow:
+        kind = "a flow-matching model (SD3, FLUX)" if flow else "a discrete-time model (SD 1.x/2.x, SDXL)"
+        raise ValueError(f"the {cls.name} scheduler cannot sample {kind}; use one of: {', '.join(samplers_for(flow))}")
     return cls(**{**config, **overrides})
 
 
@@ -142,5 +154,5 @@ def load_config(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-__all__ = ["Scheduler", "make_scheduler", "sampler_table", "scheduler_names", "canonical_name", "short_name", "load_config", "CLASSES",
-           "SHORT_NAMES", "A1111_NAMES", "a1111_scheduler"]
+__all__ = ["Scheduler", "make_scheduler", "samplers_for", "sampler_table", "scheduler_names", "canonical_name", "short_name",
+           "load_config", "CLASSES", "SHORT_NAMES", "A1111_NAMES", "a1111_scheduler"]

@@ -6,6 +6,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .parameterization import parameterization
+
 COMMON_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -30,10 +32,12 @@ class Scheduler:
     class_name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]] = {}
     prediction_types: ClassVar[tuple[str, ...]] = ("epsilon", "v_prediction")
+    common: ClassVar[dict[str, Any]] = COMMON_DEFAULTS  # the config keys every sampler of its kind reads
+    flow: ClassVar[bool] = False  # samples flow-matching models (sigmas from 1 to 0) rather than discrete-time ones
     stochastic: bool = False  # draws fresh noise from the request's generator while sampling
 
     def __init__(self, **config: Any) -> None:
-        known = {**COMMON_DEFAULTS, **self.defaults}
+        known = {**self.common, **self.defaults}
         self.config = {k: config.get(k, v) for k, v in known.items()}
         for key, ok in UNSUPPORTED.items():  # a sampler whose defaults name one of these keys implements it
             if key not in known and config.get(key) is not None and config[key] != ok:
@@ -41,11 +45,14 @@ class Scheduler:
         if self.config["prediction_type"] not in self.prediction_types:
             raise ValueError(f"{self.class_name}: prediction_type {self.config['prediction_type']!r} is not supported; "
                              f"use one of {', '.join(self.prediction_types)}")
+        self.prediction = parameterization(self.config["prediction_type"])  # what the model's output is
         self.timesteps = np.zeros(0, np.int64)
         self.init_noise_sigma = 1.0
         self.next_index = 0  # where the schedule is expected to go on; set_timesteps resets it
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
+        """The schedule for num_inference_steps; image_seq_len (the image's latent token count) is for schedules that
+        depend on the image's size (FLUX's dynamic shift), which the others ignore."""
         raise NotImplementedError
 
     def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler, noise_like
-from .schedules import alphas_cumprod, spaced_timesteps, x0_eps
+from .schedules import alphas_cumprod, spaced_timesteps
 
 VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
 
@@ -24,7 +24,7 @@ class DDPM(Scheduler):
                              f"use one of {', '.join(VARIANCES)}")
         self.alphas_cumprod = alphas_cumprod(self.config)
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         if num_inference_steps > self.config["num_train_timesteps"]:
             raise ValueError(f"DDPM takes at most num_train_timesteps={self.config['num_train_timesteps']} steps")
         self.timesteps = spaced_timesteps(self.config, num_inference_steps)
@@ -36,7 +36,7 @@ class DDPM(Scheduler):
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else np.float32(1.0)
         alpha, beta = a_t / a_prev, 1 - a_t / a_prev
-        x0, _ = x0_eps(model_output, sample, a_t**0.5, (1 - a_t) ** 0.5, self.config["prediction_type"])
+        x0, _ = self.prediction.x0_eps(model_output, sample, a_t**0.5, (1 - a_t) ** 0.5)
         if self.config["clip_sample"]:
             x0 = np.clip(x0, -self.config["clip_sample_range"], self.config["clip_sample_range"])
         prev = (a_prev**0.5 * beta / (1 - a_t)) * x0 + (alpha**0.5 * (1 - a_prev) / (1 - a_t)) * sample

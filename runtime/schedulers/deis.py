@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import SPREAD, alpha_sigma, alphas_cumprod, multistep_sigmas, x0_eps
+from .schedules import SPREAD, alpha_sigma, alphas_cumprod, multistep_sigmas
 
 
 def weight2(t, b, c):
@@ -35,7 +35,7 @@ class DEIS(Scheduler):
                              f"of order 1 to 3, not {c['algorithm_type']!r} {c['solver_type']!r} order {c['solver_order']}")
         self.alphas_cumprod = alphas_cumprod(c)
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         c = self.config
         sched, self.timesteps, least = multistep_sigmas(c, self.alphas_cumprod, num_inference_steps)
         self.sigmas = np.concatenate([sched, [least]]).astype(np.float32)
@@ -45,7 +45,7 @@ class DEIS(Scheduler):
     def step(self, model_output, timestep, sample, generator=None):
         c, i, n = self.config, self.step_index(timestep), len(self.timesteps)
         alpha_s0, sigma_s0 = alpha_sigma(self.sigmas[i])
-        x0, _ = x0_eps(model_output, sample, alpha_s0, sigma_s0, c["prediction_type"])
+        x0, _ = self.prediction.x0_eps(model_output, sample, alpha_s0, sigma_s0)
         self.outputs = [*self.outputs, (sample - alpha_s0 * x0) / sigma_s0][-c["solver_order"]:]
         short = c["lower_order_final"] and n < 15
         order = min(c["solver_order"], len(self.outputs), 1 if short and i == n - 1 else 3, 2 if short and i == n - 2 else 3)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .euler import Euler
-from .schedules import SPREAD, doubled, sigma_schedule, sigma_to_t, train_sigmas, x0_at_sigma
+from .schedules import SPREAD, doubled, sigma_schedule, sigma_to_t, train_sigmas
 
 
 def log_midpoint(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -25,7 +25,7 @@ class DPM2(Euler):
     def order(self) -> int:
         return 2
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         sched, timesteps = sigma_schedule(self.config, self.alphas_cumprod, num_inference_steps, round_karras=True)
         sigmas = np.concatenate([sched, [0.0]]).astype(np.float32)
         mid = log_midpoint(sigmas[1:], sigmas[:-1])  # between each sigma and the one before it
@@ -58,7 +58,7 @@ class DPM2(Euler):
         i = self.step_index(timestep)
         first = self.saved is None
         sigma, mid = self._sigmas_at(i, first)
-        x0 = x0_at_sigma(model_output, sample, sigma if first else mid, self.config["prediction_type"])
+        x0 = self.prediction.x0(model_output, sample, sigma if first else mid)
         self.next_index = i + 1
         if first:
             self.saved = sample

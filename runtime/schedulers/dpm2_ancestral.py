@@ -14,7 +14,7 @@ class DPM2Ancestral(DPM2):
     class_name = "KDPM2AncestralDiscreteScheduler"
     stochastic = True
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         """sigma_down is next^2 / sigma: diffusers takes it as sqrt(next^2 - up^2), equal in exact arithmetic, but near
         sigma 0 that difference cancels all but a few bits (sigma 14.6 to 0.029: 1 part in 250 000 is left), so
         diffusers' midpoint timestep there is its float32 rounding (0.0096 where the exact value is 0)."""

@@ -15,7 +15,6 @@ from .schedules import (
     multistep_timesteps,
     spreads,
     train_sigmas,
-    x0_eps,
 )
 
 
@@ -40,7 +39,7 @@ class DPMSolverPP2M(Scheduler):
         acp = self.alphas_cumprod
         self.lambda_t = np.log(np.sqrt(acp)) - np.log(np.sqrt(1 - acp))
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         c = self.config
         last = c["num_train_timesteps"] - int(np.searchsorted(self.lambda_t[::-1], c["lambda_min_clipped"]))
         timesteps = multistep_timesteps(c, num_inference_steps, last)  # only those above lambda_min_clipped
@@ -67,7 +66,7 @@ class DPMSolverPP2M(Scheduler):
         final = i == n - 1 and (c["euler_at_final"] or (c["lower_order_final"] and n < 15) or c["final_sigmas_type"] == "zero")
         alpha_s0, sigma_s0 = alpha_sigma(self.sigmas[i])
         alpha_t, sigma_t = alpha_sigma(self.sigmas[i + 1])
-        x0, _ = x0_eps(model_output, sample, alpha_s0, sigma_s0, c["prediction_type"])
+        x0, _ = self.prediction.x0_eps(model_output, sample, alpha_s0, sigma_s0)
         with np.errstate(divide="ignore"):  # sigma 0 at a final "zero" step: h = inf, exp(-h) = 0, prev = x0
             h = (np.log(alpha_t) - np.log(sigma_t)) - (np.log(alpha_s0) - np.log(sigma_s0))
         sde = self.stochastic

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import SPREAD, alphas_cumprod, first_index, sigma_schedule, x0_at_sigma
+from .schedules import SPREAD, alphas_cumprod, first_index, sigma_schedule
 
 
 class Euler(Scheduler):
@@ -20,7 +20,7 @@ class Euler(Scheduler):
         if self.config["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = 2**-24
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         sched, timesteps = sigma_schedule(self.config, self.alphas_cumprod, num_inference_steps)
         last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5 if self.config.get("final_sigmas_type") == "sigma_min" else 0
         self.sigmas = np.concatenate([sched, [last]]).astype(np.float32)
@@ -42,6 +42,6 @@ class Euler(Scheduler):
     def step(self, model_output, timestep, sample, generator=None):
         i = self.step_index(timestep)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-        x0 = x0_at_sigma(model_output, sample, sigma, self.config["prediction_type"])
+        x0 = self.prediction.x0(model_output, sample, sigma)
         self.next_index = i + 1
         return (sample + (sample - x0) / sigma * (sigma_next - sigma)).astype(np.float32)

@@ -6,7 +6,6 @@ import numpy as np
 
 from .base import noise_like
 from .euler import Euler
-from .schedules import x0_at_sigma
 
 
 class EulerAncestral(Euler):
@@ -18,7 +17,7 @@ class EulerAncestral(Euler):
     def step(self, model_output, timestep, sample, generator=None):
         i = self.step_index(timestep)
         sigma, sigma_to = self.sigmas[i], self.sigmas[i + 1]
-        x0 = x0_at_sigma(model_output, sample, sigma, self.config["prediction_type"])
+        x0 = self.prediction.x0(model_output, sample, sigma)
         sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
         prev = sample + (sample - x0) / sigma * (sigma_down - sigma)

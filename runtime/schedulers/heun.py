@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .euler import Euler
-from .schedules import SPREAD, doubled, sigma_schedule, x0_at_sigma
+from .schedules import SPREAD, doubled, sigma_schedule
 
 
 class Heun(Euler):
@@ -19,7 +19,7 @@ class Heun(Euler):
     def order(self) -> int:
         return 2
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         sched, timesteps = sigma_schedule(self.config, self.alphas_cumprod, num_inference_steps)
         sigmas = np.concatenate([sched, [0.0]]).astype(np.float32)
         self.sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
@@ -32,7 +32,7 @@ class Heun(Euler):
         i = self.step_index(timestep)
         first = self.first_half is None
         sigma, sigma_next = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
-        x0 = x0_at_sigma(model_output, sample, sigma if first else sigma_next, self.config["prediction_type"])
+        x0 = self.prediction.x0(model_output, sample, sigma if first else sigma_next)
         if self.config["clip_sample"]:
             x0 = np.clip(x0, -self.config["clip_sample_range"], self.config["clip_sample_range"])
         self.next_index = i + 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler, noise_like
-from .schedules import alphas_with_final, x0_eps
+from .schedules import alphas_with_final
 
 
 class LCM(Scheduler):
@@ -20,7 +20,7 @@ class LCM(Scheduler):
         super().__init__(**config)
         self.alphas_cumprod, self.final_alpha_cumprod = alphas_with_final(self.config)
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         original = self.config["original_inference_steps"]
         if num_inference_steps > original:
             raise ValueError(f"LCM takes at most original_inference_steps={original} steps, not {num_inference_steps}")
@@ -39,7 +39,7 @@ class LCM(Scheduler):
         scaled = t * self.config["timestep_scaling"]
         c_skip = 0.25 / (scaled**2 + 0.25)
         c_out = scaled / (scaled**2 + 0.25) ** 0.5
-        x0, _ = x0_eps(model_output, sample, a_t**0.5, (1 - a_t) ** 0.5, self.config["prediction_type"])
+        x0, _ = self.prediction.x0_eps(model_output, sample, a_t**0.5, (1 - a_t) ** 0.5)
         if self.config["clip_sample"]:
             x0 = np.clip(x0, -self.config["clip_sample_range"], self.config["clip_sample_range"])
         out = c_out * x0 + c_skip * sample

@@ -7,7 +7,7 @@ import numpy as np
 from numpy.polynomial import Polynomial
 
 from .euler import Euler
-from .schedules import SPREAD, sigma_schedule, x0_at_sigma
+from .schedules import SPREAD, sigma_schedule
 
 MAX_ORDER = 4
 
@@ -28,7 +28,7 @@ class LMS(Euler):
     defaults = {"timestep_spacing": "linspace", **SPREAD}
     prediction_types = ("epsilon", "v_prediction", "sample")
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         sched, self.timesteps = sigma_schedule(self.config, self.alphas_cumprod, num_inference_steps)
         self.sigmas = np.concatenate([sched, [0.0]]).astype(np.float32)
         self.next_index = 0
@@ -38,7 +38,7 @@ class LMS(Euler):
     def step(self, model_output, timestep, sample, generator=None):
         i = self.step_index(timestep)
         sigma = self.sigmas[i]
-        x0 = x0_at_sigma(model_output, sample, sigma, self.config["prediction_type"])
+        x0 = self.prediction.x0(model_output, sample, sigma)
         self.slopes = [*self.slopes, (sample - x0) / sigma][-MAX_ORDER:]
         order = min(i + 1, MAX_ORDER)
         coefficients = [lms_coefficient(self.sigmas, order, i, j) for j in range(order)]

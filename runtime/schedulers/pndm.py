@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import alphas_with_final, spaced_timesteps, x0_eps
+from .schedules import alphas_with_final, spaced_timesteps
 
 
 class PNDM(Scheduler):
@@ -17,7 +17,7 @@ class PNDM(Scheduler):
         super().__init__(**config)
         self.alphas_cumprod, self.final_alpha_cumprod = alphas_with_final(self.config)
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         self.num_inference_steps = n = num_inference_steps
         ts = spaced_timesteps(self.config, n)[::-1].copy()  # ascending
         if self.config["skip_prk_steps"]:
@@ -84,8 +84,7 @@ class PNDM(Scheduler):
         a_t = self.alphas_cumprod[timestep]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
         b_t, b_prev = 1 - a_t, 1 - a_prev
-        if self.config["prediction_type"] == "v_prediction":
-            model_output = x0_eps(model_output, sample, a_t**0.5, b_t**0.5, "v_prediction")[1]
+        model_output = self.prediction.x0_eps(model_output, sample, a_t**0.5, b_t**0.5)[1]  # as eps
         coeff = (a_prev / a_t) ** 0.5
         denom = a_t * b_prev**0.5 + (a_t * b_t * a_prev) ** 0.5
         return (coeff * sample - (a_prev - a_t) * model_output / denom).astype(np.float32)

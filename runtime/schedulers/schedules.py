@@ -179,22 +179,3 @@ def first_index(timesteps: np.ndarray) -> int:
     """Where a sigma schedule starts: the second match when the first timestep repeats, as diffusers does."""
     matches = np.nonzero(timesteps == timesteps[0])[0]
     return int(matches[1] if len(matches) > 1 else matches[0])
-
-
-def x0_eps(model_output, sample, alpha, sigma, prediction_type: str):
-    """(x0, eps) from a model output at a noise level where sample = alpha * x0 + sigma * eps, for the three
-    things a model may predict: eps ("epsilon"), v ("v_prediction", v = alpha * eps - sigma * x0) or x0 ("sample")."""
-    if prediction_type == "epsilon":
-        return (sample - sigma * model_output) / alpha, model_output
-    if prediction_type == "v_prediction":
-        return alpha * sample - sigma * model_output, alpha * model_output + sigma * sample
-    return model_output, (sample - alpha * model_output) / sigma
-
-
-def x0_at_sigma(model_output, sample, sigma, prediction_type: str):
-    """x0 from a k-diffusion sample (x0 + sigma * eps, the DDPM sample divided by its alpha)."""
-    if prediction_type == "epsilon":
-        return sample - sigma * model_output
-    if prediction_type == "sample":
-        return model_output
-    return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)

@@ -7,7 +7,6 @@ import numpy as np
 
 from .base import noise_like
 from .lcm import LCM
-from .schedules import x0_eps
 
 ETA = 0.3  # TCD's own default gamma; 0 makes it deterministic
 
@@ -24,7 +23,7 @@ class TCD(LCM):
         prev = 0 if last else int(self.timesteps[i + 1])
         s = int(np.floor((1 - self.eta) * prev))
         a_t, a_prev, a_s = self.alphas_cumprod[t], self.alphas_cumprod[prev], self.alphas_cumprod[s]
-        x0, eps = x0_eps(model_output, sample, a_t**0.5, (1 - a_t) ** 0.5, self.config["prediction_type"])
+        x0, eps = self.prediction.x0_eps(model_output, sample, a_t**0.5, (1 - a_t) ** 0.5)
         noised = a_s**0.5 * x0 + (1 - a_s) ** 0.5 * eps
         self.next_index = i + 1
         if self.eta > 0 and not last:

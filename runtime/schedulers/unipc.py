@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Scheduler
-from .schedules import SPREAD, alpha_sigma, alphas_cumprod, multistep_sigmas, x0_eps
+from .schedules import SPREAD, alpha_sigma, alphas_cumprod, multistep_sigmas
 
 
 def log_snr(sigma):
@@ -47,7 +47,7 @@ class UniPC(Scheduler):
         if c["rescale_betas_zero_snr"]:
             self.alphas_cumprod[-1] = 2**-24
 
-    def set_timesteps(self, num_inference_steps: int) -> None:
+    def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         c = self.config
         sched, self.timesteps, least = multistep_sigmas(c, self.alphas_cumprod, num_inference_steps)
         self.sigmas = np.concatenate([sched, [least if c["final_sigmas_type"] == "sigma_min" else 0.0]]).astype(np.float32)
@@ -59,7 +59,7 @@ class UniPC(Scheduler):
     def step(self, model_output, timestep, sample, generator=None):
         c, i = self.config, self.step_index(timestep)
         alpha, sigma = alpha_sigma(self.sigmas[i])
-        x0, eps = x0_eps(model_output, sample, alpha, sigma, c["prediction_type"])
+        x0, eps = self.prediction.x0_eps(model_output, sample, alpha, sigma)
         converted = x0 if c["predict_x0"] else eps
         if i > 0 and (i - 1) not in c["disable_corrector"] and self.last_sample is not None:
             sample = self._update(self.last_sample, i, i - 1, self.this_order, converted)
