@@ -151,6 +151,8 @@ def check_image_options(args: argparse.Namespace) -> None:
         one = len(given) == 1
         raise UserError(f"{', '.join(given)} only appl{'ies' if one else 'y'} to image-to-image: give --image IN.png, "
                         f"or leave {'it' if one else 'them'} out")
+    if args.mask_blur and args.mask is None:
+        raise UserError("--mask-blur blurs the edge of an inpainting mask: give --mask MASK.png, or leave it out")
 
 
 def apply_settings(args: argparse.Namespace, settings: dict) -> None:
@@ -214,7 +216,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from diffrt.export.trt_build import BuildOptions, build_engines, check_trt_package
-    from diffrt.runtime.trt_backend import import_tensorrt
+    from diffrt.runtime.backends.tensorrt import import_tensorrt
 
     check_trt_package(args.package)
     import_tensorrt()
@@ -297,7 +299,7 @@ def check_ray_options(args: argparse.Namespace) -> None:
 
 
 def add_serve(sub) -> None:
-    from .engines import BACKENDS
+    from .backends.registry import BACKENDS
 
     s = sub.add_parser("serve", help="HTTP image service: OpenAI and AUTOMATIC1111 APIs, health, metrics (needs diffrt[serve])")
     s.add_argument("--model", type=Path, help="model package folder (default: the bundled model)")
@@ -342,7 +344,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"make it again: diffrt generate --from {args.path}"
               + (f" --model PACKAGE   (the package of model {model})" if model and model != BUNDLED_NAME else ""))
         return 0
-    from .engine_store import list_engines
+    from .backends.engine_store import list_engines
     from .package import load_package
 
     pkg = load_package(args.path)
@@ -433,7 +435,7 @@ def add_generate(sub) -> None:
                    "of the model's factor down to the nearest ones (default: refuse it)")
     g.add_argument("--from", dest="from_image", type=Path, metavar="IMAGE",
                    help="take the settings an image made by diffrt was saved with (options given here win)")
-    from .engines import BACKENDS
+    from .backends.registry import BACKENDS
 
     g.add_argument("--backend", choices=BACKENDS, default="auto", help="default auto: the fastest present (ort-cuda on an "
                    "NVIDIA GPU, else ov-cpu where OpenVINO is installed, else ort-cpu)")
@@ -521,7 +523,7 @@ def add_bench(sub) -> None:
     b = sub.add_parser("bench", help="latency benchmark, optionally side by side with diffusers")
     b.add_argument("package", nargs="?", type=Path, help="package folder, `sd15` (full-size SD 1.5, random weights), "
                    "default the bundled model")
-    from .engines import BACKENDS
+    from .backends.registry import BACKENDS
 
     b.add_argument("--backend", choices=BACKENDS, default="auto", help="default auto")
     b.add_argument("--steps", type=positive_int, help="default: the package's")

@@ -8,9 +8,10 @@ import time
 _open = False  # a progress line is on the screen without its newline
 
 
-def end_line(stream=sys.stderr) -> None:
+def end_line(stream=None) -> None:
     """End an unfinished progress line, so the next message starts a line of its own."""
     global _open
+    stream = stream or sys.stderr  # looked up when called: the CLI may run with its streams redirected
     if _open:
         stream.write("\n")
         stream.flush()
@@ -18,8 +19,8 @@ def end_line(stream=sys.stderr) -> None:
 
 
 class ProgressBar:
-    def __init__(self, label: str, width: int = 30, stream=sys.stderr) -> None:
-        self.label, self.width, self.stream = label, width, stream
+    def __init__(self, label: str, width: int = 30, stream=None) -> None:
+        self.label, self.width, self.stream = label, width, stream or sys.stderr
         self.start = time.perf_counter()
 
     def __call__(self, done: int, total: int) -> None:
