@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.package import load_package, sha256
@@ -76,8 +77,7 @@ def test_existing_output_is_kept_unless_overwrite(tiny_checkpoint, tmp_path):
     out = tmp_path / "pkg"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    proc = subprocess.run([sys.executable, "-m", "diffrt.runtime.cli", "export", str(tiny_checkpoint), str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = run_cli("export", str(tiny_checkpoint), str(out))
     assert proc.returncode == 2 and "--overwrite" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert (out / "keep.txt").read_text() == "mine"
     export_package(tiny_checkpoint, out, ExportOptions(overwrite=True, check=False, components=("text_encoder", "unet",
