@@ -63,11 +63,21 @@ def strength_timesteps(sched, steps: int, strength: float) -> tuple[np.ndarray, 
     return sched.timesteps[start:], start
 
 
-def latents_from(parameters: np.ndarray, scaling: float, rng) -> np.ndarray:
-    """A sample of the encoder's latent distribution (mean, log-variance halves), scaled for the UNet."""
+def latents_from(parameters: np.ndarray, scaling: float, rng, shift: float = 0.0) -> np.ndarray:
+    """A sample of the encoder's latent distribution (mean, log-variance halves), shifted and scaled for the sampler."""
     mean, logvar = np.split(parameters.astype(np.float32), 2, axis=1)
     std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
-    return (np.float32(scaling) * (mean + std * rng.standard_normal(mean.shape, dtype=np.float32))).astype(np.float32)
+    sample = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+    return (np.float32(scaling) * (sample - np.float32(shift) if shift else sample)).astype(np.float32)
+
+
+def blurred(mask: Any, radius: float) -> Any:
+    """The mask image, its edge blurred by radius pixels (Gaussian) where asked."""
+    if radius <= 0:
+        return mask
+    from PIL import ImageFilter
+
+    return open_image(mask).convert("L").filter(ImageFilter.GaussianBlur(radius))
 
 
 def mask_input(mask: Any, width: int, height: int) -> np.ndarray:

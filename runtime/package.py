@@ -18,7 +18,9 @@ REQUIRED = ("text_encoder", "unet", "vae_decoder")
 
 def required(family: str) -> tuple[str, ...]:
     """The components text-to-image runs for a family, in the order they run."""
-    return ("text_encoder", "text_encoder_2", "unet", "vae_decoder") if family == "sdxl" else REQUIRED
+    from .families import family_class
+
+    return family_class(family).components()
 
 
 def sha256(path: Path) -> str:
@@ -54,6 +56,7 @@ class Package:
     scheduler_config: dict[str, Any]
     manifest: dict[str, Any] = field(default_factory=dict)
     force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt is zeros, not the encoded ""
+    vae_shift_factor: float = 0.0  # latents / scaling + shift go into the VAE decoder (SD3, FLUX: their VAE's shift)
 
     def component(self, name: str) -> Path:
         """Path of a component's ONNX graph; a clear error when the package lacks it."""
@@ -135,7 +138,8 @@ def _from_manifest(root: Path, m: dict) -> Package:
                        latent_channels=int(m["latent_channels"]), text_max_length=int(m["text_max_length"]),
                        defaults=m["defaults"], scheduler_config=_read_json(root / "scheduler" / "scheduler_config.json",
                                                                             "scheduler config"), manifest=m,
-                       force_zeros_for_empty_prompt=bool(m.get("force_zeros_for_empty_prompt", False)))
+                       force_zeros_for_empty_prompt=bool(m.get("force_zeros_for_empty_prompt", False)),
+                       vae_shift_factor=float(m.get("vae_shift_factor") or 0.0))
     except KeyError as exc:
         raise UserError(f"{root / MANIFEST} lacks {exc}; re-export the package with `diffrt export`") from None
 
@@ -168,5 +172,5 @@ def _from_configs(root: Path) -> Package:
                    latent_channels=int(vae.get("latent_channels", 4)), text_max_length=77,
                    defaults={"width": size, "height": size, "steps": 30, "guidance_scale": 5.0 if family == "sdxl" else 7.5,
                              "scheduler": sched.get("_class_name", "PNDMScheduler")},
-                   scheduler_config=sched,
+                   scheduler_config=sched, vae_shift_factor=float(vae.get("shift_factor") or 0.0),
                    force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +16,18 @@ from . import __version__
 from .backends.engine import Engine
 from .backends.registry import REGISTRY, Backend, EngineOptions, auto_order, get
 from .errors import UserError
-from .family import adapter_for
+from .families import family_for
 from .generators import ImageGenerators
-from .img2img import Inpainting, image_input, latents_from, mask_input, strength_timesteps
+from .img2img import Inpainting, blurred, image_input, latents_from, mask_input, strength_timesteps
 from .lora import LoraChoice, LoraSets, restored
 from .memory import attention_layout, check_fits
-from .package import Package, load_package, required
-from .prompts import chunked, emphasized
+from .package import Package, load_package
+from .prompts import chunked
 from .request import (
+    GenerationRequest,
     Request,
     check_clip_skip,
+    check_prompt_syntax,
     check_request,
     check_rescale,
     check_rng,
@@ -39,7 +41,6 @@ from .request import (
 )
 from .schedulers import short_name
 from .stream import NonFiniteError, Stream, check_joinable, joined_rows
-from .tokenizer import ClipTokenizer
 
 
 def pixels_hash(array: np.ndarray) -> str:
@@ -101,15 +102,14 @@ class Pipeline:
                                      fp32_fallback)
         self.runner, self.precision = self._choose(backend, precision, gated)
         self.backend = self.runner.name
-        self.family = adapter_for(package.family)
+        self.family = family_for(package)
         self.loras: list[LoraChoice] = list(loras or [])
         self.lora_sets = LoraSets(package.root, self._lora_targets())
         self.fallback_lora_sets = LoraSets(package.root, self._lora_targets(fallback=True))
         self.lora_weights = self.check_loras(self.loras)
-        self.stages = required(package.family)  # the components text-to-image runs
+        self.stages = self.family.components()  # what text-to-image runs
         self.attention = attention_layout(package.root)  # for the memory a request's size needs
-        self.tokenizers = [ClipTokenizer.from_folder(package.root / name.replace("text_encoder", "tokenizer"),
-                                                     package.text_max_length) for name in self.family.encoders]
+        self.tokenizers = self.family.tokenizers()
         self.tokenizer = self.tokenizers[0]
         self.fell_back: list[str] = []
         self.text_encoder_2: Engine | None = None
@@ -164,7 +164,7 @@ class Pipeline:
             getattr(self, name).close()
         if self.vae_encoder is not None:
             self.vae_encoder.close()
-        shared = getattr(self.unet, "shared", None)
+        shared = getattr(self.denoiser, "shared", None)
         if shared is not None:
             shared.free()
 
@@ -191,7 +191,7 @@ class Pipeline:
     def _lora_targets(self, fallback: bool = False) -> dict[str, Path]:
         """The graphs a LoRA may change: the text encoder(s) and the UNet (or their float32 copies)."""
         path = self.package.fallback if fallback else self.package.component
-        return {c: path(c) for c in (*self.family.encoders, "unet")}
+        return {c: path(c) for c in (*self.family.encoders, self.family.denoiser)}
 
     def check_loras(self, loras: list[LoraChoice]) -> dict[str, dict[str, np.ndarray]]:
         """The merged weights of a LoRA set (computed, or kept from an earlier use), refused in one line when the set
@@ -281,68 +281,78 @@ class Pipeline:
         return cls(load_package(path, hashes=verify_hashes), backend, threads, fp32_fallback, cuda_graph,
                    Path(graph_cache) if graph_cache else None, gpu_mem_limit, precision, loras, gated)
 
-    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] = "",
-                 progress: Callable[[int, int], None] | None = None, loras: list[LoraChoice] | None = None,
-                 **options: Any) -> Result:
-        """Images for prompt (or each of a list of prompts): `begin` (which documents the options), every step, `finish`.
-        progress(i, n) is called after each step; loras (files and scales) switches the applied LoRAs first (None: keep
-        those applied, [] none; see set_loras)."""
-        if loras is not None:
-            self.set_loras(loras)
-        stream = self.begin(prompt, negative_prompt, **options)
+    def __call__(self, prompt: str | list[str] | GenerationRequest, negative_prompt: str | list[str] = "",
+                 progress: Callable[[int, int], None] | None = None, **settings: Any) -> Result:
+        """Images for prompt (or each of a list of prompts, or a GenerationRequest): `begin` (which documents the
+        settings), every step, `finish`. progress(i, n) is called after each step."""
+        stream = self.begin(prompt, negative_prompt, **settings)
         while not stream.done:
             self.step([stream])
             if progress:
                 progress(stream.i, stream.total)
         return self.finish(stream)
 
-    def begin(self, prompt: str | list[str], negative_prompt: str | list[str] = "", steps: int | None = None,
-              guidance_scale: float | list[float] | None = None, scheduler: str | None = None, seed: int | None = None,
-              width: int | None = None, height: int | None = None, num_images: int = 1,
-              latents: np.ndarray | None = None, num_inference_steps: int | None = None,
-              num_images_per_prompt: int | None = None, seeds: list[int] | None = None, image: Any = None,
-              strength: float = 0.8, resize: bool = False, mask: Any = None, rng: str = "numpy", clip_skip: int = 1,
-              guidance_rescale: float = 0.0, original_size: tuple[int, int] | None = None,
-              crops_coords_top_left: tuple[int, int] = (0, 0)) -> Stream:
-        """Images for prompt (or each of a list of prompts), num_images each. Image i gets seed + i (seed None or -1:
-        random), so any image can be made again alone; seeds (and guidance_scale as a list) give every image's own
-        (a server batching requests); steps and num_images also go by diffusers' names. With image (a Pillow image or a
-        path), image-to-image: the image's latents noised to the step that strength selects, the rest of the steps run;
-        with mask too (white = repaint), inpainting, by a 9-channel inpainting UNet or by blending for an ordinary one.
-        rng "torch-cpu" or "torch-cuda" draws each image's noise as torch.randn on a generator of that device seeded with
-        the image's seed (diffusers' generator=torch.Generator(device).manual_seed(seed), A1111's RNG source CPU / GPU).
-        Prompts are read as AUTOMATIC1111 reads them ((word:1.2), [word], BREAK, any length); clip_skip N takes the
-        text encoder's N-th layer from the end (A1111's "Clip skip"; diffusers' clip_skip is N - 1). guidance_rescale
-        (0..1) brings the guided noise prediction's spread back towards the prompt's, as diffusers' does (SD 2.x
-        v-prediction models with zero terminal SNR). SDXL models also take diffusers' size conditioning: original_size
-        (height, width; default the image's own) and crops_coords_top_left (top, left). Returns the stream of the call:
-        checked, its start latents drawn and its prompts encoded, ready for `step`."""
-        pkg, d = self.package, self.package.defaults
-        steps = next((v for v in (steps, num_inference_steps) if v is not None), d["steps"])
-        num_images = num_images_per_prompt if num_images_per_prompt is not None else num_images
-        pixels = None if image is None else image_input(image, pkg.vae_scale_factor, resize)
-        if pixels is not None:
-            if (width or pixels.shape[3], height or pixels.shape[2]) != (pixels.shape[3], pixels.shape[2]):
-                raise UserError(f"the image is {pixels.shape[3]}x{pixels.shape[2]}; leave out width and height with an image")
-            width, height = pixels.shape[3], pixels.shape[2]
-        req, sched = self.check(prompt, negative_prompt, steps, guidance_scale, scheduler, seed, seeds,
-                                width or d["width"], height or d["height"], num_images, rng, clip_skip)
-        req.guidance_rescale = check_rescale(guidance_rescale)
-        req.original_size, req.crops_coords_top_left = check_size_conditioning(original_size, crops_coords_top_left,
-                                                                               pkg.family)
+    def begin(self, prompt: str | list[str] | GenerationRequest, negative_prompt: str | list[str] = "",
+              **settings: Any) -> Stream:
+        """Start a call: checked, its start latents drawn and its prompts encoded, ready for `step`. The settings are
+        GenerationRequest's fields (or one GenerationRequest in place of the prompt). Image i gets seed + i (seed None
+        or -1: random), so any image can be made again alone; seeds (and guidance_scale as a list) give every image's
+        own (a server batching requests); steps and num_images also go by diffusers' names. With image (a Pillow
+        image or a path), image-to-image: the image's latents noised to the step that strength selects, the rest of
+        the steps run; with mask too (white = repaint), inpainting, by a 9-channel inpainting UNet or by blending for
+        an ordinary one. rng "torch-cpu" or "torch-cuda" draws each image's noise as torch.randn on a generator of
+        that device seeded with the image's seed (diffusers' generator=torch.Generator(device).manual_seed(seed), A1111's
+        RNG source CPU / GPU). prompt_syntax "a1111" (default) reads prompts as AUTOMATIC1111 does ((word:1.2),
+        [word], BREAK, any length), "plain" as diffusers does (as written, cut at the text encoder's length);
+        clip_skip N takes the text encoder's N-th layer from the end (A1111's "Clip skip"; diffusers' clip_skip is N -
+        1). guidance_rescale (0..1) brings the guided prediction's spread back towards the prompt's (diffusers'). SDXL
+        models also take original_size (height, width; default the image's own) and crops_coords_top_left. loras (files
+        and scales) switches the applied LoRAs first (None: keep those applied, [] none; see set_loras)."""
+        request = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest.of(prompt, negative_prompt,
+                                                                                           **settings)
+        if request.loras is not None:
+            self.set_loras(list(request.loras))
+        pixels = self._pixels(request)
+        req, sched = self.check(request, pixels)
         rng = ImageGenerators(req.seeds, req.rng)
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
         clock = time.perf_counter()
-        timesteps, x, inpaint = self._start(sched, req, strength, pixels, mask, latents, rng, timings)
+        mask = None if request.mask is None else blurred(request.mask, request.mask_blur)
+        timesteps, x, inpaint = self._start(sched, req, request.strength, pixels, mask, request.latents, rng, timings)
         host_cond = self._encode_prompt(req, timings)
-        cond = {k: self.unet.to_device(v) for k, v in host_cond.items()}
-        source = {}
-        if pixels is not None:
-            source = {"mode": "inpaint" if mask is not None else "img2img", "strength": strength,
-                      "image": Path(image).name if isinstance(image, (str, Path)) else "image", "image_sha256": pixels_hash(pixels)}
-            if inpaint is not None:
-                source["mask_sha256"] = pixels_hash(inpaint.mask[:1])
+        cond = {k: self.denoiser.to_device(v) for k, v in host_cond.items()}
+        source = {} if pixels is None else self._source(request, pixels, inpaint)
         return Stream(req, sched, timesteps, x, cond, host_cond, rng, inpaint, timings, clock, source)
+
+    def _pixels(self, request: GenerationRequest) -> np.ndarray | None:
+        """The image-to-image source as the VAE takes it, its size checked against the request's."""
+        if request.image is None:
+            if request.mask is not None:
+                raise UserError("a mask needs an image to repaint (--image)")
+            for name, value, default in (("strength", request.strength, 0.8), ("resize", request.resize, False),
+                                         ("mask blur", request.mask_blur, 0.0)):
+                if value != default:
+                    raise UserError(f"{name} only applies to image-to-image: give an image (--image), or leave it out")
+            return None
+        if request.mask is None and request.mask_blur:
+            raise UserError("mask blur blurs the edge of an inpainting mask: give a mask (--mask), or leave it out")
+        pixels = image_input(request.image, self.family.size_multiple, request.resize)
+        height, width = pixels.shape[2:]
+        if (request.width or width, request.height or height) != (width, height):
+            raise UserError(f"the image is {width}x{height}; leave out width and height with an image")
+        return pixels
+
+    def _source(self, request: GenerationRequest, pixels: np.ndarray, inpaint: Inpainting | None) -> dict[str, Any]:
+        """Image-to-image settings for the images' metadata: what --from needs to take the same source again."""
+        image, mask = request.image, request.mask
+        source = {"mode": "inpaint" if mask is not None else "img2img", "strength": request.strength,
+                  "image": Path(image).name if isinstance(image, (str, Path)) else "image", "image_sha256": pixels_hash(pixels),
+                  **({"image_path": str(Path(image).resolve())} if isinstance(image, (str, Path)) else {}),
+                  **({"resize": True} if request.resize else {})}
+        if inpaint is not None:
+            source.update({"mask_sha256": pixels_hash(inpaint.mask[:1]), "mask_blur": request.mask_blur,
+                           **({"mask_path": str(Path(mask).resolve())} if isinstance(mask, (str, Path)) else {})})
+        return source
 
     def finish(self, stream: Stream) -> Result:
         """The stream's images decoded, with the settings that make each again (or the error that stopped it)."""
@@ -357,11 +367,23 @@ class Pipeline:
         timings["total"] = time.perf_counter() - stream.clock
         settings = {"prompt": prompts[0], "negative_prompt": negatives[0], "steps": req.steps, "guidance_scale": req.guidances[0],
                     "scheduler": short_name(sched), "seed": req.seeds[0], "width": req.width, "height": req.height,
-                    "num_images": len(prompts), "rng": req.rng, "clip_skip": req.clip_skip,
-                    "guidance_rescale": req.guidance_rescale, **self._size_settings(req),
-                    **({"loras": [c.label for c in self.loras]} if self.loras else {}), "model": pkg.name, "model_hash": pkg.model_hash,
+                    "num_images": len(prompts), "rng": req.rng, "clip_skip": req.clip_skip, "prompt_syntax": req.prompt_syntax,
+                    "guidance_rescale": req.guidance_rescale, **self.family.size_settings(req), **self._lora_settings(),
+                    "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.runner.name, "precision": self.computes, "diffrt": __version__, **stream.source}
         return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances, stream.x)
+
+    def _lora_settings(self) -> dict[str, Any]:
+        """The applied LoRAs as an image's settings record them: labels to read, files and scales to apply again."""
+        if not self.loras:
+            return {}
+        return {"loras": [c.label for c in self.loras],
+                "lora_files": [{"path": str(c.path.resolve()), "scale": c.scale} for c in self.loras]}
+
+    @property
+    def denoiser(self) -> Engine:
+        """The engine the sampling loop calls (the UNet, or a DiT family's transformer)."""
+        return getattr(self, self.family.denoiser)
 
     @property
     def computes(self) -> str:
@@ -372,7 +394,7 @@ class Pipeline:
     @property
     def per_row_timesteps(self) -> bool:
         """Whether the UNet takes one timestep per batch row, so streams at different steps can share a call."""
-        shape = self.unet.inputs["timestep"].shape
+        shape = self.denoiser.inputs["timestep"].shape
         return self.runner.per_row_timesteps and len(shape) == 1 and shape[0] is None
 
     def step(self, streams: list[Stream]) -> None:
@@ -383,12 +405,12 @@ class Pipeline:
         if len(streams) > 1:
             check_joinable(streams)
         inputs, t, seconds = joined_rows(streams)
-        feeds = self.family.unet_feeds(self.unet, np.concatenate(inputs) if len(inputs) > 1 else inputs[0], t,
-                                       self._joined_cond(streams))
-        first = streams[0]
+        first, name = streams[0], self.family.denoiser
         where = f"at step {first.i + 1} of {first.total}" if len(streams) == 1 else f"on {len(streams)} requests' step"
+        run = lambda feeds: self._guarded(name, feeds, self.family.denoiser_output, where)  # noqa: E731
         called = time.perf_counter()
-        out = self._guarded("unet", feeds, self.family.unet_output, where).astype(np.float32)
+        out = self.family.denoise(self.denoiser, run, np.concatenate(inputs) if len(inputs) > 1 else inputs[0], t,
+                                  self._joined_cond(streams)).astype(np.float32)
         unet_seconds, start = time.perf_counter() - called, 0
         for stream, rows, own in zip(streams, inputs, seconds):
             try:
@@ -405,47 +427,58 @@ class Pipeline:
         last = self._joined[0]  # the streams themselves, held: an id() of a finished one could be a new one's
         if len(last) != len(streams) or any(a is not b for a, b in zip(last, streams)):
             first = streams[0].host_cond
-            self._joined = (list(streams), {k: self.unet.to_device(np.concatenate([s.host_cond[k] for s in streams]))
+            self._joined = (list(streams), {k: self.denoiser.to_device(np.concatenate([s.host_cond[k] for s in streams]))
                                             for k in first})
         return self._joined[1]
 
-    def check(self, prompt: Any, negative: Any, steps: int, guidance: Any, scheduler: str | None, seed: Any,
-              seeds: list[int] | None, width: int, height: int, num_images: int, rng: str = "numpy",
-              clip_skip: int = 1) -> tuple[Request, Any]:
-        """The checked request and its scheduler, refused in one line when it cannot run here (a server checks a
-        request with it before queueing it)."""
-        pkg, d = self.package, self.package.defaults
-        guidance = d["guidance_scale"] if guidance is None else guidance
-        check_request(width, height, steps, num_images, guidance, pkg.vae_scale_factor)
-        prompts, negatives = expand_prompts(prompt, negative, num_images)
-        req = Request(prompts, negatives, image_seeds(seed, len(prompts)) if seeds is None else check_seeds(seeds, len(prompts)),
-                      steps, per_image(guidance, len(prompts)), width, height, check_rng(rng),
-                      check_clip_skip(clip_skip, self.family.layers([getattr(self, e) for e in self.family.encoders])))
-        sched = make_checked_scheduler(scheduler or d.get("scheduler"), pkg.scheduler_config, steps,
-                                       self.family.image_seq_len(width, height, pkg.vae_scale_factor))
-        if not self.runner.text_chunks and self.chunk_count(prompts + negatives) > 1:
+    def check(self, request: GenerationRequest, pixels: np.ndarray | None = None) -> tuple[Request, Any]:
+        """The request resolved against the package's defaults and checked, and its scheduler; refused in one line
+        when it cannot run here (a server checks a request with it before queueing it). pixels: an image-to-image
+        source, whose size the request takes."""
+        pkg, given = self.package, request
+        if pixels is not None:
+            given = replace(request, width=pixels.shape[3], height=pixels.shape[2])
+        r = given.with_defaults(pkg.defaults)
+        check_request(r.width, r.height, r.steps, r.num_images, r.guidance_scale, self.family.size_multiple)
+        prompts, negatives = expand_prompts(r.prompt, r.negative_prompt, r.num_images)
+        seeds = image_seeds(r.seed, len(prompts)) if r.seeds is None else check_seeds(r.seeds, len(prompts))
+        layers = self.family.layers([getattr(self, e) for e in self.family.encoders])
+        original_size, crop = check_size_conditioning(r.original_size, r.crops_coords_top_left, self.family.size_conditioning)
+        req = Request(prompts, negatives, seeds, r.steps, per_image(r.guidance_scale, len(prompts)), r.width, r.height,
+                      rng=check_rng(r.rng), clip_skip=check_clip_skip(r.clip_skip, layers),
+                      prompt_syntax=check_prompt_syntax(r.prompt_syntax), guidance_rescale=check_rescale(r.guidance_rescale),
+                      original_size=original_size, crops_coords_top_left=crop, source=request)
+        sched = make_checked_scheduler(r.scheduler, pkg.scheduler_config, r.steps,
+                                       self.family.image_seq_len(r.width, r.height))
+        self._check_fits(req)
+        return req, sched
+
+    def _check_fits(self, req: Request) -> None:
+        """Refuse what this backend cannot hold: more text than its engines take, attention larger than this host's
+        memory; warn of a size far from the model's own."""
+        if not self.runner.text_chunks and self.chunk_count(req.prompts + req.negatives, req.prompt_syntax) > 1:
             raise UserError(f"the {self.runner.name} engines take one 75-token chunk of text (their profiles fix the "
                             "sequence length); shorten the prompt (or drop BREAK), or use --backend ort-cuda")
         if self.runner.device == "cpu":
-            too_big = check_fits(self.attention, width, height, pkg.vae_scale_factor, len(prompts) * (2 if req.guided else 1))
+            rows = len(req.prompts) * (2 if req.guided else 1)
+            too_big = check_fits(self.attention, req.width, req.height, self.package.vae_scale_factor, rows)
             if too_big:
                 raise UserError(too_big)
-        note = size_note(d, width, height)
+        note = size_note(self.package.defaults, req.width, req.height)
         if note:
-            warnings.warn(note, stacklevel=3)
-        return req, sched
+            warnings.warn(note, stacklevel=4)
 
     def _start(self, sched, req: Request, strength: float, pixels: np.ndarray | None, mask: Any,
                latents: np.ndarray | None, rng: ImageGenerators, timings: dict) -> tuple[np.ndarray, np.ndarray, Any]:
         """(timesteps to run, starting latents, inpainting state): pure noise for text-to-image, the image's noised
         latents for image-to-image, and for inpainting also what the loop needs to keep the unmasked region."""
-        f, n = self.package.vae_scale_factor, len(req.prompts)
-        shape = (n, self.package.latent_channels, req.height // f, req.width // f)
+        n = len(req.prompts)
+        shape = self.family.latent_shape(n, req.width, req.height)
         if pixels is not None and latents is not None:
             raise UserError("give an image or initial latents, not both")
         if latents is not None and latents.shape != shape:
             raise UserError(f"latents have shape {latents.shape}; {req.width}x{req.height} with {n} image(s) needs {shape}")
-        if self.unet.inputs["sample"].shape[1] == 9 and mask is None:
+        if self.family.takes_mask(self.denoiser) and mask is None:
             raise UserError("this is an inpainting model (its UNet takes a mask): give an image and a mask (--image, --mask)")
         if pixels is None:
             if mask is not None:
@@ -460,64 +493,24 @@ class Pipeline:
                                             strength == 1.0, n, rng, timings)
         return timesteps, x, inpaint
 
-    def _size_settings(self, req: Request) -> dict[str, Any]:
-        """SDXL's size conditioning as the image's settings record it."""
-        if self.package.family != "sdxl":
-            return {}
-        return {"original_size": list(req.original_size or (req.height, req.width)),
-                "crops_coords_top_left": list(req.crops_coords_top_left)}
-
     def _encode_prompt(self, req: Request, timings: dict) -> dict[str, Any]:
-        """The UNet's text inputs (negatives then prompts when guided), already in the UNet's input form. SDXL models
-        with force_zeros_for_empty_prompt take zeros for an empty negative prompt, as diffusers does for none."""
+        """The denoiser's text inputs (negatives then prompts when guided), already in its input form."""
         start = time.perf_counter()
-        texts = (req.negatives if req.guided else []) + req.prompts
-        hidden, pooled = self._embed(texts, req.clip_skip, timings)
-        if self.package.force_zeros_for_empty_prompt and req.guided and pooled is not None:
-            empty = np.array([not n for n in req.negatives] + [False] * len(req.prompts))
-            hidden[empty] = 0
-            pooled[empty] = 0
-        size = [*(req.original_size or (req.height, req.width)), *req.crops_coords_top_left, req.height, req.width]
-        cond = self.family.conditioning(hidden, pooled, np.tile(np.array(size, np.float32), (len(texts), 1)))
-        cond = {k: v.astype(self.unet.inputs[k].dtype) for k, v in cond.items()}
+        cond = self.family.encode(self._guarded_outputs, [getattr(self, e) for e in self.family.encoders], self.tokenizers,
+                                  req, timings)
+        cond = {k: v.astype(self.denoiser.inputs[k].dtype) for k, v in cond.items()}
         timings["text_encoder"] = time.perf_counter() - start - timings["tokenize"]
         return cond
 
-    def chunk_count(self, prompts: list[str]) -> int:
+    def chunk_count(self, prompts: list[str], syntax: str = "a1111") -> int:
         """How many 75-token chunks the longest of the prompts takes (what its embedding's length is)."""
-        return max(len(chunked(self.tokenizer, p).ids) for p in prompts)
+        return max(len(chunked(self.tokenizer, p).ids) for p in prompts) if syntax == "a1111" else 1
 
-    def embed(self, prompts: list[str], clip_skip: int = 1, timings: dict | None = None) -> np.ndarray:
-        """(len(prompts), 77 k, hidden) float32: each prompt in AUTOMATIC1111's chunks of 75 tokens (weights, BREAK),
-        every chunk through the text encoder(s) (the hidden state that clip_skip picks), emphasized, chunks
-        concatenated; a prompt with fewer chunks than the longest is filled with the empty prompt's, as A1111 fills
-        it. SDXL's two encoders' states lie side by side."""
-        return self._embed(prompts, clip_skip, timings)[0]
-
-    def _embed(self, prompts: list[str], clip_skip: int, timings: dict | None) -> tuple[np.ndarray, np.ndarray | None]:
-        """embed(), and the pooled embedding of each prompt's first chunk where the family takes one."""
-        hidden, pooled, tokenize = [], None, 0.0
-        for name, tokenizer in zip(self.family.encoders, self.tokenizers):
-            start = time.perf_counter()
-            chunks = [chunked(tokenizer, p) for p in prompts]
-            count = max(len(c.ids) for c in chunks)
-            empty = chunked(tokenizer, "")
-            ids = np.concatenate([np.concatenate([c.ids, *[empty.ids] * (count - len(c.ids))]) for c in chunks])
-            weights = np.concatenate([np.concatenate([c.weights, *[empty.weights] * (count - len(c.ids))]) for c in chunks])
-            tokenize += time.perf_counter() - start
-            encoder = getattr(self, name)
-            output, layer = self.family.hidden_output(encoder, clip_skip)
-            pooled_name = self.family.pooled_output(name)
-            outs = self._guarded_outputs(name, self.family.text_feeds(encoder, ids),
-                                         (output,) + ((pooled_name,) if pooled_name else ()), "on the prompt")
-            z = outs[0] if layer is None else outs[0][:, outs[0].shape[1] + layer]
-            z = emphasized(np.asarray(z, np.float32), weights)
-            hidden.append(z.reshape(len(prompts), count * z.shape[1], z.shape[2]))
-            if pooled_name:
-                pooled = np.asarray(outs[1], np.float32)[::count].copy()
-        if timings is not None:
-            timings["tokenize"] = tokenize
-        return np.concatenate(hidden, axis=-1), pooled
+    def embed(self, prompts: list[str], clip_skip: int = 1, syntax: str = "a1111") -> np.ndarray:
+        """(len(prompts), 77 k, hidden) float32: the text encoder(s)' hidden states as the denoiser takes them
+        (Family.embed)."""
+        return self.family.embed(self._guarded_outputs, [getattr(self, e) for e in self.family.encoders], self.tokenizers,
+                                 prompts, clip_skip, syntax)[0]
 
     def _encode_image(self, pixels: np.ndarray, count: int, rng: ImageGenerators, timings: dict) -> np.ndarray:
         """The image's latents for each of count images: one encoder call, a sample of its distribution per image."""
@@ -531,7 +524,8 @@ class Pipeline:
             self.vae_encoder = self._engine("vae_encoder")
         params = self._guarded("vae_encoder", self.family.encoder_feeds(self.vae_encoder, pixels), self.family.encoder_output,
                                "encoding the image")
-        latents = latents_from(np.repeat(params, count, axis=0), self.package.vae_scaling_factor, rng)
+        latents = latents_from(np.repeat(params, count, axis=0), self.package.vae_scaling_factor, rng,
+                               self.package.vae_shift_factor)
         timings["vae_encode"] = time.perf_counter() - start
         return latents
 
@@ -539,11 +533,10 @@ class Pipeline:
                            rng: ImageGenerators, timings: dict) -> tuple[np.ndarray, Inpainting]:
         """Start latents and what the loop needs, drawing noise in diffusers' order: the image's latent sample (unless
         a 9-channel UNet starts from pure noise), the start noise, the masked image's latent sample."""
-        nine = self.unet.inputs["sample"].shape[1] == 9
+        nine = self.family.takes_mask(self.denoiser)
         image_latents = None if nine and from_noise else self._encode_image(pixels, count, rng, timings)
         f = self.package.vae_scale_factor
-        noise = rng.standard_normal((count, self.package.latent_channels, pixels.shape[2] // f, pixels.shape[3] // f),
-                                    dtype=np.float32)
+        noise = rng.standard_normal(self.family.latent_shape(count, pixels.shape[3], pixels.shape[2]), dtype=np.float32)
         x = noise * np.float32(sched.init_noise_sigma) if from_noise else sched.add_noise(image_latents, noise, t0)
         masked = self._encode_image(pixels * (mask < 0.5), count, rng, timings)
         inpaint = Inpainting(np.repeat(mask[:, :, ::f, ::f], count, axis=0), masked if nine else None,
@@ -555,7 +548,7 @@ class Pipeline:
         of the pipeline (SD 1.5 at 512², fp16 on onnxruntime CUDA: 8 GB for 4 images at once, 2 GB one by one) and
         its time does not depend on batching."""
         start = time.perf_counter()
-        latent_in = x / np.float32(self.package.vae_scaling_factor)
+        latent_in = self.family.vae_input(x)
         decoded = np.concatenate([self._guarded("vae_decoder", self.family.vae_feeds(self.vae_decoder, latent_in[i:i + 1]),
                                                 self.family.vae_output, "decoding the latents") for i in range(len(latent_in))])
         timings["vae_decode"] = time.perf_counter() - start

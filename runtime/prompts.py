@@ -107,6 +107,13 @@ def chunked(tokenizer, text: str) -> Chunks:
     return Chunks(*(np.stack(a) for a in zip(*(framed(tokenizer, t, w) for t, w in chunks))))
 
 
+def plain(tokenizer, text: str) -> Chunks:
+    """The prompt as diffusers reads it: the text as it is (no weights, no BREAK) in one chunk, cut at the text
+    encoder's length with a warning."""
+    ids = tokenizer([text])
+    return Chunks(ids, np.ones(ids.shape, np.float32))
+
+
 def framed(tokenizer, tokens: list[int], weights: list[float]) -> tuple[np.ndarray, np.ndarray]:
     """One chunk as the text encoder takes it: BOS, tokens, EOS, pad tokens; weight 1 outside the prompt's tokens."""
     ids = np.full(CHUNK + 2, tokenizer.pad_id, np.int64)

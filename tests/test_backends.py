@@ -12,7 +12,7 @@ import pytest
 from diffrt.runtime.backends.engine import TensorSpec, dims
 from diffrt.runtime.backends.registry import BACKENDS, REGISTRY, EngineOptions, get, resolve
 from diffrt.runtime.errors import UserError
-from diffrt.runtime.family import timestep_feed
+from diffrt.runtime.families import timestep_feed
 
 RUNTIME = Path(__file__).parents[1] / "runtime"
 
@@ -58,7 +58,7 @@ def test_only_the_registry_names_backends():
     """pipeline.py (and the other runtime modules that run engines) compare no backend name: each asks the registry
     for a capability. A string literal naming a backend in a comparison there fails this test."""
     names = set(REGISTRY)
-    for module in ("pipeline.py", "stream.py", "family.py", "request.py", "img2img.py"):
+    for module in ("pipeline.py", "stream.py", "families/base.py", "families/sd.py", "families/sdxl.py", "request.py", "img2img.py"):
         tree = ast.parse((RUNTIME / module).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Compare):

@@ -24,7 +24,11 @@ def core():
     if not _CORE:
         try:
             import openvino as ov
-        except ImportError:
+        except ImportError as exc:
+            from .onnxruntime import interrupted
+
+            if interrupted(exc):  # Ctrl-C while OpenVINO loads surfaces as its ImportError
+                raise KeyboardInterrupt from None
             raise UserError('backend ov-cpu needs OpenVINO: `pip install "diffrt[openvino]"`, or use --backend ort-cpu') from None
         _CORE.append(ov.Core())
     return _CORE[0]
