@@ -95,80 +95,93 @@ def scheduler_name(text: str) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .images import output_paths, read_settings, save_image
-    from .lora import parse_choice
+    import warnings
+    from dataclasses import replace
+
+    from .images import output_paths, save_image
     from .pipeline import Pipeline
     from .progress import ProgressBar
     from .request import check_text, image_seeds
 
-    if args.from_image:
-        apply_settings(args, read_settings(args.from_image))
-    if args.prompt is None:
+    request, made_from = generation_request(args)
+    if request.prompt is None:
         raise UserError("give a prompt (or --from IMAGE to make an image again)")
-    check_text(args.prompt, "prompt")
-    check_text(args.negative, "negative prompt")
-    check_image_options(args)
-    seeds = image_seeds(args.seed, args.n)
+    check_text(request.prompt, "prompt")
+    check_text(request.negative_prompt, "negative prompt")
+    seeds = image_seeds(request.seed, request.num_images)
     paths = output_paths(args.output, seeds, args.overwrite)  # refuse a bad -o before any work
     pipe = Pipeline.from_package(args.model, backend=args.backend, threads=args.threads, verify_hashes=args.verify,
                                  fp32_fallback=args.fp32_fallback, cuda_graph=args.cuda_graph, graph_cache=args.graph_cache,
                                  gpu_mem_limit=int(args.gpu_mem_limit * 2**30) if args.gpu_mem_limit else None,
-                                 precision=args.precision, loras=[parse_choice(x) for x in args.lora or []])
-    result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
-                  scheduler=args.scheduler, seed=seeds[0], width=args.width, height=args.height, num_images=args.n,
-                  progress=None if args.quiet else ProgressBar("denoising, UNet calls"), image=args.image,
-                  strength=0.8 if args.strength is None else args.strength,
-                  resize=args.resize, mask=blurred(args.mask, args.mask_blur) if args.mask else None, rng=args.rng or "numpy",
-                  clip_skip=args.clip_skip or 1, guidance_rescale=args.guidance_rescale or 0.0,
-                  original_size=tuple(args.original_size[::-1]) if args.original_size else None,
-                  crops_coords_top_left=tuple(args.crop_top_left or (0, 0)))
+                                 precision=args.precision, loras=request.loras)
+    result = pipe(replace(request, seed=seeds[0], loras=None),
+                  progress=None if args.quiet else ProgressBar("denoising, UNet calls"))
     for i, (image, path) in enumerate(zip(result.images, paths)):
         save_image(image, path, result.image_settings(i))
         print(path)
-    if args.seed is None or args.seed == -1:
+    if request.seed is None or request.seed == -1:
         print(f"diffrt: random seed {seeds[0]}" + (f" (images: {seeds[0]}..{seeds[-1]})" if len(seeds) > 1 else ""),
               file=sys.stderr)
+    for key in ("image_sha256", "mask_sha256"):
+        if made_from.get(key) and result.settings.get(key) != made_from[key]:
+            warnings.warn(f"the {key.split('_')[0]} {result.settings.get(key.replace('sha256', 'path'))} is not the one "
+                          f"{args.from_image} was made from (its pixels changed), so the image differs", stacklevel=1)
     return 0
 
 
-def blurred(mask: Path, radius: float):
-    """The mask image, its edge blurred by radius pixels (Gaussian) where asked."""
-    if radius <= 0:
-        return mask
-    from PIL import ImageFilter
-
-    from .img2img import open_image
-
-    return open_image(mask).convert("L").filter(ImageFilter.GaussianBlur(radius))
+# generate's options -> GenerationRequest's fields (an option left out keeps --from's value, else the default)
+OPTION_FIELDS = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "guidance": "guidance_scale",
+                 "scheduler": "scheduler", "seed": "seed", "width": "width", "height": "height", "n": "num_images",
+                 "rng": "rng", "clip_skip": "clip_skip", "prompt_syntax": "prompt_syntax",
+                 "guidance_rescale": "guidance_rescale", "image": "image", "strength": "strength", "mask": "mask",
+                 "mask_blur": "mask_blur"}
 
 
-def check_image_options(args: argparse.Namespace) -> None:
-    """Refuse image-to-image options given without --image (they would be ignored without a word; a mask without an
-    image is refused by the pipeline)."""
+def generation_request(args: argparse.Namespace):
+    """The request the options make, over an image's saved settings with --from (options given win), and those
+    settings ({} without --from)."""
+    from dataclasses import replace
+
+    from .images import read_settings
+    from .lora import parse_choice
+    from .request import GenerationRequest
+    from .schedulers import scheduler_names
+
+    settings = read_settings(args.from_image) if args.from_image else {}
+    check_image_options(args, bool(settings.get("image_sha256")), bool(settings.get("mask_sha256")))
+    replaced = (*(("loras",) if args.lora is not None else ()), *(("image", "mask") if args.image is not None else ()),
+                *(("mask",) if args.mask is not None else ()))
+    base = GenerationRequest.from_settings(settings, replaced) if settings else GenerationRequest(None)
+    given = {name: getattr(args, option) for option, name in OPTION_FIELDS.items() if getattr(args, option) is not None}
+    if args.resize:
+        given["resize"] = True
+    if args.lora is not None:
+        given["loras"] = [parse_choice(x) for x in args.lora]
+    if args.original_size:
+        given["original_size"] = tuple(args.original_size[::-1])  # the option is WxH, the setting (height, width)
+    if args.crop_top_left:
+        given["crops_coords_top_left"] = tuple(args.crop_top_left)
+    if args.image is not None and args.mask is None:  # a new source replaces the recorded one, mask included
+        base.mask_blur = 0.0
+    request = replace(base, **given)
+    if settings and request.scheduler not in (None, *scheduler_names()):
+        raise UserError(f"{args.from_image} was made with scheduler {request.scheduler!r}, which this diffrt does not have")
+    if settings and request.original_size == (request.height, request.width):
+        request.original_size = None
+    return request, settings
+
+
+def check_image_options(args: argparse.Namespace, recorded_image: bool = False, recorded_mask: bool = False) -> None:
+    """Refuse image-to-image options given without an image (--image, or one recorded in --from's settings): they
+    would be ignored without a word (a mask without an image is refused by the pipeline)."""
     given = [flag for flag, value in (("--strength", args.strength is not None), ("--mask-blur", args.mask_blur),
                                       ("--resize", args.resize)) if value]
-    if args.image is None and given:
+    if args.image is None and not recorded_image and given:
         one = len(given) == 1
         raise UserError(f"{', '.join(given)} only appl{'ies' if one else 'y'} to image-to-image: give --image IN.png, "
                         f"or leave {'it' if one else 'them'} out")
-    if args.mask_blur and args.mask is None:
+    if args.mask_blur and args.mask is None and not (recorded_mask and args.image is None):
         raise UserError("--mask-blur blurs the edge of an inpainting mask: give --mask MASK.png, or leave it out")
-
-
-def apply_settings(args: argparse.Namespace, settings: dict) -> None:
-    """Fill what the command line left out from an image's saved settings (diffrt generate --from IMAGE)."""
-    from .schedulers import scheduler_names
-
-    for key, name in (("prompt", "prompt"), ("negative_prompt", "negative"), ("steps", "steps"), ("seed", "seed"),
-                      ("guidance_scale", "guidance"), ("scheduler", "scheduler"), ("width", "width"), ("height", "height"),
-                      ("rng", "rng"), ("clip_skip", "clip_skip"), ("guidance_rescale", "guidance_rescale"),
-                      ("crops_coords_top_left", "crop_top_left")):
-        if getattr(args, name) in (None, "") and settings.get(key) is not None:
-            setattr(args, name, settings[key])
-    if args.original_size is None and settings.get("original_size") and settings["original_size"] != [args.height, args.width]:
-        args.original_size = settings["original_size"][::-1]  # settings hold (height, width), the option WxH
-    if args.scheduler not in (None, *scheduler_names()):
-        raise UserError(f"{args.from_image} was made with scheduler {args.scheduler!r}, which this diffrt does not have")
 
 
 def require(extra: str, *modules: str) -> None:
@@ -400,7 +413,7 @@ def add_generate(sub) -> None:
     g = sub.add_parser("generate", help="generate images from a prompt")
     g.add_argument("prompt", nargs="?", help="what to draw (may be left out with --from)")
     g.add_argument("--model", type=Path, help="model package folder (default: the bundled shapes-tiny model)")
-    g.add_argument("--negative", default="", help="negative prompt: what to steer away from (default: none)")
+    g.add_argument("--negative", help="negative prompt: what to steer away from (default: none)")
     g.add_argument("--steps", type=positive_int, help=own.format(d.get("steps", "")))
     g.add_argument("--guidance", type=number, help="classifier-free guidance scale, 0 or more; 1 or less turns it off; "
                    + own.format(d.get("guidance_scale", "")))
@@ -414,6 +427,9 @@ def add_generate(sub) -> None:
     g.add_argument("--guidance-rescale", type=number, metavar="R",
                    help="0..1: rescale the guided prediction's spread to the prompt's (diffusers' guidance_rescale; "
                         "0.7 for SD 2.x v-prediction models trained with zero terminal SNR; default 0)")
+    g.add_argument("--prompt-syntax", choices=("a1111", "plain"),
+                   help="a1111 (default): (word:1.2), [word], BREAK and prompts of any length as AUTOMATIC1111 reads them; "
+                        "plain: as diffusers reads them, cut at the text encoder's length (77 tokens) with a warning")
     g.add_argument("--clip-skip", type=positive_int, metavar="N",
                    help="take the text encoder's N-th layer from the end (AUTOMATIC1111's Clip skip; default 1, the last)")
     g.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
@@ -424,12 +440,12 @@ def add_generate(sub) -> None:
                    help="SDXL: the crop offset the image is conditioned on (default 0,0: uncropped)")
     g.add_argument("--width", type=positive_int, help=own.format(d.get("width", "")))
     g.add_argument("--height", type=positive_int, help=own.format(d.get("height", "")))
-    g.add_argument("-n", type=positive_int, default=1, help="number of images (default 1)")
+    g.add_argument("-n", type=positive_int, help="number of images (default 1)")
     g.add_argument("--image", type=Path, help="image-to-image: start from this image (its size is the output's)")
     g.add_argument("--strength", type=number, help="image-to-image: how much of the schedule repaints the "
                    "image, above 0 to 1 (default 0.8)")
     g.add_argument("--mask", type=Path, help="inpainting: white repaints, black keeps (with --image; same size)")
-    g.add_argument("--mask-blur", type=number, default=0, metavar="PX", help="inpainting: blur the mask's edge by PX "
+    g.add_argument("--mask-blur", type=number, metavar="PX", help="inpainting: blur the mask's edge by PX "
                    "pixels first (default 0)")
     g.add_argument("--resize", action="store_true", help="image-to-image: scale an image whose sides are not multiples "
                    "of the model's factor down to the nearest ones (default: refuse it)")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,97 @@ MAX_SIDE = 4096
 MAX_IMAGES = 64
 
 
+ALIASES = {"num_inference_steps": "steps", "num_images_per_prompt": "num_images"}  # diffusers' names for two settings
+SOURCE_KEYS = ("image", "mask")  # image-to-image sources: recorded by path and pixel hash, taken again by --from
+
+
+@dataclass
+class GenerationRequest:
+    """Every setting of one call, as a user gives it (None: the package's default): built by the Python API
+    (`Pipeline.begin(prompt, **settings)`), the CLI (its options, or an image's settings with --from) and the server
+    (its request bodies) alike, then checked and resolved once by `Pipeline.check`."""
+
+    prompt: str | list[str]
+    negative_prompt: str | list[str] = ""
+    steps: int | None = None
+    guidance_scale: float | list[float | None] | None = None  # one, or one per image (None entries: the default)
+    scheduler: str | None = None
+    seed: int | None = None  # image i gets seed + i; None or -1: random
+    seeds: list[int] | None = None  # every image's own seed instead
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1  # per prompt
+    rng: str = "numpy"  # what draws each image's noise: numpy, torch-cpu, torch-cuda
+    clip_skip: int = 1
+    prompt_syntax: str = "a1111"  # a1111 (weights, BREAK, 75-token chunks) or plain (diffusers': cut at the encoder)
+    guidance_rescale: float = 0.0
+    original_size: tuple[int, int] | None = None  # SDXL's size conditioning (height, width)
+    crops_coords_top_left: tuple[int, int] = (0, 0)  # SDXL's crop conditioning (top, left)
+    loras: list[Any] | None = None  # LoraChoice files and scales; None: keep those the pipeline has applied
+    image: Any = None  # image-to-image source: a path or a Pillow image
+    strength: float = 0.8
+    resize: bool = False  # scale the image down to the VAE's multiple instead of refusing its size
+    mask: Any = None  # inpainting: white repaints
+    mask_blur: float = 0.0  # blur the mask's edge by this many pixels
+    latents: np.ndarray | None = field(default=None, repr=False)  # the start noise, instead of drawing it
+
+    @classmethod
+    def of(cls, prompt: Any, negative_prompt: Any = "", **settings: Any) -> GenerationRequest:
+        """A request from keyword settings, diffusers' names (num_inference_steps, num_images_per_prompt) taken too;
+        an unknown setting is refused naming the known ones."""
+        for alias, name in ALIASES.items():
+            if alias in settings:
+                value = settings.pop(alias)
+                if value is not None:
+                    settings[name] = value
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise TypeError(f"unknown setting(s) {', '.join(unknown)}; the settings are: {', '.join(sorted(known))}")
+        return cls(prompt, negative_prompt, **settings)
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], replaced: tuple[str, ...] = ()) -> GenerationRequest:
+        """The request that makes an image again from its saved settings: prompt, seed and sampling, the LoRAs
+        (their files, which must still be there) and the image-to-image source and mask (the same files); replaced
+        names the fields the caller gives anew (loras, image, mask), which are not looked for."""
+        from .lora import LoraChoice
+
+        known = {f.name for f in fields(cls)} - {"loras", "latents", "seeds", "num_images", *SOURCE_KEYS}
+        given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items() if k in known and v is not None}
+        loras = [LoraChoice(Path(x["path"]), float(x["scale"])) for x in settings.get("lora_files", [])]
+        for choice in loras if "loras" not in replaced else []:
+            if not choice.path.is_file():
+                raise UserError(f"the image was made with the LoRA {choice.path}, which is no longer there; put it back, or "
+                                "give --lora FILE[:SCALE] to choose")
+        sources = {key: source_file(settings, key) for key in SOURCE_KEYS
+                   if settings.get(f"{key}_sha256") and key not in replaced}
+        return cls(**given, loras=loras, **sources)
+
+    def with_defaults(self, defaults: dict[str, Any]) -> GenerationRequest:
+        """The request with the package's defaults in place of what it leaves unset."""
+        guidance = self.guidance_scale
+        default = defaults["guidance_scale"]
+        guidance = default if guidance is None else [default if g is None else g for g in guidance] \
+            if isinstance(guidance, (list, tuple)) else guidance
+        return replace(self, steps=self.steps if self.steps is not None else defaults["steps"], guidance_scale=guidance,
+                       scheduler=self.scheduler or defaults.get("scheduler"),
+                       width=self.width or defaults["width"], height=self.height or defaults["height"])
+
+
+def source_file(settings: dict[str, Any], key: str) -> Path:
+    """An image-to-image source (image or mask) recorded in an image's settings, refused when it is gone."""
+    path = settings.get(f"{key}_path")
+    if not path or not Path(path).is_file():
+        flag = "--image" if key == "image" else "--mask"
+        raise UserError(f"the image was made from the {key} {path or settings.get(key, 'given')}, which is not there now; "
+                        f"give it with {flag} FILE")
+    return Path(path)
+
+
 @dataclass
 class Request:
-    """What one call of the pipeline makes: a prompt and negative prompt per image, and each image's seed."""
+    """A checked request as the pipeline runs it: a prompt and negative prompt per image, and each image's seed."""
 
     prompts: list[str]
     negatives: list[str]
@@ -30,9 +119,11 @@ class Request:
     height: int
     rng: str = "numpy"  # what draws each image's noise (rng.RNGS)
     clip_skip: int = 1  # the text encoder layer taken, counted from the end (A1111's numbering)
+    prompt_syntax: str = "a1111"  # a1111: weights, BREAK, 75-token chunks; plain: diffusers' reading, cut at the encoder
     guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2023, for zero-terminal-SNR / v models)
     original_size: tuple[int, int] | None = None  # SDXL's size conditioning (height, width); None: the image's
     crops_coords_top_left: tuple[int, int] = (0, 0)  # SDXL's crop conditioning (top, left)
+    source: GenerationRequest | None = None  # what it was made from
 
     @property
     def guided(self) -> bool:
@@ -58,6 +149,15 @@ def check_rng(rng: Any) -> str:
     return rng
 
 
+def check_prompt_syntax(syntax: Any) -> str:
+    from .families import PROMPT_SYNTAXES
+
+    if syntax not in PROMPT_SYNTAXES:
+        raise UserError(f"prompt syntax must be one of {', '.join(PROMPT_SYNTAXES)}, not {syntax!r} (a1111: weights, "
+                        "BREAK and long prompts as AUTOMATIC1111 reads them; plain: as diffusers reads them)")
+    return syntax
+
+
 def check_clip_skip(clip_skip: Any, layers: int | None) -> int:
     """clip_skip as a whole number from 1 to the text encoder's layers (None: the graph has no per-layer output)."""
     if not is_whole(clip_skip) or clip_skip < 1:
@@ -72,9 +172,10 @@ def check_clip_skip(clip_skip: Any, layers: int | None) -> int:
     return int(clip_skip)
 
 
-def check_size_conditioning(original_size: Any, crop: Any, family: str) -> tuple[tuple[int, int] | None, tuple[int, int]]:
-    """SDXL's micro-conditioning: original_size (height, width) and crops_coords_top_left (top, left), whole numbers."""
-    if family != "sdxl":
+def check_size_conditioning(original_size: Any, crop: Any, takes: bool) -> tuple[tuple[int, int] | None, tuple[int, int]]:
+    """SDXL's micro-conditioning: original_size (height, width) and crops_coords_top_left (top, left), whole numbers,
+    for a family that takes them."""
+    if not takes:
         if original_size is not None or tuple(crop) != (0, 0):
             raise UserError("original size and crop conditioning apply to SDXL models only; leave them out")
         return None, (0, 0)

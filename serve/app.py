@@ -19,7 +19,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from diffrt.runtime.errors import UserError
-from diffrt.runtime.request import check_size_conditioning
 
 from .batcher import Batcher, Cancelled, Job, QueueFull, RequestBatcher, ShuttingDown, StepBatcher
 from .metrics import Metrics
@@ -58,7 +57,7 @@ class ApiError(Exception):
 
 
 def step_needs_rows() -> str:
-    from diffrt.runtime.family import PER_ROW_FIX
+    from diffrt.runtime.families import PER_ROW_FIX
 
     return f"step-level batching needs a UNet that takes one timestep per row: {PER_ROW_FIX}; or use --batching request"
 
@@ -126,15 +125,9 @@ class Service:
             if all(job.cancelled for job in jobs):
                 raise Cancelled
 
-        result = self.pipe([p for j in jobs for p in j.prompts], negative_prompt=[n for j in jobs for n in j.negatives],
-                           seeds=[s for j in jobs for s in j.seeds], guidance_scale=self.guidances(jobs), progress=progress,
-                           **settings)
+        result = self.pipe(request_of(jobs, settings), progress=progress)
         self.metrics.batch_images.observe(sum(len(j.prompts) for j in jobs))
         return self.split(jobs, result)
-
-    def guidances(self, jobs: list[Job]) -> list[float]:
-        default = self.pipe.package.defaults["guidance_scale"]
-        return [default if j.guidance is None else j.guidance for j in jobs for _ in j.prompts]
 
     def split(self, jobs: list[Job], result: Any) -> list[Any]:
         """Each job's (image, settings) pairs from one pipeline result; its stage times into the metrics."""
@@ -149,9 +142,7 @@ class Service:
 
     def begin_job(self, job: Job) -> Any:
         """Step-level batching: the job's stream, its prompts encoded (its LoRAs are those of the running jobs)."""
-        settings = dict(job.settings)
-        self.pipe.set_loras(list(settings.pop("loras", ())))
-        return self.pipe.begin(job.prompts, job.negatives, seeds=job.seeds, guidance_scale=self.guidances([job]), **settings)
+        return self.pipe.begin(request_of([job], job.settings))
 
     def step_jobs(self, jobs: list[Job]) -> None:
         self.pipe.step([j.stream for j in jobs])
@@ -181,13 +172,13 @@ class Service:
         it shares."""
         if self.pipe is None:
             raise ApiError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
-        d, s = self.pipe.package.defaults, job.settings
-        s["width"], s["height"] = s["width"] or d["width"], s["height"] or d["height"]  # one batch key for a size
-        self.pipe.check(job.prompts, job.negatives, s["steps"] or d["steps"], job.guidance, s["scheduler"], None, job.seeds,
-                        s["width"], s["height"], 1, s.get("rng", "numpy"), s.get("clip_skip", 1))
-        self.pipe.check_loras(list(s.get("loras", ())))
-        check_size_conditioning(s.get("original_size"), s.get("crops_coords_top_left", (0, 0)), self.pipe.package.family)
-        job.chunks = self.pipe.chunk_count(job.prompts + job.negatives)
+        from diffrt.runtime.schedulers import short_name
+
+        req, sched = self.pipe.check(request_of([job], job.settings))
+        self.pipe.check_loras(list(job.settings.get("loras", ())))
+        # the package's defaults in place: requests that differ only by leaving one out share a batch
+        job.settings.update(width=req.width, height=req.height, steps=req.steps, scheduler=short_name(sched))
+        job.chunks = self.pipe.chunk_count(job.prompts + job.negatives, req.prompt_syntax)
 
     def describe(self) -> dict[str, Any]:
         """What /health and A1111's model list say of this instance."""
@@ -269,6 +260,18 @@ def encode(image, settings: dict, fmt: str = "png") -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def request_of(jobs: list[Job], settings: dict[str, Any]) -> Any:
+    """One GenerationRequest for jobs sharing a pipeline call: their prompts, negatives, seeds and guidance scales
+    (None: the package's default) in order, the shared settings, the LoRAs they name."""
+    from diffrt.runtime.request import GenerationRequest
+
+    shared = {k: v for k, v in settings.items() if k != "loras"}
+    return GenerationRequest([p for j in jobs for p in j.prompts], [n for j in jobs for n in j.negatives],
+                             seeds=[s for j in jobs for s in j.seeds],
+                             guidance_scale=[j.guidance for j in jobs for _ in j.prompts],
+                             loras=list(settings.get("loras", ())), **shared)
+
+
 def seeds_from(seed: int | None, count: int) -> list[int]:
     from diffrt.runtime.request import image_seeds
 
@@ -288,7 +291,7 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
         prompt, loras = with_loras(service.options, body.prompt, body.loras)
         job = Job([prompt] * body.n, [body.negative_prompt] * body.n, seeds_from(body.seed, body.n),
                   {"steps": body.steps, "scheduler": body.scheduler, "width": width, "height": height, "rng": body.rng,
-                   "clip_skip": body.clip_skip, "loras": loras, **size_conditioning(body)},
+                   "clip_skip": body.clip_skip, "prompt_syntax": body.prompt_syntax, "loras": loras, **size_conditioning(body)},
                   body.guidance_scale)
         images = await service.generate(job, request)
         return {"created": int(time.time()), "output_format": body.output_format,

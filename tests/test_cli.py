@@ -276,6 +276,22 @@ def test_inpainting_from_the_command_line(tiny_package, tmp_path):
                       tmp_path / "mask.png", "--mask-blur", blur, "--strength", 1, "--steps", 3, "--seed", 2, "-q",
                       "-o", tmp_path / f"out{blur}.png")
         assert proc.returncode == 0, proc.stderr
+    # --from takes the same image, mask, blur and strength again: the same image, not a text-to-image one
+    again = diffrt("generate", "--from", tmp_path / "out3.png", "--model", tiny_package, "-q", "-o", tmp_path / "again.png")
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(tmp_path / "out3.png")))
+    img2img = diffrt("generate", "a dog", "--model", tiny_package, "--image", tmp_path / "in.png", "--strength", 0.6,
+                     "--steps", 4, "--seed", 5, "-q", "-o", tmp_path / "i2i.png")
+    assert img2img.returncode == 0, img2img.stderr
+    again = diffrt("generate", "--from", tmp_path / "i2i.png", "--model", tiny_package, "-q", "-o", tmp_path / "i2i-again.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "i2i-again.png")), np.asarray(Image.open(tmp_path / "i2i.png")))
+    (tmp_path / "in.png").rename(tmp_path / "moved.png")
+    assert_refused(diffrt("generate", "--from", tmp_path / "i2i.png", "--model", tiny_package, "-o", tmp_path / "y.png"),
+                   "the image was made from the image", "give it with --image FILE")
+    moved = diffrt("generate", "--from", tmp_path / "i2i.png", "--image", tmp_path / "moved.png", "--model", tiny_package,
+                   "-q", "-o", tmp_path / "i2i-moved.png")
+    assert moved.returncode == 0, moved.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "i2i-moved.png")), np.asarray(Image.open(tmp_path / "i2i.png")))
     assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "--mask", tmp_path / "mask.png", "-o",
                           tmp_path / "x.png"), "needs an image")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffrt.runtime.errors import UserError
-from diffrt.runtime.family import timestep_feed
+from diffrt.runtime.families import timestep_feed
 from diffrt.runtime.pipeline import Pipeline
 from diffrt.runtime.schedulers import samplers_for
 
@@ -45,6 +45,29 @@ def test_images_match_diffusers(name, reference, ours):
             assert diff <= 1e-3, f"{name} guidance {guidance} {width}x{height}: max |diff| {diff:.2e}"
             levels = np.abs(np.asarray(mine.images[0], np.int16) - (theirs[0] * 255).round().astype(np.int16)).max()
             assert levels <= 1, f"{name} guidance {guidance} {width}x{height}: uint8 images differ by {levels} levels"
+
+
+def test_plain_prompt_syntax_reads_a_long_prompt_as_diffusers(reference, ours):
+    """A weighted prompt over 75 tokens: prompt_syntax="plain" reads it as diffusers does (the brackets as text, cut
+    at the encoder's 77 tokens with a warning) and gives diffusers' image; a1111 (the default) reads the weights and
+    every chunk, so its image differs; the images record which."""
+    long = ", ".join(["(a red:1.4) house under [the night] sky"] * 10)
+    assert ours.chunk_count([long]) > 1 and ours.chunk_count([long], "plain") == 1
+    latents = np.random.default_rng(3).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    use_sampler(reference, "ddim")
+    with shared_noise(3), torch.no_grad():
+        theirs = reference(long, negative_prompt=NEGATIVE, num_inference_steps=4, guidance_scale=7.5, width=32, height=32,
+                           latents=torch.from_numpy(latents), output_type="np").images
+    run = dict(negative_prompt=NEGATIVE, steps=4, guidance_scale=7.5, scheduler="ddim", seed=3,
+               width=32, height=32, latents=latents)
+    with pytest.warns(UserWarning, match="the text encoder takes 75: dropped"):
+        plain = ours(long, prompt_syntax="plain", **run)
+    a1111 = ours(long, **run)
+    assert np.abs(plain.array - theirs).max() <= 1e-3
+    assert np.abs(a1111.array - theirs).max() > 1e-2
+    assert plain.settings["prompt_syntax"] == "plain" and a1111.settings["prompt_syntax"] == "a1111"
+    with pytest.raises(UserError, match="prompt syntax must be one of a1111, plain, not 'compel'"):
+        ours("a cat", prompt_syntax="compel")
 
 
 def test_same_seed_same_image_and_guidance_one_skips_uncond(ours, monkeypatch):

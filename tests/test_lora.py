@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.lora import LoraChoice, parse_choice
@@ -140,6 +141,29 @@ def test_bad_loras_are_refused(loras, tiny_package, tiny_sdxl_package, tmp_path)
     with pytest.raises(UserError, match="is not a number"):
         parse_choice("style.safetensors:strong")
     assert parse_choice("a/b.safetensors:0.7") == LoraChoice(parse_choice("a/b.safetensors").path, 0.7)
+
+
+def test_from_an_image_applies_its_loras_again(loras, tiny_package, tmp_path):
+    """`diffrt generate --from IMAGE` applies the LoRAs (files and scales) the image was made with: the same image;
+    a LoRA file gone since is refused in one line; --lora given again wins."""
+    made = run_cli("generate", "a house", "--model", tiny_package, "--lora", f"{loras / 'style.safetensors'}:0.7",
+                   "--steps", 3, "--seed", 4, "-q", "-o", tmp_path / "styled.png")
+    assert made.returncode == 0, made.stderr
+    again = run_cli("generate", "--from", tmp_path / "styled.png", "--model", tiny_package, "-q", "-o", tmp_path / "again.png")
+    assert again.returncode == 0, again.stderr
+    image = lambda name: np.asarray(Image.open(tmp_path / name))  # noqa: E731
+    assert np.array_equal(image("again.png"), image("styled.png"))
+    plain = run_cli("generate", "--from", tmp_path / "styled.png", "--model", tiny_package, "--lora", loras / "other.safetensors",
+                    "-q", "-o", tmp_path / "other.png")
+    assert plain.returncode == 0 and not np.array_equal(image("other.png"), image("styled.png"))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(loras / "style.safetensors", moved / "style.safetensors")
+    made = run_cli("generate", "a house", "--model", tiny_package, "--lora", moved / "style.safetensors", "--steps", 2,
+                   "-q", "-o", tmp_path / "gone.png")
+    (moved / "style.safetensors").unlink()
+    gone = run_cli("generate", "--from", tmp_path / "gone.png", "--model", tiny_package, "-o", tmp_path / "x.png")
+    assert gone.returncode == 2 and "LoRA" in gone.stderr and "no longer there" in gone.stderr, gone.stderr
 
 
 def test_cli_lora_bad_input_exits_2(loras, tiny_package, tmp_path):
