@@ -11,6 +11,15 @@ import tempfile
 import numpy as np
 import pytest
 
+# samplers the fast lane (-m "not slow") compares with diffusers: one of each kind (DDIM-like, ancestral, multistep with
+# Karras sigmas, predictor-corrector, two-call, consistency); the full suite compares every one
+FAST_SAMPLERS = ("ddim", "euler_a", "dpmpp_2m_karras", "unipc", "heun", "lcm")
+
+
+def sampler_params(names) -> list:
+    """pytest params of sampler names, those outside FAST_SAMPLERS marked slow."""
+    return [pytest.param(n, marks=() if n in FAST_SAMPLERS else pytest.mark.slow) for n in names]
+
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     """`diffrt ARGS` run in this process (no new interpreter, onnxruntime already loaded): its exit code and what it

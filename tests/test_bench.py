@@ -12,6 +12,7 @@ from diffrt.runtime.errors import UserError
 pytest.importorskip("matplotlib")
 
 
+@pytest.mark.slow
 def test_bench_with_diffusers_baseline(tiny_package, tiny_checkpoint, tmp_path):
     from diffrt.benchmarks.bench import BenchConfig, benchmark, write_outputs
 
@@ -64,6 +65,7 @@ def test_baseline_runs_where_diffrt_runs():
         baseline_placement("ort-cuda", "fp16", "diffusers-bf16")
 
 
+@pytest.mark.slow
 def test_bench_beside_diffusers_in_float32_and_bfloat16(tiny_package, tiny_checkpoint, tmp_path):
     """diffrt on OpenVINO beside diffusers in float32 and in bfloat16 on the CPU, in one interleaved run."""
     pytest.importorskip("openvino")
@@ -181,6 +183,7 @@ def test_bench_image_to_image_times_the_encoder_and_runs_strength_times_steps(ti
     assert not [r for r in result["records"] if r["kind"] == "cold_start"]
 
 
+@pytest.mark.slow
 def test_gpu_check_script_covers_sdxl_at_toy_size(tmp_path):
     """--family sdxl: the SDXL architecture exported with both encoders, its fp16 copy keeping the VAE float32, and its
     fp32 images matching diffusers' StableDiffusionXLPipeline."""

@@ -98,6 +98,7 @@ def quantized(tmp_path_factory):
             for p in ("fp16", "int8")}
 
 
+@pytest.mark.slow
 def test_int8_bundled_model_passes_its_gates_and_follows_the_prompt(quantized):
     """`diffrt quantize --precision int8` on the bundled model: 22 dB against float32 on onnxruntime and on OpenVINO
     (int8 with bf16 or fp32 for the rest, by the CPU), and its images still read as the prompt says."""
@@ -115,6 +116,7 @@ def test_int8_bundled_model_passes_its_gates_and_follows_the_prompt(quantized):
         assert (reading.background, reading.colour) == expected[:2], (prompt, reading)
 
 
+@pytest.mark.slow
 def test_every_precision_on_every_cpu_backend(quantized):
     """fp32, fp16 and int8 packages of the bundled model on ort-cpu and, where installed, ov-cpu, each backend named:
     images within the path's gate (trust.gate_db of what it computed) against float32 on the gate prompts (4 steps,

@@ -116,6 +116,7 @@ def test_reference_ops_refuse_what_the_cuda_kernels_refuse(tmp_path):
         assert refused_by_cuda(helper.make_model(graph)) == refused
 
 
+@pytest.mark.slow
 def test_fusions_the_cuda_kernels_would_refuse_are_left_out(tiny_package, tmp_path):
     """The tiny model (one channel per GroupNorm group at 32 channels, a GEGLU of 512): no GroupNorm, BiasSplitGelu or
     BiasAdd fusions, the rest fused, and the result still computes what the plain graph does."""
@@ -132,6 +133,7 @@ def run_reference_of(model, feeds: dict[str, np.ndarray], tmp_path) -> list:
     return run_reference(tmp_path / "op.onnx", feeds)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("component, feeds", [("unet", unet_feeds), ("vae_decoder", vae_feeds)])
 def test_fused_graphs_compute_what_the_plain_ones_do(fusable_package, tmp_path, component, feeds):
     """float32 fusions leave each output as it was (batches, non-square sizes); a fusion that got one attribute wrong
@@ -152,6 +154,7 @@ def test_fused_graphs_compute_what_the_plain_ones_do(fusable_package, tmp_path, 
     assert parity(plain, tmp_path / "broken.onnx", feeds(1, 8, 8)) > 1e-2
 
 
+@pytest.mark.slow
 def test_fp16_fused_package_at_toy_size(fusable_package, tmp_path):
     """The benchmark's fused copy: float32 I/O, its providers listed, float16 parity, and refused off CUDA."""
     import onnxruntime as ort
@@ -169,6 +172,7 @@ def test_fp16_fused_package_at_toy_size(fusable_package, tmp_path):
         Pipeline.from_package(tmp_path / "fused", backend="ort-cpu")
 
 
+@pytest.mark.slow
 def test_quantize_with_cuda_fusions(fusable_package, tiny_package, tmp_path, capsys):
     """`diffrt quantize --precision fp16 --cuda-fusions`: gated as fp16, then fused, each fused graph checked on the CPU
     against the plain one on a real call; the fp32 fallback kept; int8 with fusions refused."""
@@ -194,6 +198,7 @@ def test_quantize_with_cuda_fusions(fusable_package, tiny_package, tmp_path, cap
     assert not (tmp_path / "int8").exists()
 
 
+@pytest.mark.slow
 def test_cuda_fusions_refuse_a_plain_attention_export(tiny_plain_package, tmp_path):
     """onnxruntime's UNet optimizer crashes on plain attention (TensorRT's form): refused in one line up front."""
     with pytest.raises(UserError, match="fused attention"):
@@ -243,6 +248,7 @@ def test_cuda_fused_package_runs_on_the_gpu(fusable_package, tmp_path):
         assert np.abs(fused("a red house", steps=5, seed=4, num_images=2).array - plain.array).max() <= 2e-2
 
 
+@pytest.mark.slow
 def test_cpu_fusion_benchmark_at_toy_size(fusable_package, tmp_path, capsys):
     """benchmarks/cuda_fusions_cpu.py, which measured the full-size figures, on the tiny package."""
     from diffrt.benchmarks import cuda_fusions_cpu
@@ -254,6 +260,7 @@ def test_cpu_fusion_benchmark_at_toy_size(fusable_package, tmp_path, capsys):
     assert "| unet |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_sdxl_unet_fuses_and_its_float32_vae_stays_plain(tiny_sdxl_package, tmp_path):
     """SDXL's UNet (linear projections, text_embeds and time_ids) fuses and computes what its plain graph does; the
     fused fp16 copy leaves the VAE that fp16 keeps in float32 (force_upcast) as it is."""

@@ -12,7 +12,7 @@ from diffrt.runtime.schedulers import samplers_for
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from conftest import reference_pipeline, shared_noise, use_sampler  # noqa: E402
+from conftest import reference_pipeline, sampler_params, shared_noise, use_sampler  # noqa: E402
 
 PROMPT, NEGATIVE = "a beautiful painting of a red house under the night sky", "ugly dark"
 SIZES = ((32, 32), (40, 24))  # (width, height); 24/2 = 12 and 40/2 = 20 latents
@@ -30,7 +30,7 @@ def run_reference(pipe, name, latents, steps, guidance, width, height, seed):
                     height=height, latents=torch.from_numpy(latents), output_type="np", **extra).images
 
 
-@pytest.mark.parametrize("name", samplers_for(flow=False))
+@pytest.mark.parametrize("name", sampler_params(samplers_for(flow=False)))
 def test_images_match_diffusers(name, reference, ours):
     steps = 4 if name == "lcm" else 6
     for guidance in (1.0, 7.5):

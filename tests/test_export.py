@@ -108,6 +108,7 @@ def test_check_failure_names_component(tiny_checkpoint, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_dynamo_exporter(tiny_checkpoint, tmp_path):
     pytest.importorskip("onnxscript")
     out = export_package(tiny_checkpoint, tmp_path / "pkg", ExportOptions(exporter="dynamo", components=(
@@ -150,6 +151,7 @@ def test_we_load_optimums_export(tiny_checkpoint, tiny_package, tmp_path):
     assert profiles["text_encoder"]["input_ids"]["opt"] == [2, 77]  # guidance encodes the negative prompt too
 
 
+@pytest.mark.slow
 def test_killed_export_leaves_nothing(tiny_checkpoint, tmp_path):
     import signal
 
@@ -194,6 +196,7 @@ def test_attention_options_refused(tiny_checkpoint, tmp_path):
         export_package(tiny_checkpoint, tmp_path / "b", ExportOptions(attention="mha", exporter="dynamo"))
 
 
+@pytest.mark.slow
 def test_auto_exporter_takes_dynamo_for_a_big_model(tiny_checkpoint, tmp_path, monkeypatch):
     """auto: TorchScript, but dynamo traced without weights, each written from the loaded model (no copy of them in
     memory) for a model over the size threshold, recorded per component; the graph passes its check against PyTorch."""

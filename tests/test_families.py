@@ -23,7 +23,7 @@ def sd2(tiny_sd2_package):
     return Pipeline.from_package(tiny_sd2_package, backend="ort-cpu")
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "unipc", "euler_a"])
+@pytest.mark.parametrize("name", ["ddim", *(pytest.param(n, marks=pytest.mark.slow) for n in ("dpmpp_2m", "unipc", "euler_a"))])
 def test_sd2_images_match_diffusers(name, sd2, tiny_sd2_checkpoint, tiny_sd2_package):
     """v-prediction, zero terminal SNR, trailing spacing and `!` padding, with guidance_rescale 0 and 0.7, guidance
     1 and 7.5, two sizes, same latents (and noise) on both sides."""

@@ -12,7 +12,7 @@ from diffrt.runtime.schedulers import samplers_for
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from conftest import reference_pipeline, shared_noise, use_sampler  # noqa: E402
+from conftest import FAST_SAMPLERS, reference_pipeline, sampler_params, shared_noise, use_sampler  # noqa: E402
 
 PROMPT = "a red house under the night sky"
 
@@ -28,7 +28,7 @@ def picture(width: int, height: int, mode: str = "RGB") -> Image.Image:
     return Image.fromarray(rgb).convert(mode)
 
 
-@pytest.mark.parametrize("name", samplers_for(flow=False))
+@pytest.mark.parametrize("name", sampler_params(samplers_for(flow=False)))
 def test_img2img_matches_diffusers(name, reference, ours):
     steps = 4 if name == "lcm" else 6  # as text-to-image's parity test (DDIM's x0 clipping amplifies float noise by 8)
     for strength in (0.3, 0.75, 1.0):
@@ -98,14 +98,21 @@ def mask_picture(width: int, height: int) -> Image.Image:
     return Image.fromarray(m, "L")
 
 
+OTHER_SAMPLERS = tuple(n for n in samplers_for(flow=False) if n not in FAST_SAMPLERS)
+
+
 @pytest.mark.parametrize("kind", ["blend", "nine"])
-def test_inpainting_matches_diffusers(kind, tiny_checkpoint, tiny_package, tiny_inpaint_checkpoint, tiny_inpaint_package):
+@pytest.mark.parametrize("samplers", [pytest.param(FAST_SAMPLERS, id="fast"),
+                                      pytest.param(OTHER_SAMPLERS, id="others", marks=pytest.mark.slow)])
+def test_inpainting_matches_diffusers(kind, samplers, tiny_checkpoint, tiny_package, tiny_inpaint_checkpoint,
+                                      tiny_inpaint_package):
     """A 4-channel UNet (the known region blended back at every step) and a 9-channel inpainting UNet, against
-    StableDiffusionInpaintPipeline: every scheduler, strengths 0.3, 0.75 and 1.0, two sizes, same noise."""
+    StableDiffusionInpaintPipeline: every scheduler (the fast lane's few, the full suite's others), strengths 0.3,
+    0.75 and 1.0, two sizes, same noise."""
     checkpoint, package = (tiny_checkpoint, tiny_package) if kind == "blend" else (tiny_inpaint_checkpoint, tiny_inpaint_package)
     reference = reference_pipeline("StableDiffusionInpaintPipeline", checkpoint)
     ours = Pipeline.from_package(package, backend="ort-cpu")
-    for name in samplers_for(flow=False):
+    for name in samplers:
         steps = 4 if name == "lcm" else 6
         for strength in (0.3, 0.75, 1.0):
             for width, height in ((32, 32), (40, 24)):

@@ -82,7 +82,8 @@ SETS = [[("style.safetensors", 1.0)], [("style.safetensors", 0.5)], [("other-koh
         [("style.safetensors", 1.0), ("other.safetensors", 0.5)]]
 
 
-@pytest.mark.parametrize("chosen", SETS, ids=["peft-1.0", "peft-0.5", "kohya-0.5", "two"])
+@pytest.mark.parametrize("chosen", [SETS[0], *(pytest.param(c, marks=pytest.mark.slow) for c in SETS[1:])],
+                         ids=["peft-1.0", "peft-0.5", "kohya-0.5", "two"])
 def test_run_time_and_export_time_match_diffusers(chosen, loras, tiny_checkpoint, tiny_package, tmp_path):
     from diffrt.export import ExportOptions, export_package
 
@@ -245,6 +246,7 @@ def to_ldm_kohya(peft_file, path, alpha: float, per_block: int = 2) -> None:
     save_file(out, str(path))
 
 
+@pytest.mark.slow
 def test_kohya_sdxl_lora_with_ldm_block_names(tiny_sdxl_checkpoint, tiny_sdxl_package, tmp_path):
     """kohya's SDXL LoRAs name the UNet's blocks as the original (LDM / SGM) code does; diffusers reads them, and so
     does diffrt: the same image as the PEFT form, in diffusers and in diffrt."""
@@ -319,6 +321,7 @@ def test_openvino_applies_loras_too(loras, tiny_package):
     assert np.abs(plain.array - ort.array).max() > 0.02
 
 
+@pytest.mark.slow
 def test_lora_on_a_package_with_float16_weights(loras, tiny_checkpoint, tmp_path):
     """`diffrt export --weights-fp16` stores each weight as NAME__fp16 behind a Cast, which onnxruntime folds before an
     override reaches it: ort refuses in one line (nothing changes); OpenVINO replaces the constant and gives the image
@@ -341,6 +344,7 @@ def test_lora_on_a_package_with_float16_weights(loras, tiny_checkpoint, tmp_path
     assert np.abs(run_time - at_export).max() <= 2e-3 < np.abs(plain - at_export).max()
 
 
+@pytest.mark.slow
 def test_lora_on_a_streamed_export(loras, tiny_checkpoint, tmp_path, monkeypatch):
     """A model over the size threshold (SDXL's UNet) is exported by dynamo with its weights streamed; its Linear
     weights are stored transposed (no Transpose for onnxruntime to fold from the file), so run-time LoRAs reach them:

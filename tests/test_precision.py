@@ -42,6 +42,7 @@ def int8_package(tiny_package, tmp_path_factory):
     return out, gates
 
 
+@pytest.mark.slow
 def test_int8_package_is_qdq_and_runs(int8_package):
     import onnx
 
@@ -77,6 +78,7 @@ def runtime_precisions(compiled) -> set[tuple[str, str]]:
     return {f for f in found if f[0] in ("Convolution", "FullyConnected", "MatMul")}
 
 
+@pytest.mark.slow
 def test_int8_package_runs_in_int8_on_openvino(int8_package, tiny_package):
     """The same QDQ graph is int8 on OpenVINO's CPU plugin (not dequantized back to float), gated there too."""
     pytest.importorskip("openvino")
@@ -96,7 +98,7 @@ def test_int8_package_runs_in_int8_on_openvino(int8_package, tiny_package):
     assert psnr(result.array, fp32.array) > 15  # the tiny random model's images are noise-like; the bundled model is gated at 22 dB
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp16", pytest.param("int8", marks=pytest.mark.slow)])
 def test_quality_gate_refuses(tiny_package, tmp_path, monkeypatch, precision):
     """Nothing written; the message names each backend whose images missed (int8 is gated on OpenVINO too)."""
     import diffrt.export.precision as module

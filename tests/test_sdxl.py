@@ -58,7 +58,8 @@ def test_sdxl_images_match_diffusers(name, sdxl, reference):
                 assert np.abs(np.round(mine * 255) - np.round(theirs * 255)).max() <= 1
 
 
-@pytest.mark.parametrize("name", [n for n in samplers_for(flow=False) if n not in ("euler", "dpmpp_2m", "ddim", "euler_a")])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in samplers_for(flow=False)
+                                  if n not in ("euler", "dpmpp_2m", "ddim", "euler_a")])
 def test_every_other_sampler_matches_diffusers_on_sdxl(name, sdxl, reference):
     theirs, mine = theirs_and_mine(reference, sdxl, name, 5.0, (32, 32))
     assert np.abs(mine - theirs).max() <= 1e-3, name
@@ -99,6 +100,7 @@ def test_clip_skip_matches_diffusers(sdxl, tiny_sdxl_checkpoint):
         sdxl(PROMPT, steps=1, clip_skip=5)
 
 
+@pytest.mark.slow
 def test_turbo_one_step_no_guidance(tmp_path_factory):
     """SDXL-Turbo's settings: trailing Euler a, one to four steps, guidance 0."""
     from diffrt.export import export_package
@@ -188,6 +190,7 @@ def test_tensorrt_profiles_cover_both_encoders_and_the_extra_unet_inputs(tiny_sd
     assert profiles["unet"]["time_ids"] == {"min": [1, 6], "opt": [2, 6], "max": [4, 6]}
 
 
+@pytest.mark.slow
 def test_fp16_package_keeps_the_vae_that_overflows_in_float16(tiny_sdxl_package, tmp_path):
     """The SDXL VAE's config says force_upcast: `diffrt quantize --precision fp16` keeps both VAE graphs float32 and
     converts the rest; the fp16 package's image stays close to the fp32 one."""

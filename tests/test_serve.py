@@ -215,6 +215,7 @@ def test_a_too_large_body_is_refused(server):
     assert r.status_code == 413 and "bytes" in r.json()["error"]["message"]
 
 
+@pytest.mark.slow
 def test_api_key_and_queue_limit(tiny_package):
     srv = Server(tiny_package, "--api-key", "sesame", "--max-queue", "1", "--max-wait-ms", "0")
     try:
@@ -272,6 +273,7 @@ def test_progress_stream_and_a_client_that_goes_away(server):
     assert server.post("/v1/images/generations", {"prompt": "a cat", "steps": 2}).status_code == 200
 
 
+@pytest.mark.slow
 def test_load_benchmark_at_toy_size(tiny_package, tmp_path):
     pytest.importorskip("matplotlib")
     from diffrt.benchmarks.serve_load import main
@@ -316,6 +318,7 @@ def test_the_web_page_in_a_real_browser(server):
     assert image.size == (32, 32) and '"seed":5' in caption and "Euler a" in caption
 
 
+@pytest.mark.slow
 def test_soak_at_toy_size_checks_every_answer(tiny_package, tmp_path):
     from diffrt.benchmarks.serve_load import main
 

@@ -129,7 +129,7 @@ def old_package(tiny_package, tiny_checkpoint, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["torchscript", "dynamo"])
 def test_a_scalar_timestep_unet_is_rewritten_to_take_one_per_row(tiny_checkpoint, tmp_path, dynamo):
     import onnxruntime as ort
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from diffrt.models.train_shapes import main
 from diffrt.runtime.schedulers import make_scheduler
 
 
+@pytest.mark.slow
 def test_zero_snr_run_writes_a_checkpoint_the_runtime_schedules(tmp_path):
     out = tmp_path / "ckpt"
     main(["--images", "64", "--vae-steps", "2", "--vae-batch", "2", "--refine-steps", "1", "--final-refine-steps", "0",
@@ -22,6 +25,7 @@ def test_zero_snr_run_writes_a_checkpoint_the_runtime_schedules(tmp_path):
     assert len(json.loads((out / "training.json").read_text())["curve"]) == 4
 
 
+@pytest.mark.slow
 def test_encoder_script_adds_a_vae_encoder_the_runtime_uses(tmp_path):
     """train_encoder at toy size on a copy of the bundled package without its encoder: the package gains one (in its
     manifest, hashes and all) and image-to-image runs on it; text-to-image stays the same."""

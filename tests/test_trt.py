@@ -109,6 +109,7 @@ def test_engine_naming_and_selection(tmp_path):
         select_engine(tmp_path, "unet", "fp16", H100)
 
 
+@pytest.mark.slow
 def test_int8_qdq_graph_is_tensorrt_ready(tiny_plain_package, tmp_path):
     from diffrt.export.precision import QuantizeOptions, quantize_package
 

@@ -47,6 +47,7 @@ def test_a_path_is_held_to_the_gate_of_its_least_precise_part():
     assert trust.cpu_kind(["avx2"]) == "avx2" and trust.cpu_kind([]) == "baseline"
 
 
+@pytest.mark.slow
 def test_verdicts_follow_the_cpu_kind(int8_package, monkeypatch, tmp_path):
     monkeypatch.setenv("DIFFRT_CACHE_DIR", str(tmp_path))
     pkg = load_package(int8_package)
@@ -80,6 +81,7 @@ def test_verdicts_follow_the_cpu_kind(int8_package, monkeypatch, tmp_path):
     assert not found.trusted and "measured 12.0 dB here" in found.why and "30 dB gate" in found.why
 
 
+@pytest.mark.slow
 def test_a_package_gated_on_another_cpu_kind_is_refused_until_checked(int8_package, tmp_path, monkeypatch):
     """Neither CPU path is vouched for: auto and --backend refuse in one line naming doctor --check (the CLI exits 2);
     with one path vouched for, auto runs it and the other is refused by name."""
@@ -110,6 +112,7 @@ def doctor(package, steps: int = 4) -> subprocess.CompletedProcess:
                            str(steps))
 
 
+@pytest.mark.slow
 def test_doctor_check_holds_every_path_to_its_gate_and_auto_follows(int8_package, tmp_path, monkeypatch):
     monkeypatch.setenv("DIFFRT_CACHE_DIR", str(tmp_path / "checks"))
     proc = doctor(int8_package)
@@ -134,6 +137,7 @@ def test_doctor_check_holds_every_path_to_its_gate_and_auto_follows(int8_package
     assert Pipeline.from_package(broken, backend="ort-cpu").backend == "ort-cpu"
 
 
+@pytest.mark.slow
 def test_doctor_check_refuses_a_package_without_float32_copies(int8_package, tmp_path):
     bare = edited(int8_package, tmp_path, lambda m: m["components"]["unet"].pop("fallback"))
     proc = doctor(bare)
@@ -141,12 +145,14 @@ def test_doctor_check_refuses_a_package_without_float32_copies(int8_package, tmp
 
 
 
+@pytest.mark.slow
 def test_info_names_the_gates_and_the_cpu_kinds(int8_package):
     proc = run_cli("info", str(int8_package))
     line = next(x for x in proc.stdout.splitlines() if "gates against float32" in x)
     assert "ort-cpu (int8)" in line and f"({trust.cpu_kind()}); this CPU is {trust.cpu_kind()}" in line, line
 
 
+@pytest.mark.slow
 def test_signed_activations_are_refused_on_openvino_without_amx(tiny_package, tmp_path):
     """A package quantized with signed int8 activations (every int8 package before 2026-12-06) draws speckles on
     OpenVINO without AMX: refused there by name, whatever its gates said; onnxruntime still runs it."""
