@@ -447,7 +447,8 @@ class Pipeline:
         req = Request(prompts, negatives, seeds, r.steps, per_image(r.guidance_scale, len(prompts)), r.width, r.height,
                       rng=check_rng(r.rng), clip_skip=check_clip_skip(r.clip_skip, layers),
                       prompt_syntax=check_prompt_syntax(r.prompt_syntax), guidance_rescale=check_rescale(r.guidance_rescale),
-                      original_size=original_size, crops_coords_top_left=crop, source=request)
+                      original_size=original_size, crops_coords_top_left=crop, source=request,
+                      cfg=self.family.guidance == "cfg")
         sched = make_checked_scheduler(r.scheduler, pkg.scheduler_config, r.steps,
                                        self.family.image_seq_len(r.width, r.height))
         self._check_fits(req)

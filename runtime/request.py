@@ -124,11 +124,12 @@ class Request:
     original_size: tuple[int, int] | None = None  # SDXL's size conditioning (height, width); None: the image's
     crops_coords_top_left: tuple[int, int] = (0, 0)  # SDXL's crop conditioning (top, left)
     source: GenerationRequest | None = None  # what it was made from
+    cfg: bool = True  # the family guides by classifier-free guidance (a doubled batch); False: its own way, or none
 
     @property
     def guided(self) -> bool:
-        """Whether the UNet runs on negatives too: some image has guidance above 1."""
-        return any(g > 1.0 for g in self.guidances)
+        """Whether the denoiser runs on negatives too: the family guides by CFG and some image's guidance is above 1."""
+        return self.cfg and any(g > 1.0 for g in self.guidances)
 
 
 def nearest_sizes(value: int, multiple: int) -> str:

@@ -1,4 +1,5 @@
-"""CLIP BPE tokenizer on `tokenizers`, giving the ids of transformers' CLIPTokenizer (without ftfy)."""
+"""Tokenizers on `tokenizers`: CLIP's BPE, giving the ids of transformers' CLIPTokenizer (without ftfy), and T5's
+SentencePiece (Unigram) from a tokenizer.json, giving those of T5TokenizerFast."""
 
 from __future__ import annotations
 
@@ -51,8 +52,52 @@ def clean_text(text: str) -> str:
     return " ".join(w.lower() for w in words)
 
 
-class ClipTokenizer:
-    """Pads and truncates to max_length with the pad token that the package's tokenizer config names."""
+class PaddedTokenizer:
+    """Rows of ids of max_length: prefix, a prompt's tokens, suffix, padding; a longer prompt is cut with a warning."""
+
+    max_length: int
+    pad_id: int
+    prefix: tuple[int, ...] = ()
+    suffix: tuple[int, ...] = ()
+
+    def tokens(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        """int64 ids (len(prompts), max_length)."""
+        out = np.full((len(prompts), self.max_length), self.pad_id, np.int64)
+        room = self.max_length - len(self.prefix) - len(self.suffix)
+        for i, text in enumerate(prompts):
+            ids = self.tokens(text)
+            if len(ids) > room:
+                dropped = self.decode(ids[room:])
+                warnings.warn(f"prompt is {len(ids)} tokens, the text encoder takes {room}: dropped {len(ids) - room} "
+                              f"tokens ({dropped[:60]!r}{'...' if len(dropped) > 60 else ''})", stacklevel=2)
+                ids = ids[:room]
+            row = [*self.prefix, *ids, *self.suffix]
+            out[i, :len(row)] = row
+        return out
+
+
+def tokenizer_config(folder: Path) -> dict:
+    """special_tokens_map.json and tokenizer_config.json of a tokenizer folder, the second's keys winning."""
+    config: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            config.update(json.loads((folder / name).read_text(encoding="utf-8")))
+    return config
+
+
+def max_length_of(config: dict, default: int) -> int:
+    limit = config.get("model_max_length")
+    return limit if isinstance(limit, int) and limit < 10_000 else default
+
+
+class ClipTokenizer(PaddedTokenizer):
+    """BOS, tokens, EOS, padded to max_length with the pad token that the package's tokenizer config names."""
 
     def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int = 77, pad_token: str = EOS):
         for token in (BOS, EOS, pad_token):
@@ -68,6 +113,7 @@ class ClipTokenizer:
         self._tok.add_special_tokens(sorted({BOS, EOS, pad_token}))  # transformers never splits these, "!" included
         self.max_length = max_length
         self.bos_id, self.eos_id, self.pad_id = vocab[BOS], vocab[EOS], vocab[pad_token]
+        self.prefix, self.suffix = (self.bos_id,), (self.eos_id,)
         self.pad_token = pad_token
         self._bytes = dict(zip(byte_alphabet(), byte_values()))
 
@@ -80,10 +126,7 @@ class ClipTokenizer:
     def from_folder(cls, folder: str | Path, max_length: int | None = None) -> ClipTokenizer:
         """Read vocab.json + merges.txt, or tokenizer.json, and the pad token and max length from the configs."""
         folder = Path(folder)
-        config = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            if (folder / name).is_file():
-                config.update(json.loads((folder / name).read_text(encoding="utf-8")))
+        config = tokenizer_config(folder)
         if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
             lines = (folder / "merges.txt").read_text(encoding="utf-8").strip().split("\n")[1:49152 - 256 - 2 + 1]
@@ -94,25 +137,38 @@ class ClipTokenizer:
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         else:
             raise FileNotFoundError(f"{folder} has neither vocab.json + merges.txt nor tokenizer.json")
-        limit = config.get("model_max_length")
-        length = max_length or (limit if isinstance(limit, int) and limit < 10_000 else 77)
-        return cls(vocab, merges, length, _token_text(config.get("pad_token")) or EOS)
+        return cls(vocab, merges, max_length or max_length_of(config, 77), _token_text(config.get("pad_token")) or EOS)
 
     def tokens(self, text: str) -> list[int]:
         """BPE ids of text, without BOS/EOS or padding."""
         return self._tok.encode(clean_text(text), add_special_tokens=False).ids
 
-    def __call__(self, prompts: list[str]) -> np.ndarray:
-        """int64 ids (len(prompts), max_length): BOS, tokens, EOS, padding; long prompts truncated with a warning."""
-        out = np.full((len(prompts), self.max_length), self.pad_id, np.int64)
-        room = self.max_length - 2
-        for i, text in enumerate(prompts):
-            ids = self.tokens(text)
-            if len(ids) > room:
-                dropped = self.decode(ids[room:])
-                warnings.warn(f"prompt is {len(ids)} tokens, the text encoder takes {room}: dropped {len(ids) - room} "
-                              f"tokens ({dropped[:60]!r}{'...' if len(dropped) > 60 else ''})", stacklevel=2)
-                ids = ids[:room]
-            row = [self.bos_id, *ids, self.eos_id]
-            out[i, :len(row)] = row
-        return out
+
+class T5Tokenizer(PaddedTokenizer):
+    """T5's SentencePiece (Unigram) tokenizer from a tokenizer.json: pieces, EOS (</s>), padding to max_length (SD3 and
+    FLUX read 256 or 512 tokens), as T5TokenizerFast(padding="max_length", truncation=True) gives them."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token: str = "<pad>", eos_token: str = "</s>") -> None:
+        self._tok = tokenizer
+        self.max_length = max_length
+        ids = [tokenizer.token_to_id(t) for t in (pad_token, eos_token)]
+        if None in ids:
+            raise ValueError(f"tokenizer vocabulary lacks {pad_token!r} or {eos_token!r}; the folder is not a T5 tokenizer")
+        self.pad_id, self.eos_id = ids
+        self.suffix = (self.eos_id,)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, max_length: int | None = None) -> T5Tokenizer:
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{folder} has no tokenizer.json (a T5 tokenizer is read from that file)")
+        config = tokenizer_config(folder)
+        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), max_length or max_length_of(config, 512),
+                   _token_text(config.get("pad_token")) or "<pad>", _token_text(config.get("eos_token")) or "</s>")
+
+    def tokens(self, text: str) -> list[int]:
+        """Piece ids of text (the tokenizer's own normalization), without EOS or padding."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)

@@ -91,3 +91,41 @@ def test_long_prompt_warns_how_much_was_dropped(tokenizer_folder):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ours(["a short prompt"])
+
+
+@pytest.fixture(scope="module")
+def t5_folder(tmp_path_factory):
+    """A T5 tokenizer learnt here: a `tokenizers` Unigram model with T5's normalizer and Metaspace pieces, saved by
+    transformers as T5TokenizerFast (tokenizer.json and its configs)."""
+    from conftest import _corpus
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.Nmt(), normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.train_from_iterator(_corpus(), trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                               unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    folder = tmp_path_factory.mktemp("t5") / "tokenizer_3"
+    transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                 extra_ids=0, model_max_length=64).save_pretrained(folder)
+    return folder
+
+
+def test_t5_ids_equal_t5_tokenizer_fast(t5_folder):
+    """Pieces, </s>, padding and truncation at the encoder's length, on the varied prompts (long ones cut with a
+    warning naming what was dropped)."""
+    from diffrt.runtime.tokenizer import T5Tokenizer
+
+    theirs = transformers.T5TokenizerFast.from_pretrained(t5_folder)
+    ours = T5Tokenizer.from_folder(t5_folder)
+    assert ours.max_length == 64
+    prompts = varied_prompts()
+    expected = theirs(prompts, padding="max_length", max_length=64, truncation=True).input_ids
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = ours(prompts)
+    assert got.tolist() == expected
+    assert any("the text encoder takes 63: dropped" in str(w.message) for w in caught)
+    assert T5Tokenizer.from_folder(t5_folder, max_length=16)(["a photo of a cat"]).shape == (1, 16)

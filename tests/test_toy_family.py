@@ -135,6 +135,27 @@ def test_a_toy_flow_family_equals_its_pytorch_reference(toy, registered, tiny_ch
         assert ours.settings["scheduler"] == "flow_euler"
 
 
+def test_a_family_that_does_not_guide_by_cfg_runs_one_row_per_image(toy, monkeypatch):
+    """guidance = "none" (or "embedded"): no negative rows whatever the guidance scale; "cfg" doubles them."""
+
+    class Unguided(ToyFlow):
+        guidance = "none"
+
+    root, _ = toy
+    for family, rows in ((ToyFlow, 4), (Unguided, 2)):
+        monkeypatch.setitem(FAMILIES, "toy-flow", family)
+        pipe = Pipeline.from_package(root, backend="ort-cpu")
+        seen, run = [], pipe.transformer.run
+
+        def counted(feeds, seen=seen, run=run):
+            seen.append(len(feeds["hidden_states"]))
+            return run(feeds)
+
+        monkeypatch.setattr(pipe.transformer, "run", counted)
+        pipe("a cat", steps=2, guidance_scale=7.5, num_images=2, width=32, height=32)
+        assert seen == [rows, rows], family.__name__
+
+
 def test_the_toy_family_shares_the_loop_and_its_checks(toy, registered):
     """Step-level batching joins two of its requests at different steps; sizes that its 2x2 patches cannot tile and
     discrete-time samplers are refused in one line."""

@@ -51,7 +51,9 @@ class Family:
     vae_output: ClassVar[str] = "sample"
     encoder_output: ClassVar[str] = "latent_parameters"
     patch: ClassVar[int] = 1  # latent pixels per side of one denoiser token (FLUX packs 2x2)
-    guidance: ClassVar[str] = "cfg"  # "cfg": negatives and prompts in one doubled batch; "none": the prompt alone
+    # "cfg": negatives and prompts in one doubled batch, mixed by the guidance scale; "embedded": the prompt alone, the
+    # scale fed to the denoiser as an input (FLUX-dev: encode() puts it in the conditioning, one row per image); "none"
+    guidance: ClassVar[str] = "cfg"
     size_conditioning: ClassVar[bool] = False  # takes SDXL's original size and crop ids
 
     def __init__(self, package: Package) -> None:
