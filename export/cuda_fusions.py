@@ -125,12 +125,12 @@ def recorded_feeds(root: Path, size: tuple[int, int] | None) -> dict[str, dict[s
     from diffrt.runtime.package import load_package
     from diffrt.runtime.pipeline import Pipeline
 
-    from .precision import CALIBRATION_PROMPTS, Recorder, sized
+    from .precision import CALIBRATION_PROMPTS, recording, sized
 
     pipe = Pipeline(load_package(root), backend="ort-cpu")
-    pipe.unet, pipe.vae_decoder = Recorder(pipe.unet), Recorder(pipe.vae_decoder)
-    pipe(CALIBRATION_PROMPTS[4], seed=0, steps=2, **sized(size))
-    return {"unet": pipe.unet.calls[-1][0], "vae_decoder": pipe.vae_decoder.calls[0][0]}
+    with recording(pipe, "unet", "vae_decoder") as recorders:
+        pipe(CALIBRATION_PROMPTS[4], seed=0, steps=2, **sized(size))
+    return {"unet": recorders["unet"].calls[-1][0], "vae_decoder": recorders["vae_decoder"].calls[0][0]}
 
 
 def fuse_package(root: Path, source: Path, manifest: dict, size: tuple[int, int] | None, log=print) -> None:

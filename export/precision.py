@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,22 +73,31 @@ class Recorder:
         return out
 
 
+@contextmanager
+def recording(pipe: Pipeline, *stages: str) -> Iterator[dict[str, Recorder]]:
+    """Each named stage of pipe wrapped in a Recorder for the block (its engine put back after)."""
+    recorders = {s: Recorder(getattr(pipe, s)) for s in stages}
+    for stage, recorder in recorders.items():
+        setattr(pipe, stage, recorder)
+    try:
+        yield recorders
+    finally:
+        for stage, recorder in recorders.items():
+            setattr(pipe, stage, recorder.engine)
+
+
 def sized(size: tuple[int, int] | None) -> dict[str, int]:
     return {"width": size[0], "height": size[1]} if size else {}
 
 
 def trajectories(pipe: Pipeline, prompts: list[str], seeds: int, steps: int | None,
                  size: tuple[int, int] | None = None) -> list[tuple[dict, dict]]:
-    """Every UNet call (feeds, outputs) made while generating each prompt with each seed."""
-    recorder = Recorder(pipe.unet)
-    pipe.unet = recorder
-    try:
+    """Every denoiser call (feeds, outputs) made while generating each prompt with each seed."""
+    with recording(pipe, pipe.family.denoiser) as recorders:
         for prompt in prompts:
             for seed in range(seeds):
                 pipe(prompt, seed=seed, steps=steps, **sized(size))
-    finally:
-        pipe.unet = recorder.engine
-    return recorder.calls
+    return recorders[pipe.family.denoiser].calls
 
 
 def save_calibration(calls: list[tuple[dict, dict]], path: Path) -> None:

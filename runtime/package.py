@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import UserError
 
 MANIFEST = "diffrt.json"
@@ -98,8 +100,12 @@ class Package:
 
     def per_row_timesteps(self) -> bool | None:
         """Whether the manifest says the UNet takes one timestep per batch row (None: it does not say)."""
-        dims = self.manifest.get("components", {}).get("unet", {}).get("inputs", {}).get("timestep", {}).get("dims")
-        return None if dims is None else len(dims) == 1 and isinstance(dims[0], str)
+        from .backends.engine import TensorSpec
+        from .families import family_class, one_per_row
+
+        denoiser = family_class(self.family).denoiser
+        dims = self.manifest.get("components", {}).get(denoiser, {}).get("inputs", {}).get("timestep", {}).get("dims")
+        return None if dims is None else one_per_row(TensorSpec("timestep", tuple(dims), np.float32))
 
     @property
     def model_hash(self) -> str:

@@ -16,7 +16,7 @@ from . import __version__
 from .backends.engine import Engine
 from .backends.registry import REGISTRY, Backend, EngineOptions, auto_order, get
 from .errors import UserError
-from .families import family_for
+from .families import family_for, one_per_row
 from .generators import ImageGenerators
 from .img2img import Inpainting, blurred, image_input, latents_from, mask_input, strength_timesteps
 from .lora import LoraChoice, LoraSets, restored
@@ -394,8 +394,7 @@ class Pipeline:
     @property
     def per_row_timesteps(self) -> bool:
         """Whether the UNet takes one timestep per batch row, so streams at different steps can share a call."""
-        shape = self.denoiser.inputs["timestep"].shape
-        return self.runner.per_row_timesteps and len(shape) == 1 and shape[0] is None
+        return self.runner.per_row_timesteps and one_per_row(self.denoiser.inputs["timestep"])
 
     def step(self, streams: list[Stream]) -> None:
         """One UNet call for every stream's next step, then each stream's guidance and scheduler step. Streams at

@@ -309,7 +309,7 @@ def a1111_sampler(sampler: str | None, schedule: str | None) -> str | None:
 
 
 def add_a1111_routes(app: FastAPI, service: Service) -> None:
-    from diffrt.runtime.schedulers import A1111_NAMES, SCHEDULE_TYPES, SHORT_NAMES
+    from diffrt.runtime.schedulers import A1111_NAMES, SCHEDULE_TYPES, SHORT_NAMES, is_flow_config, samplers_for
 
     a1111_name = {short: label for label, short in A1111_NAMES.items()}
 
@@ -337,8 +337,11 @@ def add_a1111_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/sdapi/v1/samplers")
     async def samplers() -> list:
+        """The samplers that fit the served model (flow-matching or discrete-time), as A1111 lists them."""
+        config = service.pipe.package.scheduler_config if service.pipe else {}
+        fitting = samplers_for(flow=is_flow_config(config))
         return [{"name": label, "aliases": [short, SHORT_NAMES[short][0].class_name], "options": {}}
-                for label, short in A1111_NAMES.items()]
+                for label, short in A1111_NAMES.items() if short in fitting]
 
     @app.get("/sdapi/v1/schedulers")
     async def schedulers() -> list:

@@ -93,6 +93,15 @@ def test_openai_images_equal_the_pipelines(server, local):
     for i, item in enumerate(data):
         assert np.abs(decode(item["b64_json"]) - alone(local, "a red house", 11 + i, steps=3)).max() <= 1
     assert httpx.get(server.url + "/v1/models").json()["data"][0]["id"] == "tiny"
+    long = ", ".join(["(a red:1.4) house under [the night] sky"] * 10)  # over 75 tokens, weights written in
+    for syntax in ("plain", "a1111"):
+        r = server.post("/v1/images/generations", {"prompt": long, "seed": 3, "steps": 3, "size": "32x32",
+                                                   "prompt_syntax": syntax})
+        assert r.status_code == 200, r.text
+        expected = alone(local, long, 3, steps=3, prompt_syntax=syntax)
+        assert np.abs(decode(r.json()["data"][0]["b64_json"]) - expected).max() <= 1, syntax
+    bad = server.post("/v1/images/generations", {"prompt": "a cat", "prompt_syntax": "compel"})
+    assert bad.status_code == 422 and "prompt_syntax" in bad.text
 
 
 def test_the_openai_sdk_gets_images(server):
@@ -116,7 +125,7 @@ def test_a1111_txt2img_and_its_lists(server, local):
     assert np.abs(decode(out["images"][2]) - third).max() <= 1
     assert "Seed: 22" in info["infotexts"][2]
     names = [s["name"] for s in httpx.get(server.url + "/sdapi/v1/samplers").json()]
-    assert {"Euler a", "DPM++ 2M Karras", "DDIM"} <= set(names)
+    assert {"Euler a", "DPM++ 2M Karras", "DDIM"} <= set(names) and "Flow Euler" not in names  # a UNet model's samplers
     assert httpx.get(server.url + "/sdapi/v1/sd-models").json()[0]["model_name"] == "tiny"
     assert httpx.get(server.url + "/sdapi/v1/progress").json()["state"]["sampling_step"] == 0
 

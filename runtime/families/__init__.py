@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import PER_ROW_FIX, PROMPT_SYNTAXES, Family, timestep_feed
+from .base import PER_ROW_FIX, PROMPT_SYNTAXES, Family, one_per_row, timestep_feed
 from .sd import StableDiffusion
 from .sdxl import StableDiffusionXL
 
@@ -24,4 +24,4 @@ def family_for(package: Package) -> Family:
     return family_class(package.family)(package)
 
 
-__all__ = ["FAMILIES", "Family", "PER_ROW_FIX", "PROMPT_SYNTAXES", "family_class", "family_for", "timestep_feed"]
+__all__ = ["FAMILIES", "Family", "PER_ROW_FIX", "PROMPT_SYNTAXES", "family_class", "family_for", "one_per_row", "timestep_feed"]

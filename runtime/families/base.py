@@ -27,13 +27,19 @@ PROMPT_SYNTAXES = ("a1111", "plain")  # AUTOMATIC1111's reading (weights, BREAK,
 Runner = Callable[[str, dict[str, Any], tuple[str, ...], str], list[np.ndarray]]
 
 
+def one_per_row(spec: TensorSpec) -> bool:
+    """Whether a denoiser's timestep input takes one value per batch row (1-d, of dynamic length), so rows at
+    different steps can share a call."""
+    return len(spec.shape) == 1 and spec.shape[0] is None
+
+
 def timestep_feed(spec: TensorSpec, t: float | np.ndarray, batch: int) -> np.ndarray:
     """The timestep in the dtype and rank the denoiser graph declares: a scalar, [1], or one per batch row. t is one
     value, or one per row (rows at different steps), which only a graph taking one per row can be given."""
     value = np.asarray(t, np.float64)
     value = (value.round() if np.issubdtype(spec.dtype, np.integer) else value).astype(spec.dtype)
     if value.ndim:
-        if len(spec.shape) != 1 or spec.shape[0] is not None:
+        if not one_per_row(spec):
             raise UserError(f"this UNet takes one timestep per call, so rows at different steps cannot share one; {PER_ROW_FIX}")
         return value
     if len(spec.shape) == 0:

@@ -67,6 +67,11 @@ SHORT_NAMES: dict[str, tuple[type[Scheduler], dict]] = {k: (cls, o) for k, (cls,
 A1111_NAMES = {a1111: k for k, (_, _, a1111) in SAMPLERS.items()}
 
 
+def is_flow_config(config: dict) -> bool:
+    """Whether a scheduler config is a flow-matching model's (SD3, FLUX)."""
+    return str(config.get("_class_name", "")).startswith("FlowMatch")
+
+
 def samplers_for(flow: bool) -> list[str]:
     """The short names of the samplers for flow-matching models (flow=True) or for discrete-time ones."""
     return [name for name, (cls, _) in SHORT_NAMES.items() if cls.flow == flow]
@@ -95,7 +100,7 @@ def make_scheduler(name: str | None, config: dict) -> Scheduler:
     else:
         raise ValueError(f"unknown scheduler {given!r}; choose one of: {', '.join(SHORT_NAMES)} (or their diffusers class "
                          f"or AUTOMATIC1111 names: {', '.join(A1111_NAMES)})")
-    flow = str(config.get("_class_name", "")).startswith("FlowMatch")
+    flow = is_flow_config(config)
     if cls.flow != flow:
         kind = "a flow-matching model (SD3, FLUX)" if flow else "a discrete-time model (SD 1.x/2.x, SDXL)"
         raise ValueError(f"the {cls.name} scheduler cannot sample {kind}; use one of: {', '.join(samplers_for(flow))}")
@@ -154,5 +159,5 @@ def load_config(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-__all__ = ["Scheduler", "make_scheduler", "samplers_for", "sampler_table", "scheduler_names", "canonical_name", "short_name",
-           "load_config", "CLASSES", "SHORT_NAMES", "A1111_NAMES", "a1111_scheduler"]
+__all__ = ["Scheduler", "make_scheduler", "samplers_for", "is_flow_config", "sampler_table", "scheduler_names",
+           "canonical_name", "short_name", "load_config", "CLASSES", "SHORT_NAMES", "A1111_NAMES", "a1111_scheduler"]
