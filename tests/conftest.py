@@ -16,6 +16,12 @@ import pytest
 FAST_SAMPLERS = ("ddim", "euler_a", "dpmpp_2m_karras", "unipc", "heun", "lcm")
 
 
+def sizes_for(name: str, sizes: tuple) -> tuple:
+    """The (width, height) sizes a sampler is compared at: all for FAST_SAMPLERS, the last (non-square) for the
+    others; a sampler's arithmetic does not depend on the latent size, the pipeline's is covered by the fast ones."""
+    return sizes if name in FAST_SAMPLERS else sizes[-1:]
+
+
 def sampler_params(names) -> list:
     """pytest params of sampler names, those outside FAST_SAMPLERS marked slow."""
     return [pytest.param(n, marks=() if n in FAST_SAMPLERS else pytest.mark.slow) for n in names]

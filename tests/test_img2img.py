@@ -12,7 +12,7 @@ from diffrt.runtime.schedulers import samplers_for
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-from conftest import FAST_SAMPLERS, reference_pipeline, sampler_params, shared_noise, use_sampler  # noqa: E402
+from conftest import FAST_SAMPLERS, reference_pipeline, sampler_params, shared_noise, sizes_for, use_sampler  # noqa: E402
 
 PROMPT = "a red house under the night sky"
 
@@ -32,7 +32,7 @@ def picture(width: int, height: int, mode: str = "RGB") -> Image.Image:
 def test_img2img_matches_diffusers(name, reference, ours):
     steps = 4 if name == "lcm" else 6  # as text-to-image's parity test (DDIM's x0 clipping amplifies float noise by 8)
     for strength in (0.3, 0.75, 1.0):
-        for width, height in ((32, 32), (40, 24)):
+        for width, height in sizes_for(name, ((32, 32), (40, 24))):
             image, seed = picture(width, height), 3
             extra = use_sampler(reference, name)
             with shared_noise(seed), torch.no_grad():
@@ -115,7 +115,7 @@ def test_inpainting_matches_diffusers(kind, samplers, tiny_checkpoint, tiny_pack
     for name in samplers:
         steps = 4 if name == "lcm" else 6
         for strength in (0.3, 0.75, 1.0):
-            for width, height in ((32, 32), (40, 24)):
+            for width, height in sizes_for(name, ((32, 32), (40, 24))):
                 image, mask = picture(width, height), mask_picture(width, height)
                 extra = use_sampler(reference, name)
                 with shared_noise(5), torch.no_grad():

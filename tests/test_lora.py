@@ -352,10 +352,13 @@ def test_lora_on_a_streamed_export(loras, tiny_checkpoint, tmp_path, monkeypatch
     import diffrt.export.writer as writer
     from diffrt.export import ExportOptions, export_package
 
-    monkeypatch.setattr(writer, "BIG_MODEL_BYTES", 1000)
+    unet_bytes = 4 * sum(p.numel() for p in __import__("diffusers").UNet2DConditionModel.from_pretrained(
+        tiny_checkpoint / "unet").parameters())
+    monkeypatch.setattr(writer, "BIG_MODEL_BYTES", unet_bytes - 1)  # the UNet alone is streamed, as SDXL's would be
     choice = [LoraChoice(loras / "style.safetensors", 0.7)]
     options = dict(components=("text_encoder", "unet", "vae_decoder"))
     streamed = export_package(tiny_checkpoint, tmp_path / "s", ExportOptions(**options), log=lambda m: None)
+    monkeypatch.undo()
     manifest = json.loads((streamed / "diffrt.json").read_text())
     assert manifest["components"]["unet"]["made_by"].startswith("torch.onnx dynamo") and all(
         c["check"]["passed"] for c in manifest["components"].values())
