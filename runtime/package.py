@@ -172,11 +172,14 @@ def _from_configs(root: Path) -> Package:
     size = int(unet.get("sample_size", 64)) * scale
     family = family_of(unet.get("cross_attention_dim", 768), unet.get("addition_embed_type"))
     index = _read_json(root / "model_index.json", "model index") if (root / "model_index.json").is_file() else {}
+    from .families import family_class
+
+    kind = family_class(family)
     return Package(root=root, name=root.name, family=family,
                    prediction_type=sched.get("prediction_type", "epsilon"),
                    vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)), vae_scale_factor=scale,
                    latent_channels=int(vae.get("latent_channels", 4)), text_max_length=77,
-                   defaults={"width": size, "height": size, "steps": 30, "guidance_scale": 5.0 if family == "sdxl" else 7.5,
+                   defaults={"width": size, "height": size, "steps": 30, "guidance_scale": kind.default_guidance,
                              "scheduler": sched.get("_class_name", "PNDMScheduler")},
                    scheduler_config=sched, vae_shift_factor=float(vae.get("shift_factor") or 0.0),
-                   force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", family == "sdxl")))
+                   force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", kind.zeros_for_empty_prompt)))

@@ -61,6 +61,8 @@ class Family:
     # scale fed to the denoiser as an input (FLUX-dev: encode() puts it in the conditioning, one row per image); "none"
     guidance: ClassVar[str] = "cfg"
     size_conditioning: ClassVar[bool] = False  # takes SDXL's original size and crop ids
+    default_guidance: ClassVar[float] = 7.5  # for a package that does not record its own (an optimum export)
+    zeros_for_empty_prompt: ClassVar[bool] = False  # diffusers' force_zeros_for_empty_prompt, where model_index omits it
 
     def __init__(self, package: Package) -> None:
         self.package = package

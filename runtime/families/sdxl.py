@@ -20,6 +20,8 @@ class StableDiffusionXL(Family):
     name = "sdxl"
     encoders = ("text_encoder", "text_encoder_2")
     size_conditioning = True
+    default_guidance = 5.0
+    zeros_for_empty_prompt = True
 
     def hidden_output(self, encoder: Engine, clip_skip: int) -> tuple[str, int | None]:
         """SDXL reads the penultimate layer; clip skip N (A1111's) reads N layers before the last (diffusers' N - 1)."""
