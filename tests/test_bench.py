@@ -107,6 +107,7 @@ def test_fresh_process_reports_its_own_gpu_memory(tmp_path, monkeypatch):
     assert "GPU" not in startup_table({"load": {}, "cold_start": {"diffrt": {"seconds": 1.0, "peak_rss_mb": 1.0}}})[0]
 
 
+@pytest.mark.slow
 def test_gpu_check_script_at_toy_size(tmp_path, capsys):
     """The GPU check's steps at toy size on the CPU: its fp16 copy is made, fp32 rows match diffusers, working
     files stay out of --out, and the fused-attention UNet has no float shape arithmetic to stop CUDA graphs."""

@@ -158,6 +158,7 @@ def test_size_conditioning_is_checked(sdxl, ours):
         ours(PROMPT, steps=1, original_size=(64, 64))
 
 
+@pytest.mark.slow
 def test_optimum_round_trips(tiny_sdxl_checkpoint, tiny_sdxl_package, sdxl, tmp_path):
     """optimum's ORTStableDiffusionXLPipeline runs diffrt's package, and diffrt runs optimum's SDXL export: the same
     image from the same latents each way."""

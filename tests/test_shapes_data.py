@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 
 from diffrt.models.shapes_data import COLOURS, POSITIONS, SHAPES, SIZES, Scene, held_out_triples, read_image, render
 
 
+@pytest.mark.slow
 def test_reader_reads_every_render_right():
     rng = np.random.default_rng(0)
     for shape, colour, background, size, position in itertools.product(SHAPES, COLOURS, COLOURS, SIZES, POSITIONS):
