@@ -70,6 +70,22 @@ def test_plain_prompt_syntax_reads_a_long_prompt_as_diffusers(reference, ours):
         ours("a cat", prompt_syntax="compel")
 
 
+def test_a_generation_request_is_the_same_call_as_its_settings(ours):
+    """One typed request (from diffrt import GenerationRequest) or the same settings as keywords: the same images;
+    diffusers' names for steps and images per prompt work, an unknown setting is refused naming the known ones."""
+    from diffrt import GenerationRequest
+
+    request = GenerationRequest("a cat", "blurry", steps=3, seed=5, scheduler="euler_a", guidance_scale=[4.0, 6.0],
+                                num_images=2)
+    a = ours(request)
+    b = ours("a cat", negative_prompt="blurry", steps=3, seed=5, scheduler="euler_a", guidance_scale=[4.0, 6.0], num_images=2)
+    assert np.array_equal(a.array, b.array) and a.guidances == [4.0, 6.0] and a.seeds == [5, 6]
+    aliased = ours("a cat", num_inference_steps=3, num_images_per_prompt=2, seed=5)
+    assert aliased.settings["steps"] == 3 and len(aliased.images) == 2
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) sampler; the settings are: .*scheduler"):
+        ours("a cat", sampler="euler")
+
+
 def test_same_seed_same_image_and_guidance_one_skips_uncond(ours, monkeypatch):
     a = ours("a cat", steps=3, seed=11, scheduler="euler_a")
     b = ours("a cat", steps=3, seed=11, scheduler="euler_a")
