@@ -14,7 +14,7 @@ from PIL import Image
 
 from . import __version__
 from .backends.engine import Engine
-from .backends.registry import REGISTRY, Backend, EngineOptions, auto_order, get
+from .backends.registry import REGISTRY, Backend, EngineOptions, candidates
 from .errors import UserError
 from .families import family_for, one_per_row
 from .generators import ImageGenerators
@@ -125,7 +125,7 @@ class Pipeline:
         from .trust import refusal, verdict
 
         refusals, untrusted = [], []
-        for runner in auto_order() if backend == "auto" else [get(backend)]:
+        for runner in candidates(backend):
             try:
                 runner.check_options(self.options)
                 if runner.missing():

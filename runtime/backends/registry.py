@@ -105,14 +105,19 @@ class Backend:
         return engines
 
 
-def _ort_cpu_missing() -> str | None:
-    from .onnxruntime import onnxruntime
-
+def _refusal(check: Callable[[], Any]) -> str | None:
+    """The one line a check that imports a backend's library refuses with, None when it passes."""
     try:
-        onnxruntime()
+        check()
     except UserError as exc:
         return str(exc)
     return None
+
+
+def _ort_cpu_missing() -> str | None:
+    from .onnxruntime import onnxruntime
+
+    return _refusal(onnxruntime)
 
 
 def _ort_cuda_missing() -> str | None:
@@ -130,11 +135,7 @@ def _ov_missing() -> str | None:
 def _trt_missing() -> str | None:
     from .tensorrt import import_tensorrt
 
-    try:
-        import_tensorrt()
-    except UserError as exc:
-        return str(exc)
-    return None
+    return _refusal(import_tensorrt)
 
 
 def _ort_opener(backend: str) -> Callable[..., Engine]:
@@ -187,6 +188,11 @@ def get(name: str) -> Backend:
 def auto_order() -> list[Backend]:
     """The backends 'auto' may pick that can run here, fastest first."""
     return [REGISTRY[n] for n in AUTO if n != "ort-cpu" and REGISTRY[n].missing() is None] + [REGISTRY["ort-cpu"]]
+
+
+def candidates(name: str) -> list[Backend]:
+    """The backends to try for --backend NAME: auto's order, or the one named."""
+    return auto_order() if name == "auto" else [get(name)]
 
 
 def resolve(name: str) -> Backend:
