@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,8 +128,9 @@ class Pipeline:
         for runner in candidates(backend):
             try:
                 runner.check_options(self.options)
-                if runner.missing():
-                    raise UserError(runner.missing())
+                why = runner.missing()
+                if why:
+                    raise UserError(why)
                 computed = runner.compute_precision(precision, self.package.precision("unet"))
             except UserError as exc:
                 refusals.append(str(exc))
@@ -329,10 +330,11 @@ class Pipeline:
         if request.image is None:
             if request.mask is not None:
                 raise UserError("a mask needs an image to repaint (--image)")
-            for name, value, default in (("strength", request.strength, 0.8), ("resize", request.resize, False),
-                                         ("mask blur", request.mask_blur, 0.0)):
-                if value != default:
-                    raise UserError(f"{name} only applies to image-to-image: give an image (--image), or leave it out")
+            defaults = {f.name: f.default for f in fields(GenerationRequest)}
+            for name in ("strength", "resize", "mask_blur"):
+                if getattr(request, name) != defaults[name]:
+                    raise UserError(f"{name.replace('_', ' ')} only applies to image-to-image: give an image (--image), "
+                                    "or leave it out")
             return None
         if request.mask is None and request.mask_blur:
             raise UserError("mask blur blurs the edge of an inpainting mask: give a mask (--mask), or leave it out")
