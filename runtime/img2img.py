@@ -51,11 +51,13 @@ def image_input(image: Any, multiple: int, resize: bool = False) -> np.ndarray:
     return (pixels * 2.0 - 1.0).transpose(2, 0, 1)[None]
 
 
-def strength_timesteps(sched, steps: int, strength: float) -> tuple[np.ndarray, int]:
-    """The timesteps left after skipping the first (1 - strength) of a `steps` schedule, and where they start."""
+def strength_timesteps(sched, steps: int, strength: float, exact: bool = False) -> tuple[np.ndarray, int]:
+    """The timesteps left after skipping the first (1 - strength) of a `steps` schedule, and where they start. The
+    steps kept are steps * strength rounded down (diffusers' SD and SDXL pipelines), or with exact, the steps skipped
+    are steps * (1 - strength) rounded down (its SD3 and FLUX pipelines)."""
     if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 < strength <= 1:
         raise UserError(f"strength must be a number above 0 and at most 1, not {strength!r}")
-    kept = min(int(steps * strength), steps)
+    kept = steps - int(max(steps - min(steps * strength, steps), 0)) if exact else min(int(steps * strength), steps)
     if kept < 1:
         raise UserError(f"strength {strength:g} with {steps} steps leaves no step to run; raise --strength or --steps")
     start = (steps - kept) * sched.order
@@ -111,9 +113,10 @@ class Inpainting:
         extra = np.concatenate([self.mask, self.masked], axis=1)
         return np.concatenate([scaled, np.concatenate([extra, extra]) if guided else extra], axis=1)
 
-    def blend(self, sched, x: np.ndarray, next_t: float | None) -> np.ndarray:
-        """An ordinary UNet's step kept only inside the mask; outside, the image's latents noised to the next step."""
+    def blend(self, sched, x: np.ndarray, last: bool) -> np.ndarray:
+        """An ordinary UNet's step kept only inside the mask; outside, the image's latents noised to the step the
+        sampler is now at (as they are after the last one)."""
         if self.image_latents is None:
             return x
-        known = self.image_latents if next_t is None else sched.add_noise(self.image_latents, self.noise, next_t)
+        known = self.image_latents if last else sched.add_noise(self.image_latents, self.noise)
         return ((1 - self.mask) * known + self.mask * x).astype(np.float32)

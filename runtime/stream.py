@@ -66,7 +66,7 @@ class Stream:
     def model_input(self) -> np.ndarray:
         """This step's UNet sample rows."""
         x = np.concatenate([self.x, self.x]) if self.req.guided else self.x
-        model_in = self.sched.scale_model_input(x, self.t)
+        model_in = self.sched.scale_model_input(x)
         return model_in if self.inpaint is None else self.inpaint.unet_input(model_in, self.req.guided)
 
     def advance(self, out: np.ndarray, unet_seconds: float, own_seconds: float) -> None:
@@ -78,9 +78,9 @@ class Stream:
             text_out, out = out[n:], np.where(g > 1, out[:n] + g * (out[n:] - out[:n]), out[n:])
             if req.guidance_rescale > 0:
                 out = rescaled(out, text_out, req.guidance_rescale)
-        x = self.sched.step(out, self.t, self.x, self.rng)
+        x = self.sched.step(out, self.x, self.rng)
         if self.inpaint is not None:
-            x = self.inpaint.blend(self.sched, x, self.timesteps[self.i + 1] if self.i + 1 < self.total else None)
+            x = self.inpaint.blend(self.sched, x, last=self.i + 1 == self.total)
         if not np.isfinite(x).all():
             raise NonFiniteError(f"the {self.sched.name} scheduler's step made NaN or inf at step {self.i + 1} of "
                                  f"{self.total} (the UNet's output was finite); use fewer steps or another scheduler")

@@ -175,7 +175,7 @@ def test_a_stream_whose_own_step_fails_stops_alone(pipe):
 
     want = pipe("a cat", seed=4, steps=5).array
     good, bad = pipe.begin("a cat", seed=4, steps=5), pipe.begin("a dog", seed=5, steps=5)
-    bad.sched.step = lambda out, t, x, rng: x * np.nan
+    bad.sched.step = lambda out, x, rng: x * np.nan
     pipe.step([good, bad])
     assert bad.done and isinstance(bad.error, NonFiniteError) and good.i == 1
     with pytest.raises(NonFiniteError, match="NaN or inf at step 1 of"):

@@ -48,39 +48,37 @@ class Scheduler:
         self.prediction = parameterization(self.config["prediction_type"])  # what the model's output is
         self.timesteps = np.zeros(0, np.int64)
         self.init_noise_sigma = 1.0
-        self.next_index = 0  # where the schedule is expected to go on; set_timesteps resets it
+        self.index = 0  # the step the sampler is at (it owns its place in the loop); set_timesteps and begin set it
 
     def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         """The schedule for num_inference_steps; image_seq_len (the image's latent token count) is for schedules that
         depend on the image's size (FLUX's dynamic shift), which the others ignore."""
         raise NotImplementedError
 
-    def scale_model_input(self, sample: np.ndarray, timestep: float) -> np.ndarray:
+    def scale_model_input(self, sample: np.ndarray) -> np.ndarray:
+        """The model's input for the step the sampler is at."""
         return sample
 
-    def step(self, model_output: np.ndarray, timestep: float, sample: np.ndarray,
-             generator: np.random.Generator | None = None) -> np.ndarray:
+    def step(self, model_output: np.ndarray, sample: np.ndarray, generator: np.random.Generator | None = None) -> np.ndarray:
+        """The sample at the schedule's next point, from the model's output at this one; the sampler moves on."""
+        out = self.update(model_output, sample, self.index, generator)
+        self.index += 1
+        return out.astype(np.float32, copy=False)
+
+    def update(self, model_output: np.ndarray, sample: np.ndarray, i: int,
+               generator: np.random.Generator | None) -> np.ndarray:
+        """The step from schedule index i (what each sampler defines)."""
         raise NotImplementedError
 
-    def step_index(self, timestep: float) -> int:
-        """Where timestep is in the schedule, found from the timestep as diffusers does: the step expected next when
-        it is there (a schedule may hold a timestep twice), else its first match."""
-        ts = self.timesteps
-        if self.next_index < len(ts) and np.isclose(ts[self.next_index], timestep):
-            return self.next_index
-        matches = np.nonzero(np.isclose(ts, timestep))[0]
-        if not len(matches):
-            raise ValueError(f"timestep {timestep} is not in this {self.name} schedule")
-        return int(matches[0])
-
-    def add_noise(self, original: np.ndarray, noise: np.ndarray, timestep: float) -> np.ndarray:
-        """original noised to `timestep` (img2img's start): sqrt(alpha_bar) x + sqrt(1 - alpha_bar) noise."""
-        acp = self.alphas_cumprod[int(timestep)]
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, index: int | None = None) -> np.ndarray:
+        """original noised to the schedule's step `index` (default: where the sampler is), as img2img starts and
+        inpainting keeps the known region: sqrt(alpha_bar) x + sqrt(1 - alpha_bar) noise."""
+        acp = self.alphas_cumprod[int(self.timesteps[self.index if index is None else index])]
         return (acp**0.5 * original + (1 - acp) ** 0.5 * noise).astype(np.float32)
 
     def begin(self, index: int) -> None:
         """Start the schedule at step `index` (img2img), as diffusers' set_begin_index."""
-        self.next_index = index
+        self.index = index
 
     @property
     def order(self) -> int:

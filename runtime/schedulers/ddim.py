@@ -22,8 +22,8 @@ class DDIM(Scheduler):
         self.num_inference_steps = num_inference_steps
         self.timesteps = spaced_timesteps(self.config, num_inference_steps)
 
-    def step(self, model_output, timestep, sample, generator=None):
-        t = int(timestep)
+    def update(self, model_output, sample, i, generator):
+        t = int(self.timesteps[i])
         prev = t - self.config["num_train_timesteps"] // self.num_inference_steps
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
@@ -31,4 +31,4 @@ class DDIM(Scheduler):
         if self.config["clip_sample"]:
             r = self.config["clip_sample_range"]
             x0 = np.clip(x0, -r, r)
-        return (a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps).astype(np.float32)
+        return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps

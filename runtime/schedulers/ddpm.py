@@ -28,10 +28,10 @@ class DDPM(Scheduler):
         if num_inference_steps > self.config["num_train_timesteps"]:
             raise ValueError(f"DDPM takes at most num_train_timesteps={self.config['num_train_timesteps']} steps")
         self.timesteps = spaced_timesteps(self.config, num_inference_steps)
-        self.next_index = 0
+        self.index = 0
 
-    def step(self, model_output, timestep, sample, generator=None):
-        t, i = int(timestep), self.step_index(timestep)
+    def update(self, model_output, sample, i, generator):
+        t = int(self.timesteps[i])
         prev_t = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else np.float32(1.0)
@@ -40,10 +40,9 @@ class DDPM(Scheduler):
         if self.config["clip_sample"]:
             x0 = np.clip(x0, -self.config["clip_sample_range"], self.config["clip_sample_range"])
         prev = (a_prev**0.5 * beta / (1 - a_t)) * x0 + (alpha**0.5 * (1 - a_prev) / (1 - a_t)) * sample
-        self.next_index = i + 1
         if t > 0:
             prev = prev + self._deviation(a_t, a_prev, beta) * noise_like(sample, generator)
-        return prev.astype(np.float32)
+        return prev
 
     def _deviation(self, a_t, a_prev, beta):
         """The noise's standard deviation by variance_type."""

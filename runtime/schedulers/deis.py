@@ -39,21 +39,20 @@ class DEIS(Scheduler):
         c = self.config
         sched, self.timesteps, least = multistep_sigmas(c, self.alphas_cumprod, num_inference_steps)
         self.sigmas = np.concatenate([sched, [least]]).astype(np.float32)
-        self.next_index = 0
+        self.index = 0
         self.outputs: list[np.ndarray] = []
 
-    def step(self, model_output, timestep, sample, generator=None):
-        c, i, n = self.config, self.step_index(timestep), len(self.timesteps)
+    def update(self, model_output, sample, i, generator):
+        c, n = self.config, len(self.timesteps)
         alpha_s0, sigma_s0 = alpha_sigma(self.sigmas[i])
         x0, _ = self.prediction.x0_eps(model_output, sample, alpha_s0, sigma_s0)
         self.outputs = [*self.outputs, (sample - alpha_s0 * x0) / sigma_s0][-c["solver_order"]:]
         short = c["lower_order_final"] and n < 15
         order = min(c["solver_order"], len(self.outputs), 1 if short and i == n - 1 else 3, 2 if short and i == n - 2 else 3)
         alpha_t, sigma_t = alpha_sigma(self.sigmas[i + 1])
-        self.next_index = i + 1
         if order == 1:
             h = np.log(alpha_t) - np.log(sigma_t) - (np.log(alpha_s0) - np.log(sigma_s0))
-            return (alpha_t / alpha_s0 * sample - sigma_t * (np.exp(h) - 1.0) * self.outputs[-1]).astype(np.float32)
+            return alpha_t / alpha_s0 * sample - sigma_t * (np.exp(h) - 1.0) * self.outputs[-1]
         rho = [sigma_t / alpha_t] + [s / a for a, s in (alpha_sigma(self.sigmas[i - k]) for k in range(order))]
         t, s = rho[0], rho[1:]
         if order == 2:
@@ -63,4 +62,4 @@ class DEIS(Scheduler):
                      weight3(t, s[1], s[2], s[0]) - weight3(s[0], s[1], s[2], s[0]),
                      weight3(t, s[2], s[0], s[1]) - weight3(s[0], s[2], s[0], s[1])]
         total = sample / alpha_s0 + sum(w * m for w, m in zip(coefs, reversed(self.outputs[-order:])))
-        return (alpha_t * total).astype(np.float32)
+        return alpha_t * total

@@ -37,12 +37,12 @@ class DPM2(Euler):
         self.sigmas, self.mids = doubled(sigmas), doubled(mids)
         pairs = np.stack([mid_timesteps, timesteps[1:]], axis=-1).reshape(-1)
         self.timesteps = np.concatenate([timesteps[:1], pairs]).astype(np.float32)
-        self.next_index = 0
+        self.index = 0
         self.saved: np.ndarray | None = None  # the sample a step started from, while its midpoint call is pending
         self.init_noise_sigma = self.start_sigma()
 
-    def scale_model_input(self, sample, timestep):
-        i = self.step_index(timestep)
+    def scale_model_input(self, sample):
+        i = self.index
         sigma = self.sigmas[i] if self.saved is None else self._sigmas_at(i, first=False)[1]
         return sample / ((sigma**2 + 1) ** 0.5)
 
@@ -54,14 +54,12 @@ class DPM2(Euler):
         """The whole step from its starting sample along the midpoint's slope."""
         return start + slope * (self.sigmas[i] - sigma)
 
-    def step(self, model_output, timestep, sample, generator=None):
-        i = self.step_index(timestep)
+    def update(self, model_output, sample, i, generator):
         first = self.saved is None
         sigma, mid = self._sigmas_at(i, first)
         x0 = self.prediction.x0(model_output, sample, sigma if first else mid)
-        self.next_index = i + 1
         if first:
             self.saved = sample
-            return (sample + (sample - x0) / sigma * (mid - sigma)).astype(np.float32)
+            return sample + (sample - x0) / sigma * (mid - sigma)
         start, self.saved = self.saved, None
-        return self._finish(start, (sample - x0) / mid, i, sigma, sample, generator).astype(np.float32)
+        return self._finish(start, (sample - x0) / mid, i, sigma, sample, generator)

@@ -53,16 +53,16 @@ class DPMSolverPP2M(Scheduler):
         last = float(sigmas[0]) if self.config["final_sigmas_type"] == "sigma_min" else 0.0
         self.sigmas = np.concatenate([sched, [last]]).astype(np.float32)
         self.timesteps = timesteps.astype(np.int64)
-        self.next_index = first_index(self.timesteps)
+        self.index = first_index(self.timesteps)
         self.previous: np.ndarray | None = None
         self.lower_order_nums = 0
 
-    def add_noise(self, original, noise, timestep):
-        alpha, sigma = alpha_sigma(self.sigmas[self.step_index(timestep)])
+    def add_noise(self, original, noise, index=None):
+        alpha, sigma = alpha_sigma(self.sigmas[self.index if index is None else index])
         return (alpha * original + sigma * noise).astype(np.float32)
 
-    def step(self, model_output, timestep, sample, generator=None):
-        c, i, n = self.config, self.step_index(timestep), len(self.timesteps)
+    def update(self, model_output, sample, i, generator):
+        c, n = self.config, len(self.timesteps)
         final = i == n - 1 and (c["euler_at_final"] or (c["lower_order_final"] and n < 15) or c["final_sigmas_type"] == "zero")
         alpha_s0, sigma_s0 = alpha_sigma(self.sigmas[i])
         alpha_t, sigma_t = alpha_sigma(self.sigmas[i + 1])
@@ -80,8 +80,7 @@ class DPMSolverPP2M(Scheduler):
             self._ode_update(sample, x0, d1, h, alpha_t, sigma_t, sigma_s0)
         self.previous = x0
         self.lower_order_nums = min(self.lower_order_nums + 1, c["solver_order"])
-        self.next_index = i + 1
-        return prev.astype(np.float32)
+        return prev
 
     def _ode_update(self, sample, x0, d1, h, alpha_t, sigma_t, sigma_s0):
         prev = (sigma_t / sigma_s0) * sample - (alpha_t * (np.exp(-h) - 1.0)) * x0

@@ -25,7 +25,7 @@ class Euler(Scheduler):
         last = ((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5 if self.config.get("final_sigmas_type") == "sigma_min" else 0
         self.sigmas = np.concatenate([sched, [last]]).astype(np.float32)
         self.timesteps = timesteps
-        self.next_index = first_index(self.timesteps)
+        self.index = first_index(self.timesteps)
         self.init_noise_sigma = self.start_sigma()
 
     def start_sigma(self) -> float:
@@ -33,15 +33,13 @@ class Euler(Scheduler):
         top = self.sigmas.max()
         return top if self.config["timestep_spacing"] in ("linspace", "trailing") else (top**2 + 1) ** 0.5
 
-    def add_noise(self, original, noise, timestep):
-        return (original + noise * self.sigmas[self.step_index(timestep)]).astype(np.float32)
+    def add_noise(self, original, noise, index=None):
+        return (original + noise * self.sigmas[self.index if index is None else index]).astype(np.float32)
 
-    def scale_model_input(self, sample, timestep):
-        return sample / ((self.sigmas[self.step_index(timestep)] ** 2 + 1) ** 0.5)
+    def scale_model_input(self, sample):
+        return sample / ((self.sigmas[self.index] ** 2 + 1) ** 0.5)
 
-    def step(self, model_output, timestep, sample, generator=None):
-        i = self.step_index(timestep)
+    def update(self, model_output, sample, i, generator):
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         x0 = self.prediction.x0(model_output, sample, sigma)
-        self.next_index = i + 1
-        return (sample + (sample - x0) / sigma * (sigma_next - sigma)).astype(np.float32)
+        return sample + (sample - x0) / sigma * (sigma_next - sigma)

@@ -78,14 +78,12 @@ class FlowMatchEuler(Scheduler):
         sigmas = sigmas.astype(np.float32)
         self.timesteps = sigmas * np.float32(c["num_train_timesteps"])
         self.sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
-        self.next_index = 0
+        self.index = 0
 
-    def add_noise(self, original, noise, timestep):
+    def add_noise(self, original, noise, index=None):
         """The flow's forward process: (1 - sigma) x0 + sigma * noise (diffusers' scale_noise)."""
-        sigma = self.sigmas[self.step_index(timestep)]
+        sigma = self.sigmas[self.index if index is None else index]
         return (sigma * noise + (1 - sigma) * original).astype(np.float32)
 
-    def step(self, model_output, timestep, sample, generator=None):
-        i = self.step_index(timestep)
-        self.next_index = i + 1
-        return (sample + (self.sigmas[i + 1] - self.sigmas[i]) * model_output).astype(np.float32)
+    def update(self, model_output, sample, i, generator):
+        return sample + (self.sigmas[i + 1] - self.sigmas[i]) * model_output

@@ -24,22 +24,20 @@ class Heun(Euler):
         sigmas = np.concatenate([sched, [0.0]]).astype(np.float32)
         self.sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
         self.timesteps = doubled(timesteps)[:-1]
-        self.next_index = 0
+        self.index = 0
         self.first_half: tuple | None = None  # (slope, dt, sample) of the Euler step awaiting its correction
         self.init_noise_sigma = self.start_sigma()
 
-    def step(self, model_output, timestep, sample, generator=None):
-        i = self.step_index(timestep)
+    def update(self, model_output, sample, i, generator):
         first = self.first_half is None
         sigma, sigma_next = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
         x0 = self.prediction.x0(model_output, sample, sigma if first else sigma_next)
         if self.config["clip_sample"]:
             x0 = np.clip(x0, -self.config["clip_sample_range"], self.config["clip_sample_range"])
-        self.next_index = i + 1
         if first:
             slope = (sample - x0) / sigma
             self.first_half = (slope, sigma_next - sigma, sample)
-            return (sample + slope * (sigma_next - sigma)).astype(np.float32)
+            return sample + slope * (sigma_next - sigma)
         slope, dt, start = self.first_half
         self.first_half = None
-        return (start + ((slope + (sample - x0) / sigma_next) / 2) * dt).astype(np.float32)
+        return start + ((slope + (sample - x0) / sigma_next) / 2) * dt

@@ -28,10 +28,10 @@ class LCM(Scheduler):
         origin = (np.arange(1, original + 1) * k - 1)[::-1]
         picks = np.floor(np.linspace(0, len(origin), num=num_inference_steps, endpoint=False)).astype(np.int64)
         self.timesteps = origin[picks].astype(np.int64)
-        self.next_index = 0
+        self.index = 0
 
-    def step(self, model_output, timestep, sample, generator=None):
-        t, i = int(timestep), self.step_index(timestep)
+    def update(self, model_output, sample, i, generator):
+        t = int(self.timesteps[i])
         last = i == len(self.timesteps) - 1
         prev = t if last else int(self.timesteps[i + 1])
         a_t = self.alphas_cumprod[t]
@@ -43,7 +43,6 @@ class LCM(Scheduler):
         if self.config["clip_sample"]:
             x0 = np.clip(x0, -self.config["clip_sample_range"], self.config["clip_sample_range"])
         out = c_out * x0 + c_skip * sample
-        self.next_index = i + 1
         if not last:
             out = a_prev**0.5 * out + (1 - a_prev) ** 0.5 * noise_like(sample, generator)
-        return out.astype(np.float32)
+        return out

@@ -31,16 +31,14 @@ class LMS(Euler):
     def set_timesteps(self, num_inference_steps: int, image_seq_len: int | None = None) -> None:
         sched, self.timesteps = sigma_schedule(self.config, self.alphas_cumprod, num_inference_steps)
         self.sigmas = np.concatenate([sched, [0.0]]).astype(np.float32)
-        self.next_index = 0
+        self.index = 0
         self.slopes: list[np.ndarray] = []
         self.init_noise_sigma = self.start_sigma()
 
-    def step(self, model_output, timestep, sample, generator=None):
-        i = self.step_index(timestep)
+    def update(self, model_output, sample, i, generator):
         sigma = self.sigmas[i]
         x0 = self.prediction.x0(model_output, sample, sigma)
         self.slopes = [*self.slopes, (sample - x0) / sigma][-MAX_ORDER:]
         order = min(i + 1, MAX_ORDER)
         coefficients = [lms_coefficient(self.sigmas, order, i, j) for j in range(order)]
-        self.next_index = i + 1
-        return (sample + sum(c * s for c, s in zip(coefficients, reversed(self.slopes)))).astype(np.float32)
+        return sample + sum(c * s for c, s in zip(coefficients, reversed(self.slopes)))

@@ -34,10 +34,11 @@ class PNDM(Scheduler):
         self.cur_model_output = 0.0
         self.cur_sample: np.ndarray | None = None
 
-    def step(self, model_output, timestep, sample, generator=None):
+    def update(self, model_output, sample, i, generator):
+        """PNDM counts its own calls (its warm-up does not start over with img2img's later start, as in diffusers)."""
         if self.counter < len(self.prk_timesteps) and not self.config["skip_prk_steps"]:
-            return self._step_prk(model_output, int(timestep), sample)
-        return self._step_plms(model_output, int(timestep), sample)
+            return self._step_prk(model_output, int(self.timesteps[i]), sample)
+        return self._step_plms(model_output, int(self.timesteps[i]), sample)
 
     def _step_prk(self, model_output, timestep, sample):
         c = self.counter

@@ -17,15 +17,14 @@ class TCD(LCM):
     defaults = {**LCM.defaults, "timestep_spacing": "leading"}
     eta = ETA
 
-    def step(self, model_output, timestep, sample, generator=None):
-        t, i = int(timestep), self.step_index(timestep)
+    def update(self, model_output, sample, i, generator):
+        t = int(self.timesteps[i])
         last = i == len(self.timesteps) - 1
         prev = 0 if last else int(self.timesteps[i + 1])
         s = int(np.floor((1 - self.eta) * prev))
         a_t, a_prev, a_s = self.alphas_cumprod[t], self.alphas_cumprod[prev], self.alphas_cumprod[s]
         x0, eps = self.prediction.x0_eps(model_output, sample, a_t**0.5, (1 - a_t) ** 0.5)
         noised = a_s**0.5 * x0 + (1 - a_s) ** 0.5 * eps
-        self.next_index = i + 1
         if self.eta > 0 and not last:
             noised = (a_prev / a_s) ** 0.5 * noised + (1 - a_prev / a_s) ** 0.5 * noise_like(sample, generator)
-        return noised.astype(np.float32)
+        return noised

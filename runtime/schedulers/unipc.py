@@ -51,28 +51,27 @@ class UniPC(Scheduler):
         c = self.config
         sched, self.timesteps, least = multistep_sigmas(c, self.alphas_cumprod, num_inference_steps)
         self.sigmas = np.concatenate([sched, [least if c["final_sigmas_type"] == "sigma_min" else 0.0]]).astype(np.float32)
-        self.next_index = 0
+        self.index = 0
         self.outputs: list[np.ndarray] = []
         self.last_sample: np.ndarray | None = None
         self.this_order = 1
 
-    def step(self, model_output, timestep, sample, generator=None):
-        c, i = self.config, self.step_index(timestep)
+    def update(self, model_output, sample, i, generator):
+        c = self.config
         alpha, sigma = alpha_sigma(self.sigmas[i])
         x0, eps = self.prediction.x0_eps(model_output, sample, alpha, sigma)
         converted = x0 if c["predict_x0"] else eps
         if i > 0 and (i - 1) not in c["disable_corrector"] and self.last_sample is not None:
-            sample = self._update(self.last_sample, i, i - 1, self.this_order, converted)
+            sample = self._solve(self.last_sample, i, i - 1, self.this_order, converted)
         self.outputs = [*self.outputs, converted][-c["solver_order"]:]
         order = min(c["solver_order"], len(self.timesteps) - i) if c["lower_order_final"] else c["solver_order"]
         self.this_order = min(order, len(self.outputs))
         self.last_sample = sample
-        self.next_index = i + 1
         if self.sigmas[i + 1] == 0:  # the last step, to sigma 0 (h infinite): its limit is the x0 prediction, where
-            return x0.astype(np.float32)  # diffusers' formula is NaN (bh1, noise form) or singular (order > 1)
-        return self._update(sample, i + 1, i, self.this_order).astype(np.float32)
+            return x0  # diffusers' formula is NaN (bh1, noise form) or singular (order > 1)
+        return self._solve(sample, i + 1, i, self.this_order)
 
-    def _update(self, x, t: int, s0: int, order: int, corrector_output=None):
+    def _solve(self, x, t: int, s0: int, order: int, corrector_output=None):
         """The predictor from sigma index s0 to t (corrector_output None), or the corrector of that step given the
         model's output at t; the earlier outputs are those kept in self.outputs."""
         m0, lam_s0 = self.outputs[-1], log_snr(self.sigmas[s0])
