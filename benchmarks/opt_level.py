@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from diffrt.runtime.package import REQUIRED
+from diffrt.runtime.package import required
 
 from .timing import interleaved
 
 LEVELS = ("ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
-COMPONENTS = REQUIRED
 
 
 def random_feeds(session, latent: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     size = args.size or pkg.defaults["width"]
     rows = []
-    for comp in COMPONENTS:
+    for comp in required(pkg.family):
         batch = 1 if comp == "vae_decoder" else 2
         for level, r in compare(pkg.component(comp), size // pkg.vae_scale_factor, batch, args.runs, args.threads).items():
             rows.append({"component": comp, "level": level, **r})

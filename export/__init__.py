@@ -86,14 +86,18 @@ def export_package(checkpoint: str | Path, out: str | Path, options: ExportOptio
     options.components = ckpt.components if options.components is None else options.components
     for needed in required(ckpt.family):
         if needed not in options.components:
-            family = {"sdxl": "an SDXL", "sd2": "an SD 2.x", "sd1": "an SD 1.x"}.get(ckpt.family, "a")
+            family = {"sdxl": "an SDXL", "sd2": "an SD 2.x", "sd1": "an SD 1.x", "sd3": "an SD3"}.get(ckpt.family, "a")
             raise UserError(f"{family} package needs {needed}; add it to --components")
+    if options.loras and ckpt.denoiser != "unet":
+        raise UserError(f"LoRAs on {ckpt.family} models are not supported yet; export without --lora")
     if options.loras:
         from .lora_merge import check_loras
 
         check_loras(options.loras, ckpt.components)
-    if "text_encoder_2" in options.components and ckpt.family != "sdxl":
-        raise UserError(f"{ckpt.root} has no text_encoder_2 (it is not an SDXL checkpoint); leave it out of --components")
+    for name in options.components:
+        if name not in ckpt.components:
+            raise UserError(f"{ckpt.root} has no {name} (this {ckpt.family} checkpoint has "
+                            f"{', '.join(ckpt.components)}); leave it out of --components")
     out = Path(out).expanduser()
     tmp = _prepare_out(out, options.overwrite)
     try:

@@ -11,7 +11,7 @@ import torch
 from diffrt.runtime.backends.onnxruntime import OrtEngine
 
 from .checkpoint import Checkpoint
-from .graphs import example_inputs, latent_size, spec_for, wrapped
+from .graphs import example_inputs, latent_size, patch_size, spec_for, wrapped
 
 # max |onnx - torch| allowed, relative to max |torch| (at least 1): fp32 graphs agree to ~1e-6 in practice
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "int8": 0.25}
@@ -37,8 +37,8 @@ def check_sizes(ckpt: Checkpoint) -> list[tuple[int, int, int]]:
     """Two batch sizes and two latent sizes: the native square (at most 64, 512 pixels: SDXL's 1024 checks no more
     and costs four times the time), and a non-square one that the UNet cannot halve evenly (the sizes that need the
     traced explicit upsample sizes)."""
-    s = min(latent_size(ckpt), 64)
-    return [(1, s, s), (2, s // 2 + 1, s)]
+    s, p = min(latent_size(ckpt), 64), patch_size(ckpt)
+    return [(1, s, s), (2, -(-(s // 2 + 1) // p) * p, s)]
 
 
 Case = tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]  # (label, feeds, PyTorch's outputs)

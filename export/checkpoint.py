@@ -13,9 +13,12 @@ from diffrt.runtime.errors import UserError
 KNOWN_CLASSES = {
     "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"),
     "text_encoder_2": ("CLIPTextModelWithProjection",),
+    "text_encoder_3": ("T5EncoderModel",),
     "unet": ("UNet2DConditionModel",),
+    "transformer": ("SD3Transformer2DModel",),
     "vae": ("AutoencoderKL",),
 }
+DIT_FAMILIES = {"SD3Transformer2DModel": "sd3"}  # a transformer's class -> its family
 
 
 def _config(folder: Path, name: str) -> dict[str, Any]:
@@ -33,36 +36,51 @@ def _config(folder: Path, name: str) -> dict[str, Any]:
 class Checkpoint:
     root: Path
     index: dict[str, Any]
-    text_config: dict[str, Any]
-    unet_config: dict[str, Any]
-    vae_config: dict[str, Any]
+    configs: dict[str, dict[str, Any]]  # each model folder's config.json: text encoders, unet or transformer, vae
     scheduler_config: dict[str, Any]
-    text2_config: dict[str, Any] | None = None  # SDXL's second text encoder
+
+    @property
+    def denoiser(self) -> str:
+        return "transformer" if "transformer" in self.configs else "unet"
+
+    @property
+    def denoiser_config(self) -> dict[str, Any]:
+        return self.configs[self.denoiser]
+
+    @property
+    def vae_config(self) -> dict[str, Any]:
+        return self.configs["vae"]
+
+    def text_config(self, name: str) -> dict[str, Any]:
+        return self.configs[name]
 
     @property
     def family(self) -> str:
-        """sdxl for a UNet that takes pooled text embeddings and time ids, else by the UNet's text width."""
+        """A DiT's family by its transformer's class; sdxl for a UNet that takes pooled text embeddings and time ids,
+        else by the UNet's text width."""
         from diffrt.runtime.package import family_of
 
-        return family_of(int(self.unet_config.get("cross_attention_dim", 768)), self.unet_config.get("addition_embed_type"))
+        if self.denoiser == "transformer":
+            return DIT_FAMILIES[self.class_of("transformer")]
+        unet = self.denoiser_config
+        return family_of(int(unet.get("cross_attention_dim", 768)), unet.get("addition_embed_type"))
 
     @property
     def components(self) -> tuple[str, ...]:
         """Every component this checkpoint can give, in export order."""
         from diffrt.runtime.package import COMPONENTS
 
-        return tuple(c for c in COMPONENTS if c != "text_encoder_2" or self.text2_config is not None)
+        return tuple(c for c in COMPONENTS if c.startswith("vae") or c in self.configs)
 
     def load(self, name: str):
         """The PyTorch module of one component, in eval mode, float32."""
+        import diffusers
         import torch  # noqa: F401  (imported for its side effects on diffusers/transformers loading)
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+        import transformers
 
-        classes = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
-                   "UNet2DConditionModel": UNet2DConditionModel, "AutoencoderKL": AutoencoderKL}
         folder = "vae" if name.startswith("vae") else name
-        cls = classes[self.class_of(folder)]
+        class_name = self.class_of(folder)
+        cls = getattr(diffusers if folder in ("unet", "transformer", "vae") else transformers, class_name)
         try:
             model = cls.from_pretrained(self.root / folder)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -72,13 +90,12 @@ class Checkpoint:
 
     def class_of(self, folder: str) -> str:
         entry = self.index.get(folder)
-        config = {"text_encoder": self.text_config, "text_encoder_2": self.text2_config or {}, "unet": self.unet_config,
-                  "vae": self.vae_config}[folder]
+        config = self.configs.get(folder, {})
         name = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
         name = name or config.get("_class_name") or (config.get("architectures") or [None])[0]
         if name not in KNOWN_CLASSES[folder]:
             raise UserError(f"{self.root / folder} is a {name or 'model of unknown class'}; diffrt exports "
-                            f"{' or '.join(KNOWN_CLASSES[folder])} there (SD 1.x / 2.x / SDXL architecture)")
+                            f"{' or '.join(KNOWN_CLASSES[folder])} there (SD 1.x / 2.x / SDXL / SD3 architecture)")
         return name
 
 
@@ -110,24 +127,37 @@ def open_checkpoint(source: str | Path) -> Checkpoint:
         index = json.loads(index_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{index_path} is not valid JSON ({exc})") from None
-    sdxl = "text_encoder_2" in index or (root / "text_encoder_2").is_dir()
-    for name in ("tokenizer", "scheduler") + (("tokenizer_2",) if sdxl else ()):
+    present = [f for f in KNOWN_CLASSES if _listed(index, root, f)]
+    dit = "transformer" in present
+    sdxl = "text_encoder_2" in present and not dit
+    if not dit and "unet" not in present:
+        raise UserError(f"{root} lacks unet/config.json: the unet component is missing; give a complete diffusers "
+                        "checkpoint (model_index.json, text_encoder/, tokenizer/, unet/, vae/, scheduler/)")
+    tokenizers = ("tokenizer", *(f"tokenizer_{i}" for i in (2, 3) if f"text_encoder_{i}" in present))
+    for name in (*tokenizers, "scheduler"):
         if not (root / name).is_dir():
             raise UserError(f"{root} lacks {name}/: the {name} component is missing; give a complete diffusers checkpoint")
     sched_path = root / "scheduler" / "scheduler_config.json"
     if not sched_path.is_file():
         raise UserError(f"{root} lacks scheduler/scheduler_config.json; give a complete diffusers checkpoint")
-    if sdxl and not (root / "text_encoder").is_dir():
+    if "text_encoder_2" in present and "text_encoder" not in present:
         raise UserError(f"{root} has text_encoder_2 but no text_encoder (an SDXL refiner); diffrt exports SDXL base "
                         "and Turbo checkpoints, which have both")
-    ckpt = Checkpoint(root, index, _config(root, "text_encoder"), _config(root, "unet"), _config(root, "vae"),
-                      json.loads(sched_path.read_text(encoding="utf-8")),
-                      _config(root, "text_encoder_2") if sdxl else None)
-    for folder in KNOWN_CLASSES:
-        if folder != "text_encoder_2" or sdxl:
-            ckpt.class_of(folder)
-    if (ckpt.family == "sdxl") != sdxl:
+    configs = {f: _config(root, f) for f in dict.fromkeys(("text_encoder", *present, "vae"))}
+    ckpt = Checkpoint(root, index, configs, json.loads(sched_path.read_text(encoding="utf-8")))
+    for folder in configs:
+        ckpt.class_of(folder)
+    if not dit and (ckpt.family == "sdxl") != sdxl:
         raise UserError(f"{root}: the UNet {'does not take' if sdxl else 'takes'} SDXL's pooled text embeddings and "
                         f"time ids but the checkpoint {'has' if sdxl else 'lacks'} text_encoder_2; the checkpoint is "
                         "inconsistent (or of a family diffrt does not export)")
     return ckpt
+
+
+def _listed(index: dict[str, Any], root: Path, folder: str) -> bool:
+    """Whether the checkpoint has a component: listed in model_index.json with a class (SD3 may list T5 as
+    [null, null]) and its folder there, or, where model_index.json does not list it, its folder alone."""
+    entry = index.get(folder)
+    if isinstance(entry, list) and None in entry:
+        return False
+    return (root / folder).is_dir()

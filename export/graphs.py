@@ -30,6 +30,12 @@ SPECS = {
     "unet": ComponentSpec({"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "batch_size"},
                            "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"}},
                           {"out_sample": {0: "batch_size", 2: "height", 3: "width"}}),
+    "text_encoder_3": ComponentSpec({"input_ids": {0: "batch_size", 1: "sequence_length"}},
+                                    {"last_hidden_state": {0: "batch_size", 1: "sequence_length"}}),
+    "transformer": ComponentSpec({"hidden_states": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "batch_size"},
+                                  "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
+                                  "pooled_projections": {0: "batch_size"}},
+                                 {"out_hidden_states": {0: "batch_size", 2: "height", 3: "width"}}),
     "vae_decoder": ComponentSpec({"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}},
                                  {"sample": {0: "batch_size", 2: "height", 3: "width"}}),
     "vae_encoder": ComponentSpec({"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}},
@@ -40,18 +46,19 @@ SEQUENCE = {0: "batch_size", 1: "sequence_length"}
 
 
 def spec_for(name: str, ckpt: Checkpoint) -> ComponentSpec:
-    """The graph's names: SDXL's encoders give optimum's hidden_states.0..N (each layer's raw output, which SDXL
-    reads, penultimate by default) and its UNet also takes the pooled text embeddings and the six time ids."""
-    if ckpt.family != "sdxl" or name not in ("text_encoder", "text_encoder_2", "unet"):
+    """The graph's names: SDXL's and SD3's CLIP encoders give optimum's hidden_states.0..N (each layer's raw output,
+    which they read, penultimate by default) and SDXL's UNet also takes the pooled text embeddings and the six time
+    ids."""
+    if ckpt.family not in ("sdxl", "sd3") or name not in ("text_encoder", "text_encoder_2", "unet"):
         return SPECS[name]
     if name == "unet":
         unet = SPECS["unet"]
         return ComponentSpec({**unet.inputs, "text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"}},
                              unet.outputs)
-    config = ckpt.text_config if name == "text_encoder" else ckpt.text2_config
+    config = ckpt.text_config(name)
     layers = {f"hidden_states.{i}": SEQUENCE for i in range(int(config["num_hidden_layers"]) + 1)}
     first = {"last_hidden_state": SEQUENCE, "pooler_output": {0: "batch_size"}}
-    if name == "text_encoder_2":
+    if ckpt.class_of(name) == "CLIPTextModelWithProjection":
         first = {"text_embeds": {0: "batch_size"}, "last_hidden_state": SEQUENCE}
     return ComponentSpec(TEXT_IN, {**first, **layers})
 
@@ -104,6 +111,25 @@ class UNet(torch.nn.Module):
         return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
 
 
+class T5Encoder(torch.nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, return_dict=False)[0]
+
+
+class SD3Transformer(torch.nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections):
+        return self.model(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                          pooled_projections=pooled_projections, return_dict=False)[0]
+
+
 class VaeDecoder(torch.nn.Module):
     def __init__(self, model) -> None:
         super().__init__()
@@ -122,23 +148,31 @@ class VaeEncoder(torch.nn.Module):
         return self.model.encode(sample).latent_dist.parameters
 
 
-WRAPPERS = {"text_encoder": TextEncoder, "unet": UNet, "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
+WRAPPERS = {"text_encoder": TextEncoder, "text_encoder_3": T5Encoder, "unet": UNet, "transformer": SD3Transformer,
+            "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
 SDXL_WRAPPERS = {"text_encoder": SdxlTextEncoder, "text_encoder_2": SdxlTextEncoder, "unet": SdxlUNet}
 
 
 def wrapped(name: str, module: torch.nn.Module, ckpt: Checkpoint) -> torch.nn.Module:
     """The module as its graph is exported: optimum's inputs and outputs for the checkpoint's family."""
-    wrapper = SDXL_WRAPPERS[name] if ckpt.family == "sdxl" and name in SDXL_WRAPPERS else WRAPPERS[name]
-    return wrapper(module).eval()
+    sdxl_like = ckpt.family in ("sdxl", "sd3") and name in SDXL_WRAPPERS
+    return (SDXL_WRAPPERS if sdxl_like else WRAPPERS)[name](module).eval()
 
 
 def latent_size(ckpt: Checkpoint) -> int:
-    return int(ckpt.unet_config.get("sample_size", 64))
+    return int(ckpt.denoiser_config.get("sample_size", 64))
+
+
+def patch_size(ckpt: Checkpoint) -> int:
+    """What latent sides must be multiples of: a DiT's patch, 1 for a UNet."""
+    return int(ckpt.denoiser_config.get("patch_size", 1)) if ckpt.denoiser == "transformer" else 1
 
 
 def unet_factor(ckpt: Checkpoint) -> int:
-    """How many times the UNet halves the latents, as a factor."""
-    return 2 ** (len(ckpt.unet_config.get("block_out_channels", [0] * 4)) - 1)
+    """How many times the UNet halves the latents, as a factor (1 for a DiT)."""
+    if ckpt.denoiser == "transformer":
+        return 1
+    return 2 ** (len(ckpt.denoiser_config.get("block_out_channels", [0] * 4)) - 1)
 
 
 def trace_size(ckpt: Checkpoint) -> int:
@@ -157,21 +191,27 @@ def vae_scale_factor(ckpt: Checkpoint) -> int:
 def example_inputs(name: str, ckpt: Checkpoint, batch: int, height: int, width: int,
                    gen: torch.Generator) -> tuple[torch.Tensor, ...]:
     """Random inputs for component `name` at a latent size (height, width)."""
-    channels = int(ckpt.unet_config.get("in_channels", 4))
+    channels = int(ckpt.denoiser_config.get("in_channels", 4))
     if name.startswith("text_encoder"):
-        config = ckpt.text_config if name == "text_encoder" else ckpt.text2_config
+        config = ckpt.text_config(name)
         vocab = int(config.get("vocab_size", 49408))
-        length = int(config.get("max_position_embeddings", 77))
+        length = int(config.get("max_position_embeddings", 77))  # T5 (relative positions) takes any length: 77 here
         return (torch.randint(0, vocab, (batch, length), generator=gen, dtype=torch.int64),)
+    if name == "transformer":
+        config = ckpt.denoiser_config
+        return (torch.randn(batch, channels, height, width, generator=gen),
+                torch.randint(0, 1000, (batch,), generator=gen).float(),
+                torch.randn(batch, 77 * 2, int(config["joint_attention_dim"]), generator=gen),
+                torch.randn(batch, int(config["pooled_projection_dim"]), generator=gen))
     if name == "unet":
-        hidden = int(ckpt.unet_config.get("cross_attention_dim", 768))
-        length = int(ckpt.text_config.get("max_position_embeddings", 77))
+        hidden = int(ckpt.denoiser_config.get("cross_attention_dim", 768))
+        length = int(ckpt.text_config("text_encoder").get("max_position_embeddings", 77))
         inputs = (torch.randn(batch, channels, height, width, generator=gen),
                   torch.randint(0, 1000, (batch,), generator=gen).float(),
                   torch.randn(batch, length, hidden, generator=gen))
         if ckpt.family != "sdxl":
             return inputs
-        pooled = int(ckpt.text2_config.get("projection_dim", 1280))
+        pooled = int(ckpt.text_config("text_encoder_2").get("projection_dim", 1280))
         sizes = torch.randint(256, 1536, (batch, 6), generator=gen).float() * torch.tensor([1, 1, 0.1, 0.1, 1, 1])
         return (*inputs, torch.randn(batch, pooled, generator=gen), sizes.round())
     if name == "vae_decoder":
@@ -203,7 +243,8 @@ def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folde
     example = example_inputs(name, ckpt, 2, size, size, gen)
     path = folder / "model.onnx"
     traced = wrapped(name, module, ckpt)
-    fused = attention == "mha" and not name.startswith("text_encoder") and use_fused_attention(module)
+    # SD's UNet and VAE attention processors become fused nodes; text encoders and DiTs (joint attention) stay plain
+    fused = attention == "mha" and name in ("unet", "vae_decoder", "vae_encoder") and use_fused_attention(module)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes: the check below is what counts
         torch.onnx.export(traced, example, str(path), input_names=list(spec.inputs), output_names=list(spec.outputs),

@@ -23,7 +23,7 @@ import numpy as np
 from diffrt.runtime.doctor import GATE_PROMPTS, psnr
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.optimized import cpu_name
-from diffrt.runtime.package import MANIFEST, REQUIRED, Package, load_package
+from diffrt.runtime.package import MANIFEST, Package, load_package, required
 from diffrt.runtime.pipeline import Pipeline
 from diffrt.runtime.trust import cpu_kind, gate_db
 
@@ -223,7 +223,7 @@ def quantize_package(package: str | Path, out: str | Path, options: QuantizeOpti
     if options.cuda_fusions and options.precision != "fp16":
         raise UserError("--cuda-fusions makes float16 graphs for onnxruntime's CUDA provider; use it with --precision fp16")
     source = load_package(package, hashes=False)
-    if any(source.precision(c) != "fp32" for c in REQUIRED):
+    if any(source.precision(c) != "fp32" for c in required(source.family)):
         raise UserError(f"{source.root} is not an fp32 package; quantize the package `diffrt export` wrote")
     if options.cuda_fusions and source.manifest.get("components", {}).get("unet", {}).get("attention") != "mha":
         raise UserError(f"--cuda-fusions needs a UNet exported with fused attention, which {source.root} does not have; "

@@ -61,11 +61,15 @@ def graph_io(path: Path) -> dict[str, Any]:
 
 
 def default_settings(ckpt: Checkpoint, family: str) -> dict[str, Any]:
+    from diffrt.runtime.families import FAMILIES, family_class
+
     size = latent_size(ckpt) * vae_scale_factor(ckpt)
     sched = ckpt.scheduler_config.get("_class_name", "PNDMScheduler")
     short = CLASSES[sched].name if sched in CLASSES else "euler"
-    return {"width": size, "height": size, "steps": 30 if family in ("sd1", "sd2") else 20,
-            "guidance_scale": 5.0 if family == "sdxl" else 7.5, "scheduler": short}
+    kind = family_class(family)
+    steps = kind.default_steps if family in FAMILIES else 20  # a custom model: fewer steps than SD's own
+    return {"width": size, "height": size, "steps": steps, "guidance_scale": kind.default_guidance,
+            "scheduler": short, **kind.text_defaults}
 
 
 def copy_tokenizer(ckpt: Checkpoint, dest: Path, folder: str) -> None:
@@ -79,8 +83,9 @@ def copy_tokenizer(ckpt: Checkpoint, dest: Path, folder: str) -> None:
 
 def copy_assets(ckpt: Checkpoint, dest: Path, components: tuple[str, ...]) -> None:
     """Tokenizer(s), scheduler config, model_index.json and each component's config.json (optimum's layout)."""
-    for folder in ("tokenizer", "tokenizer_2") if "text_encoder_2" in components else ("tokenizer",):
-        copy_tokenizer(ckpt, dest, folder)
+    for name in components:
+        if name.startswith("text_encoder"):
+            copy_tokenizer(ckpt, dest, name.replace("text_encoder", "tokenizer"))
     (dest / "scheduler").mkdir(exist_ok=True)
     shutil.copy2(ckpt.root / "scheduler" / "scheduler_config.json", dest / "scheduler" / "scheduler_config.json")
     shutil.copy2(ckpt.root / "model_index.json", dest / "model_index.json")
@@ -138,7 +143,7 @@ def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], No
         made_by = MADE_BY.get(exporter, f"torch.onnx {exporter}")
         entry: dict[str, Any] = {"file": f"{comp}/model.onnx", "precision": "fp32", "made_by": made_by,
                                  "attention": attention}
-        if comp.startswith("text_encoder") or comp == "unet":  # what LoRAs change
+        if ckpt.denoiser == "unet" and (comp.startswith("text_encoder") or comp == "unet"):  # what LoRAs change
             write_weights_map(modules[source], path)
         if options.weights_fp16:
             store_weights_fp16(path)
@@ -177,7 +182,8 @@ def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], No
         "vae_scaling_factor": float(ckpt.vae_config.get("scaling_factor", 0.18215)),
         "vae_scale_factor": vae_scale_factor(ckpt),
         "latent_channels": int(ckpt.vae_config.get("latent_channels", 4)),
-        "inpainting": int(ckpt.unet_config.get("in_channels", 4)) == 9,  # the UNet also takes a mask and masked latents
+        "vae_shift_factor": float(ckpt.vae_config.get("shift_factor") or 0.0),
+        "inpainting": int(ckpt.denoiser_config.get("in_channels", 4)) == 9,  # the UNet also takes a mask and masked latents
         "force_zeros_for_empty_prompt": bool(ckpt.index.get("force_zeros_for_empty_prompt", False)),
         "text_max_length": max_len if isinstance(max_len, int) and max_len < 10_000 else 77,
         "defaults": {**default_settings(ckpt, family), **options.defaults},

@@ -26,7 +26,13 @@ def available_bytes() -> int | None:
 
 
 def attention_layout(root: Path) -> tuple[int, int] | None:
-    """(heads, downsampling of the first level with attention) from the package's UNet config; None without one."""
+    """(heads, downsampling of the first level with attention) from the package's UNet config, or a DiT's (its heads,
+    its patch); None without one."""
+    try:
+        config = json.loads((root / "transformer" / "config.json").read_text())
+        return int(config.get("num_attention_heads", 24)), int(config.get("patch_size", 2))
+    except (OSError, ValueError):
+        pass
     try:
         config = json.loads((root / "unet" / "config.json").read_text())
     except (OSError, ValueError):

@@ -14,8 +14,7 @@ from .errors import UserError
 
 MANIFEST = "diffrt.json"
 FORMAT_VERSION = 1
-COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
-REQUIRED = ("text_encoder", "unet", "vae_decoder")
+COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer", "vae_decoder", "vae_encoder")
 
 
 def required(family: str) -> tuple[str, ...]:
@@ -65,7 +64,7 @@ class Package:
         entry = self.manifest.get("components", {}).get(name)
         path = self.root / (entry["file"] if entry else f"{name}/model.onnx")
         if not path.is_file():
-            fix = "re-export it with `diffrt export`" if name in REQUIRED else f"export it with `--components ...,{name}`"
+            fix = "re-export it with `diffrt export`" if name in required(self.family) else f"export it with `--components ...,{name}`"
             raise UserError(f"model package {self.root}: {name} is missing ({path.relative_to(self.root)}); {fix}")
         return path
 
@@ -98,21 +97,26 @@ class Package:
                 raise UserError(f"model package {self.root}: {rel} does not match its sha256 in {MANIFEST}; "
                                 "the file is corrupt: copy it again or re-export")
 
-    def per_row_timesteps(self) -> bool | None:
-        """Whether the manifest says the UNet takes one timestep per batch row (None: it does not say)."""
-        from .backends.engine import TensorSpec
-        from .families import family_class, one_per_row
+    @property
+    def denoiser(self) -> str:
+        """The component the sampling loop calls: unet, or a DiT's transformer."""
+        from .families import family_class
 
-        denoiser = family_class(self.family).denoiser
-        dims = self.manifest.get("components", {}).get(denoiser, {}).get("inputs", {}).get("timestep", {}).get("dims")
+        return family_class(self.family).denoiser
+
+    def per_row_timesteps(self) -> bool | None:
+        """Whether the manifest says the denoiser takes one timestep per batch row (None: it does not say)."""
+        from .backends.engine import TensorSpec
+        from .families import one_per_row
+
+        dims = self.manifest.get("components", {}).get(self.denoiser, {}).get("inputs", {}).get("timestep", {}).get("dims")
         return None if dims is None else one_per_row(TensorSpec("timestep", tuple(dims), np.float32))
 
     @property
     def model_hash(self) -> str:
-        """A short id of the package for image metadata: the UNet graph's recorded sha256, else the manifest's."""
-        files = self.manifest.get("files", {})
-        unet = self.manifest.get("components", {}).get("unet", {}).get("file", "unet/model.onnx")
-        return files.get(unet, {}).get("sha256", "")[:10]
+        """A short id of the package for image metadata: the denoiser graph's recorded sha256."""
+        files = self.manifest.get("components", {}).get(self.denoiser, {}).get("file", f"{self.denoiser}/model.onnx")
+        return self.manifest.get("files", {}).get(files, {}).get("sha256", "")[:10]
 
 
 def load_package(path: str | Path, verify: bool = True, hashes: bool = False) -> Package:

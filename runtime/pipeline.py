@@ -27,7 +27,6 @@ from .request import (
     GenerationRequest,
     Request,
     check_clip_skip,
-    check_prompt_syntax,
     check_request,
     check_rescale,
     check_rng,
@@ -107,7 +106,7 @@ class Pipeline:
         self.lora_sets = LoraSets(package.root, self._lora_targets())
         self.fallback_lora_sets = LoraSets(package.root, self._lora_targets(fallback=True))
         self.lora_weights = self.check_loras(self.loras)
-        self.stages = self.family.components()  # what text-to-image runs
+        self.stages = self.family.stages()  # what text-to-image runs
         self.attention = attention_layout(package.root)  # for the memory a request's size needs
         self.tokenizers = self.family.tokenizers()
         self.tokenizer = self.tokenizers[0]
@@ -131,11 +130,11 @@ class Pipeline:
                 why = runner.missing()
                 if why:
                     raise UserError(why)
-                computed = runner.compute_precision(precision, self.package.precision("unet"))
+                computed = runner.compute_precision(precision, self.package.precision(self.package.denoiser))
             except UserError as exc:
                 refusals.append(str(exc))
                 continue
-            path = runner.computes(computed, self.package.precision("unet"))
+            path = runner.computes(computed, self.package.precision(self.package.denoiser))
             found = verdict(self.package, runner.name, path)
             if found.trusted or not gated:
                 if untrusted:
@@ -154,7 +153,7 @@ class Pipeline:
             fused = next(b.name for b in REGISTRY.values() if b.cuda_fusions)
             raise UserError(f"this package's {', '.join(cuda_only)} run(s) on onnxruntime's CUDA provider only (the graphs "
                             f"carry CUDA fusions); use --backend {fused} on an NVIDIA GPU, or the plain fp16 package")
-        engines = self.runner.open_stages(self.package.root, self.package.precision("unet"),
+        engines = self.runner.open_stages(self.package.root, self.package.precision(self.package.denoiser),
                                           {c: self.package.component(c) for c in self.stages}, self.precision,
                                           self.options, self.lora_weights)
         return engines
@@ -196,7 +195,9 @@ class Pipeline:
 
     def check_loras(self, loras: list[LoraChoice]) -> dict[str, dict[str, np.ndarray]]:
         """The merged weights of a LoRA set (computed, or kept from an earlier use), refused in one line when the set
-        cannot be applied (files, layers, a float16-weights package on onnxruntime)."""
+        cannot be applied (files, layers, a float16-weights package on onnxruntime, a family without LoRAs)."""
+        if loras and not self.family.loras:
+            raise UserError(f"LoRAs on {self.family.name} models are not supported yet; generate without --lora")
         weights = self.lora_sets.weights(list(loras))
         if not self.runner.fp16_weight_overrides and any(k.endswith("__fp16") for w in weights.values() for k in w):
             raise UserError("this package stores its weights as float16 behind Casts (`diffrt export --weights-fp16`), "
@@ -391,7 +392,7 @@ class Pipeline:
     def computes(self) -> str:
         """The UNet's precision as recorded with each image: on ov-cpu a quantized package's own (int8, fp16) with
         OpenVINO's precision for the float rest, e.g. int8+bf16; elsewhere the precision it runs in."""
-        return self.runner.computes(self.precision, self.package.precision("unet"))
+        return self.runner.computes(self.precision, self.package.precision(self.package.denoiser))
 
     @property
     def per_row_timesteps(self) -> bool:
@@ -447,7 +448,7 @@ class Pipeline:
         original_size, crop = check_size_conditioning(r.original_size, r.crops_coords_top_left, self.family.size_conditioning)
         req = Request(prompts, negatives, seeds, r.steps, per_image(r.guidance_scale, len(prompts)), r.width, r.height,
                       rng=check_rng(r.rng), clip_skip=check_clip_skip(r.clip_skip, layers),
-                      prompt_syntax=check_prompt_syntax(r.prompt_syntax), guidance_rescale=check_rescale(r.guidance_rescale),
+                      prompt_syntax=self.family.prompt_syntax(r.prompt_syntax), guidance_rescale=check_rescale(r.guidance_rescale),
                       original_size=original_size, crops_coords_top_left=crop, source=request,
                       cfg=self.family.guidance == "cfg")
         sched = make_checked_scheduler(r.scheduler, pkg.scheduler_config, r.steps,
@@ -487,12 +488,12 @@ class Pipeline:
                 raise UserError("a mask needs an image to repaint (--image)")
             start = rng.standard_normal(shape, dtype=np.float32) if latents is None else latents.astype(np.float32)
             return sched.timesteps, start * np.float32(sched.init_noise_sigma), None
-        timesteps, _ = strength_timesteps(sched, req.steps, strength)
+        timesteps, _ = strength_timesteps(sched, req.steps, strength, self.family.exact_strength)
         if mask is None:
             start = self._encode_image(pixels, n, rng, timings)
-            return timesteps, sched.add_noise(start, rng.standard_normal(start.shape, dtype=np.float32), timesteps[0]), None
-        x, inpaint = self._start_inpainting(sched, pixels, mask_input(mask, req.width, req.height), timesteps[0],
-                                            strength == 1.0, n, rng, timings)
+            return timesteps, sched.add_noise(start, rng.standard_normal(start.shape, dtype=np.float32)), None
+        x, inpaint = self._start_inpainting(sched, pixels, mask_input(mask, req.width, req.height), strength == 1.0,
+                                            n, rng, timings)
         return timesteps, x, inpaint
 
     def _encode_prompt(self, req: Request, timings: dict) -> dict[str, Any]:
@@ -531,7 +532,7 @@ class Pipeline:
         timings["vae_encode"] = time.perf_counter() - start
         return latents
 
-    def _start_inpainting(self, sched, pixels: np.ndarray, mask: np.ndarray, t0: float, from_noise: bool, count: int,
+    def _start_inpainting(self, sched, pixels: np.ndarray, mask: np.ndarray, from_noise: bool, count: int,
                            rng: ImageGenerators, timings: dict) -> tuple[np.ndarray, Inpainting]:
         """Start latents and what the loop needs, drawing noise in diffusers' order: the image's latent sample (unless
         a 9-channel UNet starts from pure noise), the start noise, the masked image's latent sample."""
@@ -539,7 +540,7 @@ class Pipeline:
         image_latents = None if nine and from_noise else self._encode_image(pixels, count, rng, timings)
         f = self.package.vae_scale_factor
         noise = rng.standard_normal(self.family.latent_shape(count, pixels.shape[3], pixels.shape[2]), dtype=np.float32)
-        x = noise * np.float32(sched.init_noise_sigma) if from_noise else sched.add_noise(image_latents, noise, t0)
+        x = noise * np.float32(sched.init_noise_sigma) if from_noise else sched.add_noise(image_latents, noise)
         masked = self._encode_image(pixels * (mask < 0.5), count, rng, timings)
         inpaint = Inpainting(np.repeat(mask[:, :, ::f, ::f], count, axis=0), masked if nine else None,
                              None if nine else image_latents, noise)

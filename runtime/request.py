@@ -40,7 +40,8 @@ class GenerationRequest:
     num_images: int = 1  # per prompt
     rng: str = "numpy"  # what draws each image's noise: numpy, torch-cpu, torch-cuda
     clip_skip: int = 1
-    prompt_syntax: str = "a1111"  # a1111 (weights, BREAK, 75-token chunks) or plain (diffusers': cut at the encoder)
+    prompt_syntax: str | None = None  # a1111 (weights, BREAK, 75-token chunks) or plain (diffusers': cut at the
+    # encoder); None: the family's own (a1111 for SD 1.x/2.x/SDXL, plain for SD3 and FLUX)
     guidance_rescale: float = 0.0
     original_size: tuple[int, int] | None = None  # SDXL's size conditioning (height, width)
     crops_coords_top_left: tuple[int, int] = (0, 0)  # SDXL's crop conditioning (top, left)
@@ -148,15 +149,6 @@ def check_rng(rng: Any) -> str:
     if rng not in RNGS:
         raise UserError(f"rng must be one of {', '.join(RNGS)}, not {rng!r}")
     return rng
-
-
-def check_prompt_syntax(syntax: Any) -> str:
-    from .families import PROMPT_SYNTAXES
-
-    if syntax not in PROMPT_SYNTAXES:
-        raise UserError(f"prompt syntax must be one of {', '.join(PROMPT_SYNTAXES)}, not {syntax!r} (a1111: weights, "
-                        "BREAK and long prompts as AUTOMATIC1111 reads them; plain: as diffusers reads them)")
-    return syntax
 
 
 def check_clip_skip(clip_skip: Any, layers: int | None) -> int:

@@ -89,7 +89,7 @@ class Verdict:
 
 def signed_activations(package: Package) -> bool:
     """Whether the int8 UNet quantizes activations as signed int8 (every package before unsigned ones were made)."""
-    return package.manifest.get("components", {}).get("unet", {}).get("activations", "int8") == "int8"
+    return package.manifest.get("components", {}).get(package.denoiser, {}).get("activations", "int8") == "int8"
 
 
 def manifest_gate(package: Package, backend: str) -> dict[str, Any] | None:
@@ -98,7 +98,7 @@ def manifest_gate(package: Package, backend: str) -> dict[str, Any] | None:
     gate = quality if backend == TOP_GATE else quality.get(backend)
     if not gate:
         return None
-    return {**gate, "computes": gate.get("computes", package.precision("unet")), "cpu_kind": quality.get("cpu_kind")}
+    return {**gate, "computes": gate.get("computes", package.precision(package.denoiser)), "cpu_kind": quality.get("cpu_kind")}
 
 
 def verdict(package: Package, backend: str, computes: str) -> Verdict:

@@ -177,7 +177,8 @@ class Service:
         req, sched = self.pipe.check(request_of([job], job.settings))
         self.pipe.check_loras(list(job.settings.get("loras", ())))
         # the package's defaults in place: requests that differ only by leaving one out share a batch
-        job.settings.update(width=req.width, height=req.height, steps=req.steps, scheduler=short_name(sched))
+        job.settings.update(width=req.width, height=req.height, steps=req.steps, scheduler=short_name(sched),
+                            prompt_syntax=req.prompt_syntax)
         job.chunks = self.pipe.chunk_count(job.prompts + job.negatives, req.prompt_syntax)
 
     def describe(self) -> dict[str, Any]:

@@ -28,8 +28,9 @@ class OpenAIImageRequest(BaseModel):
     seed: int | None = Field(None, ge=-1, le=2**63 - 1 - MAX_N)
     rng: Literal["numpy", "torch-cpu", "torch-cuda"] = "numpy"
     clip_skip: int = Field(1, ge=1, le=48)
-    prompt_syntax: Literal["a1111", "plain"] = Field("a1111", description="a1111: weights, BREAK, long prompts; plain: "
-                                                                           "as diffusers reads prompts")
+    prompt_syntax: Literal["a1111", "plain"] | None = Field(None, description="a1111: weights, BREAK, long prompts; "
+                                                            "plain: as diffusers reads prompts; default: the model's own "
+                                                            "(a1111 for SD 1.x/2.x/SDXL, plain for SD3 and FLUX)")
     loras: dict[str, float] = Field(default_factory=dict, description="LoRA name -> scale, from the server's --lora-dir")
     original_size: tuple[int, int] | None = Field(None, description="SDXL: (height, width) the image is conditioned on")
     crops_coords_top_left: tuple[int, int] = Field((0, 0), description="SDXL: (top, left) crop conditioning")

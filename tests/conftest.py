@@ -188,6 +188,100 @@ def make_tiny_sdxl_checkpoint(root, turbo: bool = False):
     return path
 
 
+def make_t5_tokenizer(folder, max_length: int = 512):
+    """A T5 tokenizer learnt here: a `tokenizers` Unigram model with T5's normalizer and Metaspace pieces, saved by
+    transformers as T5TokenizerFast (tokenizer.json and its configs) into folder; returns it."""
+    import transformers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.Nmt(), normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.train_from_iterator(_corpus(), trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                               unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    fast = transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                        extra_ids=0, model_max_length=max_length)
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_tiny_sd3_checkpoint(root, t5: bool = True, sample_size: int = 16):
+    """A tiny random SD3 checkpoint (StableDiffusion3Pipeline's layout) built from configs: two CLIP encoders with
+    projections of different widths (the second pads with `!`), a T5 encoder wider than both CLIPs together (so
+    CLIP's states are zero-padded to its width), an MMDiT over 2x2 patches, a 16-channel VAE with a shift, and
+    FlowMatchEuler with shift 3; t5=False leaves T5 out, as diffusers allows (text_encoder_3=None)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from diffrt.models.train_shapes import build_tokenizer
+
+    tokenizer = build_tokenizer(_corpus(), root / "tok-build", vocab_size=800)
+    tokenizer_2 = build_tokenizer(_corpus(), root / "tok-build-2", vocab_size=800)
+    tokenizer_2.pad_token = "!"
+    t5_tokenizer = make_t5_tokenizer(root / "tok-build-3") if t5 else None
+    torch.manual_seed(0)
+    vocab = len(tokenizer)
+
+    def clip(hidden: int, layers: int) -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=37, num_hidden_layers=layers, num_attention_heads=4,
+            max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+            hidden_act="gelu", projection_dim=hidden))
+
+    t5_model = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=96, d_ff=64, d_kv=8, num_layers=2,
+                                       num_heads=4, relative_attention_num_buckets=8)) if t5 else None
+    transformer = SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=96, pooled_projection_dim=80, out_channels=16,
+                                        pos_embed_max_size=32)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=16,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                                    text_encoder=clip(32, 4), tokenizer=tokenizer, text_encoder_2=clip(48, 3),
+                                    tokenizer_2=tokenizer_2, text_encoder_3=t5_model, tokenizer_3=t5_tokenizer)
+    path = root / "checkpoint"
+    pipe.save_pretrained(path)
+    return path
+
+
+def make_tiny_flux_checkpoint(root, guidance: bool = True):
+    """A tiny random FLUX.1 checkpoint (FluxPipeline's layout) built from configs: a CLIP encoder (its pooled output),
+    a T5 encoder, a FLUX transformer over 2x2-packed latents with rotary image / text ids, a 16-channel VAE with a
+    shift, and FlowMatchEuler with dynamic shifting; guidance: FLUX.1-dev's guidance-distilled input (schnell lacks it)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from diffrt.models.train_shapes import build_tokenizer
+
+    tokenizer = build_tokenizer(_corpus(), root / "tok-build", vocab_size=800)
+    t5_tokenizer = make_t5_tokenizer(root / "tok-build-2")
+    torch.manual_seed(0)
+    vocab = len(tokenizer)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                                        num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab - 2,
+                                        eos_token_id=vocab - 1, pad_token_id=vocab - 1, hidden_act="quick_gelu"))
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=48, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                                 relative_attention_num_buckets=8))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                         pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=16,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer,
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer)
+    path = root / "checkpoint"
+    pipe.save_pretrained(path)
+    return path
+
+
 # doctor's per-machine verdicts (runtime/trust.py) go to a folder of the run's own, never the user's cache; CLI
 # subprocesses inherit it
 os.environ["DIFFRT_CACHE_DIR"] = tempfile.mkdtemp(prefix="diffrt-checks-")

@@ -97,19 +97,10 @@ def test_long_prompt_warns_how_much_was_dropped(tokenizer_folder):
 def t5_folder(tmp_path_factory):
     """A T5 tokenizer learnt here: a `tokenizers` Unigram model with T5's normalizer and Metaspace pieces, saved by
     transformers as T5TokenizerFast (tokenizer.json and its configs)."""
-    from conftest import _corpus
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from conftest import make_t5_tokenizer
 
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.Sequence([normalizers.Nmt(), normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.train_from_iterator(_corpus(), trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
-                                                               unk_token="<unk>"))
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
     folder = tmp_path_factory.mktemp("t5") / "tokenizer_3"
-    transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                 extra_ids=0, model_max_length=64).save_pretrained(folder)
+    make_t5_tokenizer(folder, max_length=64)
     return folder
 
 

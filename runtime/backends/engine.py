@@ -10,6 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 
 MAX_SHAPES = 8  # input shapes an engine keeps compiled graphs, device buffers or CUDA graphs for
+DENOISERS = ("unet", "transformer")  # the components called every step (what CUDA graphs capture)
 
 
 def dims(shape: Iterable[Any]) -> tuple[int | None, ...]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .engine import Engine
+from .engine import DENOISERS, Engine
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def _ort_opener(backend: str) -> Callable[..., Engine]:
     def open_ort(path: Path, component: str, precision: str, options: EngineOptions, weights: dict | None) -> Engine:
         from .onnxruntime import OrtEngine
 
-        return OrtEngine(path, backend, options.threads, cuda_graph=options.cuda_graph and component == "unet",
+        return OrtEngine(path, backend, options.threads, cuda_graph=options.cuda_graph and component in DENOISERS,
                          graph_cache=options.graph_cache, gpu_mem_limit=options.gpu_mem_limit, weights=weights)
 
     return open_ort

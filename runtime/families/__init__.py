@@ -6,13 +6,14 @@ from typing import TYPE_CHECKING
 
 from .base import PER_ROW_FIX, PROMPT_SYNTAXES, Family, one_per_row, timestep_feed
 from .sd import StableDiffusion
+from .sd3 import StableDiffusion3
 from .sdxl import StableDiffusionXL
 
 if TYPE_CHECKING:
     from ..package import Package
 
 # diffrt.json's family -> its class; a family not listed (custom SD-shaped models) runs as SD 1.x / 2.x
-FAMILIES: dict[str, type[Family]] = {"sd1": StableDiffusion, "sd2": StableDiffusion, "sdxl": StableDiffusionXL}
+FAMILIES: dict[str, type[Family]] = {"sd1": StableDiffusion, "sd2": StableDiffusion, "sdxl": StableDiffusionXL, "sd3": StableDiffusion3}
 
 
 def family_class(name: str) -> type[Family]:

@@ -51,7 +51,8 @@ class Family:
     """A model family over one package: the pipeline asks it for everything that differs between models."""
 
     name: ClassVar[str]
-    encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # text encoder components, in the order they run
+    encoders: tuple[str, ...] = ("text_encoder",)  # text encoder components, in the order they run (the package's)
+    optional: ClassVar[tuple[str, ...]] = ()  # encoders a package may leave out (SD3's T5)
     denoiser: ClassVar[str] = "unet"  # the component the sampling loop calls
     denoiser_output: ClassVar[str] = "out_sample"
     vae_output: ClassVar[str] = "sample"
@@ -62,15 +63,37 @@ class Family:
     guidance: ClassVar[str] = "cfg"
     size_conditioning: ClassVar[bool] = False  # takes SDXL's original size and crop ids
     default_guidance: ClassVar[float] = 7.5  # for a package that does not record its own (an optimum export)
+    default_steps: ClassVar[int] = 30
+    text_defaults: ClassVar[dict[str, Any]] = {}  # the family's own text settings in a package's defaults
     zeros_for_empty_prompt: ClassVar[bool] = False  # diffusers' force_zeros_for_empty_prompt, where model_index omits it
+    prompt_syntaxes: ClassVar[tuple[str, ...]] = PROMPT_SYNTAXES  # those the family reads; the first is its default
+    loras: ClassVar[bool] = True  # LoRAs may patch its text encoders and denoiser
+    exact_strength: ClassVar[bool] = False  # img2img skips steps * (1 - strength), rounded down (SD3, FLUX pipelines)
 
     def __init__(self, package: Package) -> None:
         self.package = package
+        self.encoders = tuple(e for e in type(self).encoders if e not in self.optional or package.has(e))
 
     @classmethod
     def components(cls) -> tuple[str, ...]:
-        """What text-to-image runs, in the order it runs."""
-        return (*cls.encoders, cls.denoiser, "vae_decoder")
+        """What text-to-image needs, in the order it runs (optional encoders left out)."""
+        return (*(e for e in cls.encoders if e not in cls.optional), cls.denoiser, "vae_decoder")
+
+    def stages(self) -> tuple[str, ...]:
+        """What text-to-image runs on this package, in the order it runs."""
+        return (*self.encoders, self.denoiser, "vae_decoder")
+
+    def prompt_syntax(self, syntax: str | None) -> str:
+        """The prompt syntax a request asks for (None: the family's default), refused where the family lacks it."""
+        if syntax is None:
+            return self.prompt_syntaxes[0]
+        if syntax not in PROMPT_SYNTAXES:
+            raise UserError(f"prompt syntax must be one of {', '.join(PROMPT_SYNTAXES)}, not {syntax!r} (a1111: weights, "
+                            "BREAK and long prompts as AUTOMATIC1111 reads them; plain: as diffusers reads them)")
+        if syntax not in self.prompt_syntaxes:
+            raise UserError(f"{self.name} models read prompts as diffusers does (prompt syntax "
+                            f"{' or '.join(self.prompt_syntaxes)}); {syntax} is for SD 1.x/2.x and SDXL")
+        return syntax
 
     # text ---------------------------------------------------------------------------------------------------------
     def tokenizers(self) -> list[Any]:
@@ -86,7 +109,7 @@ class Family:
         spent tokenizing. a1111: each prompt in A1111's chunks of 75 tokens (weights, BREAK), every chunk through the
         text encoder(s), emphasized, chunks concatenated, shorter prompts filled with the empty prompt's chunks;
         plain: diffusers' reading, the text as it is, cut at the encoder's length with a warning."""
-        hidden, pooled, tokenize = [], None, 0.0
+        hidden, pooled, tokenize = [], [], 0.0
         read = chunked if syntax == "a1111" else plain
         for name, tokenizer, encoder in zip(self.encoders, tokenizers, encoders):
             start = time.perf_counter()
@@ -104,8 +127,8 @@ class Family:
             z = emphasized(np.asarray(z, np.float32), weights)
             hidden.append(z.reshape(len(prompts), count * z.shape[1], z.shape[2]))
             if pooled_name:
-                pooled = np.asarray(outs[1], np.float32)[::count].copy()
-        return self.combine(hidden), pooled, tokenize
+                pooled.append(np.asarray(outs[1], np.float32)[::count])
+        return self.combine(hidden), np.concatenate(pooled, axis=-1) if pooled else None, tokenize
 
     def combine(self, hidden: list[np.ndarray]) -> np.ndarray:
         """The encoders' hidden states joined as the denoiser takes them (side by side on the feature axis)."""

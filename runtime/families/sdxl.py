@@ -21,6 +21,7 @@ class StableDiffusionXL(Family):
     encoders = ("text_encoder", "text_encoder_2")
     size_conditioning = True
     default_guidance = 5.0
+    default_steps = 20
     zeros_for_empty_prompt = True
 
     def hidden_output(self, encoder: Engine, clip_skip: int) -> tuple[str, int | None]:
