@@ -86,7 +86,7 @@ def export_package(checkpoint: str | Path, out: str | Path, options: ExportOptio
     options.components = ckpt.components if options.components is None else options.components
     for needed in required(ckpt.family):
         if needed not in options.components:
-            family = {"sdxl": "an SDXL", "sd2": "an SD 2.x", "sd1": "an SD 1.x", "sd3": "an SD3"}.get(ckpt.family, "a")
+            family = {"sdxl": "an SDXL", "sd2": "an SD 2.x", "sd1": "an SD 1.x", "sd3": "an SD3", "flux": "a FLUX.1"}.get(ckpt.family, "a")
             raise UserError(f"{family} package needs {needed}; add it to --components")
     if options.loras and ckpt.denoiser != "unet":
         raise UserError(f"LoRAs on {ckpt.family} models are not supported yet; export without --lora")

@@ -12,13 +12,13 @@ from diffrt.runtime.errors import UserError
 # component folder -> diffusers/transformers classes diffrt knows how to export
 KNOWN_CLASSES = {
     "text_encoder": ("CLIPTextModel", "CLIPTextModelWithProjection"),
-    "text_encoder_2": ("CLIPTextModelWithProjection",),
+    "text_encoder_2": ("CLIPTextModelWithProjection", "T5EncoderModel"),
     "text_encoder_3": ("T5EncoderModel",),
     "unet": ("UNet2DConditionModel",),
-    "transformer": ("SD3Transformer2DModel",),
+    "transformer": ("SD3Transformer2DModel", "FluxTransformer2DModel"),
     "vae": ("AutoencoderKL",),
 }
-DIT_FAMILIES = {"SD3Transformer2DModel": "sd3"}  # a transformer's class -> its family
+DIT_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}  # a transformer's class -> its family
 
 
 def _config(folder: Path, name: str) -> dict[str, Any]:
@@ -95,7 +95,7 @@ class Checkpoint:
         name = name or config.get("_class_name") or (config.get("architectures") or [None])[0]
         if name not in KNOWN_CLASSES[folder]:
             raise UserError(f"{self.root / folder} is a {name or 'model of unknown class'}; diffrt exports "
-                            f"{' or '.join(KNOWN_CLASSES[folder])} there (SD 1.x / 2.x / SDXL / SD3 architecture)")
+                            f"{' or '.join(KNOWN_CLASSES[folder])} there (SD 1.x / 2.x / SDXL / SD3 / FLUX.1 architecture)")
         return name
 
 

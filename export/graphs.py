@@ -21,40 +21,61 @@ class ComponentSpec:
     outputs: dict[str, dict[int, str]]
 
 
+TEXT_IN = {"input_ids": {0: "batch_size", 1: "sequence_length"}}
+SEQUENCE = {0: "batch_size", 1: "sequence_length"}
+# graph kind -> its names; one timestep per row in every denoiser, so that rows at different steps share a call (a
+# server's step-level batching)
 SPECS = {
-    "text_encoder": ComponentSpec({"input_ids": {0: "batch_size", 1: "sequence_length"}},
-                                  {"last_hidden_state": {0: "batch_size", 1: "sequence_length"},
-                                   "pooler_output": {0: "batch_size"},
-                                   "layer_states": {0: "batch_size", 2: "sequence_length"}}),
-    # one timestep per row, so that rows at different steps share a call (a server's step-level batching)
+    "text_encoder": ComponentSpec(TEXT_IN, {"last_hidden_state": SEQUENCE, "pooler_output": {0: "batch_size"},
+                                            "layer_states": {0: "batch_size", 2: "sequence_length"}}),
+    "t5": ComponentSpec(TEXT_IN, {"last_hidden_state": SEQUENCE}),
     "unet": ComponentSpec({"sample": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "batch_size"},
-                           "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"}},
+                           "encoder_hidden_states": SEQUENCE},
                           {"out_sample": {0: "batch_size", 2: "height", 3: "width"}}),
-    "text_encoder_3": ComponentSpec({"input_ids": {0: "batch_size", 1: "sequence_length"}},
-                                    {"last_hidden_state": {0: "batch_size", 1: "sequence_length"}}),
-    "transformer": ComponentSpec({"hidden_states": {0: "batch_size", 2: "height", 3: "width"}, "timestep": {0: "batch_size"},
-                                  "encoder_hidden_states": {0: "batch_size", 1: "sequence_length"},
-                                  "pooled_projections": {0: "batch_size"}},
-                                 {"out_hidden_states": {0: "batch_size", 2: "height", 3: "width"}}),
+    "sd3_transformer": ComponentSpec({"hidden_states": {0: "batch_size", 2: "height", 3: "width"},
+                                      "timestep": {0: "batch_size"}, "encoder_hidden_states": SEQUENCE,
+                                      "pooled_projections": {0: "batch_size"}},
+                                     {"out_hidden_states": {0: "batch_size", 2: "height", 3: "width"}}),
+    "flux_transformer": ComponentSpec({"hidden_states": {0: "batch_size", 1: "image_tokens"},
+                                       "encoder_hidden_states": SEQUENCE, "pooled_projections": {0: "batch_size"},
+                                       "timestep": {0: "batch_size"}, "img_ids": {0: "image_tokens"},
+                                       "txt_ids": {0: "sequence_length"}},
+                                      {"out_hidden_states": {0: "batch_size", 1: "image_tokens"}}),
     "vae_decoder": ComponentSpec({"latent_sample": {0: "batch_size", 2: "latent_height", 3: "latent_width"}},
                                  {"sample": {0: "batch_size", 2: "height", 3: "width"}}),
     "vae_encoder": ComponentSpec({"sample": {0: "batch_size", 2: "sample_height", 3: "sample_width"}},
                                  {"latent_parameters": {0: "batch_size", 2: "height_latent", 3: "width_latent"}}),
 }
-TEXT_IN = {"input_ids": {0: "batch_size", 1: "sequence_length"}}
-SEQUENCE = {0: "batch_size", 1: "sequence_length"}
+
+
+def graph_kind(name: str, ckpt: Checkpoint) -> str:
+    """What graph a component becomes: T5; CLIP with every hidden state (SDXL's and SD3's encoders, "clip_layers")
+    or SD's encoder; SD's or SDXL's UNet; SD3's or FLUX's transformer; a VAE half."""
+    if name.startswith("text_encoder"):
+        if ckpt.class_of(name) == "T5EncoderModel":
+            return "t5"
+        return "clip_layers" if ckpt.family in ("sdxl", "sd3") else "text_encoder"
+    if name == "unet":
+        return "sdxl_unet" if ckpt.family == "sdxl" else "unet"
+    if name == "transformer":
+        return f"{ckpt.family}_transformer"
+    return name
 
 
 def spec_for(name: str, ckpt: Checkpoint) -> ComponentSpec:
     """The graph's names: SDXL's and SD3's CLIP encoders give optimum's hidden_states.0..N (each layer's raw output,
     which they read, penultimate by default) and SDXL's UNet also takes the pooled text embeddings and the six time
-    ids."""
-    if ckpt.family not in ("sdxl", "sd3") or name not in ("text_encoder", "text_encoder_2", "unet"):
-        return SPECS[name]
-    if name == "unet":
+    ids; FLUX's transformer takes FLUX guidance where it is guidance-distilled (dev)."""
+    kind = graph_kind(name, ckpt)
+    if kind == "sdxl_unet":
         unet = SPECS["unet"]
         return ComponentSpec({**unet.inputs, "text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"}},
                              unet.outputs)
+    if kind == "flux_transformer" and ckpt.denoiser_config.get("guidance_embeds"):
+        flux = SPECS[kind]
+        return ComponentSpec({**flux.inputs, "guidance": {0: "batch_size"}}, flux.outputs)
+    if kind != "clip_layers":
+        return SPECS[kind]
     config = ckpt.text_config(name)
     layers = {f"hidden_states.{i}": SEQUENCE for i in range(int(config["num_hidden_layers"]) + 1)}
     first = {"last_hidden_state": SEQUENCE, "pooler_output": {0: "batch_size"}}
@@ -130,6 +151,18 @@ class SD3Transformer(torch.nn.Module):
                           pooled_projections=pooled_projections, return_dict=False)[0]
 
 
+class FluxTransformer(torch.nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                guidance=None):
+        return self.model(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          pooled_projections=pooled_projections, timestep=timestep, img_ids=img_ids, txt_ids=txt_ids,
+                          guidance=guidance, return_dict=False)[0]
+
+
 class VaeDecoder(torch.nn.Module):
     def __init__(self, model) -> None:
         super().__init__()
@@ -148,19 +181,18 @@ class VaeEncoder(torch.nn.Module):
         return self.model.encode(sample).latent_dist.parameters
 
 
-WRAPPERS = {"text_encoder": TextEncoder, "text_encoder_3": T5Encoder, "unet": UNet, "transformer": SD3Transformer,
+WRAPPERS = {"text_encoder": TextEncoder, "clip_layers": SdxlTextEncoder, "t5": T5Encoder, "unet": UNet,
+            "sdxl_unet": SdxlUNet, "sd3_transformer": SD3Transformer, "flux_transformer": FluxTransformer,
             "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
-SDXL_WRAPPERS = {"text_encoder": SdxlTextEncoder, "text_encoder_2": SdxlTextEncoder, "unet": SdxlUNet}
 
 
 def wrapped(name: str, module: torch.nn.Module, ckpt: Checkpoint) -> torch.nn.Module:
     """The module as its graph is exported: optimum's inputs and outputs for the checkpoint's family."""
-    sdxl_like = ckpt.family in ("sdxl", "sd3") and name in SDXL_WRAPPERS
-    return (SDXL_WRAPPERS if sdxl_like else WRAPPERS)[name](module).eval()
+    return WRAPPERS[graph_kind(name, ckpt)](module).eval()
 
 
 def latent_size(ckpt: Checkpoint) -> int:
-    return int(ckpt.denoiser_config.get("sample_size", 64))
+    return int(ckpt.denoiser_config.get("sample_size", 128 if ckpt.family == "flux" else 64))  # FLUX: 1024 px
 
 
 def patch_size(ckpt: Checkpoint) -> int:
@@ -197,6 +229,8 @@ def example_inputs(name: str, ckpt: Checkpoint, batch: int, height: int, width: 
         vocab = int(config.get("vocab_size", 49408))
         length = int(config.get("max_position_embeddings", 77))  # T5 (relative positions) takes any length: 77 here
         return (torch.randint(0, vocab, (batch, length), generator=gen, dtype=torch.int64),)
+    if name == "transformer" and ckpt.family == "flux":
+        return flux_inputs(ckpt, batch, height, width, gen)
     if name == "transformer":
         config = ckpt.denoiser_config
         return (torch.randn(batch, channels, height, width, generator=gen),
@@ -218,6 +252,20 @@ def example_inputs(name: str, ckpt: Checkpoint, batch: int, height: int, width: 
         return (torch.randn(batch, int(ckpt.vae_config.get("latent_channels", 4)), height, width, generator=gen),)
     f = vae_scale_factor(ckpt)
     return (torch.rand(batch, 3, height * f, width * f, generator=gen) * 2 - 1,)
+
+
+def flux_inputs(ckpt: Checkpoint, batch: int, height: int, width: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """FLUX's transformer inputs for latents of height x width: their 2x2-packed tokens, 77 text tokens, the pooled
+    embedding, a sigma, the tokens' position ids, and a guidance scale where the model takes one."""
+    from diffrt.runtime.families.flux import image_ids
+
+    config = ckpt.denoiser_config
+    tokens, text = (height // 2) * (width // 2), 77
+    inputs = (torch.randn(batch, tokens, int(config["in_channels"]), generator=gen),
+              torch.randn(batch, text, int(config["joint_attention_dim"]), generator=gen),
+              torch.randn(batch, int(config["pooled_projection_dim"]), generator=gen), torch.rand(batch, generator=gen),
+              torch.from_numpy(image_ids(height, width)), torch.zeros(text, 3))
+    return (*inputs, torch.rand(batch, generator=gen) * 5) if config.get("guidance_embeds") else inputs
 
 
 def effective_opset(opset: int, exporter: str) -> int:

@@ -69,7 +69,7 @@ def default_settings(ckpt: Checkpoint, family: str) -> dict[str, Any]:
     kind = family_class(family)
     steps = kind.default_steps if family in FAMILIES else 20  # a custom model: fewer steps than SD's own
     return {"width": size, "height": size, "steps": steps, "guidance_scale": kind.default_guidance,
-            "scheduler": short, **kind.text_defaults}
+            "scheduler": short, **kind.export_defaults(ckpt.denoiser_config)}
 
 
 def copy_tokenizer(ckpt: Checkpoint, dest: Path, folder: str) -> None:
@@ -98,6 +98,11 @@ BIG_MODEL_BYTES = 4 * 2**30
 MADE_BY = {"streamed": "torch.onnx dynamo, traced without weights, weights streamed"}
 
 
+def uses_rms_norm(module) -> bool:
+    """Whether a model has RMS norms (FLUX, SD3.5's q/k norms), which TorchScript cannot export below opset 23."""
+    return any(type(m).__name__ == "RMSNorm" for m in module.modules())
+
+
 def exporter_for(module, options) -> tuple[str, str]:
     """(exporter, attention form) for one model: auto picks "streamed" (dynamo, traced without weights, see
     graphs.export_streamed) for a model whose float32 weights pass BIG_MODEL_BYTES (unless mha attention, which only
@@ -105,7 +110,8 @@ def exporter_for(module, options) -> tuple[str, str]:
     exporter = options.exporter
     if exporter == "auto":
         size = sum(p.numel() for p in module.parameters()) * 4
-        exporter = "streamed" if size > BIG_MODEL_BYTES and options.attention != "mha" else "torchscript"
+        exporter = "streamed" if size > BIG_MODEL_BYTES and options.attention != "mha" else \
+            "dynamo" if uses_rms_norm(module) else "torchscript"
     attention = options.attention if options.attention != "auto" else "mha" if exporter == "torchscript" else "plain"
     return exporter, attention
 

@@ -133,8 +133,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 OPTION_FIELDS = {"prompt": "prompt", "negative": "negative_prompt", "steps": "steps", "guidance": "guidance_scale",
                  "scheduler": "scheduler", "seed": "seed", "width": "width", "height": "height", "n": "num_images",
                  "rng": "rng", "clip_skip": "clip_skip", "prompt_syntax": "prompt_syntax",
-                 "guidance_rescale": "guidance_rescale", "image": "image", "strength": "strength", "mask": "mask",
-                 "mask_blur": "mask_blur"}
+                 "guidance_rescale": "guidance_rescale", "true_cfg": "true_cfg_scale", "image": "image",
+                 "strength": "strength", "mask": "mask", "mask_blur": "mask_blur"}
 
 
 def generation_request(args: argparse.Namespace):
@@ -427,9 +427,13 @@ def add_generate(sub) -> None:
     g.add_argument("--guidance-rescale", type=number, metavar="R",
                    help="0..1: rescale the guided prediction's spread to the prompt's (diffusers' guidance_rescale; "
                         "0.7 for SD 2.x v-prediction models trained with zero terminal SNR; default 0)")
+    g.add_argument("--true-cfg", type=number, metavar="S",
+                   help="FLUX: classifier-free guidance with --negative on top of the distilled guidance (diffusers' "
+                        "true_cfg_scale; above 1 with a negative prompt, twice the transformer rows; default 1, off)")
     g.add_argument("--prompt-syntax", choices=("a1111", "plain"),
-                   help="a1111 (default): (word:1.2), [word], BREAK and prompts of any length as AUTOMATIC1111 reads them; "
-                        "plain: as diffusers reads them, cut at the text encoder's length (77 tokens) with a warning")
+                   help="a1111 (default for SD 1.x/2.x/SDXL): (word:1.2), [word], BREAK and prompts of any length as "
+                        "AUTOMATIC1111 reads them; plain (the only one for SD3 and FLUX): as diffusers reads them, cut at "
+                        "the text encoders' lengths with a warning")
     g.add_argument("--clip-skip", type=positive_int, metavar="N",
                    help="take the text encoder's N-th layer from the end (AUTOMATIC1111's Clip skip; default 1, the last)")
     g.add_argument("--lora", action="append", metavar="FILE[:SCALE]",

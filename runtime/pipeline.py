@@ -32,6 +32,7 @@ from .request import (
     check_rng,
     check_seeds,
     check_size_conditioning,
+    check_true_cfg,
     expand_prompts,
     image_seeds,
     make_checked_scheduler,
@@ -372,6 +373,7 @@ class Pipeline:
                     "scheduler": short_name(sched), "seed": req.seeds[0], "width": req.width, "height": req.height,
                     "num_images": len(prompts), "rng": req.rng, "clip_skip": req.clip_skip, "prompt_syntax": req.prompt_syntax,
                     "guidance_rescale": req.guidance_rescale, **self.family.size_settings(req), **self._lora_settings(),
+                    **({"true_cfg_scale": req.true_cfg_scale} if req.true_cfg_scale != 1.0 else {}),
                     "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.runner.name, "precision": self.computes, "diffrt": __version__, **stream.source}
         return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances, stream.x)
@@ -438,6 +440,7 @@ class Pipeline:
         when it cannot run here (a server checks a request with it before queueing it). pixels: an image-to-image
         source, whose size the request takes."""
         pkg, given = self.package, request
+        self.family.refuse(request)
         if pixels is not None:
             given = replace(request, width=pixels.shape[3], height=pixels.shape[2])
         r = given.with_defaults(pkg.defaults)
@@ -450,9 +453,9 @@ class Pipeline:
                       rng=check_rng(r.rng), clip_skip=check_clip_skip(r.clip_skip, layers),
                       prompt_syntax=self.family.prompt_syntax(r.prompt_syntax), guidance_rescale=check_rescale(r.guidance_rescale),
                       original_size=original_size, crops_coords_top_left=crop, source=request,
-                      cfg=self.family.guidance == "cfg")
+                      cfg=self.family.guidance == "cfg", true_cfg_scale=check_true_cfg(r.true_cfg_scale))
         sched = make_checked_scheduler(r.scheduler, pkg.scheduler_config, r.steps,
-                                       self.family.image_seq_len(r.width, r.height))
+                                       self.family.image_seq_len(r.width, r.height), self.family.sigmas(r.steps))
         self._check_fits(req)
         return req, sched
 
@@ -481,6 +484,9 @@ class Pipeline:
             raise UserError("give an image or initial latents, not both")
         if latents is not None and latents.shape != shape:
             raise UserError(f"latents have shape {latents.shape}; {req.width}x{req.height} with {n} image(s) needs {shape}")
+        if mask is not None and not self.family.inpainting:
+            raise UserError(f"inpainting on {self.family.name} models is not built yet (diffusers' inpainting pipeline "
+                            "for them is not matched); use image-to-image without --mask")
         if self.family.takes_mask(self.denoiser) and mask is None:
             raise UserError("this is an inpainting model (its UNet takes a mask): give an image and a mask (--image, --mask)")
         if pixels is None:

@@ -43,6 +43,7 @@ class GenerationRequest:
     prompt_syntax: str | None = None  # a1111 (weights, BREAK, 75-token chunks) or plain (diffusers': cut at the
     # encoder); None: the family's own (a1111 for SD 1.x/2.x/SDXL, plain for SD3 and FLUX)
     guidance_rescale: float = 0.0
+    true_cfg_scale: float | None = None  # FLUX: diffusers' true CFG with the negative prompt, over the distilled guidance
     original_size: tuple[int, int] | None = None  # SDXL's size conditioning (height, width)
     crops_coords_top_left: tuple[int, int] = (0, 0)  # SDXL's crop conditioning (top, left)
     loras: list[Any] | None = None  # LoraChoice files and scales; None: keep those the pipeline has applied
@@ -122,6 +123,7 @@ class Request:
     clip_skip: int = 1  # the text encoder layer taken, counted from the end (A1111's numbering)
     prompt_syntax: str = "a1111"  # a1111: weights, BREAK, 75-token chunks; plain: diffusers' reading, cut at the encoder
     guidance_rescale: float = 0.0  # diffusers' guidance_rescale (Lin et al. 2023, for zero-terminal-SNR / v models)
+    true_cfg_scale: float = 1.0  # FLUX: CFG with the negative prompt (above 1 with one) on top of the guidance input
     original_size: tuple[int, int] | None = None  # SDXL's size conditioning (height, width); None: the image's
     crops_coords_top_left: tuple[int, int] = (0, 0)  # SDXL's crop conditioning (top, left)
     source: GenerationRequest | None = None  # what it was made from
@@ -129,8 +131,16 @@ class Request:
 
     @property
     def guided(self) -> bool:
-        """Whether the denoiser runs on negatives too: the family guides by CFG and some image's guidance is above 1."""
-        return self.cfg and any(g > 1.0 for g in self.guidances)
+        """Whether the denoiser runs on negatives too: the family guides by CFG and some image's guidance is above 1,
+        or (FLUX) true CFG above 1 with a negative prompt, as diffusers' do_true_cfg."""
+        if not self.cfg:
+            return self.true_cfg_scale > 1.0 and any(self.negatives)
+        return any(g > 1.0 for g in self.guidances)
+
+    @property
+    def mix_scales(self) -> list[float]:
+        """Each image's scale mixing its negative and prompt rows: its guidance, or with true CFG the true CFG scale."""
+        return self.guidances if self.cfg else [self.true_cfg_scale] * len(self.guidances)
 
 
 def nearest_sizes(value: int, multiple: int) -> str:
@@ -205,6 +215,15 @@ def check_rescale(rescale: Any) -> float:
     return float(rescale)
 
 
+def check_true_cfg(scale: Any) -> float:
+    """FLUX's true CFG scale (None: 1, off) as a finite number of at least 0."""
+    if scale is None:
+        return 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 100:
+        raise UserError(f"true CFG scale must be a number from 0 to 100, not {scale!r}")
+    return float(scale)
+
+
 def check_guidance(guidance: Any) -> None:
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
         raise UserError(f"guidance scale must be a finite number, not {guidance!r}")
@@ -275,25 +294,26 @@ def check_seeds(seeds: Any, count: int) -> list[int]:
     return [int(s) for s in seeds]
 
 
-def make_checked_scheduler(name: str | None, config: dict, steps: int, image_seq_len: int | None = None):
-    """The scheduler set to `steps` for an image of image_seq_len latent tokens, refused in one line when it cannot
-    take that many steps (naming the most it can)."""
+def make_checked_scheduler(name: str | None, config: dict, steps: int, image_seq_len: int | None = None,
+                           sigmas: np.ndarray | None = None):
+    """The scheduler set to `steps` for an image of image_seq_len latent tokens (over the family's own sigmas, where it
+    gives them: FLUX's), refused in one line when it cannot take that many steps (naming the most it can)."""
     try:
         sched = make_scheduler(name, config)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    if schedule_fits(sched, steps, image_seq_len):
+    if schedule_fits(sched, steps, image_seq_len, sigmas):
         return sched
     most = max((n for n in range(1, steps) if schedule_fits(sched, n, image_seq_len)), default=0)
     raise UserError(f"the {type(sched).name} scheduler cannot take {steps} steps with this model's scheduler config; "
                     f"use at most {most}")
 
 
-def schedule_fits(sched, steps: int, image_seq_len: int | None = None) -> bool:
+def schedule_fits(sched, steps: int, image_seq_len: int | None = None, sigmas: np.ndarray | None = None) -> bool:
     """Whether every timestep of a `steps`-step schedule is one the model was trained on (a discrete one it can
     index; a flow's run up to num_train_timesteps itself)."""
     try:
-        sched.set_timesteps(steps, image_seq_len)
+        sched.set_timesteps(steps, image_seq_len, **({} if sigmas is None else {"sigmas": sigmas}))
     except (ValueError, IndexError):
         return False
     top = sched.config["num_train_timesteps"] - (0 if sched.flow else 1)

@@ -74,7 +74,7 @@ class Stream:
         start = time.perf_counter()
         n, req = len(self.x), self.req
         if req.guided:
-            g = np.array(req.guidances, np.float32)[:, None, None, None]
+            g = np.array(req.mix_scales, np.float32)[:, None, None, None]
             text_out, out = out[n:], np.where(g > 1, out[:n] + g * (out[n:] - out[:n]), out[n:])
             if req.guidance_rescale > 0:
                 out = rescaled(out, text_out, req.guidance_rescale)

@@ -282,7 +282,10 @@ def seeds_from(seed: int | None, count: int) -> list[int]:
 def add_openai_routes(app: FastAPI, service: Service) -> None:
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": 0, "owned_by": "diffrt"}]}
+        model = {"id": service.name, "object": "model", "created": 0, "owned_by": "diffrt"}
+        if service.pipe is not None:  # what guidance_scale means for this model
+            model.update(family=service.pipe.family.name, guidance=service.pipe.family.guidance_note)
+        return {"object": "list", "data": [model]}
 
     @app.post("/v1/images/generations")
     async def generations(body: OpenAIImageRequest, request: Request) -> dict:
@@ -292,7 +295,8 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
         prompt, loras = with_loras(service.options, body.prompt, body.loras)
         job = Job([prompt] * body.n, [body.negative_prompt] * body.n, seeds_from(body.seed, body.n),
                   {"steps": body.steps, "scheduler": body.scheduler, "width": width, "height": height, "rng": body.rng,
-                   "clip_skip": body.clip_skip, "prompt_syntax": body.prompt_syntax, "loras": loras, **size_conditioning(body)},
+                   "clip_skip": body.clip_skip, "prompt_syntax": body.prompt_syntax, "true_cfg_scale": body.true_cfg_scale,
+                   "loras": loras, **size_conditioning(body)},
                   body.guidance_scale)
         images = await service.generate(job, request)
         return {"created": int(time.time()), "output_format": body.output_format,

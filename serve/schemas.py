@@ -28,6 +28,7 @@ class OpenAIImageRequest(BaseModel):
     seed: int | None = Field(None, ge=-1, le=2**63 - 1 - MAX_N)
     rng: Literal["numpy", "torch-cpu", "torch-cuda"] = "numpy"
     clip_skip: int = Field(1, ge=1, le=48)
+    true_cfg_scale: float | None = Field(None, ge=0, le=100, description="FLUX: true CFG with negative_prompt (diffusers')")
     prompt_syntax: Literal["a1111", "plain"] | None = Field(None, description="a1111: weights, BREAK, long prompts; "
                                                             "plain: as diffusers reads prompts; default: the model's own "
                                                             "(a1111 for SD 1.x/2.x/SDXL, plain for SD3 and FLUX)")

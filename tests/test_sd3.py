@@ -93,6 +93,7 @@ def test_long_t5_prompt_is_cut_as_diffusers_cuts_it(ours, reference):
     assert_equal_images(got.array, expected)
 
 
+@pytest.mark.slow
 def test_without_t5_equals_diffusers_without_it(tmp_path_factory):
     """A checkpoint saved with text_encoder_3=None: the package has no T5 and zeros take its place, as in diffusers."""
     from diffrt.runtime.pipeline import Pipeline
@@ -137,7 +138,9 @@ def test_rows_at_different_steps_share_a_transformer_call(ours):
 
 def test_refusals(ours, sd3_package, tmp_path):
     """What SD3 does not take, each refused in one line: A1111's prompt syntax, a discrete-time sampler, a size off
-    the 2x2 patch grid (naming the nearest sizes), a LoRA."""
+    the 2x2 patch grid (naming the nearest sizes), a mask, a LoRA."""
+    from PIL import Image
+
     from diffrt.runtime.errors import UserError
 
     with pytest.raises(UserError, match="read prompts as diffusers does"):
@@ -147,6 +150,8 @@ def test_refusals(ours, sd3_package, tmp_path):
     multiple = ours.family.size_multiple
     with pytest.raises(UserError, match=f"multiple of {multiple}"):
         ours("a cat", steps=2, width=multiple * 8 + 2, height=32)
+    with pytest.raises(UserError, match="inpainting on sd3 models is not built yet"):
+        ours("a cat", steps=2, image=Image.new("RGB", (32, 32)), mask=Image.new("L", (32, 32), 255))
     result = run_cli("generate", "--model", str(sd3_package), "a cat", "--steps", "2", "--width", "34", "--backend",
                      "ort-cpu", "-o", str(tmp_path / "x.png"))
     assert result.returncode == 2 and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
@@ -157,3 +162,14 @@ def test_refusals(ours, sd3_package, tmp_path):
                      "--backend", "ort-cpu", "-o", str(tmp_path / "y.png"))
     assert result.returncode == 2 and "LoRAs on sd3 models are not supported" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_openvino_equals_diffusers(sd3_package, reference):
+    """The same package on OpenVINO's CPU plugin (in float32) gives diffusers' image too."""
+    pytest.importorskip("openvino")
+    from diffrt.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_package(sd3_package, backend="ov-cpu", precision="fp32")
+    expected = theirs(reference, PROMPT, steps=3, width=48, height=32, seed=6, guidance_scale=5.0, negative_prompt="a dog")
+    got = pipe(PROMPT, steps=3, width=48, height=32, seed=6, rng="torch-cpu", guidance_scale=5.0, negative_prompt="a dog")
+    assert_equal_images(got.array, expected)

@@ -136,13 +136,21 @@ def test_a_toy_flow_family_equals_its_pytorch_reference(toy, registered, tiny_ch
 
 
 def test_a_family_that_does_not_guide_by_cfg_runs_one_row_per_image(toy, monkeypatch):
-    """guidance = "none" (or "embedded"): no negative rows whatever the guidance scale; "cfg" doubles them."""
+    """guidance = "embedded": no negative rows whatever the guidance scale; "cfg" doubles them; "none" refuses a
+    guidance scale in one line."""
+    from diffrt.runtime.errors import UserError
+
+    class Embedded(ToyFlow):
+        guidance = "embedded"
 
     class Unguided(ToyFlow):
         guidance = "none"
 
     root, _ = toy
-    for family, rows in ((ToyFlow, 4), (Unguided, 2)):
+    monkeypatch.setitem(FAMILIES, "toy-flow", Unguided)
+    with pytest.raises(UserError, match="takes no guidance scale"):
+        Pipeline.from_package(root, backend="ort-cpu")("a cat", steps=2, guidance_scale=7.5, width=32, height=32)
+    for family, rows in ((ToyFlow, 4), (Embedded, 2)):
         monkeypatch.setitem(FAMILIES, "toy-flow", family)
         pipe = Pipeline.from_package(root, backend="ort-cpu")
         seen, run = [], pipe.transformer.run

@@ -68,11 +68,18 @@ class Family:
     zeros_for_empty_prompt: ClassVar[bool] = False  # diffusers' force_zeros_for_empty_prompt, where model_index omits it
     prompt_syntaxes: ClassVar[tuple[str, ...]] = PROMPT_SYNTAXES  # those the family reads; the first is its default
     loras: ClassVar[bool] = True  # LoRAs may patch its text encoders and denoiser
+    inpainting: ClassVar[bool] = True  # a mask repaints part of the image (blended, or a 9-channel UNet)
+    settings: ClassVar[frozenset[str]] = frozenset({"clip_skip", "guidance_rescale"})  # optional settings it takes
     exact_strength: ClassVar[bool] = False  # img2img skips steps * (1 - strength), rounded down (SD3, FLUX pipelines)
 
     def __init__(self, package: Package) -> None:
         self.package = package
         self.encoders = tuple(e for e in type(self).encoders if e not in self.optional or package.has(e))
+
+    @classmethod
+    def export_defaults(cls, denoiser_config: dict[str, Any]) -> dict[str, Any]:
+        """The family's own settings a package's defaults record, from its denoiser's config."""
+        return dict(cls.text_defaults)
 
     @classmethod
     def components(cls) -> tuple[str, ...]:
@@ -82,6 +89,27 @@ class Family:
     def stages(self) -> tuple[str, ...]:
         """What text-to-image runs on this package, in the order it runs."""
         return (*self.encoders, self.denoiser, "vae_decoder")
+
+    @property
+    def guidance_note(self) -> str:
+        """What a request's guidance_scale means for this family, in words (the server's /v1/models says it)."""
+        return {"cfg": "classifier-free guidance: guidance_scale mixes the negative prompt's and the prompt's predictions",
+                "embedded": "guidance-distilled: guidance_scale is the transformer's guidance input, no negative-prompt "
+                            "batch (true_cfg_scale above 1 with a negative prompt adds one, as diffusers' true CFG)",
+                "none": "none: the model samples without guidance (timestep-distilled); guidance_scale is not taken"}[
+            self.guidance]
+
+    def refuse(self, request: Any) -> None:
+        """Refuse, in one line, a setting given that this family does not take (a value other than its neutral one)."""
+        for setting, neutral in (("clip_skip", 1), ("guidance_rescale", 0.0), ("true_cfg_scale", 1.0)):
+            value = getattr(request, setting)
+            if setting not in self.settings and value is not None and value != neutral:
+                raise UserError(f"{self.name} models take no {setting.replace('_', ' ')} (diffusers' pipeline for them has "
+                                "none); leave it out")
+        given = request.guidance_scale if isinstance(request.guidance_scale, (list, tuple)) else [request.guidance_scale]
+        if self.guidance == "none" and any(g not in (None, 0, 1) for g in given):
+            raise UserError(f"this {self.name} model takes no guidance scale (it is guidance-distilled, as FLUX.1-schnell "
+                            "is); leave it out or give 0")
 
     def prompt_syntax(self, syntax: str | None) -> str:
         """The prompt syntax a request asks for (None: the family's default), refused where the family lacks it."""
@@ -181,6 +209,10 @@ class Family:
         """How many denoiser tokens an image of this size is (what flow schedules shift by)."""
         f = self.package.vae_scale_factor * self.patch
         return (height // f) * (width // f)
+
+    def sigmas(self, steps: int) -> np.ndarray | None:
+        """The flow sigmas the family's pipeline asks its scheduler for (None: the scheduler's own spacing)."""
+        return None
 
     def vae_input(self, latents: np.ndarray) -> np.ndarray:
         """Sampler latents as the VAE decoder takes them: divided by the scaling factor, plus the shift."""

@@ -48,6 +48,8 @@ class Flux(Family):
     prompt_syntaxes = ("plain",)
     exact_strength = True
     loras = False
+    inpainting = False
+    settings = frozenset({"true_cfg_scale"})
 
     def __init__(self, package) -> None:
         super().__init__(package)
@@ -57,6 +59,15 @@ class Flux(Family):
     @property
     def max_sequence_length(self) -> int:
         return int(self.package.defaults.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
+
+    @classmethod
+    def export_defaults(cls, denoiser_config: dict[str, Any]) -> dict[str, Any]:
+        """FLUX.1-schnell (no guidance input) reads 256 T5 tokens, as its model card's pipeline call asks."""
+        return {"max_sequence_length": MAX_SEQUENCE_LENGTH if denoiser_config.get("guidance_embeds") else 256}
+
+    def sigmas(self, steps: int) -> np.ndarray:
+        """FluxPipeline's schedule before the dynamic shift: 1 down to 1 / steps."""
+        return np.linspace(1.0, 1 / steps, steps)
 
     def tokenizers(self) -> list[Any]:
         from ..tokenizer import ClipTokenizer, T5Tokenizer
@@ -77,7 +88,7 @@ class Flux(Family):
     def conditioning(self, hidden: np.ndarray, pooled: np.ndarray | None, req: Any) -> dict[str, np.ndarray]:
         cond = {"encoder_hidden_states": hidden, "pooled_projections": pooled}
         if self.guidance == "embedded":
-            cond["guidance"] = np.array(req.guidances, np.float32)
+            cond["guidance"] = np.array(req.guidances * (2 if req.guided else 1), np.float32)  # negatives' rows too
         return cond
 
     def denoise(self, engine: Engine, run, x: np.ndarray, t: float | np.ndarray, cond: dict[str, Any],

@@ -38,6 +38,8 @@ class StableDiffusion3(Family):
     prompt_syntaxes = ("plain",)
     exact_strength = True
     loras = False
+    inpainting = False
+    settings = frozenset({"clip_skip"})
 
     @property
     def max_sequence_length(self) -> int:
