@@ -1,7 +1,9 @@
 """TensorRT optimization profiles (min/opt/max per input) from a package's declared dims and the asked ranges.
 
-Classifier-free guidance runs the text encoder and UNet on [uncond, cond], so their batch spans
-images .. 2 x images; guidance off (scale <= 1) halves it, so the minimum stays the image count.
+Classifier-free guidance runs the text encoders and the denoiser on [uncond, cond], so their batch spans
+images .. 2 x images; guidance off (scale <= 1) halves it, so the minimum stays the image count. Each component's
+text length is its family's (CLIP's 77, T5's max_sequence_length, SD3's transformer both); FLUX's transformer takes
+image tokens (latents packed 2x2) instead of a latent height and width.
 """
 
 from __future__ import annotations
@@ -9,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from diffrt.runtime.backends.engine import DENOISERS
 from diffrt.runtime.errors import UserError
-
-GUIDED = ("text_encoder", "text_encoder_2", "unet")
 
 
 @dataclass(frozen=True)
@@ -68,19 +69,25 @@ def parse_size(text: str, multiple: int, default: int) -> tuple[Span, Span]:
 def derive_profiles(manifest: dict[str, Any], batch: Span, width: Span, height: Span, static: bool = False,
                     guided: bool = True) -> dict[str, dict[str, dict[str, list[int]]]]:
     """{component: {input: {"min": dims, "opt": dims, "max": dims}}} for every component of the package."""
+    from diffrt.runtime.families import family_class
+
     f = int(manifest["vae_scale_factor"])
     text_len = int(manifest["text_max_length"])
     channels = int(manifest.get("latent_channels", 4))
+    family = family_class(manifest.get("family", "sd1"))
+    lengths = family.sequence_lengths(text_len, int(manifest.get("max_sequence_length") or text_len))
     out: dict[str, dict[str, dict[str, list[int]]]] = {}
     for comp, entry in manifest["components"].items():
-        if comp in GUIDED:
+        if comp.startswith("text_encoder") or comp in DENOISERS:
             b = Span(batch.lo, batch.opt * (2 if guided else 1), batch.hi * 2)
             if static:
                 b = b.pinned()
         else:
             b = batch.pinned() if static else batch
         w, h = (width.pinned(), height.pinned()) if static else (width, height)
-        axes = {"batch_size": b, "sequence_length": Span(text_len, text_len, text_len),
+        seq, p = lengths.get(comp, text_len), f * family.patch
+        axes = {"batch_size": b, "sequence_length": Span(seq, seq, seq),
+                "image_tokens": Span((h.lo // p) * (w.lo // p), (h.opt // p) * (w.opt // p), (h.hi // p) * (w.hi // p)),
                 "height": Span(h.lo // f, h.opt // f, h.hi // f), "width": Span(w.lo // f, w.opt // f, w.hi // f),
                 "latent_height": Span(h.lo // f, h.opt // f, h.hi // f), "latent_width": Span(w.lo // f, w.opt // f, w.hi // f),
                 "sample_height": h, "sample_width": w,

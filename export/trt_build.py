@@ -72,9 +72,13 @@ def package_profiles(pkg, batch, width, height, static: bool = False) -> dict[st
     components = {c: {"inputs": (pkg.manifest.get("components", {}).get(c, {}).get("inputs")
                                  or graph_io(pkg.component(c))["inputs"])}
                   for c in COMPONENTS if pkg.has(c)}
+    from diffrt.runtime.families import family_class
+
     shape = {"vae_scale_factor": pkg.vae_scale_factor, "text_max_length": pkg.text_max_length,
-             "latent_channels": pkg.latent_channels, "components": components}
-    return derive_profiles(shape, batch, width, height, static, guided=pkg.defaults["guidance_scale"] > 1)
+             "latent_channels": pkg.latent_channels, "components": components, "family": pkg.family,
+             "max_sequence_length": pkg.defaults.get("max_sequence_length")}
+    cfg = family_class(pkg.family).guidance == "cfg"  # FLUX doubles its batch only for true CFG
+    return derive_profiles(shape, batch, width, height, static, guided=cfg and pkg.defaults["guidance_scale"] > 1)
 
 
 def trt_graph(pkg: Package, comp: str, log: Callable[[str], None] = print) -> Path:
@@ -94,13 +98,15 @@ def build_engines(package: Path, options: BuildOptions, log: Callable[[str], Non
     import tensorrt as trt
 
     from diffrt.runtime.backends.tensorrt import current_device
+    from diffrt.runtime.families import family_class, family_for
 
     pkg = load_package(package)
-    if options.precision == "int8" and pkg.precision("unet") != "int8":
+    loras = family_class(pkg.family).loras  # refittable engines are for LoRA switching
+    if options.precision == "int8" and pkg.precision(pkg.denoiser) != "int8":
         raise UserError(f"{package} has no int8 (QDQ) UNet; make one with `diffrt quantize {package} OUT --precision int8` "
                         "and build that package")
     size = options.size or f"{pkg.defaults['width']}x{pkg.defaults['height']}"
-    width, height = parse_size(size, pkg.vae_scale_factor, pkg.defaults["width"])
+    width, height = parse_size(size, family_for(pkg).size_multiple, pkg.defaults["width"])
     profiles = package_profiles(pkg, parse_batch(options.batch), width, height, options.static)
     device = current_device()
     major = int(trt.__version__.split(".")[0])
@@ -111,7 +117,7 @@ def build_engines(package: Path, options: BuildOptions, log: Callable[[str], Non
     for comp in (c for c in options.components if pkg.has(c)):
         graph = trt_graph(pkg, comp, log)
         flags = build_flags(options.precision, pkg.precision(comp), major, options.version_compatible,
-                            options.refittable and (comp == "unet" or comp.startswith("text_encoder")))
+                            options.refittable and loras and (comp == "unet" or comp.startswith("text_encoder")))
         network_flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if flags["strongly_typed"] else 0
         network = builder.create_network(network_flags)
         parser = trt.OnnxParser(network, logger)

@@ -171,3 +171,23 @@ def test_openvino_equals_diffusers(flux):
     expected = theirs(reference, PROMPT, steps=3, width=48, height=32, seed=6, **given)
     got = pipe(PROMPT, steps=3, width=48, height=32, seed=6, rng="torch-cpu", **given)
     assert_equal_images(got.array, expected)
+
+
+def test_tensorrt_profiles(flux):
+    """diffrt build's profiles for FLUX (no TensorRT needed): image tokens for the packed latents and their ids, T5's
+    length for the text and its ids, a batch doubled only as far as true CFG may ask."""
+    pytest.importorskip("onnx")
+    from diffrt.export.profiles import parse_batch, parse_size
+    from diffrt.export.trt_build import package_profiles
+    from diffrt.runtime.package import load_package
+
+    variant, _, package, _, ours = flux
+    pkg = load_package(package)
+    t5 = ours.family.max_sequence_length
+    p = package_profiles(pkg, parse_batch("1"), *parse_size("64x32", 4, 64))
+    tokens = (32 // 4) * (64 // 4)
+    assert p["transformer"]["hidden_states"] == {"min": [1, tokens, 64], "opt": [1, tokens, 64], "max": [2, tokens, 64]}
+    assert p["transformer"]["img_ids"]["opt"] == [tokens, 3] and p["transformer"]["txt_ids"]["opt"] == [t5, 3]
+    assert p["transformer"]["encoder_hidden_states"]["max"] == [2, t5, 48]
+    assert p["text_encoder_2"]["input_ids"]["opt"] == [1, t5] and p["text_encoder"]["input_ids"]["opt"] == [1, 77]
+    assert ("guidance" in p["transformer"]) == (variant == "dev")

@@ -173,3 +173,20 @@ def test_openvino_equals_diffusers(sd3_package, reference):
     expected = theirs(reference, PROMPT, steps=3, width=48, height=32, seed=6, guidance_scale=5.0, negative_prompt="a dog")
     got = pipe(PROMPT, steps=3, width=48, height=32, seed=6, rng="torch-cpu", guidance_scale=5.0, negative_prompt="a dog")
     assert_equal_images(got.array, expected)
+
+
+def test_tensorrt_profiles(sd3_package):
+    """diffrt build's profiles for SD3 (no TensorRT needed): CLIP's 77 tokens, T5's 256, the transformer's 77 + 256,
+    the CFG-doubled batch, latents on the 2x2 patch grid."""
+    pytest.importorskip("onnx")
+    from diffrt.export.profiles import parse_batch, parse_size
+    from diffrt.export.trt_build import package_profiles
+    from diffrt.runtime.package import load_package
+
+    pkg = load_package(sd3_package)
+    p = package_profiles(pkg, parse_batch("1-2"), *parse_size("64x32", 4, 64))
+    assert p["text_encoder"]["input_ids"] == {"min": [1, 77], "opt": [2, 77], "max": [4, 77]}
+    assert p["text_encoder_3"]["input_ids"]["max"] == [4, 256]
+    assert p["transformer"]["hidden_states"] == {"min": [1, 16, 16, 32], "opt": [2, 16, 16, 32], "max": [4, 16, 16, 32]}
+    assert p["transformer"]["encoder_hidden_states"]["opt"] == [2, 77 + 256, 96]
+    assert p["transformer"]["pooled_projections"]["max"] == [4, 80]

@@ -77,6 +77,11 @@ class Family:
         self.encoders = tuple(e for e in type(self).encoders if e not in self.optional or package.has(e))
 
     @classmethod
+    def sequence_lengths(cls, clip: int, t5: int) -> dict[str, int]:
+        """Each component's text length where it is not CLIP's (TensorRT profiles fix it)."""
+        return {}
+
+    @classmethod
     def export_defaults(cls, denoiser_config: dict[str, Any]) -> dict[str, Any]:
         """The family's own settings a package's defaults record, from its denoiser's config."""
         return dict(cls.text_defaults)

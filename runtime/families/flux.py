@@ -42,6 +42,7 @@ class Flux(Family):
     denoiser = "transformer"
     denoiser_output = "out_hidden_states"
     patch = 2
+    guidance = "embedded"  # dev's; a package whose transformer takes no guidance input (schnell) has "none"
     default_guidance = 3.5
     default_steps = 28
     text_defaults = {"max_sequence_length": MAX_SEQUENCE_LENGTH}
@@ -64,6 +65,10 @@ class Flux(Family):
     def export_defaults(cls, denoiser_config: dict[str, Any]) -> dict[str, Any]:
         """FLUX.1-schnell (no guidance input) reads 256 T5 tokens, as its model card's pipeline call asks."""
         return {"max_sequence_length": MAX_SEQUENCE_LENGTH if denoiser_config.get("guidance_embeds") else 256}
+
+    @classmethod
+    def sequence_lengths(cls, clip: int, t5: int) -> dict[str, int]:
+        return {"text_encoder_2": t5, cls.denoiser: t5}
 
     def sigmas(self, steps: int) -> np.ndarray:
         """FluxPipeline's schedule before the dynamic shift: 1 down to 1 / steps."""

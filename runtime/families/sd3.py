@@ -51,6 +51,11 @@ class StableDiffusion3(Family):
         inputs = self.package.manifest["components"][self.denoiser]["inputs"]
         return int(inputs["encoder_hidden_states"]["dims"][2])
 
+    @classmethod
+    def sequence_lengths(cls, clip: int, t5: int) -> dict[str, int]:
+        """T5 reads max_sequence_length tokens; the transformer CLIP's then T5's."""
+        return {cls.t5: t5, cls.denoiser: clip + t5}
+
     def tokenizers(self) -> list[Any]:
         from ..tokenizer import ClipTokenizer, T5Tokenizer
 
