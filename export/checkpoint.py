@@ -88,6 +88,22 @@ class Checkpoint:
                             "its weights are missing or corrupt") from None
         return model.float().eval()
 
+    def weightless(self, name: str):
+        """The component's module with no weights (the meta device) but its computed buffers real: what a model
+        larger than memory is traced on while its weights are read from the files (graphs.export_streamed)."""
+        import diffusers
+        import transformers
+        from accelerate import init_empty_weights
+
+        folder = "vae" if name.startswith("vae") else name
+        cls = getattr(diffusers if folder in ("unet", "transformer", "vae") else transformers, self.class_of(folder))
+        with init_empty_weights(include_buffers=False):
+            if folder in ("unet", "transformer", "vae"):
+                model = cls.from_config(self.configs[folder])
+            else:
+                model = cls(cls.config_class.from_pretrained(self.root / folder))
+        return model.float().eval()
+
     def class_of(self, folder: str) -> str:
         entry = self.index.get(folder)
         config = self.configs.get(folder, {})

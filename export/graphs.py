@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,6 +215,13 @@ def trace_size(ckpt: Checkpoint) -> int:
     return s + max(f // 2, 1) if f > 1 else s
 
 
+def trace_sides(ckpt: Checkpoint) -> tuple[int, int]:
+    """(height, width) of the latents a graph is traced at: trace_size square for a UNet; for a DiT a patch wider
+    than high, so that dynamo keeps its height and width apart (equal sides would make them one symbol)."""
+    size = trace_size(ckpt)
+    return (size, size + patch_size(ckpt)) if ckpt.denoiser == "transformer" else (size, size)
+
+
 def vae_scale_factor(ckpt: Checkpoint) -> int:
     from diffrt.runtime.package import vae_scale_factor as of_config
 
@@ -285,15 +293,14 @@ def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folde
 
     folder.mkdir(parents=True, exist_ok=True)
     spec = spec_for(name, ckpt)
-    size = trace_size(ckpt)
     gen = torch.Generator().manual_seed(0)
     # the dynamo exporter specialises batch 1, so it is traced at batch 2 (see ../shared/FACTS.md)
-    example = example_inputs(name, ckpt, 2, size, size, gen)
+    example = example_inputs(name, ckpt, 2, *trace_sides(ckpt), gen)
     path = folder / "model.onnx"
     traced = wrapped(name, module, ckpt)
     # SD's UNet and VAE attention processors become fused nodes; text encoders and DiTs (joint attention) stay plain
     fused = attention == "mha" and name in ("unet", "vae_decoder", "vae_encoder") and use_fused_attention(module)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), exportable():
         warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes: the check below is what counts
         torch.onnx.export(traced, example, str(path), input_names=list(spec.inputs), output_names=list(spec.outputs),
                           dynamic_axes={**spec.inputs, **spec.outputs}, opset_version=opset, do_constant_folding=True,
@@ -312,6 +319,30 @@ def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folde
     return path, "mha" if fused else "plain" if has_attention else "none"
 
 
+def cropped_pos_embed(self, height, width):
+    """diffusers' PatchEmbed.cropped_pos_embed (SD3's centred crop of its position table) as a gather of the same
+    rows and columns: dynamo writes the slice's bounds one row off for an odd patch count (5 rows come out 6)."""
+    m = self.pos_embed_max_size
+    h, w = height // self.patch_size, width // self.patch_size
+    grid = self.pos_embed.reshape(m, m, -1)
+    rows = torch.arange(h, device=grid.device) + (m - h) // 2
+    cols = torch.arange(w, device=grid.device) + (m - w) // 2
+    return grid.index_select(0, rows).index_select(1, cols).reshape(1, h * w, grid.shape[-1])
+
+
+@contextmanager
+def exportable():
+    """diffusers code an exporter gets wrong, replaced by equal code for the export's duration."""
+    from diffusers.models.embeddings import PatchEmbed
+
+    original = PatchEmbed.cropped_pos_embed
+    PatchEmbed.cropped_pos_embed = cropped_pos_embed
+    try:
+        yield
+    finally:
+        PatchEmbed.cropped_pos_embed = original
+
+
 def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
     """The same architecture with no weights (the meta device): tracing it costs no memory for the weights."""
     with torch.device("meta"):
@@ -320,33 +351,28 @@ def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
         return type(module)(module.config).eval()  # transformers
 
 
-def export_streamed(name: str, module: torch.nn.Module, ckpt: Checkpoint, folder: Path, opset: int) -> Path:
+def export_streamed(name: str, module: torch.nn.Module, ckpt: Checkpoint, folder: Path, opset: int,
+                    weights=None) -> Path:
     """dynamo export of a large model without a copy of its weights: the graph is traced on a weightless copy, then
-    each initializer is filled, by name, with a view of the loaded module's tensor and written to model.onnx_data
-    one by one. The graph is left unoptimized (onnxruntime and TensorRT fold its weight transposes at load)."""
+    each initializer is filled, by name, and written to model.onnx_data one by one: from the loaded module's tensors,
+    or (weights: a stream_weights.FileWeights, module then weightless itself) read from the checkpoint's files as it
+    is written, in the dtype the file stores (16-bit weights stay 16-bit, behind a Cast to float32). The graph is
+    left unoptimized (onnxruntime and TensorRT fold its weight transposes and casts at load)."""
     import onnx_ir as ir
+
+    from .stream_weights import ModuleWeights
 
     folder.mkdir(parents=True, exist_ok=True)
     spec = spec_for(name, ckpt)
-    size = trace_size(ckpt)
-    example = tuple(t.to("meta") for t in example_inputs(name, ckpt, 2, size, size, torch.Generator().manual_seed(0)))
-    with torch.no_grad(), warnings.catch_warnings():
+    example = tuple(t.to("meta") for t in example_inputs(name, ckpt, 2, *trace_sides(ckpt), torch.Generator().manual_seed(0)))
+    traced = module if weights is not None else meta_copy(module)
+    with torch.no_grad(), warnings.catch_warnings(), exportable():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapped(name, meta_copy(module), ckpt), example, None, input_names=list(spec.inputs),
+        program = torch.onnx.export(wrapped(name, traced, ckpt), example, None, input_names=list(spec.inputs),
                                     output_names=list(spec.outputs), dynamic_axes={**spec.inputs, **spec.outputs},
                                     opset_version=effective_opset(opset, "dynamo"), dynamo=True, optimize=False,
                                     verbose=False)
-    tensors = {f"model.{k}": v for k, v in (*module.named_parameters(), *module.named_buffers())}
-    graph = program.model.graph
-    missing = []
-    for key, value in graph.initializers.items():
-        if key in tensors:
-            value.const_value = ir.Tensor(tensors[key].detach().numpy(), name=key)
-        elif getattr(getattr(value.const_value, "raw", None), "is_meta", False):
-            missing.append(key)
-    if missing:
-        raise RuntimeError(f"streamed export of {name}: initializers {missing[:5]} are not weights of the model")
-    fold_weight_transposes(graph, tensors)
+    fill_initializers(program.model.graph, weights if weights is not None else ModuleWeights(module))
     path = folder / "model.onnx"
     ir.save(program.model, path, external_data=EXTERNAL_DATA)
     _check_io_names(path, spec)
@@ -354,30 +380,71 @@ def export_streamed(name: str, module: torch.nn.Module, ckpt: Checkpoint, folder
 
 
 TRANSPOSED = "__transposed"  # an initializer holding a checkpoint weight transposed (what a Linear's MatMul takes)
+STORED = {"F16": ("FLOAT16", "__fp16"), "BF16": ("BFLOAT16", "__bf16")}  # 16-bit storage: onnx dtype, name suffix
 
 
-def fold_weight_transposes(graph, tensors: dict[str, torch.Tensor]) -> int:
-    """Replace each Transpose of a 2-D weight by the weight stored transposed (NAME__transposed), written lazily, one
-    tensor at a time. dynamo's unoptimized graph transposes every Linear's weight at run time; onnxruntime folds those
-    at load, but from the file, so a LoRA's initializer override would never reach them."""
+def fill_initializers(graph, weights) -> None:
+    """Each initializer of a weightless graph read lazily from weights (by its parameter name, `model.` dropped):
+    a 2-D weight that only a Transpose reads is stored transposed instead (NAME__transposed: dynamo's unoptimized
+    graph transposes every Linear's weight at run time, and onnxruntime would fold those from the file, out of a
+    LoRA override's reach); a 16-bit weight is stored as such (NAME__fp16 / __bf16) behind a Cast to float32."""
     import onnx_ir as ir
 
-    folded = 0
+    transposed = fold_weight_transposes(graph, weights)
+    missing = []
+    first = next(iter(graph), None)
+    for key, value in list(graph.initializers.items()):
+        param, flip = transposed.get(key, (key.removeprefix("model."), False))
+        if param not in weights:
+            if getattr(getattr(value.const_value, "raw", None), "is_meta", False) or value.const_value is None:
+                missing.append(key)
+            continue
+        stored = STORED.get(weights.dtype(param))
+        dtype = getattr(ir.DataType, stored[0]) if stored else value.dtype
+        read = (lambda p=param, f=flip, k=key: ir_of(weights.tensor(p), f, k))
+        if stored is None:
+            value.const_value = ir.LazyTensor(read, dtype, value.shape, name=key)
+            continue
+        half = ir.Value(name=key + stored[1], shape=value.shape, type=ir.TensorType(dtype))
+        half.const_value = ir.LazyTensor(read, dtype, value.shape, name=half.name)
+        graph.register_initializer(half)
+        cast = ir.Node("", "Cast", [half], [ir.AttrInt64("to", value.dtype)], num_outputs=1, name=key + "__cast")
+        graph.initializers.pop(key)
+        value.replace_all_uses_with(cast.outputs[0])
+        cast.outputs[0].name = key
+        graph.insert_before(first, cast) if first is not None else graph.append(cast)
+    if missing:
+        raise RuntimeError(f"streamed export: initializers {missing[:5]} are not weights of the model")
+
+
+def ir_of(tensor: torch.Tensor, flip: bool, name: str):
+    from .stream_weights import ir_tensor
+
+    return ir_tensor(tensor.T if flip else tensor, name)
+
+
+def fold_weight_transposes(graph, weights) -> dict[str, tuple[str, bool]]:
+    """Replace each Transpose of a 2-D weight by an initializer NAME__transposed for the weight stored transposed;
+    returns {initializer: (parameter, transposed)} for those, which fill_initializers reads."""
+    import onnx_ir as ir
+
+    folded = {}
     for node in list(graph):
         source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
         perm = node.attributes.get("perm")
-        if (source is None or not source.is_initializer() or source.name not in tensors or len(source.uses()) != 1
-                or len(source.shape) != 2 or (perm is not None and list(perm.as_ints()) != [1, 0])):
+        if (source is None or not source.is_initializer() or source.name.removeprefix("model.") not in weights
+                or len(source.uses()) != 1 or len(source.shape) != 2
+                or (perm is not None and list(perm.as_ints()) != [1, 0])):
             continue
-        weight = tensors[source.name]
-        value = ir.Value(name=source.name + TRANSPOSED, shape=ir.Shape(list(weight.shape[::-1])), type=source.type)
-        value.const_value = ir.LazyTensor(lambda w=weight: ir.Tensor(w.detach().T.contiguous().numpy()), source.dtype,
-                                          value.shape, name=value.name)
+        value = ir.Value(name=source.name + TRANSPOSED, shape=ir.Shape(list(source.shape)[::-1]), type=source.type)
+        param = source.name.removeprefix("model.")
+        value.const_value = ir.LazyTensor(lambda p=param, k=value.name: ir_of(weights.tensor(p), True, k), source.dtype,
+                                          value.shape, name=value.name)  # fill_initializers may store it 16-bit
         graph.register_initializer(value)
         node.outputs[0].replace_all_uses_with(value)
         graph.remove(node, safe=True)
         graph.initializers.pop(source.name)
-        folded += 1
+        folded[value.name] = (param, True)
     return folded
 
 

@@ -106,7 +106,8 @@ def uses_rms_norm(module) -> bool:
 def exporter_for(module, options) -> tuple[str, str]:
     """(exporter, attention form) for one model: auto picks "streamed" (dynamo, traced without weights, see
     graphs.export_streamed) for a model whose float32 weights pass BIG_MODEL_BYTES (unless mha attention, which only
-    TorchScript writes, was asked); auto attention is mha with TorchScript, plain with dynamo."""
+    TorchScript writes, was asked), dynamo for one with RMS norms, else TorchScript; auto attention is mha with
+    TorchScript, plain with dynamo."""
     exporter = options.exporter
     if exporter == "auto":
         size = sum(p.numel() for p in module.parameters()) * 4
@@ -116,59 +117,99 @@ def exporter_for(module, options) -> tuple[str, str]:
     return exporter, attention
 
 
+def _export_one(ckpt: Checkpoint, comp: str, dest: Path, options, step: Callable[[str], None],
+                modules: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """One component's graph and its manifest entry; and whether its module is loaded (modules[source]) for the
+    check. A family without LoRAs whose model passes BIG_MODEL_BYTES is streamed from the checkpoint's files without
+    being loaded; any other model is loaded whole (LoRAs merged)."""
+    from .graphs import export_component, export_streamed
+    from .stream_weights import file_weights, weight_files
+
+    source = "vae" if comp.startswith("vae") else comp
+    weights = None
+    if source not in modules and ckpt.denoiser != "unet" and weight_files(ckpt.root / source):
+        weightless = ckpt.weightless(comp)
+        if exporter_for(weightless, options)[0] == "streamed":
+            weights = file_weights(ckpt.root / source, weightless)
+    if weights is None and source not in modules:
+        step("loading")
+        modules[source] = ckpt.load(comp)
+        if options.loras and (comp.startswith("text_encoder") or comp == "unet"):
+            step(f"merged {merge_loras(comp, modules[source], options.loras)} LoRA layers")
+    exporter, attention = exporter_for(weightless if weights is not None else modules[source], options)
+    step(f"exporting ({exporter}{', weights read from the files' if weights is not None else ''}, "
+         f"opset {effective_opset(options.opset, exporter)})")
+    if exporter == "streamed":
+        path = export_streamed(comp, weightless if weights is not None else modules[source], ckpt, dest / comp,
+                               options.opset, weights)
+    else:
+        path, attention = export_component(comp, modules[source], ckpt, dest / comp, options.opset, exporter, attention)
+    entry: dict[str, Any] = {"file": f"{comp}/model.onnx", "precision": "fp32",
+                             "made_by": MADE_BY.get(exporter, f"torch.onnx {exporter}"), "attention": attention}
+    if weights is not None and {weights.dtype(k) for k in weights.where} & {"F16", "BF16"}:
+        entry["weights"] = "fp16" if "F16" in {weights.dtype(k) for k in weights.where} else "bf16"
+    if ckpt.denoiser == "unet" and (comp.startswith("text_encoder") or comp == "unet"):  # what LoRAs change
+        write_weights_map(modules[source], path)
+    if options.weights_fp16:
+        store_weights_fp16(path)
+        entry["weights"] = "fp16"
+    entry.update(graph_io(path))
+    return entry, weights is None
+
+
+def _check(ckpt: Checkpoint, comp: str, path: Path, modules: dict[str, Any], loaded: bool, last: bool,
+           step: Callable[[str], None]) -> dict[str, Any]:
+    """The graph against PyTorch on random inputs; a streamed model is loaded for it only where it fits in memory
+    (its float32 weights and the graph's, one after the other), else the check is skipped, saying why. The module is
+    released before the graph is opened where no later graph comes from it (last)."""
+    from diffrt.runtime.memory import available_bytes
+
+    from .stream_weights import file_weights, materialized
+
+    source = "vae" if comp.startswith("vae") else comp
+    if not loaded:
+        need = 1.6 * sum(p.numel() for p in ckpt.weightless(comp).parameters()) * 4
+        free = available_bytes()
+        if free is not None and need > free:
+            why = f"needs about {need / 2**30:.0f} GB to load in float32 and this machine has {free / 2**30:.0f} GB free"
+            step(f"check against PyTorch skipped: {why}")
+            return {"skipped": why}
+        weightless = ckpt.weightless(comp)
+        modules[source] = materialized(weightless, file_weights(ckpt.root / source, weightless))
+    cases = reference_cases(comp, modules[source], ckpt)
+    if last:
+        modules.clear()  # a large model's PyTorch weights are released before its graph is opened
+        gc.collect()
+    result = compare(path, cases, fold=loaded)  # a streamed graph's 16-bit weights stay 16-bit while it runs
+    verdict = "ok" if result.ok else f"FAILED (tolerance {result.tolerance:g})"
+    step(f"onnxruntime vs PyTorch max abs {result.max_abs:.2e}, max rel {result.max_rel:.2e} over "
+         f"{len(result.cases)} shapes: {verdict}")
+    if not result.ok:
+        raise UserError(f"{comp}: onnxruntime differs from PyTorch by {result.max_rel:.2e} (relative), over the "
+                        f"tolerance {result.tolerance:g}; try another --exporter or --opset")
+    return result.as_dict()
+
+
 def _source(rest: list[str]) -> str | None:
     """The checkpoint folder the next component comes from (the VAE's two graphs share one)."""
     return ("vae" if rest[0].startswith("vae") else rest[0]) if rest else None
 
 
 def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], None], name: str) -> dict[str, Any]:
-    from .graphs import export_component, export_streamed
-
     family = ckpt.family
     components: dict[str, Any] = {}
     order = [c for c in COMPONENTS if c in options.components]
-    total = len(order)
     modules: dict[str, Any] = {}
     for i, comp in enumerate(order):
         start = time.perf_counter()
-        log(f"[{i + 1}/{total}] {comp}: loading")
-        source = "vae" if comp.startswith("vae") else comp
-        if source not in modules:
-            modules.clear()
-            gc.collect()
-            modules[source] = ckpt.load(comp)
-            if options.loras and (comp.startswith("text_encoder") or comp == "unet"):
-                merged = merge_loras(comp, modules[source], options.loras)
-                log(f"[{i + 1}/{total}] {comp}: merged {merged} LoRA layers")
-        exporter, attention = exporter_for(modules[source], options)
-        log(f"[{i + 1}/{total}] {comp}: exporting ({exporter}, opset {effective_opset(options.opset, exporter)})")
-        if exporter == "streamed":
-            path = export_streamed(comp, modules[source], ckpt, dest / comp, options.opset)
-        else:
-            path, attention = export_component(comp, modules[source], ckpt, dest / comp, options.opset, exporter, attention)
-        made_by = MADE_BY.get(exporter, f"torch.onnx {exporter}")
-        entry: dict[str, Any] = {"file": f"{comp}/model.onnx", "precision": "fp32", "made_by": made_by,
-                                 "attention": attention}
-        if ckpt.denoiser == "unet" and (comp.startswith("text_encoder") or comp == "unet"):  # what LoRAs change
-            write_weights_map(modules[source], path)
-        if options.weights_fp16:
-            store_weights_fp16(path)
-            entry["weights"] = "fp16"
-        entry.update(graph_io(path))
+        step = (lambda msg, i=i, comp=comp: log(f"[{i + 1}/{len(order)}] {comp}: {msg}"))
+        entry, loaded = _export_one(ckpt, comp, dest, options, step, modules)
+        last = _source([comp]) != _source(order[i + 1:])  # the last graph of its checkpoint folder
         if options.check:
-            cases = reference_cases(comp, modules[source], ckpt)
-            if source != _source(order[i + 1:]):
-                modules.clear()  # a large model's PyTorch weights are released before its graph is opened
-                gc.collect()
-            result = compare(path, cases)
-            entry["check"] = result.as_dict()
-            verdict = "ok" if result.ok else f"FAILED (tolerance {result.tolerance:g})"
-            log(f"[{i + 1}/{total}] {comp}: onnxruntime vs PyTorch max abs {result.max_abs:.2e}, "
-                f"max rel {result.max_rel:.2e} over {len(result.cases)} shapes: {verdict}")
-            if not result.ok:
-                other = "dynamo" if exporter == "torchscript" else "torchscript"
-                raise UserError(f"{comp}: onnxruntime differs from PyTorch by {result.max_rel:.2e} (relative), over the "
-                                f"tolerance {result.tolerance:g}; try --exporter {other} or another --opset")
+            entry["check"] = _check(ckpt, comp, dest / comp / "model.onnx", modules, loaded, last, step)
+        if last:
+            modules.clear()  # a large model's PyTorch weights are released before the next one is loaded
+            gc.collect()
         entry["seconds"] = round(time.perf_counter() - start, 2)
         components[comp] = entry
     modules.clear()

@@ -51,6 +51,25 @@ def build_tokenizer(captions: list[str], out: Path, vocab_size: int) -> CLIPToke
     return CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), pad_token=EOS, model_max_length=77)
 
 
+def build_t5_tokenizer(captions: list[str], out: Path, vocab_size: int = 300, max_length: int = 512):
+    """A T5-format tokenizer (a `tokenizers` Unigram model with T5's normalizer and Metaspace pieces, </s> appended)
+    trained on the captions and saved by transformers as T5TokenizerFast into out; returns it."""
+    import transformers
+    from tokenizers import decoders, processors
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.Sequence([normalizers.Nmt(), normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.train_from_iterator(captions, trainers.UnigramTrainer(vocab_size=vocab_size, unk_token="<unk>",
+                                                              special_tokens=["<pad>", "</s>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    fast = transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                        extra_ids=0, model_max_length=max_length)
+    fast.save_pretrained(out)
+    return fast
+
+
 def vae_config(latent_channels: int) -> dict:
     """Scale factor 4 (16x16 latents): at 8, small shapes came back as blobs whatever the UNet did."""
     return dict(in_channels=3, out_channels=3, latent_channels=latent_channels, sample_size=64, layers_per_block=1, norm_num_groups=4,

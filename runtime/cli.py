@@ -294,6 +294,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from diffrt.serve.ray_app import run_on_ray
 
         return run_on_ray(options, args.host, args.port, args.address, args.replicas, args.autoscale)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"diffrt serve: http://{host}:{args.port}/ (web page; OpenAI API at /v1, AUTOMATIC1111's at /sdapi/v1), "
+          f"model {args.model}, backend {args.backend}, "
+          f"{args.batching}-level batching", file=sys.stderr, flush=True)
     uvicorn.run(create_app(options), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     return 0
 

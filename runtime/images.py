@@ -58,12 +58,21 @@ def output_paths(path: str | Path | None, seeds: list[int], overwrite: bool = Fa
         if not folder.is_dir():
             raise UserError(f"output folder {folder} does not exist; create it first or choose another -o")
         paths = [path] if len(seeds) == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(len(seeds))]
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"output folder {folder} is not writable; choose another -o")
+    check_writable(folder)
     existing = [p for p in paths if p.exists()]
     if existing and not overwrite:
         raise UserError(f"{existing[0]} exists; pass --overwrite to replace it, or give -o a folder for numbered names")
     return paths
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a folder no file can be written in, before any work (a probe file: os.access says yes to root on /sys)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".diffrt-", suffix=".probe", dir=folder)
+    except OSError as exc:
+        raise UserError(f"output folder {folder} is not writable ({exc.strerror}); choose another -o") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def encoded(image: Image.Image, fmt: str, settings: dict[str, Any]) -> tuple[Image.Image, dict[str, Any]]:
@@ -84,7 +93,10 @@ def encoded(image: Image.Image, fmt: str, settings: dict[str, Any]) -> tuple[Ima
 def save_image(image: Image.Image, path: Path, settings: dict[str, Any]) -> None:
     """Write to a temporary file beside path, then rename it over path: no partial file ever."""
     image, options = encoded(image, FORMATS[path.suffix.lower()], settings)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UserError(f"could not write {path} ({exc.strerror}); choose another -o") from None
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=FORMATS[path.suffix.lower()], **options)

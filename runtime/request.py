@@ -95,7 +95,8 @@ class GenerationRequest:
             if isinstance(guidance, (list, tuple)) else guidance
         return replace(self, steps=self.steps if self.steps is not None else defaults["steps"], guidance_scale=guidance,
                        scheduler=self.scheduler or defaults.get("scheduler"),
-                       width=self.width or defaults["width"], height=self.height or defaults["height"])
+                       width=defaults["width"] if self.width is None else self.width,
+                       height=defaults["height"] if self.height is None else self.height)
 
 
 def source_file(settings: dict[str, Any], key: str) -> Path:
@@ -198,7 +199,7 @@ def check_request(width: int, height: int, steps: int, num_images: int, guidance
     """Refuse settings the models cannot take, each with its fix."""
     for name, value in (("width", width), ("height", height)):
         if not is_whole(value) or value < multiple or value > MAX_SIDE or value % multiple:
-            near = nearest_sizes(int(value), multiple) if is_whole(value) and value > 0 else multiple
+            near = nearest_sizes(min(int(value), MAX_SIDE), multiple) if is_whole(value) and value > 0 else multiple
             raise UserError(f"{name} {value} is not a multiple of {multiple} between {multiple} and {MAX_SIDE}; "
                             f"use {near}")
     if not is_whole(steps) or not 1 <= steps <= MAX_STEPS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import time
 from contextlib import asynccontextmanager
@@ -394,10 +395,19 @@ def add_error_handlers(app: FastAPI) -> None:
 
 class Guard:
     """Plain ASGI middleware (it leaves the app's view of client disconnects intact): body size cap, API key,
-    request counts by route and status."""
+    request counts by route template (one label for paths no route matches, so unknown paths add no series) and
+    status."""
 
-    def __init__(self, app, service: Service) -> None:
-        self.app, self.service = app, service
+    def __init__(self, app, service: Service, routes: list) -> None:
+        self.app, self.service, self.routes = app, service, routes
+
+    def route_of(self, scope) -> str:
+        from starlette.routing import Match
+
+        for route in self.routes:
+            if route.matches(scope)[0] != Match.NONE:
+                return getattr(route, "path", "other")
+        return "unmatched"
 
     def refusal(self, scope) -> JSONResponse | None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -406,7 +416,7 @@ class Guard:
             return JSONResponse(error_body(f"the body is over {MAX_BODY} bytes", "invalid_request_error"), 413)
         key = self.service.options.api_key
         given = headers.get("authorization", "").removeprefix("Bearer ").strip() or headers.get("x-api-key")
-        if key and scope["path"] not in OPEN_ROUTES and given != key:
+        if key and scope["path"] not in OPEN_ROUTES and not hmac.compare_digest((given or "").encode(), key.encode()):
             return JSONResponse(error_body("a valid API key is needed (Authorization: Bearer KEY)", "authentication_error"), 401)
         return None
 
@@ -426,14 +436,12 @@ class Guard:
                 return await refusal(scope, receive, sending)
             await self.app(scope, receive, sending)
         finally:
-            path = scope["path"]
-            route = path if path.startswith(("/v1", "/sdapi", "/health", "/metrics")) else "other"
-            self.service.metrics.requests.labels(route, str(status[0])).inc()
+            self.service.metrics.requests.labels(self.route_of(scope), str(status[0])).inc()
 
 
 def add_plumbing(app: FastAPI, service: Service) -> None:
     """The guard middleware; /health, /metrics and the progress stream."""
-    app.add_middleware(Guard, service=service)
+    app.add_middleware(Guard, service=service, routes=app.router.routes)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:

@@ -189,22 +189,10 @@ def make_tiny_sdxl_checkpoint(root, turbo: bool = False):
 
 
 def make_t5_tokenizer(folder, max_length: int = 512):
-    """A T5 tokenizer learnt here: a `tokenizers` Unigram model with T5's normalizer and Metaspace pieces, saved by
-    transformers as T5TokenizerFast (tokenizer.json and its configs) into folder; returns it."""
-    import transformers
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A T5 tokenizer learnt here on the test corpus, saved as T5TokenizerFast into folder; returns it."""
+    from diffrt.models.train_shapes import build_t5_tokenizer
 
-    tok = Tokenizer(models.Unigram())
-    tok.normalizer = normalizers.Sequence([normalizers.Nmt(), normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.train_from_iterator(_corpus(), trainers.UnigramTrainer(vocab_size=300, special_tokens=["<pad>", "</s>", "<unk>"],
-                                                               unk_token="<unk>"))
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
-    fast = transformers.T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                        extra_ids=0, model_max_length=max_length)
-    fast.save_pretrained(folder)
-    return fast
+    return build_t5_tokenizer(_corpus(), folder, max_length=max_length)
 
 
 def make_tiny_sd3_checkpoint(root, t5: bool = True, sample_size: int = 16):

@@ -190,3 +190,34 @@ def test_tensorrt_profiles(sd3_package):
     assert p["transformer"]["hidden_states"] == {"min": [1, 16, 16, 32], "opt": [2, 16, 16, 32], "max": [4, 16, 16, 32]}
     assert p["transformer"]["encoder_hidden_states"]["opt"] == [2, 77 + 256, 96]
     assert p["transformer"]["pooled_projections"]["max"] == [4, 80]
+
+
+@pytest.mark.slow
+def test_streamed_export_keeps_16_bit_weights(sd3_checkpoint, tmp_path, monkeypatch):
+    """A model over the size threshold is exported without being loaded: traced on a weightless copy, each weight
+    read from the checkpoint's files as it is written, in the dtype stored there (T5 in bf16, the transformer in fp16
+    stay so, behind a Cast); every graph still passes its check, and the images equal diffusers' (weights upcast)."""
+    import shutil
+
+    from diffrt.export import ExportOptions, export_package, writer
+    from diffrt.runtime.pipeline import Pipeline
+
+    half = tmp_path / "half"
+    shutil.copytree(sd3_checkpoint, half)
+    for folder, cls, dtype in (("text_encoder_3", "T5EncoderModel", torch.bfloat16),
+                               ("transformer", "SD3Transformer2DModel", torch.float16)):
+        library = __import__("transformers" if folder.startswith("text") else "diffusers")
+        getattr(library, cls).from_pretrained(sd3_checkpoint / folder, torch_dtype=dtype).save_pretrained(half / folder)
+    monkeypatch.setattr(writer, "BIG_MODEL_BYTES", 0)
+    logs = []
+    package = export_package(half, tmp_path / "pkg", ExportOptions(), log=logs.append)
+    manifest = json.loads((package / "diffrt.json").read_text())
+    assert sum("weights read from the files" in line for line in logs) >= 4
+    assert manifest["components"]["text_encoder_3"]["weights"] == "bf16"
+    assert manifest["components"]["transformer"]["weights"] == "fp16"
+    assert all(c["check"]["passed"] for c in manifest["components"].values())
+    reference = diffusers.StableDiffusion3Pipeline.from_pretrained(half, torch_dtype=torch.float32)
+    expected = theirs(reference, PROMPT, steps=3, width=48, height=32, seed=3, guidance_scale=5.0)
+    got = Pipeline.from_package(package, backend="ort-cpu")(PROMPT, steps=3, width=48, height=32, seed=3,
+                                                             rng="torch-cpu", guidance_scale=5.0)
+    assert_equal_images(got.array, expected)

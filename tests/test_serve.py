@@ -229,6 +229,8 @@ def test_api_key_and_queue_limit(tiny_package):
     srv = Server(tiny_package, "--api-key", "sesame", "--max-queue", "1", "--max-wait-ms", "0")
     try:
         assert srv.post("/v1/images/generations", {"prompt": "a cat", "steps": 1}).status_code == 401
+        wrong = {"Authorization": "Bearer sesame2"}  # compared in constant time (hmac.compare_digest)
+        assert srv.post("/v1/images/generations", {"prompt": "a cat", "steps": 1}, headers=wrong).status_code == 401
         assert httpx.get(srv.url + "/health").status_code == 200  # open to load balancers
         auth = {"Authorization": "Bearer sesame"}
 
@@ -242,6 +244,36 @@ def test_api_key_and_queue_limit(tiny_package):
         assert all(r.headers.get("retry-after") for r in responses if r.status_code == 429)
     finally:
         assert srv.stop() == 0
+
+
+def test_it_says_where_it_listens_and_refuses_sizes_it_cannot_make(tiny_package):
+    """The first line names the URL, the model, the backend and the batching; a size of 0 is refused (not taken for
+    the default), one past the largest side names the largest that works."""
+    srv = Server(tiny_package)
+    try:
+        banner = srv.proc.stderr.readline()
+        while not banner.startswith("diffrt serve:"):  # import-time notices may come first
+            assert banner, "the server ended its stderr without saying where it listens"
+            banner = srv.proc.stderr.readline()
+        assert f"http://127.0.0.1:{srv.port}/" in banner and str(tiny_package) in banner and "ort-cpu" in banner
+        for size, message in (("0x0", "width 0 is not a multiple"), ("64x0", "height 0 is not a multiple"),
+                              ("100000x64", "use 4096")):
+            r = srv.post("/v1/images/generations", {"prompt": "a cat", "steps": 1, "size": size})
+            assert r.status_code == 400 and message in r.text, (size, r.text)
+    finally:
+        assert srv.stop() == 0
+
+
+def test_metrics_label_requests_by_route_template(server):
+    """Unknown paths (even 200 of them, under /v1 or not) count under one label; known routes under their template."""
+    for i in range(100):
+        httpx.get(f"{server.url}/v1/nothing-{i}")
+        httpx.get(f"{server.url}/elsewhere/{i}")
+    httpx.get(server.url + "/v1/models")
+    lines = [line for line in httpx.get(server.url + "/metrics").text.splitlines()
+             if line.startswith("diffrt_requests_total{")]
+    routes = {line.split('route="')[1].split('"')[0] for line in lines}
+    assert "unmatched" in routes and "/v1/models" in routes and len(routes) < 10, routes
 
 
 def test_bad_model_is_refused_before_serving(tmp_path):
