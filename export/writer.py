@@ -174,8 +174,9 @@ def _check(ckpt: Checkpoint, comp: str, path: Path, modules: dict[str, Any], loa
             why = f"needs about {need / 2**30:.0f} GB to load in float32 and this machine has {free / 2**30:.0f} GB free"
             step(f"check against PyTorch skipped: {why}")
             return {"skipped": why}
-        weightless = ckpt.weightless(comp)
-        modules[source] = materialized(weightless, file_weights(ckpt.root / source, weightless))
+        module = ckpt.weightless(comp)
+        modules[source] = materialized(module, file_weights(ckpt.root / source, module))
+        del module  # modules holds the only reference, so the release below frees it before the graph runs
     cases = reference_cases(comp, modules[source], ckpt)
     if last:
         modules.clear()  # a large model's PyTorch weights are released before its graph is opened
