@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .sd15 import export_measured
-from .sdxl import TEXT_ENCODER, TEXT_ENCODER_2
+from .sdxl import TEXT_ENCODER, TEXT_ENCODER_2, clip_tokenizers
 
 DEFAULT_CACHE = Path(".cache") / "sd3"
 TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -46,16 +46,10 @@ def make_checkpoint(path: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from diffrt.models.train_shapes import build_t5_tokenizer, build_tokenizer
+    from diffrt.models.train_shapes import build_t5_tokenizer
 
     torch.manual_seed(seed)
-    words = "a photo of the red blue green cat dog house tree city night painting portrait".split()
-    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
-    for folder, pad in (("tokenizer", None), ("tokenizer_2", "!")):
-        tokenizer = build_tokenizer(corpus, path / f"{folder}-build", 600)
-        tokenizer.pad_token = pad or tokenizer.pad_token
-        tokenizer.save_pretrained(path / folder)
-    build_t5_tokenizer(corpus * 20, path / "tokenizer_3", vocab_size=200)
+    build_t5_tokenizer(clip_tokenizers(path) * 20, path / "tokenizer_3", vocab_size=200)
     builders = {"text_encoder": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER)),
                 "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_2)),
                 "text_encoder_3": lambda: T5EncoderModel(T5Config(**T5_XXL)),

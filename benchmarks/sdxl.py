@@ -50,6 +50,20 @@ TINY = {"unet": dict(sample_size=16, block_out_channels=[32, 64], layers_per_blo
                     up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32)}
 
 
+def clip_tokenizers(path: Path) -> list[str]:
+    """Two CLIP tokenizers learnt on a small corpus, saved in path/tokenizer and path/tokenizer_2 (the second padding
+    with `!`, as SDXL's and SD3's second encoder does); returns the corpus."""
+    from diffrt.models.train_shapes import build_tokenizer
+
+    words = "a photo of the red blue green cat dog house tree city night painting portrait".split()
+    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    for folder, pad in (("tokenizer", None), ("tokenizer_2", "!")):
+        tokenizer = build_tokenizer(corpus, path / f"{folder}-build", 600)
+        tokenizer.pad_token = pad or tokenizer.pad_token
+        tokenizer.save_pretrained(path / folder)
+    return corpus
+
+
 def make_checkpoint(path: Path, seed: int = 0, overrides: dict[str, dict] | None = None) -> Path:
     """Save a random-weight SDXL-base-shaped StableDiffusionXLPipeline folder at path (about 7 GB in float16).
 
@@ -60,15 +74,8 @@ def make_checkpoint(path: Path, seed: int = 0, overrides: dict[str, dict] | None
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from diffrt.models.train_shapes import build_tokenizer
-
     torch.manual_seed(seed)
-    words = "a photo of the red blue green cat dog house tree city night painting portrait".split()
-    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
-    for folder, pad in (("tokenizer", None), ("tokenizer_2", "!")):
-        tokenizer = build_tokenizer(corpus, path / f"{folder}-build", 600)
-        tokenizer.pad_token = pad or tokenizer.pad_token
-        tokenizer.save_pretrained(path / folder)
+    clip_tokenizers(path)
     o = overrides or {}
     builders = {"text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**{**TEXT_ENCODER, **o.get("text", {})})),
                 "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**{**TEXT_ENCODER_2,
