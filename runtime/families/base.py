@@ -64,7 +64,6 @@ class Family:
     size_conditioning: ClassVar[bool] = False  # takes SDXL's original size and crop ids
     default_guidance: ClassVar[float] = 7.5  # for a package that does not record its own (an optimum export)
     default_steps: ClassVar[int] = 30
-    text_defaults: ClassVar[dict[str, Any]] = {}  # the family's own text settings in a package's defaults
     zeros_for_empty_prompt: ClassVar[bool] = False  # diffusers' force_zeros_for_empty_prompt, where model_index omits it
     prompt_syntaxes: ClassVar[tuple[str, ...]] = PROMPT_SYNTAXES  # those the family reads; the first is its default
     loras: ClassVar[bool] = True  # LoRAs may patch its text encoders and denoiser
@@ -84,7 +83,7 @@ class Family:
     @classmethod
     def export_defaults(cls, denoiser_config: dict[str, Any]) -> dict[str, Any]:
         """The family's own settings a package's defaults record, from its denoiser's config."""
-        return dict(cls.text_defaults)
+        return {}
 
     @classmethod
     def components(cls) -> tuple[str, ...]:

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from ..backends.engine import Engine
-from .base import Family, timestep_feed
+from .base import timestep_feed
+from .dit import TransformerFamily
 
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens, diffusers' default for FLUX.1-dev (schnell's pipeline is asked for 256)
 
@@ -36,30 +37,18 @@ def image_ids(h: int, w: int) -> np.ndarray:
     return ids.reshape(-1, 3)
 
 
-class Flux(Family):
+class Flux(TransformerFamily):
     name = "flux"
     encoders = ("text_encoder", "text_encoder_2")
-    denoiser = "transformer"
-    denoiser_output = "out_hidden_states"
-    patch = 2
     guidance = "embedded"  # dev's; a package whose transformer takes no guidance input (schnell) has "none"
     default_guidance = 3.5
-    default_steps = 28
-    text_defaults = {"max_sequence_length": MAX_SEQUENCE_LENGTH}
-    prompt_syntaxes = ("plain",)
-    exact_strength = True
-    loras = False
-    inpainting = False
+    max_t5_tokens = MAX_SEQUENCE_LENGTH
     settings = frozenset({"true_cfg_scale"})
 
     def __init__(self, package) -> None:
         super().__init__(package)
         inputs = package.manifest.get("components", {}).get(self.denoiser, {}).get("inputs", {})
         self.guidance = "embedded" if "guidance" in inputs else "none"  # FLUX.1-dev takes it, schnell does not
-
-    @property
-    def max_sequence_length(self) -> int:
-        return int(self.package.defaults.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
 
     @classmethod
     def export_defaults(cls, denoiser_config: dict[str, Any]) -> dict[str, Any]:
@@ -104,6 +93,3 @@ class Flux(Family):
                  "timestep": timestep_feed(engine.inputs["timestep"], np.asarray(t, np.float64) / 1000, len(x)),
                  "img_ids": image_ids(h, w), "txt_ids": np.zeros((self.max_sequence_length, 3), np.float32), **cond}
         return unpack(run({**feeds, **(extras or {})}), h, w)
-
-    def takes_mask(self, engine: Engine) -> bool:
-        return False

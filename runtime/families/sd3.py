@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..backends.engine import Engine
-from .base import Family
+from .dit import TransformerFamily
 from .sdxl import hidden_count
 
 MAX_SEQUENCE_LENGTH = 256  # T5 tokens, diffusers' default for SD3
@@ -24,26 +24,14 @@ def text_width(hidden: np.ndarray, width: int) -> np.ndarray:
     return np.concatenate([hidden, np.zeros((*hidden.shape[:-1], width - own), hidden.dtype)], axis=-1)
 
 
-class StableDiffusion3(Family):
+class StableDiffusion3(TransformerFamily):
     name = "sd3"
     encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     optional = ("text_encoder_3",)  # diffusers' text_encoder_3=None: zeros take T5's place
     t5 = "text_encoder_3"
-    denoiser = "transformer"
-    denoiser_output = "out_hidden_states"
-    patch = 2
     default_guidance = 7.0
-    default_steps = 28
-    text_defaults = {"max_sequence_length": MAX_SEQUENCE_LENGTH}
-    prompt_syntaxes = ("plain",)
-    exact_strength = True
-    loras = False
-    inpainting = False
+    max_t5_tokens = MAX_SEQUENCE_LENGTH
     settings = frozenset({"clip_skip"})
-
-    @property
-    def max_sequence_length(self) -> int:
-        return int(self.package.defaults.get("max_sequence_length", MAX_SEQUENCE_LENGTH))
 
     @property
     def joint_width(self) -> int:
@@ -93,6 +81,3 @@ class StableDiffusion3(Family):
 
         return {"hidden_states": sample.astype(engine.inputs["hidden_states"].dtype),
                 "timestep": timestep_feed(engine.inputs["timestep"], t, len(sample)), **cond}
-
-    def takes_mask(self, engine: Engine) -> bool:
-        return False
