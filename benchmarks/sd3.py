@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from .sd15 import export_measured
-from .sdxl import TEXT_ENCODER, TEXT_ENCODER_2, clip_tokenizers
+from .sdxl import TEXT_ENCODER, TEXT_ENCODER_2, clip_tokenizers, export_report
 
 DEFAULT_CACHE = Path(".cache") / "sd3"
 TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
@@ -74,22 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, help="write the measurement here")
     ap.add_argument("export_args", nargs="*", help="more `diffrt export` options, after --")
     args = ap.parse_args(argv)
-    from .machine import describe
-
-    t = time.perf_counter()
-    ckpt = make_checkpoint(args.cache / "checkpoint")
-    print(f"checkpoint ready in {time.perf_counter() - t:.0f} s: {ckpt}", flush=True)
-    result = export_measured(ckpt, args.cache / "package", args.export_args)
-    components = json.loads((args.cache / "package" / "diffrt.json").read_text())["components"]
-    print("\n".join(result["log"]))
-    print(f"export of the full-size SD3.5-medium architecture: {result['seconds']} s wall, {result['cpu_seconds']} s "
-          f"CPU, peak RSS {result['peak_rss_gb']} GB")
-    if args.json:
-        summary = {k: {"check": v.get("check"), "made_by": v["made_by"], "weights": v.get("weights", "fp32"),
-                       "seconds": v["seconds"]} for k, v in components.items()}
-        args.json.write_text(json.dumps({**result, "machine": describe(), "export_args": args.export_args,
-                                         "components": summary}, indent=1))
-
+    export_report(make_checkpoint, "SD3.5-medium", args)
 
 if __name__ == "__main__":
     main()

@@ -18,6 +18,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .sd15 import export_measured
@@ -152,6 +153,26 @@ def bench(args) -> dict:
             "steps": args.steps, "guidance_scale": 5.0, "scheduler": "euler", "results": results}
 
 
+def export_report(make: Callable[[Path], Path], label: str, args) -> None:
+    """Build the full-size checkpoint (make), export it in a child, print the log, time and peak RSS, and write them
+    with each component's check, exporter and stored weights to args.json."""
+    from .machine import describe
+
+    t = time.perf_counter()
+    ckpt = make(args.cache / "checkpoint")
+    print(f"checkpoint ready in {time.perf_counter() - t:.0f} s: {ckpt}", flush=True)
+    result = export_measured(ckpt, args.cache / "package", args.export_args)
+    components = json.loads((args.cache / "package" / "diffrt.json").read_text())["components"]
+    print("\n".join(result["log"]))
+    print(f"export of the full-size {label} architecture: {result['seconds']} s wall, {result['cpu_seconds']} s CPU, "
+          f"peak RSS {result['peak_rss_gb']} GB")
+    if args.json:
+        summary = {k: {"check": v.get("check"), "made_by": v["made_by"], "weights": v.get("weights", "fp32"),
+                       "seconds": v["seconds"]} for k, v in components.items()}
+        args.json.write_text(json.dumps({**result, "machine": describe(), "export_args": args.export_args,
+                                         "components": summary}, indent=1))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=["export", "bench", "child"])
@@ -173,19 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))
         return
-    t = time.perf_counter()
-    ckpt = make_checkpoint(args.cache / "checkpoint")
-    print(f"checkpoint ready in {time.perf_counter() - t:.0f} s: {ckpt}", flush=True)
-    result = export_measured(ckpt, args.cache / "package", args.export_args)
-    components = json.loads((args.cache / "package" / "diffrt.json").read_text())["components"]
-    print("\n".join(result["log"]))
-    print(f"export of the full-size SDXL architecture: {result['seconds']} s wall, {result['cpu_seconds']} s CPU, "
-          f"peak RSS {result['peak_rss_gb']} GB")
-    if args.json:
-        args.json.write_text(json.dumps({**result, "components": {k: {"check": v.get("check"), "made_by": v["made_by"],
-                                                                      "seconds": v["seconds"]} for k, v in components.items()}},
-                                        indent=1))
-
+    export_report(make_checkpoint, "SDXL", args)
 
 if __name__ == "__main__":
     main()
