@@ -110,12 +110,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_text(request.negative_prompt, "negative prompt")
     seeds = image_seeds(request.seed, request.num_images)
     paths = output_paths(args.output, seeds, args.overwrite)  # refuse a bad -o before any work
+    check_preview(args.preview, args.preview_every)
     pipe = Pipeline.from_package(args.model, backend=args.backend, threads=args.threads, verify_hashes=args.verify,
                                  fp32_fallback=args.fp32_fallback, cuda_graph=args.cuda_graph, graph_cache=args.graph_cache,
                                  gpu_mem_limit=int(args.gpu_mem_limit * 2**30) if args.gpu_mem_limit else None,
                                  precision=args.precision, loras=request.loras)
     result = pipe(replace(request, seed=seeds[0], loras=None),
-                  progress=None if args.quiet else ProgressBar("denoising, UNet calls"))
+                  callback=step_callback(None if args.quiet else ProgressBar("denoising, UNet calls"), args.preview,
+                                         args.preview_every))
     for i, (image, path) in enumerate(zip(result.images, paths)):
         save_image(image, path, result.image_settings(i))
         print(path)
@@ -127,6 +129,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
             warnings.warn(f"the {key.split('_')[0]} {result.settings.get(key.replace('sha256', 'path'))} is not the one "
                           f"{args.from_image} was made from (its pixels changed), so the image differs", stacklevel=1)
     return 0
+
+
+def check_preview(path: Path | None, every: int | None) -> None:
+    """Refuse a preview file that cannot be written, or --preview-every without --preview, before any work."""
+    from .images import FORMATS, check_writable
+
+    if path is None:
+        if every is not None:
+            raise UserError("--preview-every sets how often --preview FILE is rewritten: give --preview, or leave it out")
+        return
+    if path.is_dir() or not path.parent.is_dir():
+        raise UserError(f"preview {path} must be a file in an existing folder")
+    if path.suffix.lower() not in FORMATS:
+        raise UserError(f"preview {path} must end in .png, .jpg or .webp")
+    check_writable(path.parent, "--preview")
+
+
+def step_callback(bar, preview: Path | None, every: int | None):
+    """The generate command's step callback: the progress bar every step, the preview file rewritten every
+    `every` steps and after the last (None when there is neither)."""
+    from .preview import strip, write_atomically
+
+    if bar is None and preview is None:
+        return None
+
+    def on_step(progress) -> None:
+        if bar is not None:
+            bar(progress.step, progress.total, progress.eta)
+        if preview is not None and (progress.step % (every or 1) == 0 or progress.step == progress.total):
+            write_atomically(strip(progress.preview()), preview)
+
+    return on_step
 
 
 # generate's options -> GenerationRequest's fields (an option left out keeps --from's value, else the default)
@@ -476,6 +510,9 @@ def add_generate(sub) -> None:
                    "for numbered names 00001-<seed>.png (default: the current folder)")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--preview", type=Path, metavar="FILE", help="rewrite this .png/.jpg/.webp with a quick preview of "
+                   "the image(s) as they are denoised (written whole each time: a viewer that reloads shows it live)")
+    g.add_argument("--preview-every", type=positive_int, metavar="N", help="rewrite --preview every N steps (default 1)")
     g.set_defaults(func=cmd_generate)
 
 

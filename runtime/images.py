@@ -65,12 +65,12 @@ def output_paths(path: str | Path | None, seeds: list[int], overwrite: bool = Fa
     return paths
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, option: str = "-o") -> None:
     """Refuse a folder no file can be written in, before any work (a probe file: os.access says yes to root on /sys)."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".diffrt-", suffix=".probe", dir=folder)
     except OSError as exc:
-        raise UserError(f"output folder {folder} is not writable ({exc.strerror}); choose another -o") from None
+        raise UserError(f"output folder {folder} is not writable ({exc.strerror}); choose another {option}") from None
     os.close(fd)
     os.unlink(probe)
 

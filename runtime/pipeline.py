@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from .img2img import Inpainting, blurred, image_input, latents_from, mask_input,
 from .lora import LoraChoice, LoraSets, restored
 from .memory import attention_layout, check_fits
 from .package import Package, load_package
+from .preview import FIT_IMAGES, FIT_LATENT_SIDE, LatentRGB, Progress, fitting_images, to_images
 from .prompts import chunked
 from .request import (
     GenerationRequest,
@@ -40,7 +42,7 @@ from .request import (
     size_note,
 )
 from .schedulers import short_name
-from .stream import NonFiniteError, Stream, check_joinable, joined_rows
+from .stream import Cancelled, NonFiniteError, Stream, check_joinable, joined_rows
 
 
 def pixels_hash(array: np.ndarray) -> str:
@@ -116,6 +118,8 @@ class Pipeline:
         for name, engine in self._open_engines().items():
             setattr(self, name, engine)
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
+        self._latent_rgb: LatentRGB | None = None  # the preview map, learnt from each decode (preview.py)
+        self._fitting = threading.Lock()
         self._joined: tuple[list[Stream], dict[str, Any]] = ([], {})  # the last streams stepped together, their text
 
     def _choose(self, backend: str, precision: str, gated: bool) -> tuple[Backend, str]:
@@ -285,15 +289,49 @@ class Pipeline:
                    Path(graph_cache) if graph_cache else None, gpu_mem_limit, precision, loras, gated)
 
     def __call__(self, prompt: str | list[str] | GenerationRequest, negative_prompt: str | list[str] = "",
-                 progress: Callable[[int, int], None] | None = None, **settings: Any) -> Result:
+                 callback: Callable[[Progress], Any] | None = None, callback_every: int = 1, **settings: Any) -> Result:
         """Images for prompt (or each of a list of prompts, or a GenerationRequest): `begin` (which documents the
-        settings), every step, `finish`. progress(i, n) is called after each step."""
+        settings), every step, `finish`. callback(Progress) is called every callback_every steps and after the last
+        (steps done, total, seconds, the latents and preview() of them); when it returns False the call stops there
+        and raises Cancelled."""
+        if callback_every < 1:
+            raise UserError(f"callback_every is {callback_every}; it counts steps, 1 or more")
         stream = self.begin(prompt, negative_prompt, **settings)
         while not stream.done:
             self.step([stream])
-            if progress:
-                progress(stream.i, stream.total)
+            if callback and (stream.i % callback_every == 0 or stream.done) and callback(self.progress(stream)) is False:
+                raise Cancelled(f"cancelled by the callback at step {stream.i} of {stream.total}")
         return self.finish(stream)
+
+    def progress(self, stream: Stream) -> Progress:
+        """Where a stream stands, with a preview of its latents as they are now (made only when asked for)."""
+        x, req = stream.x, stream.req
+        return Progress(stream.i, stream.total, stream.step_seconds, x, lambda: self.preview(x, req.width, req.height))
+
+    def preview(self, latents: np.ndarray, width: int, height: int) -> list[Image.Image]:
+        """Quick images (width x height) of the sampler's latents mid-loop, by a linear latent->RGB map fitted to
+        the package's VAE (preview.py)."""
+        with self._fitting:
+            if self._latent_rgb is None or not self._latent_rgb.has_prior:
+                self._fit_prior()
+            rgb = self._latent_rgb(self.family.vae_input(latents))
+        return to_images(rgb, width, height)
+
+    def _fit_prior(self) -> None:
+        """The preview map's prior: smooth images through the VAE encoder's mean (where the package and backend have
+        one), and random latents, each decoded again."""
+        f, channels = self.package.vae_scale_factor, self.package.latent_channels
+        noise = np.random.default_rng(0).standard_normal((FIT_IMAGES, channels, FIT_LATENT_SIDE, FIT_LATENT_SIDE))
+        sets = [self.family.vae_input(noise.astype(np.float32))]
+        if self.package.has("vae_encoder") and self.runner.image_to_image:
+            params = self._guarded("vae_encoder", self.family.encoder_feeds(self._encoder(), fitting_images(FIT_LATENT_SIDE * f)),
+                                   self.family.encoder_output, "fitting the preview map")
+            sets.append(params[:, :channels].astype(np.float32))
+        self._latent_rgb = self._latent_rgb or LatentRGB(channels)
+        for latents in sets:
+            decoded = np.concatenate([self._guarded("vae_decoder", self.family.vae_feeds(self.vae_decoder, z[None]),
+                                                    self.family.vae_output, "fitting the preview map") for z in latents])
+            self._latent_rgb.learn(latents, decoded, "prior")
 
     def begin(self, prompt: str | list[str] | GenerationRequest, negative_prompt: str | list[str] = "",
               **settings: Any) -> Stream:
@@ -526,17 +564,21 @@ class Pipeline:
         start = time.perf_counter()
         if not self.runner.image_to_image:
             raise UserError(f"image-to-image on the {self.runner.name} backend is not built yet; use --backend ort-cuda or ort-cpu")
-        if self.vae_encoder is None:
-            if not self.package.has("vae_encoder"):
-                raise UserError(f"the model {self.package.name} has no VAE encoder, which image-to-image and inpainting need; "
-                                "use a package exported with it (`diffrt export CHECKPOINT OUT` writes one by default)")
-            self.vae_encoder = self._engine("vae_encoder")
-        params = self._guarded("vae_encoder", self.family.encoder_feeds(self.vae_encoder, pixels), self.family.encoder_output,
+        if not self.package.has("vae_encoder"):
+            raise UserError(f"the model {self.package.name} has no VAE encoder, which image-to-image and inpainting need; "
+                            "use a package exported with it (`diffrt export CHECKPOINT OUT` writes one by default)")
+        params = self._guarded("vae_encoder", self.family.encoder_feeds(self._encoder(), pixels), self.family.encoder_output,
                                "encoding the image")
         latents = latents_from(np.repeat(params, count, axis=0), self.package.vae_scaling_factor, rng,
                                self.package.vae_shift_factor)
         timings["vae_encode"] = time.perf_counter() - start
         return latents
+
+    def _encoder(self) -> Engine:
+        """The VAE encoder's engine, opened on first use."""
+        if self.vae_encoder is None:
+            self.vae_encoder = self._engine("vae_encoder")
+        return self.vae_encoder
 
     def _start_inpainting(self, sched, pixels: np.ndarray, mask: np.ndarray, from_noise: bool, count: int,
                            rng: ImageGenerators, timings: dict) -> tuple[np.ndarray, Inpainting]:
@@ -561,4 +603,7 @@ class Pipeline:
         decoded = np.concatenate([self._guarded("vae_decoder", self.family.vae_feeds(self.vae_decoder, latent_in[i:i + 1]),
                                                 self.family.vae_output, "decoding the latents") for i in range(len(latent_in))])
         timings["vae_decode"] = time.perf_counter() - start
+        with self._fitting:  # previews learn from what the VAE made
+            self._latent_rgb = self._latent_rgb or LatentRGB(self.package.latent_channels)
+            self._latent_rgb.learn(latent_in, decoded)
         return np.clip(decoded.astype(np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)

@@ -20,6 +20,10 @@ class NonFiniteError(UserError):
     """A stage produced NaN or inf."""
 
 
+class Cancelled(Exception):
+    """A call given up before its last step (its step callback returned False, or its client went away)."""
+
+
 def rescaled(guided: np.ndarray, text: np.ndarray, rescale: float) -> np.ndarray:
     """diffusers' rescale_noise_cfg: each row's guided prediction scaled to the prompt-only prediction's standard
     deviation (torch's unbiased one), blended with itself by `rescale`."""
@@ -54,6 +58,17 @@ class Stream:
     @property
     def done(self) -> bool:
         return self.error is not None or self.i >= len(self.timesteps)
+
+    @property
+    def step_seconds(self) -> float:
+        """Seconds the steps so far took (the denoiser's calls and this stream's own guidance and sampler)."""
+        return float(sum(self.timings["unet"]) + sum(self.timings["scheduler"]))
+
+    def stop(self) -> None:
+        """End the loop at the step reached: `finish` decodes the latents as they stand (A1111's interrupt)."""
+        if not self.done:
+            self.source["interrupted_at_step"] = self.i
+            self.timesteps = self.timesteps[:self.i]
 
     @property
     def t(self) -> float:
