@@ -149,7 +149,8 @@ def check_preview(path: Path | None, every: int | None) -> None:
 def step_callback(bar, preview: Path | None, every: int | None):
     """The generate command's step callback: the progress bar every step, the preview file rewritten every
     `every` steps and after the last (None when there is neither)."""
-    from .preview import strip, write_atomically
+    from .images import save_image
+    from .preview import strip
 
     if bar is None and preview is None:
         return None
@@ -158,7 +159,7 @@ def step_callback(bar, preview: Path | None, every: int | None):
         if bar is not None:
             bar(progress.step, progress.total, progress.eta)
         if preview is not None and (progress.step % (every or 1) == 0 or progress.step == progress.total):
-            write_atomically(strip(progress.preview()), preview)
+            save_image(strip(progress.preview()), preview, None)
 
     return on_step
 
@@ -330,7 +331,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return run_on_ray(options, args.host, args.port, args.address, args.replicas, args.autoscale)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"diffrt serve: http://{host}:{args.port}/ (web page; OpenAI API at /v1, AUTOMATIC1111's at /sdapi/v1), "
-          f"model {args.model}, backend {args.backend}, "
+          f"model {args.model or 'the bundled shapes-tiny'}, backend {args.backend}, "
           f"{args.batching}-level batching", file=sys.stderr, flush=True)
     uvicorn.run(create_app(options), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
     return 0

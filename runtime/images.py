@@ -90,13 +90,14 @@ def encoded(image: Image.Image, fmt: str, settings: dict[str, Any]) -> tuple[Ima
     return image.convert("RGB"), {"exif": exif, "quality": 95}
 
 
-def save_image(image: Image.Image, path: Path, settings: dict[str, Any]) -> None:
-    """Write to a temporary file beside path, then rename it over path: no partial file ever."""
-    image, options = encoded(image, FORMATS[path.suffix.lower()], settings)
+def save_image(image: Image.Image, path: Path, settings: dict[str, Any] | None) -> None:
+    """Write to a temporary file beside path, then rename it over path: no partial file ever (a viewer that reloads
+    it never sees half an image). settings None: no metadata (a preview)."""
+    image, options = encoded(image, FORMATS[path.suffix.lower()], settings) if settings is not None else (image, {})
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise UserError(f"could not write {path} ({exc.strerror}); choose another -o") from None
+        raise UserError(f"could not write {path} ({exc.strerror}); choose another file") from None
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=FORMATS[path.suffix.lower()], **options)

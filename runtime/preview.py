@@ -112,16 +112,3 @@ def strip(images: list[Image.Image]) -> Image.Image:
         out.paste(im, (left, 0))
         left += im.width
     return out
-
-
-def write_atomically(image: Image.Image, path) -> None:
-    """Write the image beside path and rename it over path, so a viewer never reads half a file."""
-    import os
-    from pathlib import Path
-
-    from .images import FORMATS
-
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    image.save(partial, format=FORMATS.get(path.suffix.lower(), "PNG"))
-    os.replace(partial, path)

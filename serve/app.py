@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hmac
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,10 +22,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from diffrt.runtime.errors import UserError
 
-from .batcher import Batcher, Cancelled, Job, QueueFull, RequestBatcher, ShuttingDown, StepBatcher
+from .batcher import Batcher, Job, QueueFull, RequestBatcher, ShuttingDown, StepBatcher
 from .metrics import Metrics
-from .schemas import OpenAIImageRequest, Txt2ImgRequest
 
+LOG = logging.getLogger("diffrt.serve")
 MAX_BODY = 1_000_000  # bytes
 OPEN_ROUTES = ("/", "/health", "/metrics")  # no API key needed: the page itself holds nothing
 PAGE = Path(__file__).with_name("page.html")
@@ -75,6 +76,13 @@ class Service:
         self.pipe = None
         self.load_error: str | None = None
         self.batcher: Batcher | None = None  # made once the model is loaded: its UNet decides what auto batching is
+        self.a1111_options: dict[str, Any] = {}  # set by POST /sdapi/v1/options over a1111.default_options
+        from .jobs import JobStore
+
+        self.jobs = JobStore(self)
+
+    def live_only(self, what: str) -> None:
+        """Nothing to refuse: jobs, streaming, previews and interrupt all work on a local service."""
 
     def load(self) -> None:
         from diffrt.runtime.pipeline import Pipeline
@@ -117,16 +125,24 @@ class Service:
         return self.pipe.package.name if self.pipe else "loading"
 
     def run_batch(self, jobs: list[Job]) -> list[Any]:
-        """Every job's images from one pipeline call (runs in the batcher's thread)."""
-        settings = jobs[0].settings
+        """Every job's images from one pipeline call (runs in the batcher's thread); the call stops early when every
+        job is given up (Cancelled) or interrupted (the images as they stand)."""
+        from diffrt.runtime.stream import Cancelled
 
-        def progress(done: int, total: int) -> None:
+        stream = self.pipe.begin(request_of(jobs, jobs[0].settings))
+        offset = 0
+        for job in jobs:
+            job.stream, job.offset = stream, offset
+            offset += len(job.prompts)
+        while not stream.done:
+            self.pipe.step([stream])
             for job in jobs:
-                job.step, job.total = done, total
+                job.step, job.total = stream.i, stream.total
             if all(job.cancelled for job in jobs):
-                raise Cancelled
-
-        result = self.pipe(request_of(jobs, settings), progress=progress)
+                raise Cancelled(f"every request of the batch went away at step {stream.i}")
+            if all(job.cancelled or job.interrupted for job in jobs):
+                stream.stop()
+        result = self.pipe.finish(stream)
         self.metrics.batch_images.observe(sum(len(j.prompts) for j in jobs))
         return self.split(jobs, result)
 
@@ -148,7 +164,24 @@ class Service:
     def step_jobs(self, jobs: list[Job]) -> None:
         self.pipe.step([j.stream for j in jobs])
         for job in jobs:
+            if job.interrupted:
+                job.stream.stop()
             job.step, job.total = job.stream.i, job.stream.total
+
+    def interrupt(self) -> int:
+        """A1111's interrupt: every running job stops at its next step and answers with its images as they stand."""
+        running = self.batcher.running if self.batcher else []
+        for job in running:
+            job.interrupted = True
+        return len(running)
+
+    def preview(self, job: Job) -> list[Any] | None:
+        """Quick images of a running job's latents as they stand (None before its first step)."""
+        stream = job.stream
+        if stream is None or self.pipe is None or job.step == 0:
+            return None
+        x = stream.x[job.offset:job.offset + len(job.prompts)]
+        return self.pipe.preview(x, stream.req.width, stream.req.height)
 
     def finish_job(self, job: Job) -> Any:
         return self.split([job], self.pipe.finish(job.stream))[0]
@@ -190,10 +223,18 @@ class Service:
                 "batching": self.batching,
                 "ready": self.pipe is not None, "load_error": self.load_error}
 
+    async def admit(self, job: Job) -> None:
+        """The job checked (in a worker thread: a LoRA cache miss merges weights for seconds) before it is queued."""
+        await asyncio.to_thread(self.check, job)
+
     async def run(self, job: Job) -> list[tuple[Any, dict]]:
         """The job's images, checked, queued and batched, or an ApiError saying why not (timeout included)."""
-        self.check(job)
-        self.metrics.queue_depth.set(len(self.batcher.queue) + 1)  # check() passed: the model and batcher are there
+        await self.admit(job)
+        return await self.wait(job)
+
+    async def wait(self, job: Job) -> list[tuple[Any, dict]]:
+        """An admitted job queued and batched; its images, or an ApiError saying why not (timeout included)."""
+        self.metrics.queue_depth.set(len(self.batcher.queue) + 1)
         try:
             return await asyncio.wait_for(self.batcher.submit(job), self.options.timeout_s)
         except QueueFull:
@@ -212,22 +253,28 @@ class Service:
 
 
 async def until_disconnect(work, request: Request):
-    """Await work, cancelling it when the client goes away."""
+    """Await work, cancelling it when the client goes away (then one log line, and a 499 that nobody reads)."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(watch_disconnect(request, task))
     try:
         return await task
+    except asyncio.CancelledError:
+        if not (watcher.done() and not watcher.cancelled() and watcher.result()):
+            raise  # cancelled from elsewhere (the server stopping)
+        LOG.warning("%s %s: the client went away; its work stopped at the next step", request.method, request.url.path)
+        raise ApiError(499, "the client closed the request") from None
     finally:
         watcher.cancel()
 
 
-async def watch_disconnect(request: Request, task: asyncio.Future) -> None:
-    """Cancel task when the client goes away (checked every 0.2 s)."""
+async def watch_disconnect(request: Request, task: asyncio.Future) -> bool:
+    """Cancel task when the client goes away (checked every 0.2 s); whether it did."""
     while not task.done():
         if await request.is_disconnected():
             task.cancel()
-            return
+            return True
         await asyncio.sleep(0.2)
+    return False
 
 
 def with_loras(options: ServeOptions, prompt: str, named: dict[str, float]) -> tuple[str, tuple]:
@@ -239,24 +286,12 @@ def with_loras(options: ServeOptions, prompt: str, named: dict[str, float]) -> t
     return prompt, tuple(named_loras(folder, tagged + list(named.items())))
 
 
-def size_conditioning(body: OpenAIImageRequest) -> dict[str, Any]:
-    """SDXL's size conditioning when the request sets it (the pipeline refuses it for other families)."""
-    given = {"original_size": body.original_size, "crops_coords_top_left": body.crops_coords_top_left}
-    return {k: tuple(v) for k, v in given.items() if v is not None and tuple(v) != (0, 0)}
-
-
-def lora_files(options: ServeOptions) -> list[dict[str, str]]:
-    """The LoRAs a request may name: the server's --lora-dir files, as A1111's /sdapi/v1/loras lists them."""
-    folder = Path(options.lora_dir) if options.lora_dir else None
-    files = sorted(folder.glob("*.safetensors")) if folder and folder.is_dir() else []
-    return [{"name": f.stem, "alias": f.stem, "path": str(f)} for f in files]
-
-
-def encode(image, settings: dict, fmt: str = "png") -> str:
+def encode(image, settings: dict | None, fmt: str = "png") -> str:
+    """The image as base64 in fmt, with its settings in the metadata (None: none, for a preview)."""
     from diffrt.runtime.images import encoded
 
     pil_format = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[fmt]
-    image, options = encoded(image, pil_format, settings)
+    image, options = encoded(image, pil_format, settings) if settings is not None else (image.convert("RGB"), {})
     buffer = BytesIO()
     image.save(buffer, format=pil_format, **options)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -278,100 +313,6 @@ def seeds_from(seed: int | None, count: int) -> list[int]:
     from diffrt.runtime.request import image_seeds
 
     return image_seeds(seed, count)
-
-
-def add_openai_routes(app: FastAPI, service: Service) -> None:
-    @app.get("/v1/models")
-    async def models() -> dict:
-        model = {"id": service.name, "object": "model", "created": 0, "owned_by": "diffrt"}
-        if service.pipe is not None:  # what guidance_scale means for this model
-            model.update(family=service.pipe.family.name, guidance=service.pipe.family.guidance_note)
-        return {"object": "list", "data": [model]}
-
-    @app.post("/v1/images/generations")
-    async def generations(body: OpenAIImageRequest, request: Request) -> dict:
-        if body.model not in (None, service.name):
-            raise ApiError(400, f"model {body.model!r} is not served here; GET /v1/models lists {service.name!r}", "model")
-        width, height = body.dimensions()
-        prompt, loras = with_loras(service.options, body.prompt, body.loras)
-        job = Job([prompt] * body.n, [body.negative_prompt] * body.n, seeds_from(body.seed, body.n),
-                  {"steps": body.steps, "scheduler": body.scheduler, "width": width, "height": height, "rng": body.rng,
-                   "clip_skip": body.clip_skip, "prompt_syntax": body.prompt_syntax, "true_cfg_scale": body.true_cfg_scale,
-                   "loras": loras, **size_conditioning(body)},
-                  body.guidance_scale)
-        images = await service.generate(job, request)
-        return {"created": int(time.time()), "output_format": body.output_format,
-                "data": [{"b64_json": encode(img, s, body.output_format), "revised_prompt": body.prompt} for img, s in images]}
-
-
-def a1111_sampler(sampler: str | None, schedule: str | None) -> str | None:
-    """diffrt's scheduler for A1111's sampler_name and scheduler (schedule type) fields; a bad pair is a 400."""
-    from diffrt.runtime.schedulers import a1111_scheduler
-
-    try:
-        return a1111_scheduler(sampler, schedule)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-
-
-def add_a1111_routes(app: FastAPI, service: Service) -> None:
-    from diffrt.runtime.schedulers import A1111_NAMES, SCHEDULE_TYPES, SHORT_NAMES, is_flow_config, samplers_for
-
-    a1111_name = {short: label for label, short in A1111_NAMES.items()}
-
-    @app.post("/sdapi/v1/txt2img")
-    async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
-        count = body.batch_size * body.n_iter
-        prompt, loras = with_loras(service.options, body.prompt, body.loras)
-        job = Job([prompt] * count, [body.negative_prompt] * count, seeds_from(body.seed, count),
-                  {"steps": body.steps, "scheduler": a1111_sampler(body.sampler_name, body.scheduler), "width": body.width,
-                   "height": body.height, "rng": body.rng(),
-                   "clip_skip": body.override_settings.CLIP_stop_at_last_layers, "loras": loras}, body.cfg_scale)
-        images = await service.generate(job, request)
-        first = images[0][1]
-        info = {"prompt": body.prompt, "all_prompts": job.prompts, "negative_prompt": body.negative_prompt,
-                "all_negative_prompts": job.negatives, "seed": job.seeds[0], "all_seeds": job.seeds,
-                "subseed": -1, "all_subseeds": [-1] * count, "steps": first["steps"], "cfg_scale": first["guidance_scale"],
-                "sampler_name": a1111_name.get(first["scheduler"], first["scheduler"]), "width": first["width"],
-                "height": first["height"], "sd_model_name": service.name, "sd_model_hash": first["model_hash"][:10],
-                "batch_size": body.batch_size, "infotexts": [parameters(s) for _, s in images]}
-        return {"images": [encode(img, s) for img, s in images], "parameters": body.model_dump(), "info": json.dumps(info)}
-
-    @app.get("/sdapi/v1/loras")
-    async def loras() -> list:
-        return lora_files(service.options)
-
-    @app.get("/sdapi/v1/samplers")
-    async def samplers() -> list:
-        """The samplers that fit the served model (flow-matching or discrete-time), as A1111 lists them."""
-        config = service.pipe.package.scheduler_config if service.pipe else {}
-        fitting = samplers_for(flow=is_flow_config(config))
-        return [{"name": label, "aliases": [short, SHORT_NAMES[short][0].class_name], "options": {}}
-                for label, short in A1111_NAMES.items() if short in fitting]
-
-    @app.get("/sdapi/v1/schedulers")
-    async def schedulers() -> list:
-        return [{"name": kind, "label": kind.title()} for kind in SCHEDULE_TYPES]
-
-    @app.get("/sdapi/v1/sd-models")
-    async def sd_models() -> list:
-        info = service.describe()
-        return [{"title": info["name"], "model_name": info["name"], "hash": (info["model_hash"] or "")[:8] or None,
-                 "sha256": None, "filename": info["root"], "config": None}]
-
-    @app.get("/sdapi/v1/progress")
-    async def progress() -> dict:
-        state = service.progress()
-        return {"progress": state["step"] / state["total"] if state["total"] else 0.0, "eta_relative": 0.0,
-                "state": {"sampling_step": state["step"], "sampling_steps": state["total"],
-                          "job_count": state["queued"] + state["running"]},
-                "current_image": None, "textinfo": None}
-
-
-def parameters(settings: dict) -> str:
-    from diffrt.runtime.images import parameters_text
-
-    return parameters_text(settings)
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -507,6 +448,11 @@ def build_app(service: Any, lifespan: Any = None) -> FastAPI:
     app.state.service = service
     add_error_handlers(app)
     add_plumbing(app, service)
+    from .a1111 import add_a1111_routes
+    from .jobs import add_job_routes
+    from .openai_api import add_openai_routes
+
     add_openai_routes(app, service)
     add_a1111_routes(app, service)
+    add_job_routes(app, service)
     return app

@@ -13,8 +13,8 @@ next step."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +28,6 @@ class ShuttingDown(Exception):
     """The server stopped before the job ran."""
 
 
-class Cancelled(Exception):
-    """Every job of a running batch was given up by its client: the pipeline stops at the next step."""
-
-
 @dataclass
 class Job:
     """One request: its images' prompts, negative prompts and seeds, and the settings shared by a batch."""
@@ -42,15 +38,17 @@ class Job:
     settings: dict[str, Any]  # steps, scheduler, width, height (None: the model's default), shared by a batch
     guidance: float | None = None  # the job's own (None: the model's default)
     chunks: int = 1  # 75-token chunks of its longest prompt: a batch shares one embedding length, so one count
-    id: int = field(default_factory=itertools.count(1).__next__)
+    id: str = field(default_factory=lambda: f"job-{uuid.uuid4().hex[:16]}")
     future: asyncio.Future = None
     enqueued: float = field(default_factory=time.perf_counter)
     started: float | None = None
     step: int = 0
     total: int = 0
-    cancelled: bool = False
+    cancelled: bool = False  # its client went away, or cancelled it: it stops at the next step
+    interrupted: bool = False  # A1111's interrupt: it stops at the next step and answers with the images as they are
 
-    stream: Any = None  # step-level batching: the job's denoising state between steps
+    stream: Any = None  # the denoising state between steps (shared by a request-level batch)
+    offset: int = 0  # where its images' rows start in that stream
 
     def key(self) -> tuple:
         """What jobs sharing a pipeline call must have in common."""

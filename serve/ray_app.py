@@ -60,6 +60,11 @@ class RemoteService:
         self.replicas, self.options, self.metrics = replicas, options, Metrics()
         self.info: dict | None = None
         self.in_flight = 0
+        self.a1111_options: dict[str, Any] = {}
+
+    def live_only(self, what: str) -> None:
+        """Refuse what needs a job's steps in this process (they run on a replica elsewhere)."""
+        raise ApiError(501, f"{what} is not available through Ray Serve yet; use `diffrt serve` for it")
 
     @property
     def name(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -10,16 +10,36 @@ MAX_N = 8  # images per request
 MAX_PROMPT = 4000  # characters
 
 
+def ignored(given: dict[str, Any], inert: dict[str, Any]) -> list[str]:
+    """The fields a body sets that diffrt does not use, except at values that change nothing (inert: a field's
+    harmless values, or a test of the value and the whole body)."""
+    out = []
+    for name, value in given.items():
+        harmless = inert.get(name, ())
+        if callable(harmless) and harmless(value, given) or not callable(harmless) and value in harmless:
+            continue
+        out.append(name)
+    return sorted(out)
+
+
+# OpenAI fields diffrt does not use, and their values that ask for nothing diffrt leaves undone
+OPENAI_INERT = {"quality": ("auto", "standard", None), "background": ("auto", "opaque", None), "moderation": ("auto", "low", None),
+                "user": lambda v, body: True, "safety_identifier": lambda v, body: True,
+                "output_compression": (100, None), "style": (None,)}
+
+
 class OpenAIImageRequest(BaseModel):
     """POST /v1/images/generations; negative_prompt .. seed are diffrt's extensions."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT)
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     size: str | None = Field(None, description="WIDTHxHEIGHT; default: the model's size")
-    response_format: Literal["b64_json"] = "b64_json"
+    response_format: str | None = "b64_json"
+    stream: bool = False
+    partial_images: int = Field(0, ge=0, le=3, description="with stream: previews sent before each final image")
     output_format: Literal["png", "jpeg", "webp"] = "png"
     negative_prompt: str = Field("", max_length=MAX_PROMPT)
     steps: int | None = Field(None, ge=1, le=1000)
@@ -35,6 +55,9 @@ class OpenAIImageRequest(BaseModel):
     loras: dict[str, float] = Field(default_factory=dict, description="LoRA name -> scale, from the server's --lora-dir")
     original_size: tuple[int, int] | None = Field(None, description="SDXL: (height, width) the image is conditioned on")
     crops_coords_top_left: tuple[int, int] = Field((0, 0), description="SDXL: (top, left) crop conditioning")
+
+    def ignored(self) -> list[str]:
+        return ignored(self.model_extra or {}, OPENAI_INERT)
 
     @field_validator("size")
     @classmethod
@@ -53,19 +76,49 @@ class OpenAIImageRequest(BaseModel):
         return int(w), int(h)
 
 
+RANDN_SOURCES = {"CPU": "torch-cpu", "GPU": "torch-cuda", "NV": "torch-cuda", "numpy": "numpy"}  # NV: A1111's CPU
+# copy of the GPU's Philox draws; numpy is diffrt's own source
+
+
 class A1111Overrides(BaseModel):
-    """The A1111 settings a txt2img request may override that diffrt honours (the rest are ignored)."""
+    """The A1111 settings diffrt honours, as a txt2img request overrides them or /sdapi/v1/options sets them (others
+    are listed as ignored)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
-    randn_source: Literal["GPU", "CPU", "NV"] | None = None  # NV is A1111's CPU copy of the GPU's Philox draws
-    CLIP_stop_at_last_layers: int = Field(1, ge=1, le=48)
+    randn_source: Literal["GPU", "CPU", "NV", "numpy"] | None = None
+    CLIP_stop_at_last_layers: int | None = Field(None, ge=1, le=48)
+    sd_model_checkpoint: str | None = None
+    samples_format: Literal["png", "jpg", "jpeg", "webp"] | None = None
+
+
+def no_hires(value: Any, body: dict) -> bool:
+    """A hires-fix field, inert while enable_hr is off."""
+    return not body.get("enable_hr")
+
+
+# A1111 txt2img fields diffrt does not use, and their values that change nothing (what A1111 clients send by default)
+A1111_INERT = {"enable_hr": (False, None), "denoising_strength": no_hires, "firstphase_width": no_hires,
+               "firstphase_height": no_hires, "hr_scale": no_hires, "hr_upscaler": no_hires, "hr_second_pass_steps": no_hires,
+               "hr_resize_x": no_hires, "hr_resize_y": no_hires, "hr_checkpoint_name": no_hires, "hr_sampler_name": no_hires,
+               "hr_scheduler": no_hires, "hr_prompt": no_hires, "hr_negative_prompt": no_hires,
+               "restore_faces": (False, None), "tiling": (False, None), "styles": ([], None),
+               "subseed": lambda v, body: not body.get("subseed_strength"), "subseed_strength": (0, 0.0, None),
+               "seed_resize_from_h": (0, -1, None), "seed_resize_from_w": (0, -1, None), "eta": (None, 1, 1.0),
+               "s_churn": (0, 0.0, None), "s_tmax": (0, 0.0, None), "s_tmin": (0, 0.0, None), "s_noise": (1, 1.0, None),
+               "do_not_save_samples": lambda v, body: True, "do_not_save_grid": lambda v, body: True,
+               "save_images": (False, None), "send_images": (True, None), "override_settings_restore_afterwards": lambda v, body: True,
+               "script_name": (None, ""), "script_args": ([], None), "alwayson_scripts": ({}, None), "comments": ({}, None),
+               "refiner_checkpoint": (None, ""), "refiner_switch_at": lambda v, body: not body.get("refiner_checkpoint"),
+               "disable_extra_networks": (False, None), "infotext": (None, ""), "force_task_id": lambda v, body: True,
+               "sampler_index": lambda v, body: True}
 
 
 class Txt2ImgRequest(BaseModel):
-    """POST /sdapi/v1/txt2img, AUTOMATIC1111's fields that diffrt uses (others that A1111 clients send are ignored)."""
+    """POST /sdapi/v1/txt2img, AUTOMATIC1111's fields that diffrt uses (others that A1111 clients send are listed in
+    the answer's info as ignored, unless they are at values that change nothing)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     prompt: str = Field("", max_length=MAX_PROMPT)
     negative_prompt: str = Field("", max_length=MAX_PROMPT)
@@ -81,6 +134,11 @@ class Txt2ImgRequest(BaseModel):
     override_settings: A1111Overrides = Field(default_factory=lambda: A1111Overrides())
     loras: dict[str, float] = Field(default_factory=dict, description="diffrt's: LoRA name -> scale (or <lora:NAME:SCALE>)")
 
-    def rng(self) -> str:
-        """A1111's random number source as diffrt's rng; numpy when none is given."""
-        return {"CPU": "torch-cpu", "GPU": "torch-cuda", "NV": "torch-cuda", None: "numpy"}[self.override_settings.randn_source]
+    def sampler(self) -> str | None:
+        """sampler_name, or the older sampler_index that some clients still send in its place."""
+        index = (self.model_extra or {}).get("sampler_index")
+        return self.sampler_name or (index if isinstance(index, str) and index else None)
+
+    def ignored(self) -> list[str]:
+        overrides = sorted(f"override_settings.{k}" for k in self.override_settings.model_extra or {})
+        return ignored(self.model_extra or {}, A1111_INERT) + overrides

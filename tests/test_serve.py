@@ -200,7 +200,7 @@ def test_concurrent_requests_are_batched_and_each_equals_its_request_alone(reque
     ("/v1/images/generations", {"prompt": "a cat", "size": "33x32"}, 400, "width 33 is not a multiple of 2"),
     ("/v1/images/generations", {"prompt": "a cat", "size": "big"}, 422, "WIDTHxHEIGHT"),
     ("/v1/images/generations", {"prompt": "a cat", "model": "sdxl"}, 400, "is not served here"),
-    ("/v1/images/generations", {"prompt": "a cat", "response_format": "url"}, 422, "response_format"),
+    ("/v1/images/generations", {"prompt": "a cat", "response_format": "url"}, 400, "b64_json"),
     ("/v1/images/generations", '{"prompt": "a \\udcff cat"}', 422, "prompt: Input should be a valid string"),  # lone surrogate
     ("/sdapi/v1/txt2img", {"prompt": "a cat", "sampler_name": "Heun++"}, 400, "unknown scheduler 'Heun++'"),
     ("/sdapi/v1/txt2img", {"prompt": "a cat", "sampler_name": "Euler", "scheduler": "Align Your Steps"}, 400,
