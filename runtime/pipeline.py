@@ -353,7 +353,7 @@ class Pipeline:
                                                                                            **settings)
         if request.loras is not None:
             self.set_loras(list(request.loras))
-        pixels = self._pixels(request)
+        pixels = self.source_pixels(request)
         req, sched = self.check(request, pixels)
         rng = ImageGenerators(req.seeds, req.rng)
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
@@ -365,8 +365,9 @@ class Pipeline:
         source = {} if pixels is None else self._source(request, pixels, inpaint)
         return Stream(req, sched, timesteps, x, cond, host_cond, rng, inpaint, timings, clock, source)
 
-    def _pixels(self, request: GenerationRequest) -> np.ndarray | None:
-        """The image-to-image source as the VAE takes it, its size checked against the request's."""
+    def source_pixels(self, request: GenerationRequest) -> np.ndarray | None:
+        """The image-to-image source as the VAE takes it, its size checked against the request's (None without one);
+        a server passes it to `check`."""
         if request.image is None:
             if request.mask is not None:
                 raise UserError("a mask needs an image to repaint (--image)")

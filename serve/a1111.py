@@ -12,12 +12,13 @@ from fastapi import FastAPI, Request
 
 from diffrt.runtime.errors import UserError
 
-from .app import ApiError, ServeOptions, Service, encode, seeds_from, with_loras
+from .app import ApiError, ServeOptions, Service, encode, image_from, seeds_from, with_loras
 from .batcher import Job
 from .jobs import eta, thumbnail
-from .schemas import RANDN_SOURCES, A1111Overrides, Txt2ImgRequest
+from .schemas import RANDN_SOURCES, A1111Overrides, Img2ImgRequest, Txt2ImgRequest
 
 FORMATS = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}  # samples_format -> the encoder's name
+FILLS = {0: "fill", 1: "original", 2: "latent noise", 3: "latent nothing"}  # A1111's inpainting_fill
 
 
 def default_options(service: Service) -> dict[str, Any]:
@@ -62,6 +63,35 @@ def txt2img_job(service: Service, body: Txt2ImgRequest) -> Job:
                body.cfg_scale)
 
 
+def img2img_job(service: Service, body: Img2ImgRequest) -> Job:
+    """txt2img's job with the image (resized to width x height when they are given and differ, A1111's resize_mode
+    0), the mask (white repaints; inverted with inpainting_mask_invert) and the strength."""
+    from PIL import Image, ImageOps
+
+    job = txt2img_job(service, body)
+    image = image_from(body.init_images[0], "init_images")
+    size = (body.width or image.width, body.height or image.height)
+    if size != image.size:
+        if body.resize_mode != 0:
+            raise ApiError(400, f"resize_mode {body.resize_mode} is not built: diffrt resizes the image to width x height "
+                                "(0, just resize); send resize_mode 0, or an image of that size", "resize_mode")
+        image = image.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    mask = None
+    if body.mask:
+        if body.inpainting_fill != 1:
+            raise ApiError(400, f"inpainting_fill {body.inpainting_fill} ({FILLS[body.inpainting_fill]}) is not built: "
+                                "diffrt repaints the masked area from the image (1, original); send 1", "inpainting_fill")
+        if body.inpaint_full_res:
+            raise ApiError(400, "inpaint_full_res (the masked area alone, at full resolution) is not built; send "
+                                "inpaint_full_res false: the whole image is inpainted", "inpaint_full_res")
+        mask = image_from(body.mask, "mask").convert("L")
+        mask = ImageOps.invert(mask) if body.inpainting_mask_invert else mask
+        mask = mask if mask.size == image.size else mask.resize(image.size, Image.Resampling.NEAREST)
+    job.settings.update(width=None, height=None, image=image, strength=body.denoising_strength, mask=mask,
+                        mask_blur=body.mask_blur if mask is not None else 0.0)
+    return job
+
+
 def txt2img_answer(service: Service, body: Txt2ImgRequest, job: Job):
     """The images as A1111's txt2img answers them, in the samples format the options or the body choose."""
     from diffrt.runtime.schedulers import A1111_NAMES
@@ -78,7 +108,8 @@ def txt2img_answer(service: Service, body: Txt2ImgRequest, job: Job):
                 "height": first["height"], "sd_model_name": service.name, "sd_model_hash": first["model_hash"][:10],
                 "batch_size": body.batch_size, "infotexts": [parameters(s) for _, s in images], "ignored": body.ignored(),
                 **({"interrupted_at_step": first["interrupted_at_step"]} if "interrupted_at_step" in first else {})}
-        return {"images": [encode(img, s, FORMATS[chosen]) for img, s in images], "parameters": body.model_dump(),
+        return {"images": [encode(img, s, FORMATS[chosen]) for img, s in images],
+                "parameters": body.model_dump(exclude={"init_images", "mask"}),
                 "info": json.dumps(info)}
 
     return answer
@@ -117,6 +148,11 @@ def add_a1111_routes(app: FastAPI, service: Service) -> None:
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, request: Request) -> dict:
         job = txt2img_job(service, body)
+        return txt2img_answer(service, body, job)(await service.generate(job, request))
+
+    @app.post("/sdapi/v1/img2img")
+    async def img2img(body: Img2ImgRequest, request: Request) -> dict:
+        job = img2img_job(service, body)
         return txt2img_answer(service, body, job)(await service.generate(job, request))
 
     @app.get("/sdapi/v1/progress")

@@ -26,7 +26,7 @@ from .batcher import Batcher, Job, QueueFull, RequestBatcher, ShuttingDown, Step
 from .metrics import Metrics
 
 LOG = logging.getLogger("diffrt.serve")
-MAX_BODY = 1_000_000  # bytes
+MAX_BODY = 32_000_000  # bytes: an image-to-image body carries its image
 OPEN_ROUTES = ("/", "/health", "/metrics")  # no API key needed: the page itself holds nothing
 PAGE = Path(__file__).with_name("page.html")
 
@@ -208,7 +208,8 @@ class Service:
             raise ApiError(503, "the model is still loading; retry shortly", headers={"Retry-After": "5"})
         from diffrt.runtime.schedulers import short_name
 
-        req, sched = self.pipe.check(request_of([job], job.settings))
+        request = request_of([job], job.settings)
+        req, sched = self.pipe.check(request, self.pipe.source_pixels(request))
         self.pipe.check_loras(list(job.settings.get("loras", ())))
         # the package's defaults in place: requests that differ only by leaving one out share a batch
         job.settings.update(width=req.width, height=req.height, steps=req.steps, scheduler=short_name(sched),
@@ -295,6 +296,31 @@ def encode(image, settings: dict | None, fmt: str = "png") -> str:
     buffer = BytesIO()
     image.save(buffer, format=pil_format, **options)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def image_from(data: Any, field: str) -> Any:
+    """A Pillow image from base64 (or a data: URL) or uploaded bytes, refused in one line naming the field."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        raw = data if isinstance(data, bytes) else base64.b64decode(str(data).split(",", 1)[-1], validate=True)
+        with Image.open(BytesIO(raw)) as image:
+            image.load()
+            return image.copy()
+    except (ValueError, OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise ApiError(400, f"{field} is not an image diffrt can read ({type(exc).__name__}); send a PNG, JPEG or WebP"
+                       + (" as base64" if not isinstance(data, bytes) else ""), field) from None
+
+
+def validated(schema: Any, data: Any) -> Any:
+    """data validated by a pydantic schema, a failure answered as a body's would be (422 naming the field)."""
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
 def request_of(jobs: list[Job], settings: dict[str, Any]) -> Any:

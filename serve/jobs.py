@@ -160,10 +160,7 @@ def sse(data: dict, event: str | None = None) -> str:
 
 def job_request(data: Any, api: str | None) -> tuple[str, Any]:
     """Which API a job's body is written for (api, else guessed from A1111's own fields) and the body validated."""
-    from fastapi.exceptions import RequestValidationError
-    from pydantic import ValidationError
-
-    from .app import ApiError
+    from .app import ApiError, validated
     from .schemas import OpenAIImageRequest, Txt2ImgRequest
 
     if not isinstance(data, dict):
@@ -171,11 +168,7 @@ def job_request(data: Any, api: str | None) -> tuple[str, Any]:
     if api not in (None, "openai", "a1111"):
         raise ApiError(400, f"api {api!r} is not known; use openai or a1111", "api")
     kind = api or ("a1111" if A1111_FIELDS & set(data) else "openai")
-    schema = Txt2ImgRequest if kind == "a1111" else OpenAIImageRequest
-    try:
-        return kind, schema.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    return kind, validated(Txt2ImgRequest if kind == "a1111" else OpenAIImageRequest, data)
 
 
 A1111_FIELDS = {"cfg_scale", "sampler_name", "sampler_index", "batch_size", "n_iter", "width", "height", "override_settings"}

@@ -9,13 +9,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from .app import ApiError, Service, encode, error_body, seeds_from, with_loras
+from .app import ApiError, Service, encode, error_body, image_from, seeds_from, validated, with_loras
 from .batcher import Job
 from .jobs import POLL_S, sse, thumbnail
-from .schemas import OpenAIImageRequest
+from .schemas import OpenAIEditRequest, OpenAIImageRequest
 
 
 def size_conditioning(body: OpenAIImageRequest) -> dict[str, Any]:
@@ -58,7 +59,8 @@ def partial_due(done: int, total: int, sent: int, wanted: int) -> bool:
 
 
 def image_event(kind: str, b64: str, body: OpenAIImageRequest, size: str, **extra: Any) -> str:
-    data = {"type": f"image_generation.{kind}", "b64_json": b64, "created_at": int(time.time()), "size": size,
+    prefix = "image_edit" if isinstance(body, OpenAIEditRequest) else "image_generation"
+    data = {"type": f"{prefix}.{kind}", "b64_json": b64, "created_at": int(time.time()), "size": size,
             "quality": "auto", "background": "opaque", "output_format": body.output_format, **extra}
     return sse(data, data["type"])
 
@@ -91,6 +93,55 @@ async def stream_images(service: Service, job: Job, body: OpenAIImageRequest) ->
             task.cancel()
 
 
+def repainted(mask: Any) -> Any:
+    """OpenAI's mask convention (fully transparent pixels are repainted) as diffrt's (white repaints)."""
+    from PIL import Image
+
+    if "A" not in mask.getbands():
+        raise ApiError(400, "mask must be a PNG with an alpha channel: its transparent pixels are repainted", "mask")
+    alpha = np.asarray(mask.getchannel("A"))
+    return Image.fromarray(np.where(alpha < 128, 255, 0).astype(np.uint8))
+
+
+async def edit_request(service: Service, request: Request) -> tuple[OpenAIEditRequest, Job]:
+    """The edit form's fields validated, and the job: inpainting where a mask (or the image's own transparency)
+    says what to repaint, else image-to-image of the whole image."""
+    form = await request.form()
+    images = [v for k, v in form.multi_items() if k in ("image", "image[]")]
+    if len(images) != 1 or isinstance(images[0], str):
+        raise ApiError(400, f"send one image file (multipart field image); got {len(images)}", "image")
+    body = validated(OpenAIEditRequest, {k: v for k, v in form.multi_items() if isinstance(v, str)})
+    image = image_from(await images[0].read(), "image")
+    mask_file = form.get("mask")
+    if mask_file is not None and not isinstance(mask_file, str):
+        mask = repainted(image_from(await mask_file.read(), "mask"))
+    elif "A" in image.getbands() and np.asarray(image.getchannel("A")).min() < 128:
+        mask = repainted(image)  # no mask: the image's own transparency says what to repaint, as OpenAI's does
+    else:
+        mask = None
+    if body.size is not None and body.dimensions() != image.size:
+        raise ApiError(400, f"size {body.size} differs from the image's {image.width}x{image.height}; leave size out "
+                            "(the image's size is the output's) or resize the image", "size")
+    job = openai_job(service, body)
+    strength = body.strength or (1.0 if mask is not None else 0.8)
+    job.settings.update(width=None, height=None, image=image.convert("RGB"), strength=strength, mask=mask,
+                        mask_blur=body.mask_blur if mask is not None else 0.0)
+    if mask is not None and mask.size != image.size:
+        raise ApiError(400, f"mask is {mask.width}x{mask.height} and the image {image.width}x{image.height}; send "
+                            "them the same size", "mask")
+    return body, job
+
+
+async def answered(service: Service, job: Job, body: OpenAIImageRequest, request: Request) -> Any:
+    """The images whole, or (stream) as server-sent events once the job is admitted."""
+    if not body.stream:
+        return openai_answer(body)(await service.generate(job, request))
+    service.live_only("streaming")
+    await service.admit(job)  # a refusal is a plain 4xx answer, before the stream starts
+    return StreamingResponse(stream_images(service, job, body), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
 def add_openai_routes(app: FastAPI, service: Service) -> None:
     @app.get("/v1/models")
     async def models() -> dict:
@@ -101,10 +152,10 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
 
     @app.post("/v1/images/generations")
     async def generations(body: OpenAIImageRequest, request: Request) -> Any:
-        job = openai_job(service, body)
-        if not body.stream:
-            return openai_answer(body)(await service.generate(job, request))
-        service.live_only("streaming")
-        await service.admit(job)  # a refusal is a plain 4xx answer, before the stream starts
-        return StreamingResponse(stream_images(service, job, body), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return await answered(service, openai_job(service, body), body, request)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request) -> Any:
+        """Image-to-image or inpainting from a multipart form: image, optional mask (transparent = repaint), prompt."""
+        body, job = await edit_request(service, request)
+        return await answered(service, job, body, request)

@@ -92,6 +92,11 @@ class A1111Overrides(BaseModel):
     samples_format: Literal["png", "jpg", "jpeg", "webp"] | None = None
 
 
+def no_full_res(value: Any, body: dict) -> bool:
+    """Inpainting's full-resolution padding, inert while inpaint_full_res is off."""
+    return not body.get("inpaint_full_res")
+
+
 def no_hires(value: Any, body: dict) -> bool:
     """A hires-fix field, inert while enable_hr is off."""
     return not body.get("enable_hr")
@@ -111,7 +116,9 @@ A1111_INERT = {"enable_hr": (False, None), "denoising_strength": no_hires, "firs
                "script_name": (None, ""), "script_args": ([], None), "alwayson_scripts": ({}, None), "comments": ({}, None),
                "refiner_checkpoint": (None, ""), "refiner_switch_at": lambda v, body: not body.get("refiner_checkpoint"),
                "disable_extra_networks": (False, None), "infotext": (None, ""), "force_task_id": lambda v, body: True,
-               "sampler_index": lambda v, body: True}
+               "sampler_index": lambda v, body: True, "image_cfg_scale": lambda v, body: True,
+               "include_init_images": lambda v, body: True, "initial_noise_multiplier": (1, 1.0, None),
+               "inpaint_full_res_padding": no_full_res}
 
 
 class Txt2ImgRequest(BaseModel):
@@ -142,3 +149,26 @@ class Txt2ImgRequest(BaseModel):
     def ignored(self) -> list[str]:
         overrides = sorted(f"override_settings.{k}" for k in self.override_settings.model_extra or {})
         return ignored(self.model_extra or {}, A1111_INERT) + overrides
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """POST /sdapi/v1/img2img: txt2img's fields and the image (one), an optional mask (white repaints), how much of
+    the schedule repaints (denoising_strength) and the mask's blur; the output is width x height (the image resized
+    to it, A1111's resize_mode 0) or the image's own size."""
+
+    init_images: list[str] = Field(min_length=1, max_length=1, description="one image, base64 or a data: URL")
+    mask: str | None = None
+    denoising_strength: float = Field(0.75, gt=0, le=1)
+    mask_blur: float = Field(4, ge=0, le=64)
+    inpainting_fill: int = Field(1, ge=0, le=3, description="1 (original) is built; 0, 2 and 3 are refused with a mask")
+    inpaint_full_res: bool = False
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
+    resize_mode: int = Field(0, ge=0, le=3)
+
+
+class OpenAIEditRequest(OpenAIImageRequest):
+    """POST /v1/images/edits, the form fields beside its image and mask files; strength and mask_blur are diffrt's."""
+
+    strength: float | None = Field(None, gt=0, le=1, description="how much of the schedule repaints (default 1 with a "
+                                   "mask: the masked area anew; 0.8 without: the whole image)")
+    mask_blur: float = Field(0, ge=0, le=64)

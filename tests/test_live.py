@@ -385,3 +385,66 @@ def test_the_web_page_shows_the_preview_progress_and_cancels(live):
             browser.close()
     seed = int(re.match(r"seed (\d+)", caption).group(1))
     assert seed >= 0
+
+
+def source_image(size=(32, 32)) -> Image.Image:
+    """A smooth colour field to start image-to-image from."""
+    y, x = np.mgrid[0:size[1], 0:size[0]] / max(size)
+    return Image.fromarray((np.stack([x, y, 1 - x], axis=-1) * 255).astype(np.uint8))
+
+
+def test_openai_edits_run_image_to_image_and_inpainting(live, local, tmp_path):
+    """The official SDK's images.edit: an image alone is image-to-image (strength 0.8); with a mask, its transparent
+    pixels are repainted (OpenAI's convention), from noise by default; each equals the pipeline's own call."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+    image = source_image()
+    image.save(tmp_path / "in.png")
+    with open(tmp_path / "in.png", "rb") as f:
+        out = client.images.edit(image=f, prompt="a red house", extra_body={"seed": 4, "steps": 4})
+    want = alone(local, "a red house", 4, steps=4, image=image, strength=0.8)
+    assert np.abs(pixels(out.data[0].b64_json) - want).max() <= 1
+    assert np.abs(want - alone(local, "a red house", 4, steps=4)).max() > 1  # the image mattered
+    alpha = np.full((32, 32), 255, np.uint8)
+    alpha[8:24, 8:24] = 0  # repaint the middle
+    mask = Image.fromarray(np.dstack([np.zeros((32, 32, 3), np.uint8), alpha]), "RGBA")
+    mask.save(tmp_path / "mask.png")
+    with open(tmp_path / "in.png", "rb") as f, open(tmp_path / "mask.png", "rb") as m:
+        out = client.images.edit(image=f, mask=m, prompt="a red house", n=2, extra_body={"seed": 4, "steps": 4})
+    white = Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8))
+    for i, item in enumerate(out.data):
+        want = alone(local, "a red house", 4 + i, steps=4, image=image, mask=white, strength=1.0)
+        assert np.abs(pixels(item.b64_json) - want).max() <= 1
+    with open(tmp_path / "in.png", "rb") as f:
+        events = list(client.images.edit(image=f, prompt="a red house", stream=True, partial_images=1,
+                                         extra_body={"seed": 4, "steps": 200}))
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    r = httpx.post(live.url + "/v1/images/edits", data={"prompt": "x"}, files={"image": ("a.png", b"not a png")})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+    r = httpx.post(live.url + "/v1/images/edits", data={"prompt": "x"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+    with open(tmp_path / "in.png", "rb") as f:
+        r = httpx.post(live.url + "/v1/images/edits", data={"prompt": "x", "size": "64x64"}, files={"image": f})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "size"
+
+
+def test_a1111_img2img_through_webuiapi(live, local):
+    webuiapi = pytest.importorskip("webuiapi")
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=live.port, sampler="Euler a", steps=3)
+    image = source_image()
+    out = api.img2img(images=[image], prompt="a green tree", seed=5, denoising_strength=0.6, width=32, height=32, cfg_scale=5)
+    want = alone(local, "a green tree", 5, steps=3, scheduler="euler_a", guidance_scale=5, image=image, strength=0.6)
+    assert np.abs(np.asarray(out.image.convert("RGB"), np.int16) - want).max() <= 1 and out.info["ignored"] == []
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))
+    out = api.img2img(images=[image], mask_image=mask, prompt="a green tree", seed=5, denoising_strength=0.9, width=32,
+                      height=32, cfg_scale=5, inpainting_fill=1, inpaint_full_res=False, mask_blur=0)
+    want = alone(local, "a green tree", 5, steps=3, scheduler="euler_a", guidance_scale=5, image=image, mask=mask,
+                 strength=0.9)
+    assert np.abs(np.asarray(out.image.convert("RGB"), np.int16) - want).max() <= 1
+    big = api.img2img(images=[image], prompt="a green tree", seed=5, width=64, height=64)  # resized to 64x64
+    assert big.image.size == (64, 64)
+    with pytest.raises(RuntimeError, match="inpainting_fill"):  # webuiapi's defaults: fill 0, full-res inpainting
+        api.img2img(images=[image], mask_image=mask, prompt="a tree", width=32, height=32)
+    bad = httpx.post(live.url + "/sdapi/v1/img2img", json={"prompt": "x", "init_images": ["bm90IGFuIGltYWdl"]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "init_images"
