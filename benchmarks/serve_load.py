@@ -70,22 +70,31 @@ def client():
     return CLIENTS.client
 
 
-def one_request(url: str, seed: int) -> tuple[float, int]:
+def one_request(url: str, seed: int, partial_images: int | None = None) -> tuple[float, int]:
+    """One request's latency and status; with partial_images, streamed (OpenAI's `stream: true`), read to its
+    completed event, and 200 only when that many partial images came first."""
     import httpx
 
+    body = {"prompt": "a red circle on a blue background", "seed": seed}
     start = time.perf_counter()
     try:
-        r = client().post(url + "/v1/images/generations", json={"prompt": "a red circle on a blue background", "seed": seed})
-        status = r.status_code
+        if partial_images is None:
+            status = client().post(url + "/v1/images/generations", json=body).status_code
+        else:
+            body.update(stream=True, partial_images=partial_images)
+            with client().stream("POST", url + "/v1/images/generations", json=body) as r:
+                events = [line for line in r.iter_lines() if line.startswith("event: ")]
+            done = events.count("event: image_generation.completed") == 1
+            status = r.status_code if done and events.count("event: image_generation.partial_image") == partial_images else 0
     except httpx.HTTPError:
         status = 0
     return time.perf_counter() - start, status
 
 
-def closed_loop(url: str, concurrency: int, requests: int) -> list[tuple[float, int]]:
-    """concurrency clients, each sending its next request when the last is answered."""
+def closed_loop(url: str, concurrency: int, requests: int, partial_images: int | None = None) -> list[tuple[float, int]]:
+    """concurrency clients, each sending its next request when the last is answered (streamed with partial_images)."""
     with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(lambda i: one_request(url, i), range(requests)))
+        return list(pool.map(lambda i: one_request(url, i, partial_images), range(requests)))
 
 
 def open_loop(url: str, rate: float, requests: int, seed: int = 0) -> list[tuple[float, int]]:
@@ -172,7 +181,7 @@ def summarize(results: list[tuple[float, int]], wall: float, waited: tuple[float
 
 
 def run_mode(model: Path | None, mode: str, concurrencies: list[int], requests: int, rate: float | None,
-             soak_requests: int = 0) -> dict:
+             soak_requests: int = 0, stream: tuple[int, int] | None = None) -> dict:
     proc, url = start_server(model, mode)
     try:
         if soak_requests:
@@ -182,6 +191,10 @@ def run_mode(model: Path | None, mode: str, concurrencies: list[int], requests: 
         loads = [(f"c{c}", lambda c=c: closed_loop(url, c, max(requests, 2 * c))) for c in concurrencies]
         if rate:
             loads.append((f"poisson{rate:.3g}", lambda: open_loop(url, rate, requests)))
+        if stream:  # the same closed loop with and without previews streamed, one after the other
+            c, partial = stream
+            loads += [(f"c{c}", lambda: closed_loop(url, c, max(requests, 2 * c))),
+                      (f"c{c}-stream{partial}", lambda: closed_loop(url, c, max(requests, 2 * c), partial))]
         for name, load in loads:
             before = queue_wait(url)
             start = time.perf_counter()
@@ -212,6 +225,12 @@ def markdown(report: dict) -> str:
             lines.append(f"Soak, batching {mode}: {s['requests']} requests (a third good), {s['correct']} answered correctly, "
                          f"{s['wrong']} wrong; server RSS {s['rss_after_warmup_mb']:.0f} MB after warm-up, "
                          f"{s['rss_end_mb']:.0f} MB at the end ({s['rss_growth']:+.1%})")
+    for mode, runs in report["modes"].items():
+        for name, r in runs.items():
+            if "-stream" in name:
+                plain = runs[name.split("-stream")[0]]
+                lines.append(f"Previews streamed, batching {mode}, {name}: {r['images_per_s']:.2f} images/s against "
+                             f"{plain['images_per_s']:.2f} unstreamed, a cost of {1 - r['images_per_s'] / plain['images_per_s']:.1%}")
     lines.append("")
     lines += [f"Server peak RSS, {mode}: {runs['server_peak_rss_mb']:.0f} MB" for mode, runs in report["modes"].items()]
     return "\n".join(lines) + "\n"
@@ -225,7 +244,7 @@ def plot(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for mode, runs in report["modes"].items():
-        closed = [(int(k[1:]), r["images_per_s"]) for k, r in runs.items() if k.startswith("c") and isinstance(r, dict)]
+        closed = [(int(k[1:]), r["images_per_s"]) for k, r in runs.items() if k.startswith("c") and k[1:].isdigit()]
         ax.plot(*zip(*closed), marker="o", label=f"batching: {mode}")
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("images / s")
@@ -237,7 +256,7 @@ def plot(report: dict, path: Path) -> None:
 
 def capacity(runs: dict) -> float:
     """A mode's best closed-loop throughput (images/s)."""
-    return max(r["images_per_s"] for k, r in runs.items() if k.startswith("c") and isinstance(r, dict))
+    return max(r["images_per_s"] for k, r in runs.items() if k.startswith("c") and k[1:].isdigit())
 
 
 def direct_seconds(model: Path | None, calls: int = 10) -> float:
@@ -265,15 +284,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="none,request,step")
     ap.add_argument("--soak", type=int, default=0, help="instead: this many requests, good and bad mixed, every answer "
                     "checked, RSS growth after warm-up")
+    ap.add_argument("--stream", metavar="C:N", help="also a closed loop of C clients streaming with partial_images N, "
+                    "beside the same loop unstreamed: what previews cost (e.g. 16:2)")
     ap.add_argument("--out", type=Path, default=Path("serve-load-out"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     modes = args.modes.split(",")
     fixed = None if args.rate in (None, "auto") else float(args.rate)
+    stream = tuple(int(v) for v in args.stream.split(":")) if args.stream else None
+    if stream and len(stream) != 2:
+        ap.error(f"--stream {args.stream}: give clients:partial_images, e.g. 16:2")
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "model": str(args.model or "bundled"),
               "direct_pipeline_s": None if args.soak else direct_seconds(args.model),
-              "modes": {m: run_mode(args.model, m, concurrencies, args.requests, fixed, args.soak) for m in modes}}
+              "modes": {m: run_mode(args.model, m, concurrencies, args.requests, fixed, args.soak, stream) for m in modes}}
     if args.rate == "auto" and not args.soak:
         rate = AUTO_LOAD * capacity(report["modes"].get("request") or max(report["modes"].values(), key=capacity))
         report["auto_rate"] = rate

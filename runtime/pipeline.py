@@ -120,6 +120,7 @@ class Pipeline:
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
         self._latent_rgb: LatentRGB | None = None  # the preview map, learnt from each decode (preview.py)
         self._fitting = threading.Lock()
+        self._running = threading.Lock()
         self._joined: tuple[list[Stream], dict[str, Any]] = ([], {})  # the last streams stepped together, their text
 
     def _choose(self, backend: str, precision: str, gated: bool) -> tuple[Backend, str]:
@@ -256,7 +257,8 @@ class Pipeline:
 
     def _guarded_outputs(self, name: str, feeds: dict[str, Any], outputs: tuple[str, ...], where: str) -> list[np.ndarray]:
         """Run stage `name`; on NaN/inf, fall back to its float32 graph or stop with an error that says what to do."""
-        ran = getattr(self, name).run(feeds)
+        with self._running:  # one engine call at a time: a preview's fit may come from another thread (a server's)
+            ran = getattr(self, name).run(feeds)
         out = [ran[o] for o in outputs]
         if all(np.isfinite(o).all() for o in out):
             return out

@@ -138,6 +138,7 @@ class Service:
             self.pipe.step([stream])
             for job in jobs:
                 job.step, job.total = stream.i, stream.total
+                job.keep_snapshot()
             if all(job.cancelled for job in jobs):
                 raise Cancelled(f"every request of the batch went away at step {stream.i}")
             if all(job.cancelled or job.interrupted for job in jobs):
@@ -167,6 +168,7 @@ class Service:
             if job.interrupted:
                 job.stream.stop()
             job.step, job.total = job.stream.i, job.stream.total
+            job.keep_snapshot()
 
     def interrupt(self) -> int:
         """A1111's interrupt: every running job stops at its next step and answers with its images as they stand."""

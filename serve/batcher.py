@@ -13,6 +13,7 @@ next step."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -49,6 +50,14 @@ class Job:
 
     stream: Any = None  # the denoising state between steps (shared by a request-level batch)
     offset: int = 0  # where its images' rows start in that stream
+    partial_images: int = 0  # latents kept at this many steps spread over the run, for streamed previews
+    snapshots: list = field(default_factory=list)  # (step, its images' latents) at those steps
+
+    def keep_snapshot(self) -> None:
+        """After a step (in the worker): keep the job's latents when the step is one of its partial images' marks."""
+        n, k = self.total, self.partial_images
+        if k and self.step < n and self.step in {math.ceil(n * (j + 1) / (k + 1)) for j in range(k)}:
+            self.snapshots.append((self.step, self.stream.x[self.offset:self.offset + len(self.prompts)].copy()))
 
     def key(self) -> tuple:
         """What jobs sharing a pipeline call must have in common."""

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -53,11 +52,6 @@ def openai_answer(body: OpenAIImageRequest):
     return answer
 
 
-def partial_due(done: int, total: int, sent: int, wanted: int) -> bool:
-    """Whether the next of `wanted` partial images is due: they fall evenly between the first step and the last."""
-    return sent < wanted and total > 0 and done < total and done >= math.ceil(total * (sent + 1) / (wanted + 1))
-
-
 def image_event(kind: str, b64: str, body: OpenAIImageRequest, size: str, **extra: Any) -> str:
     prefix = "image_edit" if isinstance(body, OpenAIEditRequest) else "image_generation"
     data = {"type": f"{prefix}.{kind}", "b64_json": b64, "created_at": int(time.time()), "size": size,
@@ -66,19 +60,23 @@ def image_event(kind: str, b64: str, body: OpenAIImageRequest, size: str, **extr
 
 
 async def stream_images(service: Service, job: Job, body: OpenAIImageRequest) -> AsyncIterator[str]:
-    """The admitted job's events: partial images as its steps pass their marks, then each image completed; an
-    error event if it fails. Leaving early (the client went away) cancels the job."""
+    """The admitted job's events: its partial images (latents the worker kept at steps spread over the run, so
+    none is missed however fast the steps), then each image completed; an error event if it fails. Leaving early
+    (the client went away) cancels the job."""
+    job.partial_images = body.partial_images
     task = asyncio.ensure_future(service.wait(job))
     sent = 0
     try:
-        while not task.done():
-            if partial_due(job.step, job.total, sent, body.partial_images):
-                images = await asyncio.to_thread(service.preview, job)
-                size = f"{job.stream.req.width}x{job.stream.req.height}"
-                for image in images or []:
-                    yield image_event("partial_image", encode(thumbnail(image), None, body.output_format), body, size,
-                                      partial_image_index=sent)
+        while not task.done() or sent < len(job.snapshots):
+            if sent < len(job.snapshots):
+                _, latents = job.snapshots[sent]
+                req = job.stream.req
+                images = await asyncio.to_thread(service.pipe.preview, latents, req.width, req.height)
+                for image in images:
+                    yield image_event("partial_image", encode(thumbnail(image), None, body.output_format), body,
+                                      f"{req.width}x{req.height}", partial_image_index=sent)
                 sent += 1
+                continue
             await asyncio.wait({task}, timeout=POLL_S)
         for image, settings in task.result():
             info = {"info": {"ignored": body.ignored()}} if body.ignored() else {}

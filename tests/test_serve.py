@@ -320,12 +320,14 @@ def test_load_benchmark_at_toy_size(tiny_package, tmp_path):
     from diffrt.benchmarks.serve_load import main
 
     assert main(["--model", str(tiny_package), "--requests", "4", "--concurrency", "1,2", "--rate", "20",
-                 "--out", str(tmp_path)]) == 0
+                 "--stream", "2:2", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "serve_load.json").read_text())
     for mode in ("none", "request", "step"):
         runs = report["modes"][mode]
         assert runs["c2"]["errors"] == 0 and runs["c2"]["images_per_s"] > 0 and runs["poisson20"]["requests"] == 4
+        assert runs["c2-stream2"]["errors"] == 0  # every streamed answer had its two previews and its image
         assert runs["server_peak_rss_mb"] > 0
+    assert "Previews streamed, batching step, c2-stream2" in (tmp_path / "serve_load.md").read_text()
     assert (tmp_path / "serve_load.png").stat().st_size > 0 and "| request | c2 |" in (tmp_path / "serve_load.md").read_text()
 
 
