@@ -2,14 +2,16 @@
 
     python -m diffrt.benchmarks.flux export [--double N --single M] [--t5 DIR] [--cache DIR] [--json FILE]
     python -m diffrt.benchmarks.flux blocks [--t5 DIR] [--cache DIR] [--json FILE]
+    python -m diffrt.benchmarks.flux stage [--double N --single M] [--t5 DIR] [--cache DIR]
 
 FLUX.1's transformer (12 B parameters: 19 double-stream and 38 single-stream blocks, 3072 wide) is 24 GB in
 bfloat16, more than this machine's disk and memory allow beside T5-XXL. Its blocks are all alike, so `export`
 builds the real widths (CLIP-L, T5-XXL's encoder, the 16-channel VAE, the transformer's embedders, norms and
 projections) with N double and M single blocks and exports the whole checkpoint in a child process, reporting wall
-time and peak RSS; `blocks` exports what text-to-image needs (no VAE encoder) without the checks against PyTorch
-(the full transformer's is skipped for want of 48 GB) at two block counts, each in a process of its own, and
-extrapolates the peak RSS linearly in the transformer's parameter count to the full 19 + 38 blocks.
+time and peak RSS; `blocks` builds two such checkpoints (3 + 6 and 6 + 12 blocks) and measures the transformer's
+streamed export alone (`stage`: the stage of `diffrt export` that writes it, in a process of its own, without the
+check against PyTorch, which the full model skips for want of 48 GB), then extrapolates its peak RSS linearly in
+the parameter count to the full 19 + 38 blocks. The other stages do not grow with the transformer's blocks.
 --t5 reuses a saved T5-XXL encoder folder (SD3.5's text_encoder_3 is the same model) instead of building one.
 """
 
@@ -86,25 +88,39 @@ def transformer_parameters(double: int, single: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def stage(args) -> dict:
+    """The transformer's stage of `diffrt export` alone in this process: seconds and this process's peak RSS."""
+    import resource
+    import tempfile
+    import time
+
+    from diffrt.export import ExportOptions
+    from diffrt.export.checkpoint import open_checkpoint
+    from diffrt.export.writer import _export_one
+
+    ckpt = open_checkpoint(make_checkpoint(args.cache / "checkpoint", args.double, args.single, args.t5))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=args.cache) as dest:
+        entry, _ = _export_one(ckpt, "transformer", Path(dest), ExportOptions(), lambda msg: None, {})
+    return {"seconds": round(time.perf_counter() - start, 1), "weights": entry.get("weights", "fp32"),
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
 def blocks(args) -> dict:
-    """The transformer's streamed export at two block counts, each measured by `export` in a process of its own
-    (ru_maxrss of children is a maximum over all of them), and its peak RSS extrapolated to the full model."""
+    """The transformer's stage at two block counts, each in a process of its own, and its peak RSS extrapolated
+    linearly in the parameter count to the full model."""
     import subprocess
     import sys
 
     from .machine import describe
 
     runs = []
-    for double, single in ((1, 2), (3, 6)):
+    for double, single in ((3, 6), (6, 12)):  # both past BIG_MODEL_BYTES, so both streamed as the full model is
         cache = args.cache / f"blocks-{double}-{single}"
-        report = cache / "export.json"
         command = [sys.executable, "-m", "diffrt.benchmarks.flux", "--double", str(double), "--single", str(single),
-                   "--cache", str(cache), "--json", str(report), *(["--t5", str(args.t5)] if args.t5 else []),
-                   "export", "--", "--components", "text_encoder,text_encoder_2,transformer,vae_decoder", "--no-check"]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        result = json.loads(report.read_text())
-        runs.append({"double": double, "single": single, "parameters": transformer_parameters(double, single),
-                     "seconds": result["seconds"], "peak_rss_gb": result["peak_rss_gb"]})
+                   "--cache", str(cache), *(["--t5", str(args.t5)] if args.t5 else []), "stage"]
+        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        runs.append({"double": double, "single": single, "parameters": transformer_parameters(double, single), **result})
         print(f"{double} double + {single} single blocks ({runs[-1]['parameters'] / 1e9:.2f} B): "
               f"{result['seconds']} s, peak RSS {result['peak_rss_gb']} GB", flush=True)
     (a, b), full = runs, transformer_parameters(*FULL_BLOCKS)
@@ -118,7 +134,7 @@ def blocks(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("action", choices=["export", "blocks"])
+    ap.add_argument("action", choices=["export", "blocks", "stage"])
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     ap.add_argument("--double", type=int, default=2, help="double-stream blocks (export; FLUX.1 has 19)")
     ap.add_argument("--single", type=int, default=4, help="single-stream blocks (export; FLUX.1 has 38)")
@@ -126,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, help="write the measurement here")
     ap.add_argument("export_args", nargs="*", help="more `diffrt export` options, after --")
     args = ap.parse_args(argv)
+    if args.action == "stage":
+        print(json.dumps(stage(args)))
+        return
     if args.action == "blocks":
         result = blocks(args)
         if args.json:

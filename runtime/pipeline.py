@@ -94,14 +94,16 @@ class Pipeline:
     cuda_graph (ort-cuda) captures the UNet, the one stage called every step, as a CUDA graph per shape.
     graph_cache is a folder for onnxruntime's optimized graphs: the first load writes them, later loads skip
     graph optimization (most of a large model's session creation). gpu_mem_limit (bytes, ort-cuda) caps each
-    engine's CUDA memory arena."""
+    engine's CUDA memory arena. release_memory hands host memory back after each call (a server's RSS returns near
+    idle after a request) where the backend keeps it otherwise (onnxruntime's CPU arena)."""
 
     def __init__(self, package: Package, backend: str = "auto", threads: int | None = None, fp32_fallback: bool = False,
                  cuda_graph: bool = False, graph_cache: Path | None = None, gpu_mem_limit: int | None = None,
-                 precision: str = "auto", loras: list[LoraChoice] | None = None, gated: bool = True) -> None:
+                 precision: str = "auto", loras: list[LoraChoice] | None = None, gated: bool = True,
+                 release_memory: bool = False) -> None:
         self.package = package
         self.options = EngineOptions(threads, cuda_graph, Path(graph_cache) if graph_cache else None, gpu_mem_limit,
-                                     fp32_fallback)
+                                     fp32_fallback, release_memory)
         self.runner, self.precision = self._choose(backend, precision, gated)
         self.backend = self.runner.name
         self.family = family_for(package)
@@ -281,14 +283,15 @@ class Pipeline:
     def from_package(cls, path: str | Path | None = None, backend: str = "auto", threads: int | None = None,
                      verify_hashes: bool = False, fp32_fallback: bool = False, cuda_graph: bool = False,
                      graph_cache: str | Path | None = None, gpu_mem_limit: int | None = None,
-                     precision: str = "auto", loras: list[LoraChoice] | None = None, gated: bool = True) -> Pipeline:
+                     precision: str = "auto", loras: list[LoraChoice] | None = None, gated: bool = True,
+                     release_memory: bool = False) -> Pipeline:
         """Open a package folder (the bundled default model when path is None)."""
         if path is None:
             from .bundled import bundled_model
 
             path = bundled_model()
         return cls(load_package(path, hashes=verify_hashes), backend, threads, fp32_fallback, cuda_graph,
-                   Path(graph_cache) if graph_cache else None, gpu_mem_limit, precision, loras, gated)
+                   Path(graph_cache) if graph_cache else None, gpu_mem_limit, precision, loras, gated, release_memory)
 
     def __call__(self, prompt: str | list[str] | GenerationRequest, negative_prompt: str | list[str] = "",
                  callback: Callable[[Progress], Any] | None = None, callback_every: int = 1, **settings: Any) -> Result:

@@ -44,6 +44,7 @@ class ServeOptions:
     lora_dir: Path | None = None  # LoRAs a request may name (NAME.safetensors)
     batching: str = "auto"  # "step", "request", or auto: step where the UNet takes one timestep per row
     warm_up: bool = False  # run every batch size up to max_batch once before answering ready
+    release_memory: bool = True  # RSS back near idle after each request (onnxruntime's CPU arena off)
 
 
 BATCHING = ("auto", "step", "request")
@@ -88,7 +89,8 @@ class Service:
         from diffrt.runtime.pipeline import Pipeline
 
         try:
-            pipe = Pipeline.from_package(self.options.model, backend=self.options.backend, threads=self.options.threads)
+            pipe = Pipeline.from_package(self.options.model, backend=self.options.backend, threads=self.options.threads,
+                                         release_memory=self.options.release_memory)
             self.batcher = self.make_batcher(pipe)
             if self.options.warm_up:
                 self.warm_up(pipe)

@@ -24,13 +24,15 @@ class EngineOptions:
     graph_cache: Path | None = None  # a folder for optimized / compiled graphs that later loads reuse
     gpu_mem_limit: int | None = None  # bytes: a cap on each engine's CUDA memory arena
     fp32_fallback: bool = False  # rerun a stage that overflows on its float32 copy
+    release_memory: bool = False  # hand host memory back after each call (onnxruntime: its CPU arena off; a server's
+    # RSS then returns near idle after a request; OpenVINO and TensorRT do so already)
 
     def given(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name)]
 
 
 FLAGS = {"threads": "--threads", "cuda_graph": "--cuda-graph", "graph_cache": "--graph-cache",
-         "gpu_mem_limit": "--gpu-mem-limit", "fp32_fallback": "--fp32-fallback"}
+         "gpu_mem_limit": "--gpu-mem-limit", "fp32_fallback": "--fp32-fallback", "release_memory": "--release-memory"}
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,8 @@ def _ort_opener(backend: str) -> Callable[..., Engine]:
         from .onnxruntime import OrtEngine
 
         return OrtEngine(path, backend, options.threads, cuda_graph=options.cuda_graph and component in DENOISERS,
-                         graph_cache=options.graph_cache, gpu_mem_limit=options.gpu_mem_limit, weights=weights)
+                         graph_cache=options.graph_cache, gpu_mem_limit=options.gpu_mem_limit, weights=weights,
+                         cpu_arena=not options.release_memory)
 
     return open_ort
 
@@ -161,7 +164,7 @@ def _trt_open_stages(package: Path, unet_precision: str, components: tuple[str, 
     return open_engines(package, engine_precisions(unet_precision), components)
 
 
-CPU_OPTIONS = frozenset({"threads", "graph_cache", "fp32_fallback"})
+CPU_OPTIONS = frozenset({"threads", "graph_cache", "fp32_fallback", "release_memory"})
 REGISTRY: dict[str, Backend] = {b.name: b for b in (
     Backend("ort-cuda", "onnxruntime's CUDA provider (NVIDIA GPUs)", "cuda", CPU_OPTIONS | {"cuda_graph", "gpu_mem_limit"},
             _ort_cuda_missing, _ort_opener("ort-cuda"), cuda_graphs=True, fp16_weight_overrides=False, cuda_fusions=True),
@@ -169,7 +172,7 @@ REGISTRY: dict[str, Backend] = {b.name: b for b in (
             _ov_missing, _ov_open, precisions=("auto", "bf16", "fp32"), mixed=True, signed_int8_on=("amx",)),
     Backend("ort-cpu", "onnxruntime on the CPU", "cpu", CPU_OPTIONS, _ort_cpu_missing, _ort_opener("ort-cpu"),
             fp16_weight_overrides=False, int8_exact_on=("amx", "avx512-vnni", "avx-vnni")),
-    Backend("trt", "TensorRT engines built ahead per GPU (`diffrt build`)", "cuda", frozenset(), _trt_missing, None,
+    Backend("trt", "TensorRT engines built ahead per GPU (`diffrt build`)", "cuda", frozenset({"release_memory"}), _trt_missing, None,
             dynamic_shapes=False, cuda_graphs=True, lora="refit", text_chunks=False, image_to_image=False,
             group_opener=_trt_open_stages,
             note="engines capture CUDA graphs when built with --static; fp32 engines come from `diffrt build --precision fp32`"),
