@@ -363,9 +363,9 @@ def add_serve(sub) -> None:
     s.add_argument("--batching", choices=("auto", "step", "request"), default="auto",
                    help="step: a request joins the running ones at their next step; request: requests that arrive "
                    "together run together; auto (default): step where the model's UNet takes one timestep per row")
-    s.add_argument("--keep-memory", action="store_true", help="keep onnxruntime's CPU memory arena between requests: "
-                   "a little faster at sizes served before, but the server's RSS stays at its peak (default: handed back "
-                   "after each request; OpenVINO hands it back either way)")
+    s.add_argument("--keep-memory", action="store_true", help="keep what onnxruntime's CPU memory arena holds after a "
+                   "request: the next request's first step is faster (no memory to fault in again), but the server's RSS "
+                   "stays at its peak (default: the arena shrinks after each request; OpenVINO hands memory back either way)")
     s.add_argument("--warm-up", action="store_true", help="before answering ready, run every batch size up to --max-batch "
                    "once at the model's default size (ov-cpu compiles per shape: it then never compiles while serving "
                    "that size)")

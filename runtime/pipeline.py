@@ -94,8 +94,9 @@ class Pipeline:
     cuda_graph (ort-cuda) captures the UNet, the one stage called every step, as a CUDA graph per shape.
     graph_cache is a folder for onnxruntime's optimized graphs: the first load writes them, later loads skip
     graph optimization (most of a large model's session creation). gpu_mem_limit (bytes, ort-cuda) caps each
-    engine's CUDA memory arena. release_memory hands host memory back after each call (a server's RSS returns near
-    idle after a request) where the backend keeps it otherwise (onnxruntime's CPU arena)."""
+    engine's CUDA memory arena. release_memory hands host memory back at the end of each request (a server's RSS
+    returns near idle) where the backend keeps it otherwise: onnxruntime's CPU arena shrinks after the last
+    denoiser and decoder calls (the steps before them reuse it)."""
 
     def __init__(self, package: Package, backend: str = "auto", threads: int | None = None, fp32_fallback: bool = False,
                  cuda_graph: bool = False, graph_cache: Path | None = None, gpu_mem_limit: int | None = None,
@@ -254,13 +255,15 @@ class Pipeline:
             raise
         return {} if self.runner.lora == "refit" else done
 
-    def _guarded(self, name: str, feeds: dict[str, Any], output: str, where: str) -> np.ndarray:
-        return self._guarded_outputs(name, feeds, (output,), where)[0]
+    def _guarded(self, name: str, feeds: dict[str, Any], output: str, where: str, release: bool = False) -> np.ndarray:
+        return self._guarded_outputs(name, feeds, (output,), where, release)[0]
 
-    def _guarded_outputs(self, name: str, feeds: dict[str, Any], outputs: tuple[str, ...], where: str) -> list[np.ndarray]:
-        """Run stage `name`; on NaN/inf, fall back to its float32 graph or stop with an error that says what to do."""
+    def _guarded_outputs(self, name: str, feeds: dict[str, Any], outputs: tuple[str, ...], where: str,
+                         release: bool = False) -> list[np.ndarray]:
+        """Run stage `name`; on NaN/inf, fall back to its float32 graph or stop with an error that says what to do.
+        release: the request's last call of this stage (with release_memory, its host memory is handed back)."""
         with self._running:  # one engine call at a time: a preview's fit may come from another thread (a server's)
-            ran = getattr(self, name).run(feeds)
+            ran = getattr(self, name).run(feeds, release=release and self.options.release_memory)
         out = [ran[o] for o in outputs]
         if all(np.isfinite(o).all() for o in out):
             return out
@@ -277,7 +280,7 @@ class Pipeline:
         getattr(self, name).close()
         setattr(self, name, fallback)
         self.fell_back.append(name)
-        return self._guarded_outputs(name, feeds, outputs, where)
+        return self._guarded_outputs(name, feeds, outputs, where, release)
 
     @classmethod
     def from_package(cls, path: str | Path | None = None, backend: str = "auto", threads: int | None = None,
@@ -455,7 +458,8 @@ class Pipeline:
         inputs, t, seconds = joined_rows(streams)
         first, name = streams[0], self.family.denoiser
         where = f"at step {first.i + 1} of {first.total}" if len(streams) == 1 else f"on {len(streams)} requests' step"
-        run = lambda feeds: self._guarded(name, feeds, self.family.denoiser_output, where)  # noqa: E731
+        last = all(s.i + 1 >= s.total for s in streams)  # every stream's last step: the call after which memory goes back
+        run = lambda feeds: self._guarded(name, feeds, self.family.denoiser_output, where, last)  # noqa: E731
         called = time.perf_counter()
         out = self.family.denoise(self.denoiser, run, np.concatenate(inputs) if len(inputs) > 1 else inputs[0], t,
                                   self._joined_cond(streams)).astype(np.float32)
@@ -574,7 +578,7 @@ class Pipeline:
             raise UserError(f"the model {self.package.name} has no VAE encoder, which image-to-image and inpainting need; "
                             "use a package exported with it (`diffrt export CHECKPOINT OUT` writes one by default)")
         params = self._guarded("vae_encoder", self.family.encoder_feeds(self._encoder(), pixels), self.family.encoder_output,
-                               "encoding the image")
+                               "encoding the image", release=True)
         latents = latents_from(np.repeat(params, count, axis=0), self.package.vae_scaling_factor, rng,
                                self.package.vae_shift_factor)
         timings["vae_encode"] = time.perf_counter() - start
@@ -607,7 +611,8 @@ class Pipeline:
         start = time.perf_counter()
         latent_in = self.family.vae_input(x)
         decoded = np.concatenate([self._guarded("vae_decoder", self.family.vae_feeds(self.vae_decoder, latent_in[i:i + 1]),
-                                                self.family.vae_output, "decoding the latents") for i in range(len(latent_in))])
+                                                self.family.vae_output, "decoding the latents", i == len(latent_in) - 1)
+                                  for i in range(len(latent_in))])
         timings["vae_decode"] = time.perf_counter() - start
         with self._fitting:  # previews learn from what the VAE made
             self._latent_rgb = self._latent_rgb or LatentRGB(self.package.latent_channels)

@@ -44,7 +44,7 @@ class ServeOptions:
     lora_dir: Path | None = None  # LoRAs a request may name (NAME.safetensors)
     batching: str = "auto"  # "step", "request", or auto: step where the UNet takes one timestep per row
     warm_up: bool = False  # run every batch size up to max_batch once before answering ready
-    release_memory: bool = True  # RSS back near idle after each request (onnxruntime's CPU arena off)
+    release_memory: bool = True  # RSS back near idle after each request (onnxruntime's CPU arena shrinks)
 
 
 BATCHING = ("auto", "step", "request")

@@ -460,8 +460,8 @@ def server_rss_mb(srv) -> float:
 @pytest.mark.parametrize("keep", [False, True], ids=["default", "keep-memory"])
 def test_the_servers_memory_comes_back_after_a_large_request(keep):
     """onnxruntime's CPU arena kept a request's activations for good (180 MB -> 4.6 GB on the bundled model at
-    512x512): by default the server's RSS returns near its idle figure; --keep-memory keeps the arena (and the
-    memory), which shows the measurement tells them apart."""
+    512x512): by default it shrinks after the request's last calls and the server's RSS returns near its idle
+    figure; --keep-memory keeps the arena (and the memory), which shows the measurement tells them apart."""
     from test_serve import Server
 
     from diffrt.runtime.bundled import bundled_model

@@ -38,7 +38,9 @@ class Engine(Protocol):
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
 
-    def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]: ...
+    def run(self, feeds: dict[str, Any], release: bool = False) -> dict[str, np.ndarray]:
+        """The outputs; release: hand the host memory this call's activations held back at its end (a request's
+        last call; a backend that keeps none ignores it)."""
 
     def to_device(self, array: np.ndarray) -> Any:
         """An input that stays the same over many calls (the text embeddings), in the form run takes fastest."""

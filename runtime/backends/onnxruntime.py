@@ -139,12 +139,20 @@ class ShapeBuffers:
         return self.shapes[key].run(session, arrays)
 
 
-def session_options(threads: int | None, level=None, cpu_arena: bool = True):
+def shrinking():
+    """Run options under which a session's CPU arena hands its free memory back at the end of the run."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
+
+
+def session_options(threads: int | None, level=None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = cpu_arena  # off: host buffers are freed after each call instead of kept for reuse
     if level is not None:
         opts.graph_optimization_level = level
     if threads:
@@ -203,7 +211,7 @@ def check_provider(session: Any, path: Path, backend: str) -> None:
 
 
 def open_session(path: Path, backend: str, providers: list, threads: int | None, graph_cache: Path | None,
-                 weights: dict[str, Any] | None = None, cpu_arena: bool = True):
+                 weights: dict[str, Any] | None = None):
     """An onnxruntime session; with graph_cache, from the optimized graph saved by an earlier session when there is
     one (no graph optimization then), else optimized here and saved for the next. weights ({initializer: OrtValue})
     replace the graph's own before optimization (LoRAs); such a session skips the cache, which holds the unchanged
@@ -215,7 +223,7 @@ def open_session(path: Path, backend: str, providers: list, threads: int | None,
     if backend == "ort-cuda":
         preload_cuda()
     if weights:  # onnxruntime's NCHWc layout pass (ORT_ENABLE_ALL) reads Conv weights from the file, not the override
-        opts = session_options(threads, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, cpu_arena)
+        opts = session_options(threads, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         for name, value in weights.items():
             opts.add_initializer(name, value)
         try:
@@ -224,12 +232,12 @@ def open_session(path: Path, backend: str, providers: list, threads: int | None,
             raise load_error(path, exc) from None
     entry = graph_cache / optimized.cache_key(path, backend) if graph_cache else None
     if entry and (entry / optimized.GRAPH).is_file():
-        opts = session_options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL, cpu_arena)
+        opts = session_options(threads, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         try:
             return ort.InferenceSession(str(entry / optimized.GRAPH), opts, providers=providers)
         except Exception:  # a damaged cache entry: drop it and optimize the source again
             optimized.forget(entry)
-    opts = session_options(threads, cpu_arena=cpu_arena)
+    opts = session_options(threads)
     staging = optimized.save_optimized(opts, graph_cache) if entry else None
     try:
         session = ort.InferenceSession(str(path), opts, providers=providers)
@@ -248,7 +256,7 @@ class OrtEngine:
 
     def __init__(self, path: Path, backend: str = "ort-cpu", threads: int | None = None, cuda_graph: bool = False,
                  graph_cache: Path | None = None, gpu_mem_limit: int | None = None,
-                 weights: dict[str, np.ndarray] | None = None, cpu_arena: bool = True) -> None:
+                 weights: dict[str, np.ndarray] | None = None) -> None:
         import onnxruntime as ort
 
         cuda = backend == "ort-cuda"
@@ -257,7 +265,7 @@ class OrtEngine:
         providers = [cuda_provider(cuda_graph, gpu_mem_limit), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         # the OrtValues must outlive the session that reads them
         self.weights = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in (weights or {}).items()}
-        self.session = open_session(path, backend, providers, threads, graph_cache, self.weights, cpu_arena)
+        self.session = open_session(path, backend, providers, threads, graph_cache, self.weights)
         check_provider(self.session, path, backend)
         self.backend = backend
         self.path = path
@@ -273,7 +281,9 @@ class OrtEngine:
         frozen.flags.writeable = False
         return frozen
 
-    def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, Any], release: bool = False) -> dict[str, np.ndarray]:
+        """The outputs; release: the session's CPU arena shrinks back at the end of this call (the calls before it
+        reused its buffers)."""
         missing = set(self.inputs) - set(feeds)
         if missing:
             raise ValueError(f"{self.path}: missing inputs {sorted(missing)}")
@@ -281,7 +291,8 @@ class OrtEngine:
             if self.buffers is not None:
                 return self.buffers.run(self.session, self.inputs, feeds)
             names = list(self.outputs)
-            return dict(zip(names, self.session.run(names, {k: feeds[k] for k in self.inputs})))
+            return dict(zip(names, self.session.run(names, {k: feeds[k] for k in self.inputs},
+                                                    shrinking() if release else None)))
         except Exception as exc:
             if "out of memory" in str(exc).lower() or "failed to allocate" in str(exc).lower():
                 raise UserError(f"out of memory running {self.path.parent.name}; use a smaller size or fewer images "

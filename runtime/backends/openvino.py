@@ -135,7 +135,7 @@ class OvEngine:
             self.compiled.popitem(last=False)
         return self.compiled[key]
 
-    def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, Any], release: bool = False) -> dict[str, np.ndarray]:
         missing = set(self.inputs) - set(feeds)
         if missing:
             raise ValueError(f"{self.path}: missing inputs {sorted(missing)}")

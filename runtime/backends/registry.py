@@ -24,8 +24,8 @@ class EngineOptions:
     graph_cache: Path | None = None  # a folder for optimized / compiled graphs that later loads reuse
     gpu_mem_limit: int | None = None  # bytes: a cap on each engine's CUDA memory arena
     fp32_fallback: bool = False  # rerun a stage that overflows on its float32 copy
-    release_memory: bool = False  # hand host memory back after each call (onnxruntime: its CPU arena off; a server's
-    # RSS then returns near idle after a request; OpenVINO and TensorRT do so already)
+    release_memory: bool = False  # hand host memory back at the end of each request (onnxruntime's CPU arena shrinks
+    # after a request's last denoiser and decoder calls; a server's RSS returns near idle; OpenVINO does so already)
 
     def given(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name)]
@@ -145,8 +145,7 @@ def _ort_opener(backend: str) -> Callable[..., Engine]:
         from .onnxruntime import OrtEngine
 
         return OrtEngine(path, backend, options.threads, cuda_graph=options.cuda_graph and component in DENOISERS,
-                         graph_cache=options.graph_cache, gpu_mem_limit=options.gpu_mem_limit, weights=weights,
-                         cpu_arena=not options.release_memory)
+                         graph_cache=options.graph_cache, gpu_mem_limit=options.gpu_mem_limit, weights=weights)
 
     return open_ort
 

@@ -140,7 +140,7 @@ class TrtEngine:
     def to_device(self, array: np.ndarray):
         return array  # inputs are copied into the engine's own per-shape buffers
 
-    def run(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, Any], release: bool = False) -> dict[str, np.ndarray]:
         shapes = {n: tuple(np.shape(feeds[n])) for n in self.inputs}
         if not self.info.accepts(shapes):
             raise UserError(f"{self.info.plan.name} does not take {shapes}; rebuild it with wider --batch/--size ranges")
