@@ -67,8 +67,8 @@ class Recorder:
         self.engine, self.inputs, self.outputs, self.to_device = engine, engine.inputs, engine.outputs, engine.to_device
         self.calls: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
 
-    def run(self, feeds):
-        out = self.engine.run(feeds)
+    def run(self, feeds, release: bool = False):
+        out = self.engine.run(feeds, release=release)
         self.calls.append(({k: np.array(v) for k, v in feeds.items()}, {k: np.array(v) for k, v in out.items()}))
         return out
 

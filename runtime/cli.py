@@ -169,7 +169,7 @@ OPTION_FIELDS = {"prompt": "prompt", "negative": "negative_prompt", "steps": "st
                  "scheduler": "scheduler", "seed": "seed", "width": "width", "height": "height", "n": "num_images",
                  "rng": "rng", "clip_skip": "clip_skip", "prompt_syntax": "prompt_syntax",
                  "guidance_rescale": "guidance_rescale", "true_cfg": "true_cfg_scale", "image": "image",
-                 "strength": "strength", "mask": "mask", "mask_blur": "mask_blur"}
+                 "strength": "strength", "mask": "mask", "mask_blur": "mask_blur", "decoder": "decoder"}
 
 
 def generation_request(args: argparse.Namespace):
@@ -240,7 +240,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     options = ExportOptions(components=components, loras=loras, opset=args.opset, exporter=args.exporter,
                             attention=args.attention, overwrite=args.overwrite, check=not args.no_check, weights_fp16=args.weights_fp16,
                             name=args.name)
+    if args.tiny_vae is not None and not (args.tiny_vae / "config.json").is_file():  # refused before the long export
+        raise UserError(f"--tiny-vae {args.tiny_vae} has no config.json; give the folder of an AutoencoderTiny (TAESD)")
     export_package(args.checkpoint, args.out, options)
+    if args.tiny_vae is not None:
+        from diffrt.export.tiny_vae import add_tiny_vae
+
+        add_tiny_vae(Path(args.out), args.tiny_vae, log=lambda m: print(m, file=sys.stderr))
+    return 0
+
+
+def cmd_tiny_vae(args: argparse.Namespace) -> int:
+    require("export", "torch", "diffusers", "onnx")
+    from diffrt.export.tiny_vae import add_tiny_vae
+
+    add_tiny_vae(args.package, args.folder, log=lambda m: print(m, file=sys.stderr))
+    print(args.package)
     return 0
 
 
@@ -517,6 +532,8 @@ def add_generate(sub) -> None:
     g.add_argument("--preview", type=Path, metavar="FILE", help="rewrite this .png/.jpg/.webp with a quick preview of "
                    "the image(s) as they are denoised (written whole each time: a viewer that reloads shows it live)")
     g.add_argument("--preview-every", type=positive_int, metavar="N", help="rewrite --preview every N steps (default 1)")
+    g.add_argument("--decoder", choices=("vae", "tiny"), help="the final decode: vae (default, the model's) or tiny (the "
+                   "package's tiny decoder, `diffrt tiny-vae add`: much faster, rougher; for few-step models)")
     g.set_defaults(func=cmd_generate)
 
 
@@ -539,7 +556,18 @@ def add_export(sub) -> None:
     e.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     e.add_argument("--weights-fp16", action="store_true", help="store weights as float16 (half the size), compute in float32")
     e.add_argument("--name", help="model name recorded in the manifest and in image metadata (default: OUT's name)")
+    e.add_argument("--tiny-vae", type=Path, metavar="DIR", help="also add this AutoencoderTiny (TAESD, TAESDXL, TAESD3, "
+                   "TAEF1 folder) as the package's tiny decoder: previews, and `generate --decoder tiny`")
     e.set_defaults(func=cmd_export)
+
+
+def add_tiny_vae(sub) -> None:
+    t = sub.add_parser("tiny-vae", help="add a tiny decoder (TAESD) to a package (needs diffrt[export])")
+    actions = t.add_subparsers(dest="action", required=True, parser_class=Parser, help="add: export a tiny decoder into a package")
+    a = actions.add_parser("add", help="export an AutoencoderTiny folder into the package as its tiny decoder")
+    a.add_argument("package", type=Path, help="model package folder")
+    a.add_argument("folder", type=Path, help="AutoencoderTiny folder (config.json and weights: TAESD, TAESDXL, TAESD3, TAEF1)")
+    a.set_defaults(func=cmd_tiny_vae)
 
 
 def add_quantize(sub) -> None:
@@ -623,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_generate(sub)
     add_export(sub)
+    add_tiny_vae(sub)
     add_quantize(sub)
     add_build(sub)
     dr = sub.add_parser("doctor", help="what this machine offers; with --check, every backend compared")

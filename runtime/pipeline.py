@@ -23,7 +23,7 @@ from .img2img import Inpainting, blurred, image_input, latents_from, mask_input,
 from .lora import LoraChoice, LoraSets, restored
 from .memory import attention_layout, check_fits
 from .package import Package, load_package
-from .preview import FIT_IMAGES, FIT_LATENT_SIDE, LatentRGB, Progress, fitting_images, to_images
+from .preview import FIT_IMAGES, FIT_LATENT_SIDE, TINY, LatentRGB, Progress, fitting_images, to_images
 from .prompts import chunked
 from .request import (
     GenerationRequest,
@@ -121,6 +121,8 @@ class Pipeline:
         for name, engine in self._open_engines().items():
             setattr(self, name, engine)
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
+        # the package's tiny decoder (TAESD, `diffrt tiny-vae add`): previews, and decoder="tiny"
+        self.tiny_vae_decoder = self._engine(TINY) if package.has(TINY) and self.runner.opener else None
         self._latent_rgb: LatentRGB | None = None  # the preview map, learnt from each decode (preview.py)
         self._fitting = threading.Lock()
         self._running = threading.Lock()
@@ -171,8 +173,9 @@ class Pipeline:
         """Release every engine (device memory, CUDA graphs); the pipeline cannot be called after."""
         for name in self.stages:
             getattr(self, name).close()
-        if self.vae_encoder is not None:
-            self.vae_encoder.close()
+        for extra in (self.vae_encoder, self.tiny_vae_decoder):
+            if extra is not None:
+                extra.close()
         shared = getattr(self.denoiser, "shared", None)
         if shared is not None:
             shared.free()
@@ -263,7 +266,8 @@ class Pipeline:
         """Run stage `name`; on NaN/inf, fall back to its float32 graph or stop with an error that says what to do.
         release: the request's last call of this stage (with release_memory, its host memory is handed back)."""
         with self._running:  # one engine call at a time: a preview's fit may come from another thread (a server's)
-            ran = getattr(self, name).run(feeds, release=release and self.options.release_memory)
+            engine = getattr(self, name)
+            ran = engine.run(feeds, release=True) if release and self.options.release_memory else engine.run(feeds)
         out = [ran[o] for o in outputs]
         if all(np.isfinite(o).all() for o in out):
             return out
@@ -317,8 +321,12 @@ class Pipeline:
         return Progress(stream.i, stream.total, stream.step_seconds, x, lambda: self.preview(x, req.width, req.height))
 
     def preview(self, latents: np.ndarray, width: int, height: int) -> list[Image.Image]:
-        """Quick images (width x height) of the sampler's latents mid-loop, by a linear latent->RGB map fitted to
-        the package's VAE (preview.py)."""
+        """Quick images (width x height) of the sampler's latents mid-loop: the package's tiny decoder where it has
+        one, else a linear latent->RGB map fitted to its VAE (preview.py)."""
+        if self.tiny_vae_decoder is not None:
+            rgb = np.concatenate([self._guarded(TINY, self.family.vae_feeds(self.tiny_vae_decoder, z[None]), "sample",
+                                                "previewing") for z in latents])
+            return to_images(np.clip(rgb.astype(np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1), width, height)
         with self._fitting:
             if self._latent_rgb is None or not self._latent_rgb.has_prior:
                 self._fit_prior()
@@ -411,7 +419,7 @@ class Pipeline:
             raise stream.error
         req, sched, timings, pkg = stream.req, stream.sched, stream.timings, self.package
         prompts, negatives = req.prompts, req.negatives
-        array = self._decode(stream.x, timings)
+        array = self._decode(stream.x, timings, tiny=req.decoder == "tiny")
         start = time.perf_counter()
         images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
         timings["postprocess"] = time.perf_counter() - start
@@ -421,6 +429,7 @@ class Pipeline:
                     "num_images": len(prompts), "rng": req.rng, "clip_skip": req.clip_skip, "prompt_syntax": req.prompt_syntax,
                     "guidance_rescale": req.guidance_rescale, **self.family.size_settings(req), **self._lora_settings(),
                     **({"true_cfg_scale": req.true_cfg_scale} if req.true_cfg_scale != 1.0 else {}),
+                    **({"decoder": "tiny"} if req.decoder == "tiny" else {}),
                     "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.runner.name, "precision": self.computes, "diffrt": __version__, **stream.source}
         return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances, stream.x)
@@ -501,11 +510,21 @@ class Pipeline:
                       rng=check_rng(r.rng), clip_skip=check_clip_skip(r.clip_skip, layers),
                       prompt_syntax=self.family.prompt_syntax(r.prompt_syntax), guidance_rescale=check_rescale(r.guidance_rescale),
                       original_size=original_size, crops_coords_top_left=crop, source=request,
-                      cfg=self.family.guidance == "cfg", true_cfg_scale=check_true_cfg(r.true_cfg_scale))
+                      cfg=self.family.guidance == "cfg", true_cfg_scale=check_true_cfg(r.true_cfg_scale),
+                      decoder=self._check_decoder(r.decoder))
         sched = make_checked_scheduler(r.scheduler, pkg.scheduler_config, r.steps,
                                        self.family.image_seq_len(r.width, r.height), self.family.sigmas(r.steps))
         self._check_fits(req)
         return req, sched
+
+    def _check_decoder(self, decoder: str) -> str:
+        """vae (the model's own) or tiny (the package's TAESD: a fast, rougher final decode)."""
+        if decoder not in ("vae", "tiny"):
+            raise UserError(f"unknown decoder {decoder!r}; use vae (the model's) or tiny (the package's tiny decoder)")
+        if decoder == "tiny" and self.tiny_vae_decoder is None:
+            raise UserError(f"{self.package.name} has no tiny decoder on the {self.runner.name} backend; add one with "
+                            "`diffrt tiny-vae add PACKAGE TAESD_FOLDER`, or use --decoder vae")
+        return decoder
 
     def _check_fits(self, req: Request) -> None:
         """Refuse what this backend cannot hold: more text than its engines take, attention larger than this host's
@@ -604,17 +623,20 @@ class Pipeline:
                              None if nine else image_latents, noise)
         return x.astype(np.float32), inpaint
 
-    def _decode(self, x: np.ndarray, timings: dict) -> np.ndarray:
-        """Images as floats in [0, 1], (n, H, W, 3). One image per VAE call: the decoder's activations are the largest
-        of the pipeline (SD 1.5 at 512², fp16 on onnxruntime CUDA: 8 GB for 4 images at once, 2 GB one by one) and
-        its time does not depend on batching."""
+    def _decode(self, x: np.ndarray, timings: dict, tiny: bool = False) -> np.ndarray:
+        """Images as floats in [0, 1], (n, H, W, 3), by the VAE decoder (or the tiny one, which takes the sampler's
+        latents as they are). One image per call: the decoder's activations are the largest of the pipeline (SD 1.5
+        at 512², fp16 on onnxruntime CUDA: 8 GB for 4 images at once, 2 GB one by one) and its time does not depend
+        on batching."""
         start = time.perf_counter()
-        latent_in = self.family.vae_input(x)
-        decoded = np.concatenate([self._guarded("vae_decoder", self.family.vae_feeds(self.vae_decoder, latent_in[i:i + 1]),
-                                                self.family.vae_output, "decoding the latents", i == len(latent_in) - 1)
+        name, latent_in = (TINY, x) if tiny else ("vae_decoder", self.family.vae_input(x))
+        output = "sample" if tiny else self.family.vae_output
+        decoded = np.concatenate([self._guarded(name, self.family.vae_feeds(getattr(self, name), latent_in[i:i + 1]), output,
+                                                "decoding the latents", i == len(latent_in) - 1)
                                   for i in range(len(latent_in))])
         timings["vae_decode"] = time.perf_counter() - start
-        with self._fitting:  # previews learn from what the VAE made
-            self._latent_rgb = self._latent_rgb or LatentRGB(self.package.latent_channels)
-            self._latent_rgb.learn(latent_in, decoded)
+        if not tiny:
+            with self._fitting:  # previews learn from what the VAE made
+                self._latent_rgb = self._latent_rgb or LatentRGB(self.package.latent_channels)
+                self._latent_rgb.learn(latent_in, decoded)
         return np.clip(decoded.astype(np.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)

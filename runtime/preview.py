@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+TINY = "tiny_vae_decoder"  # a package's tiny decoder (TAESD), when it has one: previews come from it
 FIT_LATENT_SIDE = 16  # latent pixels per side of the fitting images (128 pixels for a factor-8 VAE)
 FIT_IMAGES = 8
 

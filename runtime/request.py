@@ -53,6 +53,7 @@ class GenerationRequest:
     mask: Any = None  # inpainting: white repaints
     mask_blur: float = 0.0  # blur the mask's edge by this many pixels
     latents: np.ndarray | None = field(default=None, repr=False)  # the start noise, instead of drawing it
+    decoder: str = "vae"  # the final decode: vae (the model's own) or tiny (the package's tiny decoder, TAESD)
 
     @classmethod
     def of(cls, prompt: Any, negative_prompt: Any = "", **settings: Any) -> GenerationRequest:
@@ -129,6 +130,7 @@ class Request:
     crops_coords_top_left: tuple[int, int] = (0, 0)  # SDXL's crop conditioning (top, left)
     source: GenerationRequest | None = None  # what it was made from
     cfg: bool = True  # the family guides by classifier-free guidance (a doubled batch); False: its own way, or none
+    decoder: str = "vae"  # the final decode: vae or tiny
 
     @property
     def guided(self) -> bool:
