@@ -410,3 +410,22 @@ def plant_addition(package, value: float, name: str = "unet") -> None:
     manifest = json.loads((package / "diffrt.json").read_text())
     manifest["files"].pop(f"{name}/model.onnx")
     (package / "diffrt.json").write_text(json.dumps(manifest))
+
+
+@contextlib.contextmanager
+def browser_page(url: str):
+    """A page of headless Chromium (Debian's package, driven by Playwright) opened at url; skips without them."""
+    import shutil
+
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not browser_path:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()

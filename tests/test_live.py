@@ -356,33 +356,24 @@ def test_the_web_page_shows_the_preview_progress_and_cancels(live):
     """Headless Chromium: a long job shows a live preview and its progress with the time left, Cancel stops it; a
     random seed's image is captioned with the seed actually used."""
     import re
-    import shutil
 
-    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not browser_path:
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            page.goto(live.url + "/")
-            page.fill("#steps", "999")
-            page.fill("#width", "64")
-            page.fill("#height", "64")
-            page.click("#generate")
-            page.wait_for_function("document.getElementById('preview').src.startsWith('data:image/png')", timeout=30_000)
-            page.wait_for_function("/left/.test(document.getElementById('status').textContent)", timeout=30_000)
-            page.click("#cancel")
-            page.wait_for_function("/cancelled/.test(document.getElementById('status').textContent)", timeout=30_000)
-            assert page.query_selector("#gallery img") is None and page.text_content("#error") == ""
-            page.fill("#steps", "3")
-            page.fill("#seed", "-1")
-            page.click("#generate")
-            page.wait_for_selector("#gallery img", timeout=60_000)
-            caption = page.text_content("#gallery figcaption")
-        finally:
-            browser.close()
+    from conftest import browser_page
+
+    with browser_page(live.url + "/") as page:
+        page.fill("#steps", "999")
+        page.fill("#width", "64")
+        page.fill("#height", "64")
+        page.click("#generate")
+        page.wait_for_function("document.getElementById('preview').src.startsWith('data:image/png')", timeout=30_000)
+        page.wait_for_function("/left/.test(document.getElementById('status').textContent)", timeout=30_000)
+        page.click("#cancel")
+        page.wait_for_function("/cancelled/.test(document.getElementById('status').textContent)", timeout=30_000)
+        assert page.query_selector("#gallery img") is None and page.text_content("#error") == ""
+        page.fill("#steps", "3")
+        page.fill("#seed", "-1")
+        page.click("#generate")
+        page.wait_for_selector("#gallery img", timeout=60_000)
+        caption = page.text_content("#gallery figcaption")
     seed = int(re.match(r"seed (\d+)", caption).group(1))
     assert seed >= 0
 

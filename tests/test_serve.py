@@ -333,29 +333,19 @@ def test_load_benchmark_at_toy_size(tiny_package, tmp_path):
 
 def test_the_web_page_in_a_real_browser(server):
     """Headless Chromium (Debian's package) opens /, types a prompt, clicks Generate and finds the image."""
-    import shutil
+    from conftest import browser_page
 
-    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not browser_path:
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
-    playwright = pytest.importorskip("playwright.sync_api")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            page.goto(server.url + "/")
-            page.wait_for_function("document.querySelectorAll('#sampler option').length > 1")
-            page.fill("#prompt", "a green tree in the city")
-            page.fill("#steps", "3")
-            page.fill("#seed", "5")
-            page.select_option("#sampler", "Euler a")
-            page.click("#generate")
-            page.wait_for_selector("#gallery img", timeout=60_000)
-            src = page.get_attribute("#gallery img", "src")
-            caption = page.text_content("#gallery figcaption")
-            assert page.text_content("#error") == ""
-        finally:
-            browser.close()
+    with browser_page(server.url + "/") as page:
+        page.wait_for_function("document.querySelectorAll('#sampler option').length > 1")
+        page.fill("#prompt", "a green tree in the city")
+        page.fill("#steps", "3")
+        page.fill("#seed", "5")
+        page.select_option("#sampler", "Euler a")
+        page.click("#generate")
+        page.wait_for_selector("#gallery img", timeout=60_000)
+        src = page.get_attribute("#gallery img", "src")
+        caption = page.text_content("#gallery figcaption")
+        assert page.text_content("#error") == ""
     assert src.startswith("data:image/png;base64,")
     image = Image.open(BytesIO(base64.b64decode(src.split(",", 1)[1])))
     assert image.size == (32, 32) and '"seed":5' in caption and "Euler a" in caption
