@@ -15,7 +15,7 @@ if _os.path.basename(_sys.argv[0]) == "diffrt":  # the `diffrt` command is start
 
     exit_quietly_on_ctrl_c()
 
-__all__ = ["GenerationRequest", "LoraChoice", "Pipeline", "Result", "UserError", "__version__"]
+__all__ = ["ControlInput", "GenerationRequest", "LoraChoice", "Pipeline", "Result", "UserError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -31,6 +31,10 @@ def __getattr__(name: str):
         from diffrt.runtime.request import GenerationRequest
 
         return GenerationRequest
+    if name == "ControlInput":
+        from diffrt.runtime.control import ControlInput
+
+        return ControlInput
     if name == "LoraChoice":
         from diffrt.runtime.lora import LoraChoice
 

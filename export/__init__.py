@@ -35,6 +35,7 @@ class ExportOptions:
     name: str | None = None
     loras: list = field(default_factory=list)  # LoraChoice: merged into the weights before export
     defaults: dict[str, Any] = field(default_factory=dict)
+    controlnets: list[Path] = field(default_factory=list)  # ControlNetModel folders: added, and the UNet takes residuals
 
 
 def _log(msg: str) -> None:
@@ -98,6 +99,10 @@ def export_package(checkpoint: str | Path, out: str | Path, options: ExportOptio
         if name not in ckpt.components:
             raise UserError(f"{ckpt.root} has no {name} (this {ckpt.family} checkpoint has "
                             f"{', '.join(ckpt.components)}); leave it out of --components")
+    if options.controlnets:
+        from .controlnet import with_controlnets
+
+        options.components = (*options.components, *with_controlnets(ckpt, [Path(f) for f in options.controlnets]))
     out = Path(out).expanduser()
     tmp = _prepare_out(out, options.overwrite)
     try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class Checkpoint:
     index: dict[str, Any]
     configs: dict[str, dict[str, Any]]  # each model folder's config.json: text encoders, unet or transformer, vae
     scheduler_config: dict[str, Any]
+    controlnets: dict[str, Path] = field(default_factory=dict)  # controlnet/<name> -> its ControlNetModel folder
+    control_inputs: bool = False  # export the UNet with ControlNet residual inputs
 
     @property
     def denoiser(self) -> str:
@@ -79,12 +81,14 @@ class Checkpoint:
         import transformers
 
         folder = "vae" if name.startswith("vae") else name
-        class_name = self.class_of(folder)
-        cls = getattr(diffusers if folder in ("unet", "transformer", "vae") else transformers, class_name)
+        where = self.controlnets.get(name, self.root / folder)
+        class_name = "ControlNetModel" if name in self.controlnets else self.class_of(folder)
+        cls = getattr(diffusers if folder in ("unet", "transformer", "vae") or name in self.controlnets else transformers,
+                      class_name)
         try:
-            model = cls.from_pretrained(self.root / folder)
+            model = cls.from_pretrained(where)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise UserError(f"{self.root / folder} could not be loaded ({str(exc).splitlines()[0][:200]}); "
+            raise UserError(f"{where} could not be loaded ({str(exc).splitlines()[0][:200]}); "
                             "its weights are missing or corrupt") from None
         return model.float().eval()
 

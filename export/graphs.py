@@ -9,7 +9,10 @@ from pathlib import Path
 
 import torch
 
+from diffrt.runtime.control import CONTROL, residual_names
+
 from .checkpoint import Checkpoint
+from .controlnet import ControlNetGraph, residual_inputs
 
 EXTERNAL_DATA = "model.onnx_data"
 
@@ -58,6 +61,8 @@ def graph_kind(name: str, ckpt: Checkpoint) -> str:
         return "clip_layers" if ckpt.family in ("sdxl", "sd3") else "text_encoder"
     if name == "unet":
         return "sdxl_unet" if ckpt.family == "sdxl" else "unet"
+    if name.startswith(CONTROL):
+        return "controlnet"
     if name == "transformer":
         return f"{ckpt.family}_transformer"
     return name
@@ -68,10 +73,14 @@ def spec_for(name: str, ckpt: Checkpoint) -> ComponentSpec:
     which they read, penultimate by default) and SDXL's UNet also takes the pooled text embeddings and the six time
     ids; FLUX's transformer takes FLUX guidance where it is guidance-distilled (dev)."""
     kind = graph_kind(name, ckpt)
-    if kind == "sdxl_unet":
+    sdxl = {"text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"}} if ckpt.family == "sdxl" else {}
+    if kind in ("unet", "sdxl_unet", "controlnet"):
         unet = SPECS["unet"]
-        return ComponentSpec({**unet.inputs, "text_embeds": {0: "batch_size"}, "time_ids": {0: "batch_size"}},
-                             unet.outputs)
+        residuals = residual_axes(ckpt.denoiser_config) if kind == "controlnet" or ckpt.control_inputs else {}
+        if kind == "controlnet":
+            image = {"controlnet_cond": {0: "batch_size", 2: "image_height", 3: "image_width"}}
+            return ComponentSpec({**unet.inputs, **image, **sdxl}, residuals)
+        return ComponentSpec({**unet.inputs, **sdxl, **residuals}, unet.outputs)
     if kind == "flux_transformer" and ckpt.denoiser_config.get("guidance_embeds"):
         flux = SPECS[kind]
         return ComponentSpec({**flux.inputs, "guidance": {0: "batch_size"}}, flux.outputs)
@@ -114,14 +123,32 @@ class SdxlTextEncoder(torch.nn.Module):
         return (*first, *out.hidden_states)
 
 
+def residual_axes(unet: dict) -> dict[str, dict[int, str]]:
+    """The UNet's ControlNet residual inputs (a ControlNet's outputs) and their dynamic axes, per halving of the
+    latents."""
+    from .controlnet import residual_halvings
+
+    halvings = residual_halvings(unet)
+    return {name: {0: "batch_size", 2: f"height_{k}", 3: f"width_{k}"}
+            for name, (_, k) in zip(residual_names(len(halvings)), halvings)}
+
+
+def control_kwargs(residuals: tuple) -> dict:
+    """diffusers' UNet arguments for ControlNet residuals given as graph inputs (none: a plain UNet)."""
+    if not residuals:
+        return {}
+    return {"down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
+
+
 class SdxlUNet(torch.nn.Module):
     def __init__(self, model) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids, *residuals):
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        return self.model(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False,
+                          **control_kwargs(residuals))[0]
 
 
 class UNet(torch.nn.Module):
@@ -129,8 +156,8 @@ class UNet(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, *residuals):
+        return self.model(sample, timestep, encoder_hidden_states, return_dict=False, **control_kwargs(residuals))[0]
 
 
 class T5Encoder(torch.nn.Module):
@@ -184,7 +211,7 @@ class VaeEncoder(torch.nn.Module):
 
 WRAPPERS = {"text_encoder": TextEncoder, "clip_layers": SdxlTextEncoder, "t5": T5Encoder, "unet": UNet,
             "sdxl_unet": SdxlUNet, "sd3_transformer": SD3Transformer, "flux_transformer": FluxTransformer,
-            "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder}
+            "vae_decoder": VaeDecoder, "vae_encoder": VaeEncoder, "controlnet": ControlNetGraph}
 
 
 def wrapped(name: str, module: torch.nn.Module, ckpt: Checkpoint) -> torch.nn.Module:
@@ -245,17 +272,23 @@ def example_inputs(name: str, ckpt: Checkpoint, batch: int, height: int, width: 
                 torch.randint(0, 1000, (batch,), generator=gen).float(),
                 torch.randn(batch, 77 * 2, int(config["joint_attention_dim"]), generator=gen),
                 torch.randn(batch, int(config["pooled_projection_dim"]), generator=gen))
-    if name == "unet":
+    if name == "unet" or name.startswith(CONTROL):
         hidden = int(ckpt.denoiser_config.get("cross_attention_dim", 768))
         length = int(ckpt.text_config("text_encoder").get("max_position_embeddings", 77))
         inputs = (torch.randn(batch, channels, height, width, generator=gen),
                   torch.randint(0, 1000, (batch,), generator=gen).float(),
                   torch.randn(batch, length, hidden, generator=gen))
-        if ckpt.family != "sdxl":
-            return inputs
-        pooled = int(ckpt.text_config("text_encoder_2").get("projection_dim", 1280))
-        sizes = torch.randint(256, 1536, (batch, 6), generator=gen).float() * torch.tensor([1, 1, 0.1, 0.1, 1, 1])
-        return (*inputs, torch.randn(batch, pooled, generator=gen), sizes.round())
+        if name.startswith(CONTROL):  # the ControlNet's own sample is latents alone (an inpainting UNet's are 9 channels)
+            f = vae_scale_factor(ckpt)
+            inputs = (torch.randn(batch, int(ckpt.configs[name].get("in_channels", 4)), height, width, generator=gen),
+                      *inputs[1:], torch.rand(batch, 3, height * f, width * f, generator=gen))
+        if ckpt.family == "sdxl":
+            pooled = int(ckpt.text_config("text_encoder_2").get("projection_dim", 1280))
+            sizes = torch.randint(256, 1536, (batch, 6), generator=gen).float() * torch.tensor([1, 1, 0.1, 0.1, 1, 1])
+            inputs = (*inputs, torch.randn(batch, pooled, generator=gen), sizes.round())
+        if name == "unet" and ckpt.control_inputs:
+            inputs = (*inputs, *residual_inputs(ckpt.denoiser_config, batch, height, width, gen))
+        return inputs
     if name == "vae_decoder":
         return (torch.randn(batch, int(ckpt.vae_config.get("latent_channels", 4)), height, width, generator=gen),)
     f = vae_scale_factor(ckpt)
@@ -299,7 +332,8 @@ def export_component(name: str, module: torch.nn.Module, ckpt: Checkpoint, folde
     path = folder / "model.onnx"
     traced = wrapped(name, module, ckpt)
     # SD's UNet and VAE attention processors become fused nodes; text encoders and DiTs (joint attention) stay plain
-    fused = attention == "mha" and name in ("unet", "vae_decoder", "vae_encoder") and use_fused_attention(module)
+    fused = attention == "mha" and (name in ("unet", "vae_decoder", "vae_encoder") or name.startswith(CONTROL)) and \
+        use_fused_attention(module)
     with torch.no_grad(), warnings.catch_warnings(), exportable():
         warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes: the check below is what counts
         torch.onnx.export(traced, example, str(path), input_names=list(spec.inputs), output_names=list(spec.outputs),

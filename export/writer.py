@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from diffrt.runtime import __version__
+from diffrt.runtime.control import CONTROL
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.package import COMPONENTS, FORMAT_VERSION, MANIFEST, sha256
 from diffrt.runtime.schedulers import CLASSES
@@ -90,8 +91,8 @@ def copy_assets(ckpt: Checkpoint, dest: Path, components: tuple[str, ...]) -> No
     shutil.copy2(ckpt.root / "scheduler" / "scheduler_config.json", dest / "scheduler" / "scheduler_config.json")
     shutil.copy2(ckpt.root / "model_index.json", dest / "model_index.json")
     for name in components:
-        source = "vae" if name.startswith("vae") else name
-        shutil.copy2(ckpt.root / source / "config.json", dest / name / "config.json")
+        source = ckpt.controlnets.get(name, ckpt.root / ("vae" if name.startswith("vae") else name))
+        shutil.copy2(source / "config.json", dest / name / "config.json")
 
 
 BIG_MODEL_BYTES = 4 * 2**30
@@ -154,6 +155,10 @@ def _export_one(ckpt: Checkpoint, comp: str, dest: Path, options, step: Callable
         store_weights_fp16(path)
         entry["weights"] = "fp16"
     entry.update(graph_io(path))
+    if comp == "unet" and ckpt.control_inputs:  # each residual input's channels and halvings of the latents
+        from .controlnet import residual_halvings
+
+        entry["residuals"] = residual_halvings(ckpt.denoiser_config)
     return entry, weights is None
 
 
@@ -199,7 +204,7 @@ def _source(rest: list[str]) -> str | None:
 def write_package(ckpt: Checkpoint, dest: Path, options, log: Callable[[str], None], name: str) -> dict[str, Any]:
     family = ckpt.family
     components: dict[str, Any] = {}
-    order = [c for c in COMPONENTS if c in options.components]
+    order = [c for c in COMPONENTS if c in options.components] + [c for c in options.components if c.startswith(CONTROL)]
     modules: dict[str, Any] = {}
     for i, comp in enumerate(order):
         start = time.perf_counter()

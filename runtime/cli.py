@@ -14,6 +14,7 @@ if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "diffrt":
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from .cli_control import add_controlnet_commands  # noqa: E402
 from .errors import UserError  # noqa: E402
 
 
@@ -184,7 +185,8 @@ def generation_request(args: argparse.Namespace):
 
     settings = read_settings(args.from_image) if args.from_image else {}
     check_image_options(args, bool(settings.get("image_sha256")), bool(settings.get("mask_sha256")))
-    replaced = (*(("loras",) if args.lora is not None else ()), *(("image", "mask") if args.image is not None else ()),
+    replaced = (*(("loras",) if args.lora is not None else ()), *(("control",) if args.control is not None else ()),
+                *(("image", "mask") if args.image is not None else ()),
                 *(("mask",) if args.mask is not None else ()))
     base = GenerationRequest.from_settings(settings, replaced) if settings else GenerationRequest(None)
     given = {name: getattr(args, option) for option, name in OPTION_FIELDS.items() if getattr(args, option) is not None}
@@ -196,6 +198,15 @@ def generation_request(args: argparse.Namespace):
         given["original_size"] = tuple(args.original_size[::-1])  # the option is WxH, the setting (height, width)
     if args.crop_top_left:
         given["crops_coords_top_left"] = tuple(args.crop_top_left)
+    if args.control is not None:
+        from .control import ControlInput
+
+        given["control"] = [ControlInput.parse(x) for x in args.control]
+    for option, name in (("control_start", "control_start"), ("control_end", "control_end")):
+        if getattr(args, option) is not None:
+            given[name] = getattr(args, option)
+    if args.guess_mode:
+        given["guess_mode"] = True
     if args.image is not None and args.mask is None:  # a new source replaces the recorded one, mask included
         base.mask_blur = 0.0
     request = replace(base, **given)
@@ -239,7 +250,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     loras = [parse_choice(x) for x in args.lora or []]
     options = ExportOptions(components=components, loras=loras, opset=args.opset, exporter=args.exporter,
                             attention=args.attention, overwrite=args.overwrite, check=not args.no_check, weights_fp16=args.weights_fp16,
-                            name=args.name)
+                            name=args.name, controlnets=list(args.controlnet or []))
     if args.tiny_vae is not None and not (args.tiny_vae / "config.json").is_file():  # refused before the long export
         raise UserError(f"--tiny-vae {args.tiny_vae} has no config.json; give the folder of an AutoencoderTiny (TAESD)")
     export_package(args.checkpoint, args.out, options)
@@ -534,6 +545,13 @@ def add_generate(sub) -> None:
     g.add_argument("--preview-every", type=positive_int, metavar="N", help="rewrite --preview every N steps (default 1)")
     g.add_argument("--decoder", choices=("vae", "tiny"), help="the final decode: vae (default, the model's) or tiny (the "
                    "package's tiny decoder, `diffrt tiny-vae add`: much faster, rougher; for few-step models)")
+    g.add_argument("--control", action="append", metavar="NAME:IMAGE[:SCALE]", help="steer with the package's ControlNet "
+                   "NAME and its control map IMAGE (canny=PHOTO: the map made from a photo by OpenCV's Canny) at SCALE "
+                   "(default 1); repeat for several, their residuals summed")
+    g.add_argument("--control-start", type=number, metavar="F", help="the fraction of the steps where ControlNets start (default 0)")
+    g.add_argument("--control-end", type=number, metavar="F", help="the fraction of the steps where they stop (default 1)")
+    g.add_argument("--guess-mode", action="store_true", help="ControlNets on the prompt's half only, ramped from the "
+                   "shallow residuals to the deep ones (diffusers' guess mode; A1111's \"ControlNet is more important\")")
     g.set_defaults(func=cmd_generate)
 
 
@@ -558,6 +576,8 @@ def add_export(sub) -> None:
     e.add_argument("--name", help="model name recorded in the manifest and in image metadata (default: OUT's name)")
     e.add_argument("--tiny-vae", type=Path, metavar="DIR", help="also add this AutoencoderTiny (TAESD, TAESDXL, TAESD3, "
                    "TAEF1 folder) as the package's tiny decoder: previews, and `generate --decoder tiny`")
+    e.add_argument("--controlnet", type=Path, action="append", metavar="DIR", help="also add this diffusers ControlNetModel "
+                   "folder (named after the folder; repeat for several): the UNet then takes ControlNet residuals")
     e.set_defaults(func=cmd_export)
 
 
@@ -652,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_export(sub)
     add_tiny_vae(sub)
+    add_controlnet_commands(sub, Parser)
     add_quantize(sub)
     add_build(sub)
     dr = sub.add_parser("doctor", help="what this machine offers; with --check, every backend compared")

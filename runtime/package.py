@@ -72,6 +72,16 @@ class Package:
         entry = self.manifest.get("components", {}).get(name)
         return (self.root / (entry["file"] if entry else f"{name}/model.onnx")).is_file()
 
+    def controlnets(self) -> list[str]:
+        """The names of the package's ControlNets (`controlnet/<name>` components)."""
+        from .control import CONTROL
+
+        return sorted(c[len(CONTROL):] for c in self.manifest.get("components", {}) if c.startswith(CONTROL) and self.has(c))
+
+    def takes_control(self) -> bool:
+        """Whether the UNet takes ControlNet residuals (exported with --controlnet)."""
+        return bool(self.manifest.get("components", {}).get("unet", {}).get("residuals"))
+
     def fallback(self, name: str) -> Path:
         """The float32 copy of a reduced-precision component, kept for the NaN/inf fallback."""
         rel = self.manifest.get("components", {}).get(name, {}).get("fallback")

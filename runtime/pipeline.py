@@ -16,6 +16,7 @@ from PIL import Image
 from . import __version__
 from .backends.engine import Engine
 from .backends.registry import REGISTRY, Backend, EngineOptions, candidates
+from .control import Controls, Unit, check_units
 from .errors import UserError
 from .families import family_for, one_per_row
 from .generators import ImageGenerators
@@ -127,6 +128,10 @@ class Pipeline:
         self._fitting = threading.Lock()
         self._running = threading.Lock()
         self._joined: tuple[list[Stream], dict[str, Any]] = ([], {})  # the last streams stepped together, their text
+        # ControlNets: each opened on its first use, as an attribute named by its component (controlnet/<name>)
+        self.controls = Controls([tuple(r) for r in package.manifest["components"]["unet"]["residuals"]],
+                                 self._control_inputs, self._run_control) if package.takes_control() else None
+        self.opened_controlnets: list[str] = []
 
     def _choose(self, backend: str, precision: str, gated: bool) -> tuple[Backend, str]:
         """The backend and what it computes in: a named backend, refused where this CPU has no reason to trust its
@@ -173,7 +178,7 @@ class Pipeline:
         """Release every engine (device memory, CUDA graphs); the pipeline cannot be called after."""
         for name in self.stages:
             getattr(self, name).close()
-        for extra in (self.vae_encoder, self.tiny_vae_decoder):
+        for extra in (self.vae_encoder, self.tiny_vae_decoder, *(getattr(self, c) for c in self.opened_controlnets)):
             if extra is not None:
                 extra.close()
         shared = getattr(self.denoiser, "shared", None)
@@ -257,6 +262,20 @@ class Pipeline:
                     engine.close()
             raise
         return {} if self.runner.lora == "refit" else done
+
+    def _control_engine(self, component: str) -> Engine:
+        """A ControlNet's engine, opened on its first use."""
+        if component not in self.opened_controlnets:
+            setattr(self, component, self._engine(component))
+            self.opened_controlnets.append(component)
+        return getattr(self, component)
+
+    def _control_inputs(self, component: str) -> dict[str, Any]:
+        return self._control_engine(component).inputs
+
+    def _run_control(self, component: str, feeds: dict[str, Any]) -> list[np.ndarray]:
+        assert self.controls is not None
+        return self._guarded_outputs(component, feeds, tuple(self.controls.names), "on the control image")
 
     def _guarded(self, name: str, feeds: dict[str, Any], output: str, where: str, release: bool = False) -> np.ndarray:
         return self._guarded_outputs(name, feeds, (output,), where, release)[0]
@@ -430,6 +449,7 @@ class Pipeline:
                     "guidance_rescale": req.guidance_rescale, **self.family.size_settings(req), **self._lora_settings(),
                     **({"true_cfg_scale": req.true_cfg_scale} if req.true_cfg_scale != 1.0 else {}),
                     **({"decoder": "tiny"} if req.decoder == "tiny" else {}),
+                    **({"control": [u.record for u in req.control]} if req.control else {}),
                     "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.runner.name, "precision": self.computes, "diffrt": __version__, **stream.source}
         return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances, stream.x)
@@ -470,8 +490,9 @@ class Pipeline:
         last = all(s.i + 1 >= s.total for s in streams)  # every stream's last step: the call after which memory goes back
         run = lambda feeds: self._guarded(name, feeds, self.family.denoiser_output, where, last)  # noqa: E731
         called = time.perf_counter()
-        out = self.family.denoise(self.denoiser, run, np.concatenate(inputs) if len(inputs) > 1 else inputs[0], t,
-                                  self._joined_cond(streams)).astype(np.float32)
+        sample = np.concatenate(inputs) if len(inputs) > 1 else inputs[0]
+        out = self.family.denoise(self.denoiser, run, sample, t, self._joined_cond(streams),
+                                  self._residuals(streams, sample, t)).astype(np.float32)
         unet_seconds, start = time.perf_counter() - called, 0
         for stream, rows, own in zip(streams, inputs, seconds):
             try:
@@ -479,6 +500,15 @@ class Pipeline:
             except UserError as exc:  # this stream's own failure: the others sharing the call go on
                 stream.error = exc
             start += len(rows)
+
+    def _residuals(self, streams: list[Stream], sample: np.ndarray, t: float | np.ndarray) -> dict[str, Any] | None:
+        """The UNet's ControlNet residuals for this step (zeros where no ControlNet acts); None for a UNet without."""
+        if self.controls is None:
+            return None
+        active = [s for s in streams if s.req.control]
+        host = {} if not active else streams[0].host_cond if len(streams) == 1 else {
+            k: np.concatenate([s.host_cond[k] for s in streams]) for k in streams[0].host_cond}
+        return self.controls.residuals(streams, sample, t, host)
 
     def _joined_cond(self, streams: list[Stream]) -> dict[str, Any]:
         """The streams' text inputs side by side, made once per set of streams (the engine skips copying an input
@@ -511,11 +541,24 @@ class Pipeline:
                       prompt_syntax=self.family.prompt_syntax(r.prompt_syntax), guidance_rescale=check_rescale(r.guidance_rescale),
                       original_size=original_size, crops_coords_top_left=crop, source=request,
                       cfg=self.family.guidance == "cfg", true_cfg_scale=check_true_cfg(r.true_cfg_scale),
-                      decoder=self._check_decoder(r.decoder))
+                      decoder=self._check_decoder(r.decoder), control=self._check_control(r))
         sched = make_checked_scheduler(r.scheduler, pkg.scheduler_config, r.steps,
                                        self.family.image_seq_len(r.width, r.height), self.family.sigmas(r.steps))
         self._check_fits(req)
         return req, sched
+
+    def _check_control(self, r: GenerationRequest) -> list[Unit]:
+        """The request's ControlNets checked and their images prepared at its size (control.check_units)."""
+        if not r.control:
+            if r.guess_mode or (r.control_start, r.control_end) != (0.0, 1.0):
+                raise UserError("control start, control end and guess mode set how ControlNets act: give one with "
+                                "--control NAME:IMAGE (control=[ControlInput(...)]), or leave them out")
+            return []
+        if self.controls is None:
+            raise UserError(f"{self.package.name}'s UNet takes no ControlNet residuals: export the model with `diffrt "
+                            "export CKPT OUT --controlnet DIR`, or add one with `diffrt controlnet add PACKAGE DIR`")
+        return check_units(list(r.control), self.package.controlnets(), r.width, r.height, r.control_start,
+                           r.control_end, r.guess_mode)
 
     def _check_decoder(self, decoder: str) -> str:
         """vae (the model's own) or tiny (the package's TAESD: a fast, rougher final decode)."""

@@ -54,6 +54,11 @@ class GenerationRequest:
     mask_blur: float = 0.0  # blur the mask's edge by this many pixels
     latents: np.ndarray | None = field(default=None, repr=False)  # the start noise, instead of drawing it
     decoder: str = "vae"  # the final decode: vae (the model's own) or tiny (the package's tiny decoder, TAESD)
+    control: list[Any] | None = None  # ControlInputs: ControlNets of the package, their images and scales
+    control_start: float = 0.0  # the fraction of the steps where ControlNets start acting (diffusers' control_guidance_start)
+    control_end: float = 1.0  # and where they stop (control_guidance_end)
+    guess_mode: bool = False  # diffusers' guess mode: ControlNets on the prompts' rows only, ramped (A1111's "ControlNet is
+    # more important")
 
     @classmethod
     def of(cls, prompt: Any, negative_prompt: Any = "", **settings: Any) -> GenerationRequest:
@@ -77,7 +82,7 @@ class GenerationRequest:
         names the fields the caller gives anew (loras, image, mask), which are not looked for."""
         from .lora import LoraChoice
 
-        known = {f.name for f in fields(cls)} - {"loras", "latents", "seeds", "num_images", *SOURCE_KEYS}
+        known = {f.name for f in fields(cls)} - {"loras", "latents", "seeds", "num_images", "control", *SOURCE_KEYS}
         given = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items() if k in known and v is not None}
         loras = [LoraChoice(Path(x["path"]), float(x["scale"])) for x in settings.get("lora_files", [])]
         for choice in loras if "loras" not in replaced else []:
@@ -86,7 +91,9 @@ class GenerationRequest:
                                 "give --lora FILE[:SCALE] to choose")
         sources = {key: source_file(settings, key) for key in SOURCE_KEYS
                    if settings.get(f"{key}_sha256") and key not in replaced}
-        return cls(**given, loras=loras, **sources)
+        if "control" in replaced or not settings.get("control"):
+            return cls(**given, loras=loras, **sources)
+        return cls(**given, loras=loras, **sources, control=[recorded_control(r) for r in settings["control"]])
 
     def with_defaults(self, defaults: dict[str, Any]) -> GenerationRequest:
         """The request with the package's defaults in place of what it leaves unset."""
@@ -98,6 +105,18 @@ class GenerationRequest:
                        scheduler=self.scheduler or defaults.get("scheduler"),
                        width=defaults["width"] if self.width is None else self.width,
                        height=defaults["height"] if self.height is None else self.height)
+
+
+def recorded_control(record: dict[str, Any]) -> Any:
+    """A ControlInput as an image's settings record it, its control image the same file (refused when it is gone)."""
+    from .control import ControlInput
+
+    path = record.get("image")
+    if not path or not Path(path).is_file():
+        raise UserError(f"the image was made with the control image {path or '(not a file)'} for the ControlNet "
+                        f"{record.get('name')}, which is not there now; give --control NAME:IMAGE to choose")
+    return ControlInput(record["name"], path, record["scale"], record["start"], record["end"],
+                        record.get("module", "none"), record.get("mode", "balanced"))
 
 
 def source_file(settings: dict[str, Any], key: str) -> Path:
@@ -131,6 +150,7 @@ class Request:
     source: GenerationRequest | None = None  # what it was made from
     cfg: bool = True  # the family guides by classifier-free guidance (a doubled batch); False: its own way, or none
     decoder: str = "vae"  # the final decode: vae or tiny
+    control: list[Any] = field(default_factory=list)  # checked ControlNet units (control.Unit)
 
     @property
     def guided(self) -> bool:

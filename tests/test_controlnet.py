@@ -1,0 +1,220 @@
+"""ControlNet against diffusers' ControlNet pipelines: tiny random ControlNets made from the tiny UNets with their zero
+convolutions randomized (left at zero they would add nothing and every comparison would pass), exported with the
+package; one and two ControlNets, scales, guidance windows, guess mode, img2img, inpainting, SDXL, step batching."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffrt.runtime.control import ControlInput
+from diffrt.runtime.errors import UserError
+from diffrt.runtime.pipeline import Pipeline
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+from conftest import exported, make_tiny_sdxl_checkpoint, run_cli  # noqa: E402
+
+PROMPT = "a red house under the night sky"
+
+
+def make_controlnet(checkpoint, folder, seed: int):
+    """A ControlNetModel made from the checkpoint's UNet, every weight diffusers zero-initializes drawn at random."""
+    unet = diffusers.UNet2DConditionModel.from_pretrained(checkpoint / "unet")
+    vae_blocks = len(json.loads((checkpoint / "vae" / "config.json").read_text())["block_out_channels"])
+    torch.manual_seed(seed)
+    net = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 48, 64)[:vae_blocks])
+    randomized = 0
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.abs().max() > 0:
+                p.normal_(0, 0.3)
+                randomized += 1
+    assert randomized >= 8  # the zero convolutions (one per residual) and the conditioning embedding's last conv
+    net.save_pretrained(folder)
+    return folder
+
+
+def control_picture(width: int, height: int, seed: int) -> Image.Image:
+    """A map with edges and flat regions, as a control image is."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    grid = ((x // max(width // 4, 1) + y // max(height // 3, 1)) % 2) * 200 + rng.integers(0, 40, (height, width))
+    return Image.fromarray(np.stack([grid, grid[::-1], grid[:, ::-1]], axis=2).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def controlnets(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("controlnets")
+    return [make_controlnet(tiny_checkpoint, root / name, seed) for name, seed in (("edges", 1), ("depth", 2))]
+
+
+@pytest.fixture(scope="module")
+def package(tiny_checkpoint, controlnets, tmp_path_factory):
+    return exported(tiny_checkpoint, tmp_path_factory, "tiny-control", controlnets=controlnets)
+
+
+@pytest.fixture(scope="module")
+def ours(package):
+    return Pipeline.from_package(package, backend="ort-cpu")
+
+
+def reference(kind: str, checkpoint, controlnets):
+    """diffusers' ControlNet pipeline of that kind over the checkpoint, with one ControlNet or a MultiControlNet,
+    Euler as ours."""
+    nets = [diffusers.ControlNetModel.from_pretrained(c) for c in controlnets]
+    pipe = getattr(diffusers, kind).from_pretrained(checkpoint, controlnet=nets[0] if len(nets) == 1 else nets,
+                                                    safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+CASES = {"one": dict(scales=[1.0]), "half": dict(scales=[0.5]), "guess": dict(scales=[1.0], guess=True),
+         "window": dict(scales=[0.8], start=0.2, end=0.7), "two": dict(scales=[1.0, 0.5]),
+         "two-guess-window": dict(scales=[0.7, 1.2], guess=True, start=0.0, end=0.5)}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c in ("one", "two") else pytest.mark.slow) for c in CASES])
+def test_text_to_image_matches_diffusers(case, tiny_checkpoint, controlnets, ours):
+    """StableDiffusionControlNetPipeline (MultiControlNet for two) with torch-cpu seeds: max |diff| <= 1e-3 in float,
+    within 2 levels in uint8; and the ControlNets visibly change the image."""
+    c = CASES[case]
+    nets = controlnets[:len(c["scales"])]
+    pipe = reference("StableDiffusionControlNetPipeline", tiny_checkpoint, nets)
+    images = [control_picture(40, 24, k) for k in range(len(nets))]
+    window = dict(control_guidance_start=c.get("start", 0.0), control_guidance_end=c.get("end", 1.0))
+    with torch.no_grad():
+        theirs = pipe(PROMPT, image=images if len(nets) > 1 else images[0], num_inference_steps=6, guidance_scale=7.5,
+                      width=40, height=24, generator=torch.Generator().manual_seed(3), output_type="np",
+                      controlnet_conditioning_scale=c["scales"] if len(nets) > 1 else c["scales"][0],
+                      guess_mode=c.get("guess", False), **window).images
+    control = [ControlInput(n.name, im, s) for n, im, s in zip(nets, images, c["scales"])]
+    mine = ours(PROMPT, steps=6, guidance_scale=7.5, width=40, height=24, seed=3, rng="torch-cpu", scheduler="euler",
+                control=control, guess_mode=c.get("guess", False), control_start=window["control_guidance_start"],
+                control_end=window["control_guidance_end"])
+    assert np.abs(mine.array - theirs).max() <= 1e-3
+    levels = np.abs(np.asarray(mine.images[0], np.int16) - (theirs[0] * 255).round().astype(np.int16)).max()
+    assert levels <= 2
+    plain = ours(PROMPT, steps=6, guidance_scale=7.5, width=40, height=24, seed=3, rng="torch-cpu", scheduler="euler")
+    assert np.abs(plain.array - theirs).max() > 0.02  # the ControlNets did something
+    assert mine.settings["control"][0]["name"] == nets[0].name
+
+
+def test_without_control_the_unet_gives_the_plain_package_image(ours, tiny_package):
+    """Zero residuals: the ControlNet-taking UNet's image equals the plain package's."""
+    plain = Pipeline.from_package(tiny_package, backend="ort-cpu")
+    a = ours(PROMPT, steps=4, width=32, height=32, seed=1)
+    b = plain(PROMPT, steps=4, width=32, height=32, seed=1)
+    assert np.abs(a.array - b.array).max() <= 1e-5
+    assert "control" not in a.settings
+
+
+def test_img2img_and_inpainting_match_diffusers(tiny_checkpoint, controlnets, ours):
+    """StableDiffusionControlNetImg2ImgPipeline and ...InpaintPipeline (a 4-channel UNet: blended), torch-cpu seeds."""
+    from test_img2img import mask_picture, picture
+
+    image, control = picture(40, 24), control_picture(40, 24, 5)
+    for kind, extra in (("StableDiffusionControlNetImg2ImgPipeline", {}),
+                        ("StableDiffusionControlNetInpaintPipeline", {"mask": mask_picture(40, 24)})):
+        pipe = reference(kind, tiny_checkpoint, controlnets[:1])
+        theirs_extra = {"mask_image": extra["mask"]} if extra else {}
+        with torch.no_grad():
+            theirs = pipe(PROMPT, image=image, control_image=control, strength=0.7, num_inference_steps=6,
+                          guidance_scale=7.5, width=40, height=24, generator=torch.Generator().manual_seed(4),
+                          output_type="np", controlnet_conditioning_scale=0.9, **theirs_extra).images
+        mine = ours(PROMPT, image=image, strength=0.7, steps=6, guidance_scale=7.5, seed=4, rng="torch-cpu",
+                    scheduler="euler", control=[ControlInput("edges", control, 0.9)], **extra)
+        assert np.abs(mine.array - theirs).max() <= 1e-3, kind
+
+
+@pytest.mark.slow
+def test_sdxl_matches_diffusers(tmp_path_factory):
+    """StableDiffusionXLControlNetPipeline: the ControlNet takes the pooled text embeddings and time ids too."""
+    checkpoint = make_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("sdxl-control"))
+    net = make_controlnet(checkpoint, checkpoint.parent / "pose", 7)
+    package = exported(checkpoint, tmp_path_factory, "sdxl-control", controlnets=[net])
+    pipe = reference("StableDiffusionXLControlNetPipeline", checkpoint, [net])
+    control = control_picture(48, 32, 1)
+    for guess in (False, True):
+        with torch.no_grad():
+            theirs = pipe(PROMPT, image=control, num_inference_steps=5, guidance_scale=6.0, width=48, height=32,
+                          generator=torch.Generator().manual_seed(2), output_type="np", guess_mode=guess,
+                          controlnet_conditioning_scale=0.8).images
+        mine = Pipeline.from_package(package, backend="ort-cpu")(
+            PROMPT, steps=5, guidance_scale=6.0, width=48, height=32, seed=2, rng="torch-cpu", scheduler="euler",
+            control=[ControlInput("pose", control, 0.8)], guess_mode=guess)
+        assert np.abs(mine.array - theirs).max() <= 1e-3, guess
+
+
+def test_requests_with_different_control_images_share_a_step(ours):
+    """Step-level batching: streams with different ControlNets, images, scales and modes, and one without any, stepped
+    together, give each one's image alone."""
+    calls = [dict(control=[ControlInput("edges", control_picture(32, 32, 1), 1.0)]),
+             dict(control=[ControlInput("depth", control_picture(32, 32, 2), 0.6), ControlInput("edges", control_picture(32, 32, 3), 0.4)]),
+             dict(control=[ControlInput("edges", control_picture(32, 32, 4), 1.0)], guess_mode=True),
+             dict()]
+    settings = dict(steps=4, width=32, height=32, guidance_scale=7.5, scheduler="euler")
+    alone = [ours(PROMPT, seed=10 + k, **settings, **c).array for k, c in enumerate(calls)]
+    streams = [ours.begin(PROMPT, seed=10 + k, **settings, **c) for k, c in enumerate(calls)]
+    while not all(s.done for s in streams):
+        ours.step(streams)
+    for k, s in enumerate(streams):
+        assert np.abs(ours.finish(s).array - alone[k]).max() <= 1e-4, k
+
+
+def test_bad_control_input_is_refused_in_one_line(ours, tiny_package, tmp_path):
+    picture = control_picture(32, 32, 0)
+    bad = [(dict(control=[ControlInput("nope", picture)]), "has no ControlNet 'nope'; it has: depth, edges"),
+           (dict(control=[ControlInput("edges", picture, float("nan"))]), "scale must be a number"),
+           (dict(control=[ControlInput("edges", picture, start=0.6, end=0.4)]), "0 <= start < end <= 1"),
+           (dict(control=[ControlInput("edges", tmp_path / "missing.png")]), "could not be read as an image"),
+           (dict(control=[ControlInput("edges", picture, module="sobel")]), "module must be one of none, canny"),
+           (dict(control=[ControlInput("edges", picture, mode="loud")]), "mode must be one of"),
+           (dict(control=["edges.png"]), "must be a ControlInput"),
+           (dict(guess_mode=True), "give one with --control")]
+    for settings, message in bad:
+        with pytest.raises(UserError, match=message.replace("(", r"\(")):
+            ours(PROMPT, steps=2, width=32, height=32, **settings)
+    with pytest.raises(UserError, match="takes no ControlNet residuals"):
+        Pipeline.from_package(tiny_package, backend="ort-cpu")(PROMPT, steps=2, control=[ControlInput("edges", picture)])
+
+
+def test_cli_control_canny_preprocess_and_controlnet_add(package, tiny_checkpoint, controlnets, tiny_package, tmp_path):
+    """generate --control (a map, canny=PHOTO), preprocess canny equal to OpenCV's, bad specs exit 2 in one line,
+    --from makes the same image again, and `controlnet add` gives a plain package its ControlNet (its UNet exported
+    again from the recorded checkpoint)."""
+    cv2 = pytest.importorskip("cv2")
+    photo = tmp_path / "photo.png"
+    control_picture(32, 32, 9).save(photo)
+    done = run_cli("preprocess", "canny", str(photo), str(tmp_path / "map.png"), "--low", "50", "--high", "120")
+    assert done.returncode == 0, done.stderr
+    want = cv2.Canny(np.asarray(Image.open(photo).convert("RGB")), 50, 120)
+    assert (np.asarray(Image.open(tmp_path / "map.png"))[:, :, 0] == want).all() and want.any()
+    out = tmp_path / "a.png"
+    done = run_cli("generate", PROMPT, "--model", str(package), "--backend", "ort-cpu", "--steps", "3", "--seed", "1",
+                   "--control", f"edges:canny={photo}:0.8", "--control", f"depth:{tmp_path / 'map.png'}", "-o", str(out), "-q")
+    assert done.returncode == 0, done.stderr
+    again = run_cli("generate", "--from", str(out), "--model", str(package), "--backend", "ort-cpu", "-o",
+                    str(tmp_path / "b.png"), "-q")
+    assert again.returncode == 0, again.stderr
+    assert (np.asarray(Image.open(out)) == np.asarray(Image.open(tmp_path / "b.png"))).all()
+    for spec, message in (("edges", "write NAME:IMAGE"), ("nope:x.png", "no ControlNet 'nope'"),
+                          ("edges:map.png:inf", "scale must be a number")):
+        done = run_cli("generate", PROMPT, "--model", str(package), "--control", spec, "-o", str(tmp_path / "c.png"),
+                       cwd=tmp_path)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_package, plain)
+    done = run_cli("controlnet", "add", str(plain), str(controlnets[0]))
+    assert done.returncode == 0, done.stderr
+    added = Pipeline.from_package(plain, backend="ort-cpu")
+    control = [ControlInput("edges", control_picture(32, 32, 1), 0.7)]
+    settings = dict(steps=3, width=32, height=32, seed=2, control=control)
+    exported_whole = Pipeline.from_package(package, backend="ort-cpu")
+    assert np.abs(added(PROMPT, **settings).array - exported_whole(PROMPT, **settings).array).max() <= 1e-5
