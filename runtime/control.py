@@ -21,6 +21,7 @@ from .img2img import as_rgb, open_image
 
 CONTROL = "controlnet/"  # a ControlNet's component name in a package: controlnet/<name>
 MODES = ("balanced", "prompt", "control")  # A1111's control_mode: Balanced, My prompt / ControlNet is more important
+RESIZES = ("just", "crop", "fill")  # a control image of another shape: stretched (diffusers), cropped, or padded (A1111's)
 MODULES = ("none", "canny")  # preprocessors: none (the image is the map), canny (OpenCV's edges, as A1111's module)
 CANNY = (100, 200)  # A1111's default canny thresholds (low, high)
 
@@ -38,7 +39,9 @@ def down_names(count: int) -> list[str]:
 class ControlInput:
     """One ControlNet's part in a request: its name in the package, the control image (a path or a Pillow image),
     its scale, the fraction of the steps it acts in (None: the request's control_start / control_end), the
-    preprocessor that makes the map from the image, and A1111's control mode."""
+    preprocessor that makes the map from the image, A1111's control mode, canny's thresholds, and how an image of
+    another shape is fitted: stretched (just, as diffusers does), scaled to cover and cropped, or scaled to fit and
+    padded with black (fill)."""
 
     name: str
     image: Any
@@ -48,6 +51,7 @@ class ControlInput:
     module: str = "none"
     mode: str = "balanced"
     thresholds: tuple[int, int] = CANNY
+    resize: str = "just"
 
     @classmethod
     def parse(cls, spec: str) -> ControlInput:
@@ -110,11 +114,19 @@ def canny(image: Any, low: int = CANNY[0], high: int = CANNY[1]) -> Image.Image:
     return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
 
 
-def control_image(image: Any, module: str, width: int, height: int, thresholds: tuple[int, int] = CANNY) -> np.ndarray:
+def control_image(image: Any, module: str, width: int, height: int, thresholds: tuple[int, int] = CANNY,
+                  resize: str = "just") -> np.ndarray:
     """The control map as diffusers' control image processor makes it: RGB, resized (Lanczos) to the image's size,
-    in [0, 1] (not normalized), (1, 3, height, width) float32; made by the preprocessor first."""
-    pil = canny(image, *thresholds) if module == "canny" else open_image(image)
-    pil = pil.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    in [0, 1] (not normalized), (1, 3, height, width) float32; made by the preprocessor first, and where its shape
+    differs, cropped or padded to the image's first (resize crop, fill)."""
+    from PIL import ImageOps
+
+    pil = (canny(image, *thresholds) if module == "canny" else open_image(image)).convert("RGB")
+    if resize == "crop":
+        pil = ImageOps.fit(pil, (width, height), Image.Resampling.LANCZOS)
+    elif resize == "fill":
+        pil = ImageOps.pad(pil, (width, height), Image.Resampling.LANCZOS, color=(0, 0, 0))
+    pil = pil.resize((width, height), Image.Resampling.LANCZOS)
     return (np.asarray(pil, np.float32) / 255.0).transpose(2, 0, 1)[None]
 
 
@@ -135,12 +147,15 @@ def check_units(inputs: list[ControlInput], available: list[str], width: int, he
             raise UserError(f"control[{k}]: start and end are fractions of the steps, 0 <= start < end <= 1 (not {s} and {e})")
         if given.module not in MODULES:
             raise UserError(f"control[{k}].module must be one of {', '.join(MODULES)}, not {given.module!r}")
+        if given.resize not in RESIZES:
+            raise UserError(f"control[{k}].resize must be one of {', '.join(RESIZES)}, not {given.resize!r}")
         mode = "control" if guess else given.mode
         if mode not in MODES:
             raise UserError(f"control[{k}].mode must be one of {', '.join(MODES)}, not {given.mode!r}")
-        image = control_image(given.image, given.module, width, height, given.thresholds)
+        image = control_image(given.image, given.module, width, height, given.thresholds, given.resize)
         record = {"name": given.name, "scale": float(given.scale), "start": float(s), "end": float(e),
                   **({"module": given.module} if given.module != "none" else {}), **({"mode": mode} if mode != "balanced" else {}),
+                  **({"resize": given.resize} if given.resize != "just" else {}),
                   **({"image": str(Path(given.image).resolve())} if isinstance(given.image, (str, Path)) else {})}
         units.append(Unit(CONTROL + given.name, image, float(given.scale), float(s), float(e), mode, record))
     return units

@@ -116,7 +116,7 @@ def recorded_control(record: dict[str, Any]) -> Any:
         raise UserError(f"the image was made with the control image {path or '(not a file)'} for the ControlNet "
                         f"{record.get('name')}, which is not there now; give --control NAME:IMAGE to choose")
     return ControlInput(record["name"], path, record["scale"], record["start"], record["end"],
-                        record.get("module", "none"), record.get("mode", "balanced"))
+                        record.get("module", "none"), record.get("mode", "balanced"), resize=record.get("resize", "just"))
 
 
 def source_file(settings: dict[str, Any], key: str) -> Path:

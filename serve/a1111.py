@@ -14,6 +14,7 @@ from diffrt.runtime.errors import UserError
 
 from .app import ApiError, ServeOptions, Service, encode, image_from, seeds_from, with_loras
 from .batcher import Job
+from .controlnet import a1111_controls
 from .jobs import eta, thumbnail
 from .schemas import RANDN_SOURCES, A1111Overrides, Img2ImgRequest, Txt2ImgRequest
 
@@ -56,10 +57,13 @@ def txt2img_job(service: Service, body: Txt2ImgRequest) -> Job:
     check_checkpoint(service, given.sd_model_checkpoint, "override_settings.sd_model_checkpoint")
     count = body.batch_size * body.n_iter
     prompt, loras = with_loras(service.options, body.prompt, body.loras)
+    controls = a1111_controls(service, body.scripts(), image_from(body.init_images[0], "init_images")
+                              if isinstance(body, Img2ImgRequest) else None)
     return Job([prompt] * count, [body.negative_prompt] * count, seeds_from(body.seed, count),
                {"steps": body.steps, "scheduler": a1111_sampler(body.sampler(), body.scheduler), "width": body.width,
                 "height": body.height, "rng": RANDN_SOURCES[given.randn_source or options["randn_source"]],
-                "clip_skip": given.CLIP_stop_at_last_layers or options["CLIP_stop_at_last_layers"], "loras": loras},
+                "clip_skip": given.CLIP_stop_at_last_layers or options["CLIP_stop_at_last_layers"], "loras": loras,
+                **({"control": controls} if controls else {})},
                body.cfg_scale)
 
 

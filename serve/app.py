@@ -479,10 +479,12 @@ def build_app(service: Any, lifespan: Any = None) -> FastAPI:
     add_error_handlers(app)
     add_plumbing(app, service)
     from .a1111 import add_a1111_routes
+    from .controlnet import add_controlnet_routes
     from .jobs import add_job_routes
     from .openai_api import add_openai_routes
 
     add_openai_routes(app, service)
     add_a1111_routes(app, service)
+    add_controlnet_routes(app, service)
     add_job_routes(app, service)
     return app

@@ -14,6 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from .app import ApiError, Service, encode, error_body, image_from, seeds_from, validated, with_loras
 from .batcher import Job
+from .controlnet import openai_controls
 from .jobs import POLL_S, sse, thumbnail
 from .schemas import OpenAIEditRequest, OpenAIImageRequest
 
@@ -36,7 +37,8 @@ def openai_job(service: Service, body: OpenAIImageRequest) -> Job:
     return Job([prompt] * body.n, [body.negative_prompt] * body.n, seeds_from(body.seed, body.n),
                {"steps": body.steps, "scheduler": body.scheduler, "width": width, "height": height, "rng": body.rng,
                 "clip_skip": body.clip_skip, "prompt_syntax": body.prompt_syntax, "true_cfg_scale": body.true_cfg_scale,
-                "loras": loras, **size_conditioning(body)},
+                "loras": loras, **size_conditioning(body),
+                **({"control": openai_controls(service, body.control)} if body.control else {})},
                body.guidance_scale)
 
 

@@ -28,6 +28,41 @@ OPENAI_INERT = {"quality": ("auto", "standard", None), "background": ("auto", "o
                 "output_compression": (100, None), "style": (None,)}
 
 
+class ControlUnit(BaseModel):
+    """One unit of the A1111 ControlNet extension's API."""
+
+    model_config = ConfigDict(extra="allow")
+
+    enabled: bool = True
+    image: Any = None  # base64, or {"image": base64, "mask": ...} in newer clients
+    input_image: Any = None  # the older name of image
+    mask: Any = None
+    module: str = "none"
+    model: str | None = None
+    weight: float = Field(1.0, allow_inf_nan=False)
+    guidance_start: float = Field(0.0, ge=0, le=1)
+    guidance_end: float = Field(1.0, ge=0, le=1)
+    control_mode: int | str = 0
+    resize_mode: int | str = "Crop and Resize"
+    threshold_a: float = -1
+    threshold_b: float = -1
+    guessmode: bool | None = None  # the oldest clients' control mode
+
+
+class OpenAIControl(BaseModel):
+    """An item of diffrt's `control` extension field on OpenAI bodies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    image: str = Field(description="base64 or a data: URL")
+    scale: float = Field(1.0, allow_inf_nan=False)
+    start: float | None = Field(None, ge=0, le=1)
+    end: float | None = Field(None, ge=0, le=1)
+    module: str = "none"
+    mode: str = "balanced"
+
+
 class OpenAIImageRequest(BaseModel):
     """POST /v1/images/generations; negative_prompt .. seed are diffrt's extensions."""
 
@@ -55,6 +90,8 @@ class OpenAIImageRequest(BaseModel):
     loras: dict[str, float] = Field(default_factory=dict, description="LoRA name -> scale, from the server's --lora-dir")
     original_size: tuple[int, int] | None = Field(None, description="SDXL: (height, width) the image is conditioned on")
     crops_coords_top_left: tuple[int, int] = Field((0, 0), description="SDXL: (top, left) crop conditioning")
+    control: list[OpenAIControl] = Field(default_factory=list, max_length=8, description="ControlNets of the model, "
+                                         "their control images and scales")
 
     def ignored(self) -> list[str]:
         return ignored(self.model_extra or {}, OPENAI_INERT)
@@ -113,7 +150,7 @@ A1111_INERT = {"enable_hr": (False, None), "denoising_strength": no_hires, "firs
                "s_churn": (0, 0.0, None), "s_tmax": (0, 0.0, None), "s_tmin": (0, 0.0, None), "s_noise": (1, 1.0, None),
                "do_not_save_samples": lambda v, body: True, "do_not_save_grid": lambda v, body: True,
                "save_images": (False, None), "send_images": (True, None), "override_settings_restore_afterwards": lambda v, body: True,
-               "script_name": (None, ""), "script_args": ([], None), "alwayson_scripts": ({}, None), "comments": ({}, None),
+               "script_name": (None, ""), "script_args": ([], None), "alwayson_scripts": lambda v, body: True, "comments": ({}, None),
                "refiner_checkpoint": (None, ""), "refiner_switch_at": lambda v, body: not body.get("refiner_checkpoint"),
                "disable_extra_networks": (False, None), "infotext": (None, ""), "force_task_id": lambda v, body: True,
                "sampler_index": lambda v, body: True, "image_cfg_scale": lambda v, body: True,
@@ -147,8 +184,14 @@ class Txt2ImgRequest(BaseModel):
         return self.sampler_name or (index if isinstance(index, str) and index else None)
 
     def ignored(self) -> list[str]:
+        from .controlnet import unit_ignored
+
         overrides = sorted(f"override_settings.{k}" for k in self.override_settings.model_extra or {})
-        return ignored(self.model_extra or {}, A1111_INERT) + overrides
+        return ignored(self.model_extra or {}, A1111_INERT) + overrides + unit_ignored(self.scripts())
+
+    def scripts(self) -> Any:
+        """alwayson_scripts as sent (ControlNet's units are read from it)."""
+        return (self.model_extra or {}).get("alwayson_scripts")
 
 
 class Img2ImgRequest(Txt2ImgRequest):

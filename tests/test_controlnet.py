@@ -4,7 +4,9 @@ package; one and two ControlNets, scales, guidance windows, guess mode, img2img,
 
 from __future__ import annotations
 
+import base64
 import json
+from io import BytesIO
 
 import numpy as np
 import pytest
@@ -218,3 +220,71 @@ def test_cli_control_canny_preprocess_and_controlnet_add(package, tiny_checkpoin
     settings = dict(steps=3, width=32, height=32, seed=2, control=control)
     exported_whole = Pipeline.from_package(package, backend="ort-cpu")
     assert np.abs(added(PROMPT, **settings).array - exported_whole(PROMPT, **settings).array).max() <= 1e-5
+
+
+def test_http_a1111_controlnet_extension_api_and_openai_control(package, ours, tmp_path):
+    """A real server: webuiapi's ControlNetUnit through /sdapi/v1/txt2img and img2img (units under
+    alwayson_scripts.controlnet), the extension's model and module lists and detect, the OpenAI SDK with the `control`
+    extension field; each image equal to the pipeline's with the same ControlNets; bad units a 400 naming the field."""
+    webuiapi = pytest.importorskip("webuiapi")
+    openai = pytest.importorskip("openai")
+    cv2 = pytest.importorskip("cv2")
+    from test_serve import Server, decode
+
+    control, photo = control_picture(32, 32, 1), control_picture(32, 32, 6)
+    settings = dict(steps=3, width=32, height=32, guidance_scale=7.0, scheduler="euler_a", seed=5)
+    srv = Server(package, "--max-wait-ms", "100")
+    try:
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=srv.port, sampler="Euler a", steps=3)
+        assert api.controlnet_model_list() == [n + " [" + n_hash + "]" for n, n_hash in
+                                               [(n, json.loads((package / "diffrt.json").read_text())["files"][
+                                                   f"controlnet/{n}/model.onnx"]["sha256"][:8]) for n in ("depth", "edges")]]
+        assert "canny" in api.controlnet_module_list()
+        units = [webuiapi.ControlNetUnit(image=control, model=api.controlnet_model_list()[1], weight=0.8,
+                                         resize_mode="Just Resize", guidance_end=0.7),
+                 webuiapi.ControlNetUnit(image=photo, module="canny", model="depth", weight=0.5, threshold_a=50,
+                                         threshold_b=120, control_mode=2)]
+        got = api.txt2img(prompt=PROMPT, seed=5, steps=3, width=32, height=32, cfg_scale=7.0, controlnet_units=units)
+        want = ours(PROMPT, rng="numpy", **settings, control=[
+            ControlInput("edges", control, 0.8, end=0.7), ControlInput("depth", photo, 0.5, module="canny", mode="control",
+                                                                       thresholds=(50, 120))])
+        assert "ignored" not in got.info or not got.info["ignored"], got.info
+        assert np.abs(np.asarray(got.image, np.int16) - np.asarray(want.images[0], np.int16)).max() <= 1
+        unit_free = ours(PROMPT, **settings)  # (not webuiapi again: its mutable default alwayson_scripts keeps the units)
+        assert np.abs(np.asarray(unit_free.images[0], np.int16) - np.asarray(got.image, np.int16)).max() > 2
+        init = control_picture(32, 32, 8)
+        got = api.img2img(images=[init], prompt=PROMPT, seed=5, steps=3, cfg_scale=7.0, denoising_strength=0.6, width=32, height=32,
+                          controlnet_units=[webuiapi.ControlNetUnit(model="edges", resize_mode="Just Resize")])
+        want = ours(PROMPT, image=init, strength=0.6, steps=3, guidance_scale=7.0, scheduler="euler_a", seed=5,
+                    control=[ControlInput("edges", init)])  # a unit without an image takes the init image
+        assert np.abs(np.asarray(got.image, np.int16) - np.asarray(want.images[0], np.int16)).max() <= 1
+        detected = api.controlnet_detect([photo], module="canny", threshold_a=50, threshold_b=120)
+        edges = cv2.Canny(np.asarray(photo), 50, 120)
+        assert (np.asarray(detected.image.convert("L")) == edges).all()
+
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none")
+        buffer = BytesIO()
+        control.save(buffer, format="PNG")
+        b64 = base64.b64encode(buffer.getvalue()).decode()
+        answer = client.images.generate(prompt=PROMPT, size="32x32", extra_body={
+            "seed": 5, "steps": 3, "guidance_scale": 7.0, "scheduler": "euler_a",
+            "control": [{"name": "edges", "image": b64, "scale": 0.9, "start": 0.1}]})
+        want = ours(PROMPT, **settings, control=[ControlInput("edges", control, 0.9, start=0.1)])
+        assert np.abs(decode(answer.data[0].b64_json).astype(np.int16) - np.asarray(want.images[0], np.int16)).max() <= 1
+
+        bad = [({"model": "nope", "image": b64}, "args[0].model"), ({"model": "edges", "image": "not-an-image"}, "args[0].image"),
+               ({"model": "edges", "image": b64, "module": "openpose"}, "args[0].module"),
+               ({"model": "edges", "image": b64, "weight": "NaN"}, "weight"),
+               ({"model": "edges", "image": b64, "control_mode": 7}, "args[0].control_mode"),
+               ({"model": "edges"}, "args[0].image")]
+        for unit, field in bad:
+            r = srv.post("/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "width": 32, "height": 32,
+                                               "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+            assert r.status_code in (400, 422) and field in r.text, (unit, r.status_code, r.text)
+        r = srv.post("/v1/images/generations", {"prompt": "x", "size": "32x32", "control": [{"name": "edges", "image": b64,
+                                                                                               "scale": "inf"}]})
+        assert r.status_code == 422 and "scale" in r.text
+        r = srv.post("/v1/images/generations", {"prompt": "x", "size": "32x32", "control": [{"name": "x", "image": b64}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "control[0].name"
+    finally:
+        assert srv.stop() == 0
