@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from diffrt.runtime.backends.engine import DENOISERS
+from diffrt.runtime.control import CONTROL
 from diffrt.runtime.errors import UserError
 
 
@@ -66,6 +67,15 @@ def parse_size(text: str, multiple: int, default: int) -> tuple[Span, Span]:
     return Span(lo, opt, hi), Span(lo, opt, hi)
 
 
+def residual_axes(h: Span, w: Span, f: int, levels: int = 6) -> dict[str, Span]:
+    """ControlNet residuals' sides at each halving k of the latents (height_k, width_k): rounded up, as the UNet's
+    strided convolutions give them."""
+    def side(span: Span, k: int) -> Span:
+        return Span(*(-(-(v // f) // 2 ** k) for v in (span.lo, span.opt, span.hi)))
+
+    return {f"{axis}_{k}": side(span, k) for k in range(levels) for axis, span in (("height", h), ("width", w))}
+
+
 def derive_profiles(manifest: dict[str, Any], batch: Span, width: Span, height: Span, static: bool = False,
                     guided: bool = True) -> dict[str, dict[str, dict[str, list[int]]]]:
     """{component: {input: {"min": dims, "opt": dims, "max": dims}}} for every component of the package."""
@@ -78,7 +88,7 @@ def derive_profiles(manifest: dict[str, Any], batch: Span, width: Span, height: 
     lengths = family.sequence_lengths(text_len, int(manifest.get("max_sequence_length") or text_len))
     out: dict[str, dict[str, dict[str, list[int]]]] = {}
     for comp, entry in manifest["components"].items():
-        if comp.startswith("text_encoder") or comp in DENOISERS:
+        if comp.startswith(("text_encoder", CONTROL)) or comp in DENOISERS:  # negatives and prompts together
             b = Span(batch.lo, batch.opt * (2 if guided else 1), batch.hi * 2)
             if static:
                 b = b.pinned()
@@ -93,7 +103,8 @@ def derive_profiles(manifest: dict[str, Any], batch: Span, width: Span, height: 
                 "sample_height": h, "sample_width": w,
                 # optimum's names for the same axes
                 "height_latent": Span(h.lo // f, h.opt // f, h.hi // f), "width_latent": Span(w.lo // f, w.opt // f, w.hi // f),
-                "num_channels": Span(channels, channels, channels), "num_channels_latent": Span(channels, channels, channels)}
+                "num_channels": Span(channels, channels, channels), "num_channels_latent": Span(channels, channels, channels),
+                "image_height": h, "image_width": w, **residual_axes(h, w, f)}
         inputs = {}
         for name, spec in entry["inputs"].items():
             dims = []

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from diffrt.runtime.backends.engine_store import engine_file, gpu_slug, write_engine_meta
+from diffrt.runtime.control import CONTROL
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.package import COMPONENTS, Package, load_package
 
@@ -114,7 +115,8 @@ def build_engines(package: Path, options: BuildOptions, log: Callable[[str], Non
     builder = trt.Builder(logger)
     cache_bytes = options.timing_cache.read_bytes() if options.timing_cache and options.timing_cache.is_file() else b""
     written = []
-    for comp in (c for c in options.components if pkg.has(c)):
+    controlnets = tuple(CONTROL + n for n in pkg.controlnets()) if options.components == COMPONENTS else ()
+    for comp in (c for c in (*options.components, *controlnets) if pkg.has(c)):
         graph = trt_graph(pkg, comp, log)
         flags = build_flags(options.precision, pkg.precision(comp), major, options.version_compatible,
                             options.refittable and loras and (comp == "unet" or comp.startswith("text_encoder")))

@@ -4,6 +4,7 @@ engine builds and runs marked `trt`, run wherever TensorRT and a GPU exist."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,3 +288,26 @@ def test_refittable_engines_take_loras_without_a_rebuild(tiny_plain_package, tin
     assert np.abs(styled.array - reference.array).max() < 0.05 and np.abs(styled.array - plain.array).max() > 0.02
     engines.set_loras([])
     assert np.abs(engines("a red cat", steps=4, seed=1).array - plain.array).max() < 1e-3
+
+
+def test_controlnet_and_residual_unet_profiles():
+    """A ControlNet's profile doubles the batch with guidance as the UNet's; residual inputs' sides follow each
+    halving of the latents, rounded up; the control image is the image's size; engine files stay one per component."""
+    manifest = json.loads(json.dumps(MANIFEST))
+    residual = {"down_block_additional_residual_0": {"dims": ["batch_size", 320, "height_0", "width_0"]},
+                "mid_block_additional_residual": {"dims": ["batch_size", 1280, "height_3", "width_3"]}}
+    manifest["components"]["unet"]["inputs"].update(residual)
+    manifest["components"]["controlnet/canny"] = {"inputs": {
+        **{k: v for k, v in MANIFEST["components"]["unet"]["inputs"].items()},
+        "controlnet_cond": {"dims": ["batch_size", 3, "image_height", "image_width"]}}}
+    w, h = parse_size("256-520", 8, 512)
+    p = derive_profiles(manifest, parse_batch("1"), w, h)
+    assert p["unet"]["mid_block_additional_residual"] == {"min": [1, 1280, 4, 4], "opt": [2, 1280, 8, 8],
+                                                          "max": [2, 1280, 9, 9]}  # 520 / 8 = 65 latents -> 9 after 3 halvings
+    assert p["unet"]["down_block_additional_residual_0"]["max"] == [2, 320, 65, 65]
+    assert p["controlnet/canny"]["controlnet_cond"] == {"min": [1, 3, 256, 256], "opt": [2, 3, 512, 512],
+                                                        "max": [2, 3, 520, 520]}
+    assert p["controlnet/canny"]["sample"]["opt"] == [2, 4, 64, 64]
+    path = engine_file(Path("/pkg"), H100.gpu, H100.compute_capability, H100.trt_version, "controlnet/canny", "fp16")
+    assert path.parent == Path("/pkg") / "engines" / engine_dir_name(H100.gpu, H100.compute_capability, H100.trt_version)
+    assert path.name == "controlnet--canny.fp16.plan"

@@ -27,7 +27,8 @@ def engine_dir_name(gpu: str, compute_capability: tuple[int, int], trt_version: 
 
 
 def engine_file(package: Path, gpu: str, cc: tuple[int, int], trt_version: str, component: str, precision: str) -> Path:
-    return package / "engines" / engine_dir_name(gpu, cc, trt_version) / f"{component}.{precision}.plan"
+    name = component.replace("/", "--")  # a ControlNet's component, controlnet/<name>: one file beside the others
+    return package / "engines" / engine_dir_name(gpu, cc, trt_version) / f"{name}.{precision}.plan"
 
 
 @dataclass(frozen=True)
