@@ -54,6 +54,7 @@ class BenchConfig:
     cold_start: bool = True
     prompt: str = PROMPT
     out: Path = Path("bench-out")
+    control: list[str] = field(default_factory=list)  # NAME:IMAGE[:SCALE]: ControlNets of the package, timed per step
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -90,20 +91,24 @@ def baseline_placement(backend: str, unet_precision: str, baseline: str = "diffu
 class Diffusers:
     """The baseline: diffusers on the same weights, timed per stage with module hooks."""
 
-    def __init__(self, checkpoint: Path, threads: int | None, device: str = "cpu", dtype: str = "float32") -> None:
+    def __init__(self, checkpoint: Path, threads: int | None, device: str = "cpu", dtype: str = "float32",
+                 controlnets: list[Path] | None = None) -> None:
         import torch
-        from diffusers import DiffusionPipeline
+        from diffusers import AutoPipelineForText2Image, ControlNetModel
 
         if threads:
             torch.set_num_threads(threads)
         self.torch, self.device, self.dtype = torch, device, getattr(torch, dtype)
         start = time.perf_counter()
-        self.pipe = DiffusionPipeline.from_pretrained(checkpoint, torch_dtype=self.dtype).to(device)  # SD or SDXL
+        nets = [ControlNetModel.from_pretrained(c, torch_dtype=self.dtype) for c in controlnets or []]
+        control = {"controlnet": nets[0] if len(nets) == 1 else nets} if nets else {}
+        # SD or SDXL, or their ControlNet pipelines
+        self.pipe = AutoPipelineForText2Image.from_pretrained(checkpoint, torch_dtype=self.dtype, **control).to(device)
         self.scheduler_config = dict(self.pipe.scheduler.config)  # the checkpoint's, which each sampler is built over
         self.pipe.set_progress_bar_config(disable=True)
         self.load_seconds = time.perf_counter() - start
         self.stages: dict[str, list[tuple[Any, Any]]] = {}  # (start mark, end mark) per call
-        for name in ("text_encoder", "text_encoder_2", "unet"):  # SDXL's two encoders time as one stage
+        for name in ("text_encoder", "text_encoder_2", "unet", "controlnet"):  # SDXL's two encoders time as one stage
             if getattr(self.pipe, name, None) is not None:
                 self._hook(name.removesuffix("_2"), getattr(self.pipe, name))
         self.pipe.vae.decode = self._timed("vae_decode", self.pipe.vae.decode)
@@ -164,7 +169,8 @@ class Diffusers:
             else:
                 images = self.pipe([cfg.prompt] * len(latents), num_inference_steps=steps, guidance_scale=guidance,
                                    width=width, height=height, eta=getattr(cls, "eta", 0.0),
-                                   latents=self.torch.from_numpy(latents).to(self.device, self.dtype)).images
+                                   latents=self.torch.from_numpy(latents).to(self.device, self.dtype),
+                                   **control_arguments(cfg, width, height)).images
         for image in images:
             image.save(BytesIO(), format="PNG")
         total = time.perf_counter() - start
@@ -172,6 +178,23 @@ class Diffusers:
         stages = {k: float(np.sum(v)) for k, v in calls.items()}
         stages["other"] = total - sum(stages.values())
         return {"total": total, "stages": stages, "unet_calls": calls.get("unet", [])}
+
+
+def control_inputs(cfg: BenchConfig) -> list[Any]:
+    from diffrt.runtime.control import ControlInput
+
+    return [ControlInput.parse(spec) for spec in cfg.control]
+
+
+def control_arguments(cfg: BenchConfig, width: int, height: int) -> dict[str, Any]:
+    """diffusers' ControlNet pipeline arguments for the bench's --control (images as diffrt reads them)."""
+    if not cfg.control:
+        return {}
+    units = control_inputs(cfg)
+    images = [picture(Path(u.image), width, height) for u in units]
+    one = len(units) == 1
+    return {"image": images[0] if one else images,
+            "controlnet_conditioning_scale": units[0].scale if one else [u.scale for u in units]}
 
 
 def picture(path: Path, width: int, height: int):
@@ -187,13 +210,14 @@ def run_diffrt(pipe: Pipeline, cfg: BenchConfig, scheduler: str, steps: int, gui
     given = {"image": picture(cfg.image, width, height), "strength": cfg.strength} if cfg.image else \
         {"width": width, "height": height, "latents": latents}
     result = pipe(cfg.prompt, steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=0, num_images=len(latents),
-                  **given)
+                  control=control_inputs(cfg) or None, **given)
     encode = time.perf_counter()
     for image in result.images:
         image.save(BytesIO(), format="PNG")
     end = time.perf_counter()
     t = result.timings
     stages = {"tokenize": t["tokenize"], "text_encoder": t["text_encoder"], "unet": float(np.sum(t["unet"])),
+              **({"controlnet": float(np.sum(t["controlnet"]))} if "controlnet" in t else {}),
               "scheduler_and_loop": float(np.sum(t["scheduler"])), "vae_decode": t["vae_decode"],
               "postprocess": t["postprocess"], "image_encode": end - encode,
               **({"vae_encode": t["vae_encode"]} if "vae_encode" in t else {})}
@@ -281,7 +305,9 @@ def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
     scheduler = cfg.scheduler or d["scheduler"]
     width, height = cfg.width or d["width"], cfg.height or d["height"]
     placements = {b: baseline_placement(pipe.backend, pipe.package.precision("unet"), b) for b in baselines(cfg)}
-    refs = {b: Diffusers(baseline_checkpoint(pipe, cfg), cfg.threads, *where) for b, where in placements.items()}
+    nets = [Path(pipe.package.manifest["components"][f"controlnet/{u.name}"]["source"]) for u in control_inputs(cfg)]
+    refs = {b: Diffusers(baseline_checkpoint(pipe, cfg), cfg.threads, *where, controlnets=nets)
+            for b, where in placements.items()}
     impls = {"diffrt": lambda lat: run_diffrt(pipe, cfg, scheduler, steps, guidance, lat, width, height)}
     for b, ref in refs.items():
         impls[b] = lambda lat, ref=ref: ref(cfg, scheduler, steps, guidance, lat, width, height)
@@ -303,7 +329,7 @@ def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
                                 "scheduler_steps": r.get("scheduler_steps")})
             log(f"batch {batch} run {run + 1}/{cfg.runs}: " + ", ".join(
                 f"{rec['impl']} {rec['seconds']:.3f} s" for rec in records[-len(order):]))
-    if cfg.cold_start and not cfg.image:  # start-up is measured on text-to-image runs
+    if cfg.cold_start and not cfg.image and not cfg.control:  # start-up is measured on plain text-to-image runs
         cold = list(impls)
         if cfg.graph_cache:
             cold.insert(1, "diffrt_graph_cache")
@@ -318,7 +344,7 @@ def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
     settings = {"package": str(pipe.package.root), "model": pipe.package.name, "backend": pipe.backend, "steps": steps,
                 "guidance_scale": guidance, "scheduler": scheduler, "width": width, "height": height, "batches": cfg.batches,
                 "runs": cfg.runs, "warmup": cfg.warmup, "threads": cfg.threads, "baseline": cfg.baseline,
-                "cuda_graph": cfg.cuda_graph, "graph_cache": str(cfg.graph_cache) if cfg.graph_cache else None,
+                "cuda_graph": cfg.cuda_graph, "control": cfg.control, "graph_cache": str(cfg.graph_cache) if cfg.graph_cache else None,
                 "precision": pipe.computes, "baselines": {b: {"device": d, "dtype": t} for b, (d, t) in placements.items()},
                 "baseline_device": next(iter(placements.values()))[0] if refs else None,
                 "baseline_dtype": next(iter(placements.values()))[1] if refs else None}
@@ -386,7 +412,8 @@ def config_from_args(args) -> BenchConfig:
                        batches=batches, runs=args.runs, warmup=args.warmup, scheduler=args.scheduler, guidance=args.guidance,
                        baseline=args.baseline, checkpoint=args.checkpoint, threads=args.threads, cuda_graph=args.cuda_graph,
                        precision=args.precision, image=args.image, strength=args.strength,
-                       graph_cache=args.graph_cache, cold_start=not args.no_cold_start, out=args.out)
+                       graph_cache=args.graph_cache, cold_start=not args.no_cold_start, out=args.out,
+                       control=list(args.control or []))
 
 
 __all__ = ["BenchConfig", "benchmark", "write_outputs", "config_from_args"]

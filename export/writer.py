@@ -155,6 +155,8 @@ def _export_one(ckpt: Checkpoint, comp: str, dest: Path, options, step: Callable
         store_weights_fp16(path)
         entry["weights"] = "fp16"
     entry.update(graph_io(path))
+    if comp in ckpt.controlnets:  # where it came from: a benchmark's diffusers baseline loads it from there
+        entry["source"] = str(ckpt.controlnets[comp].resolve())
     if comp == "unet" and ckpt.control_inputs:  # each residual input's channels and halvings of the latents
         from .controlnet import residual_halvings
 

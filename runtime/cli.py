@@ -658,6 +658,8 @@ def add_bench(sub) -> None:
     b.add_argument("--image", type=Path, help="benchmark image-to-image from this picture (the VAE encoder is timed too)")
     b.add_argument("--strength", type=number, default=0.6, help="with --image (default %(default)s): "
                    "int(strength x steps) UNet steps run")
+    b.add_argument("--control", action="append", metavar="NAME:IMAGE[:SCALE]", help="run the package's ControlNet NAME on "
+                   "IMAGE each step (timed apart from the UNet; diffusers' ControlNet pipeline as the baseline)")
     b.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process runs")
     b.add_argument("--out", type=Path, default=Path("bench-out"), help="report folder (default %(default)s)")
     b.set_defaults(func=cmd_bench)

@@ -489,10 +489,14 @@ class Pipeline:
         where = f"at step {first.i + 1} of {first.total}" if len(streams) == 1 else f"on {len(streams)} requests' step"
         last = all(s.i + 1 >= s.total for s in streams)  # every stream's last step: the call after which memory goes back
         run = lambda feeds: self._guarded(name, feeds, self.family.denoiser_output, where, last)  # noqa: E731
-        called = time.perf_counter()
         sample = np.concatenate(inputs) if len(inputs) > 1 else inputs[0]
-        out = self.family.denoise(self.denoiser, run, sample, t, self._joined_cond(streams),
-                                  self._residuals(streams, sample, t)).astype(np.float32)
+        called = time.perf_counter()
+        residuals = self._residuals(streams, sample, t)
+        if residuals is not None:  # what the ControlNets took, apart from the UNet's time
+            control_seconds, called = time.perf_counter() - called, time.perf_counter()
+            for s in streams:
+                s.timings.setdefault("controlnet", []).append(control_seconds)
+        out = self.family.denoise(self.denoiser, run, sample, t, self._joined_cond(streams), residuals).astype(np.float32)
         unet_seconds, start = time.perf_counter() - called, 0
         for stream, rows, own in zip(streams, inputs, seconds):
             try:

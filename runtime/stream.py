@@ -61,8 +61,8 @@ class Stream:
 
     @property
     def step_seconds(self) -> float:
-        """Seconds the steps so far took (the denoiser's calls and this stream's own guidance and sampler)."""
-        return float(sum(self.timings["unet"]) + sum(self.timings["scheduler"]))
+        """Seconds the steps so far took (the denoiser's and ControlNets' calls, this stream's guidance and sampler)."""
+        return float(sum(self.timings["unet"]) + sum(self.timings["scheduler"]) + sum(self.timings.get("controlnet", ())))
 
     def stop(self) -> None:
         """End the loop at the step reached: `finish` decodes the latents as they stand (A1111's interrupt)."""

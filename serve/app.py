@@ -225,7 +225,7 @@ class Service:
         pkg = self.pipe.package if self.pipe else None
         return {"name": self.name, "model_hash": pkg.model_hash if pkg else None, "root": str(pkg.root) if pkg else None,
                 "backend": self.pipe.backend if self.pipe else None, "queue": len(self.batcher.queue) if self.batcher else 0,
-                "batching": self.batching,
+                "batching": self.batching, "controlnets": controlnet_hashes(pkg) if pkg else {},
                 "ready": self.pipe is not None, "load_error": self.load_error}
 
     async def admit(self, job: Job) -> None:
@@ -300,6 +300,12 @@ def encode(image, settings: dict | None, fmt: str = "png") -> str:
     buffer = BytesIO()
     image.save(buffer, format=pil_format, **options)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def controlnet_hashes(package: Any) -> dict[str, str]:
+    """The package's ControlNets and the first 8 hex digits of each graph's sha256 (A1111's model list shows them)."""
+    files = package.manifest.get("files", {})
+    return {n: files.get(f"controlnet/{n}/model.onnx", {}).get("sha256", "")[:8] for n in package.controlnets()}
 
 
 def image_from(data: Any, field: str) -> Any:

@@ -22,19 +22,18 @@ INERT_UNIT = ("low_vram", "lowvram", "processor_res", "pixel_perfect", "hr_optio
               "output_dir", "save_detected_map", "loopback", "is_ui", "effective_region_mask", "inpaint_crop_input_image")
 
 
-def listed_name(service: Service, name: str) -> str:
-    """A ControlNet's name as the model list gives it ("name [hash]"), for a client that sends it back."""
-    entry = service.pipe.package.manifest.get("files", {}).get(f"controlnet/{name}/model.onnx", {})
-    return f"{name} [{entry.get('sha256', '')[:8]}]" if entry else name
+def served(service: Service) -> dict[str, str]:
+    """The served model's ControlNets and their short hashes (a Ray ingress knows them from a replica's description)."""
+    return service.describe().get("controlnets") or {}
 
 
 def check_name(service: Service, model: str | None, field: str) -> str:
     """The package's ControlNet a unit names (with or without the list's " [hash]"), a 400 naming the field if none."""
-    have = service.pipe.package.controlnets() if service.pipe else []
+    have = served(service)
     name = (model or "").split(" [")[0]
     if name not in have:
         raise ApiError(400, f"{field}: {model!r} is not a ControlNet of this model; GET /controlnet/model_list lists "
-                            f"{', '.join(have) or 'none'}", field)
+                            f"{', '.join(sorted(have)) or 'none'}", field)
     return name
 
 
@@ -127,8 +126,7 @@ def add_controlnet_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/controlnet/model_list")
     async def model_list() -> dict:
-        names = service.pipe.package.controlnets() if service.pipe else []
-        return {"model_list": [listed_name(service, n) for n in names]}
+        return {"model_list": [f"{n} [{h}]" if h else n for n, h in sorted(served(service).items())]}
 
     @app.get("/controlnet/module_list")
     async def module_list(alias_names: bool = False) -> dict:
