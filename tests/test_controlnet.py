@@ -70,6 +70,7 @@ def reference(kind: str, checkpoint, controlnets):
     nets = [diffusers.ControlNetModel.from_pretrained(c) for c in controlnets]
     pipe = getattr(diffusers, kind).from_pretrained(checkpoint, controlnet=nets[0] if len(nets) == 1 else nets,
                                                     safety_checker=None, requires_safety_checker=False)
+    pipe.checkpoint_scheduler_config = dict(pipe.scheduler.config)  # what the package holds (use_sampler builds on it)
     pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -104,6 +105,24 @@ def test_text_to_image_matches_diffusers(case, tiny_checkpoint, controlnets, our
     plain = ours(PROMPT, steps=6, guidance_scale=7.5, width=40, height=24, seed=3, rng="torch-cpu", scheduler="euler")
     assert np.abs(plain.array - theirs).max() > 0.02  # the ControlNets did something
     assert mine.settings["control"][0]["name"] == nets[0].name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["heun", "dpm2_a", "dpmpp_2m_karras", "unipc", "lcm", "ddim", "euler_a", "dpmpp_2m_sde"])
+def test_every_kind_of_sampler_with_a_guidance_window_matches_diffusers(name, tiny_checkpoint, controlnets, ours):
+    """The window is counted over diffusers' timesteps (Heun and DPM2 call the UNet twice a step), same noise."""
+    from conftest import use_sampler
+
+    pipe = reference("StableDiffusionControlNetPipeline", tiny_checkpoint, controlnets[:1])
+    extra = use_sampler(pipe, name)
+    control = control_picture(32, 32, 4)
+    with torch.no_grad():
+        theirs = pipe(PROMPT, image=control, num_inference_steps=5, guidance_scale=7.5, width=32, height=32,
+                      generator=torch.Generator().manual_seed(3), output_type="np", controlnet_conditioning_scale=0.8,
+                      control_guidance_start=0.2, control_guidance_end=0.7, **extra).images
+    mine = ours(PROMPT, steps=5, guidance_scale=7.5, width=32, height=32, seed=3, rng="torch-cpu", scheduler=name,
+                control=[ControlInput("edges", control, 0.8)], control_start=0.2, control_end=0.7)
+    assert np.abs(mine.array - theirs).max() <= 1e-3
 
 
 def test_without_control_the_unet_gives_the_plain_package_image(ours, tiny_package):
