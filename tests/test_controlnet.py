@@ -307,3 +307,27 @@ def test_http_a1111_controlnet_extension_api_and_openai_control(package, ours, t
         assert r.status_code == 400 and r.json()["error"]["param"] == "control[0].name"
     finally:
         assert srv.stop() == 0
+
+
+def test_loras_switched_at_run_time_with_a_controlnet_match_diffusers(package, tiny_checkpoint, controlnets, tmp_path):
+    """A run-time LoRA on the residual-taking UNet and the text encoder, with a ControlNet, against diffusers' ControlNet
+    pipeline with the LoRA fused."""
+    pytest.importorskip("peft")
+    from test_lora import make_lora
+
+    from diffrt.runtime.lora import LoraChoice
+
+    lora = tmp_path / "style.safetensors"
+    make_lora(tiny_checkpoint, lora, 1, ("to_q", "to_k", "to_v", "to_out.0"))
+    pipe = reference("StableDiffusionControlNetPipeline", tiny_checkpoint, controlnets[:1])
+    pipe.load_lora_weights(lora.parent, weight_name=lora.name, adapter_name="style")
+    pipe.fuse_lora(lora_scale=0.7, adapter_names=["style"])
+    pipe.unload_lora_weights()
+    control = control_picture(32, 32, 2)
+    with torch.no_grad():
+        theirs = pipe(PROMPT, image=control, num_inference_steps=4, guidance_scale=7.5, width=32, height=32,
+                      generator=torch.Generator().manual_seed(1), output_type="np").images
+    mine = Pipeline.from_package(package, backend="ort-cpu", loras=[LoraChoice(lora, 0.7)])(
+        PROMPT, steps=4, guidance_scale=7.5, width=32, height=32, seed=1, rng="torch-cpu", scheduler="euler",
+        control=[ControlInput("edges", control)])
+    assert np.abs(mine.array - theirs).max() <= 1e-3
