@@ -331,3 +331,23 @@ def test_loras_switched_at_run_time_with_a_controlnet_match_diffusers(package, t
         PROMPT, steps=4, guidance_scale=7.5, width=32, height=32, seed=1, rng="torch-cpu", scheduler="euler",
         control=[ControlInput("edges", control)])
     assert np.abs(mine.array - theirs).max() <= 1e-3
+
+
+@pytest.mark.slow
+def test_openvino_and_quantized_packages_run_controlnets(package, ours, tmp_path):
+    """ov-cpu in float32 equals ort-cpu; an fp16 package (ControlNets converted too) on both backends stays within the
+    fp16 gate of the float32 image."""
+    pytest.importorskip("openvino")
+    from diffrt.export.precision import QuantizeOptions, quantize_package
+
+    settings = dict(steps=4, width=32, height=32, seed=1, control=[ControlInput("edges", control_picture(32, 32, 3), 0.9)])
+    want = ours(PROMPT, **settings).array
+    ov = Pipeline.from_package(package, backend="ov-cpu", precision="fp32")(PROMPT, **settings).array
+    assert np.abs(ov - want).max() <= 1e-3
+    fp16 = tmp_path / "fp16"
+    quantize_package(package, fp16, QuantizeOptions(precision="fp16", steps=4, gate_seeds=1), log=lambda m: None)
+    assert json.loads((fp16 / "diffrt.json").read_text())["components"]["controlnet/edges"]["precision"] == "fp16"
+    for backend in ("ort-cpu", "ov-cpu"):
+        got = Pipeline.from_package(fp16, backend=backend)(PROMPT, **settings).array
+        psnr = 10 * np.log10(1 / max(float(np.mean((got - want) ** 2)), 1e-12))
+        assert psnr >= 35, (backend, psnr)
