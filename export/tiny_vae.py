@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from diffrt.runtime.errors import UserError
+from diffrt.runtime.files import ordinary_mode
 from diffrt.runtime.package import MANIFEST, load_package
 
 COMPONENT = "tiny_vae_decoder"
@@ -94,6 +95,7 @@ def add_tiny_vae(package_dir: Path, folder: Path, log: Callable[[str], None] = p
         log(f"{COMPONENT}: onnxruntime vs PyTorch max abs {check['max_abs']:.2e}: ok")
         shutil.rmtree(package_dir / COMPONENT, ignore_errors=True)
         shutil.move(staging, package_dir / COMPONENT)
+        (package_dir / COMPONENT).chmod(ordinary_mode(0o777))  # mkdtemp makes 0700; a package is an ordinary folder
         Path(staging).mkdir()  # for the context manager's own clean-up
     manifest = json.loads((package_dir / MANIFEST).read_text(encoding="utf-8"))
     manifest["components"][COMPONENT] = {"file": f"{COMPONENT}/model.onnx", "precision": "fp32",

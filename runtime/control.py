@@ -156,6 +156,7 @@ def check_units(inputs: list[ControlInput], available: list[str], width: int, he
         record = {"name": given.name, "scale": float(given.scale), "start": float(s), "end": float(e),
                   **({"module": given.module} if given.module != "none" else {}), **({"mode": mode} if mode != "balanced" else {}),
                   **({"resize": given.resize} if given.resize != "just" else {}),
+                  **({"thresholds": list(given.thresholds)} if given.module == "canny" and tuple(given.thresholds) != CANNY else {}),
                   **({"image": str(Path(given.image).resolve())} if isinstance(given.image, (str, Path)) else {})}
         units.append(Unit(CONTROL + given.name, image, float(given.scale), float(s), float(e), mode, record))
     return units

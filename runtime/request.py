@@ -109,14 +109,15 @@ class GenerationRequest:
 
 def recorded_control(record: dict[str, Any]) -> Any:
     """A ControlInput as an image's settings record it, its control image the same file (refused when it is gone)."""
-    from .control import ControlInput
+    from .control import CANNY, ControlInput
 
     path = record.get("image")
     if not path or not Path(path).is_file():
         raise UserError(f"the image was made with the control image {path or '(not a file)'} for the ControlNet "
                         f"{record.get('name')}, which is not there now; give --control NAME:IMAGE to choose")
     return ControlInput(record["name"], path, record["scale"], record["start"], record["end"],
-                        record.get("module", "none"), record.get("mode", "balanced"), resize=record.get("resize", "just"))
+                        record.get("module", "none"), record.get("mode", "balanced"),
+                        tuple(record.get("thresholds", CANNY)), record.get("resize", "just"))
 
 
 def source_file(settings: dict[str, Any], key: str) -> Path:

@@ -281,17 +281,17 @@ def tiny_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
-def bundled_without_vae_encoder(dest):
-    """A copy of the bundled package at dest with its VAE encoder taken out (graph and manifest entries)."""
+def bundled_without(dest, component: str = "vae_encoder"):
+    """A copy of the bundled package at dest with one component taken out (graph and manifest entries)."""
     import shutil
 
     from diffrt.runtime.bundled import bundled_model
 
     shutil.copytree(bundled_model(), dest)
-    shutil.rmtree(dest / "vae_encoder")
+    shutil.rmtree(dest / component)
     manifest = json.loads((dest / "diffrt.json").read_text())
-    del manifest["components"]["vae_encoder"]
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("vae_encoder/")}
+    del manifest["components"][component]
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith(f"{component}/")}
     (dest / "diffrt.json").write_text(json.dumps(manifest))
     return dest
 

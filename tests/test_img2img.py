@@ -140,7 +140,7 @@ def test_inpainting_bad_input(tiny_package, tiny_inpaint_package):
 
 
 def test_a_package_without_vae_encoder_is_refused_in_one_line(tmp_path):
-    from conftest import bundled_without_vae_encoder
+    from conftest import bundled_without
 
     with pytest.raises(UserError, match="has no VAE encoder, which image-to-image and inpainting need"):
-        Pipeline.from_package(bundled_without_vae_encoder(tmp_path / "pkg"), backend="ort-cpu")(PROMPT, image=picture(64, 64), steps=2)
+        Pipeline.from_package(bundled_without(tmp_path / "pkg"), backend="ort-cpu")(PROMPT, image=picture(64, 64), steps=2)

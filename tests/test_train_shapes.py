@@ -30,12 +30,12 @@ def test_encoder_script_adds_a_vae_encoder_the_runtime_uses(tmp_path):
     """train_encoder at toy size on a copy of the bundled package without its encoder: the package gains one (in its
     manifest, hashes and all) and image-to-image runs on it; text-to-image stays the same."""
     import numpy as np
-    from conftest import bundled_without_vae_encoder
+    from conftest import bundled_without
 
     from diffrt.models.train_encoder import main as train_encoder
     from diffrt.runtime.pipeline import Pipeline
 
-    package = bundled_without_vae_encoder(tmp_path / "shapes")
+    package = bundled_without(tmp_path / "shapes")
     before = Pipeline.from_package(package, backend="ort-cpu")("a red circle", seed=3, steps=4).array
     train_encoder(["--package", str(package), "--pairs", "16", "--steps", "4"])
     pipe = Pipeline.from_package(package, backend="ort-cpu", verify_hashes=True)
