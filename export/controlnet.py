@@ -37,7 +37,7 @@ def controlnet_config(folder: Path) -> dict[str, Any]:
     """The ControlNetModel config in folder, refused in one line where it is not one."""
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise UserError(f"--controlnet {folder} has no config.json; give the folder of a diffusers ControlNetModel")
+        raise UserError(f"{folder} has no config.json; give the folder of a diffusers ControlNetModel")
     config = json.loads(path.read_text(encoding="utf-8"))
     if config.get("_class_name") != "ControlNetModel":
         raise UserError(f"{folder} holds a {config.get('_class_name') or 'model of no known class'}, not a diffusers "

@@ -583,7 +583,8 @@ class Pipeline:
             rows = len(req.prompts) * (2 if req.guided else 1)
             too_big = check_fits(self.attention, req.width, req.height, self.package.vae_scale_factor, rows)
             if too_big:
-                raise UserError(too_big)
+                d = self.package.defaults
+                raise UserError(f"{too_big}; this model was made for {d['width']}x{d['height']}")
         note = size_note(self.package.defaults, req.width, req.height)
         if note:
             warnings.warn(note, stacklevel=4)
