@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderTiny
 
 from diffrt.export.tiny_vae import add_tiny_vae
+from diffrt.export.writer import file_hashes
 from diffrt.models.shapes_data import sample_training_set
 from diffrt.runtime.pipeline import Pipeline
 
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
               "parameters": sum(p.numel() for p in tiny.decoder.parameters()),
               "minutes": round((time.time() - begun) / 60, 1)}
     (args.package / "card" / "tiny_decoder.json").write_text(json.dumps(record, indent=1) + "\n")
+    manifest = json.loads((args.package / "diffrt.json").read_text())  # a shipped manifest names no path of this machine
+    manifest["components"]["tiny_vae_decoder"]["source"] = "models/train_tiny_decoder.py"
+    manifest["files"] = file_hashes(args.package)  # the card's new file too
+    (args.package / "diffrt.json").write_text(json.dumps(manifest, indent=1) + "\n")
     log(json.dumps(record))
 
 
