@@ -57,8 +57,7 @@ def txt2img_job(service: Service, body: Txt2ImgRequest) -> Job:
     check_checkpoint(service, given.sd_model_checkpoint, "override_settings.sd_model_checkpoint")
     count = body.batch_size * body.n_iter
     prompt, loras = with_loras(service.options, body.prompt, body.loras)
-    controls = a1111_controls(service, body.scripts(), image_from(body.init_images[0], "init_images")
-                              if isinstance(body, Img2ImgRequest) else None)
+    controls = a1111_controls(service, body.scripts(), body.init_images[0] if isinstance(body, Img2ImgRequest) else None)
     return Job([prompt] * count, [body.negative_prompt] * count, seeds_from(body.seed, count),
                {"steps": body.steps, "scheduler": a1111_sampler(body.sampler(), body.scheduler), "width": body.width,
                 "height": body.height, "rng": RANDN_SOURCES[given.randn_source or options["randn_source"]],

@@ -38,7 +38,8 @@ def check_name(service: Service, model: str | None, field: str) -> str:
 
 
 def a1111_controls(service: Service, scripts: Any, init_image: Any = None) -> tuple:
-    """The ControlInputs of a txt2img / img2img body's alwayson_scripts.controlnet.args (disabled units left out)."""
+    """The ControlInputs of a txt2img / img2img body's alwayson_scripts.controlnet.args (disabled units left out);
+    init_image: img2img's image as sent, read only for a unit that has no image of its own."""
     from diffrt.runtime.control import CANNY, ControlInput
 
     key = controlnet_key(scripts)
@@ -60,7 +61,8 @@ def a1111_controls(service: Service, scripts: Any, init_image: Any = None) -> tu
         if unit.mask not in (None, ""):
             raise ApiError(400, f"{field}.mask: a ControlNet unit's mask (inpainting ControlNets) is not built; leave it out",
                            f"{field}.mask")
-        image = image_from(given, f"{field}.image") if given not in (None, "") else init_image
+        image = image_from(given, f"{field}.image") if given not in (None, "") else \
+            image_from(init_image, "init_images") if init_image is not None else None
         if image is None:
             raise ApiError(400, f"{field}.image: the unit has no control image; send one (base64)", f"{field}.image")
         module, mode = MODULES.get(unit.module), CONTROL_MODES.get(unit.control_mode)
