@@ -11,6 +11,7 @@ unless the package is float32).
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -88,6 +89,19 @@ def baseline_placement(backend: str, unet_precision: str, baseline: str = "diffu
     return "cuda", "float32" if backend == "ort-cuda" and unet_precision == "fp32" else "float16"
 
 
+# diffusers' modules and the bench's stage each times as: a family's text encoders are one stage, its denoiser "unet"
+STAGES = {"text_encoder": "text_encoder", "text_encoder_2": "text_encoder", "text_encoder_3": "text_encoder",
+          "unet": "unet", "transformer": "unet", "controlnet": "controlnet"}
+
+
+def left_out(checkpoint: Path) -> dict[str, None]:
+    """SD3's T5 where the checkpoint was saved without it (diffusers then needs text_encoder_3=None said outright)."""
+    index = json.loads((checkpoint / "model_index.json").read_text())
+    if not index.get("_class_name", "").startswith("StableDiffusion3"):
+        return {}
+    return {k: None for k in ("text_encoder_3", "tokenizer_3") if (index.get(k) or [None])[0] is None}
+
+
 class Diffusers:
     """The baseline: diffusers on the same weights, timed per stage with module hooks."""
 
@@ -103,14 +117,15 @@ class Diffusers:
         nets = [ControlNetModel.from_pretrained(c, torch_dtype=self.dtype) for c in controlnets or []]
         control = {"controlnet": nets[0] if len(nets) == 1 else nets} if nets else {}
         # SD or SDXL, or their ControlNet pipelines
-        self.pipe = AutoPipelineForText2Image.from_pretrained(checkpoint, torch_dtype=self.dtype, **control).to(device)
+        self.pipe = AutoPipelineForText2Image.from_pretrained(checkpoint, torch_dtype=self.dtype, **control,
+                                                              **left_out(checkpoint)).to(device)
         self.scheduler_config = dict(self.pipe.scheduler.config)  # the checkpoint's, which each sampler is built over
         self.pipe.set_progress_bar_config(disable=True)
         self.load_seconds = time.perf_counter() - start
         self.stages: dict[str, list[tuple[Any, Any]]] = {}  # (start mark, end mark) per call
-        for name in ("text_encoder", "text_encoder_2", "unet", "controlnet"):  # SDXL's two encoders time as one stage
+        for name, stage in STAGES.items():
             if getattr(self.pipe, name, None) is not None:
-                self._hook(name.removesuffix("_2"), getattr(self.pipe, name))
+                self._hook(stage, getattr(self.pipe, name))
         self.pipe.vae.decode = self._timed("vae_decode", self.pipe.vae.decode)
         self.pipe.vae.encode = self._timed("vae_encode", self.pipe.vae.encode)
 
@@ -165,10 +180,10 @@ class Diffusers:
             if cfg.image:
                 images = self.img2img()([cfg.prompt] * len(latents), image=picture(cfg.image, width, height),
                                         strength=cfg.strength, num_inference_steps=steps, guidance_scale=guidance,
-                                        generator=self.torch.Generator().manual_seed(0), eta=getattr(cls, "eta", 0.0)).images
+                                        generator=self.torch.Generator().manual_seed(0), **eta(self.img2img(), cls)).images
             else:
                 images = self.pipe([cfg.prompt] * len(latents), num_inference_steps=steps, guidance_scale=guidance,
-                                   width=width, height=height, eta=getattr(cls, "eta", 0.0),
+                                   width=width, height=height, **eta(self.pipe, cls),
                                    latents=self.torch.from_numpy(latents).to(self.device, self.dtype),
                                    **control_arguments(cfg, width, height)).images
         for image in images:
@@ -178,6 +193,11 @@ class Diffusers:
         stages = {k: float(np.sum(v)) for k, v in calls.items()}
         stages["other"] = total - sum(stages.values())
         return {"total": total, "stages": stages, "unet_calls": calls.get("unet", [])}
+
+
+def eta(pipe, sampler) -> dict[str, float]:
+    """The sampler's eta for a pipeline that takes one (SD3's and FLUX's do not)."""
+    return {"eta": getattr(sampler, "eta", 0.0)} if "eta" in inspect.signature(pipe.__call__).parameters else {}
 
 
 def control_inputs(cfg: BenchConfig) -> list[Any]:

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from .sd3 import T5_XXL, VAE
-from .sdxl import TEXT_ENCODER, clip_tokenizers, export_report
+from .sdxl import TEXT_ENCODER, clip_tokenizers, export_report, parse_with_export_args
 
 DEFAULT_CACHE = Path(".cache") / "flux"
 FULL_BLOCKS = (19, 38)
@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--single", type=int, default=4, help="single-stream blocks (export; FLUX.1 has 38)")
     ap.add_argument("--t5", type=Path, help="a saved T5-XXL encoder folder to link instead of building one")
     ap.add_argument("--json", type=Path, help="write the measurement here")
-    ap.add_argument("export_args", nargs="*", help="more `diffrt export` options, after --")
-    args = ap.parse_args(argv)
+    args = parse_with_export_args(ap, argv)
     if args.action == "stage":
         print(json.dumps(stage(args)))
         return

@@ -101,13 +101,16 @@ IMPLS = {"diffrt-ort": ("diffrt", "ort-cpu"), "diffrt-ov-bf16": ("diffrt", "ov-c
          "diffusers": ("diffusers", "float32"), "diffusers-bf16": ("diffusers", "bfloat16")}
 
 
-def child(impl: str, cache: Path, width: int, height: int, steps: int, runs: int) -> dict:
+def child(impl: str, cache: Path, width: int, height: int, steps: int, runs: int, scheduler: str = "euler",
+          guidance: float = 5.0) -> dict:
     """One implementation in this process: load, one warm-up image, then runs timed images (per stage)."""
     import numpy as np
 
     from .bench import BenchConfig, Diffusers, run_diffrt
 
     kind, where = IMPLS[impl]
+    vae = json.loads((cache / "checkpoint" / "vae" / "config.json").read_text())
+    channels, factor = vae["latent_channels"], 2 ** (len(vae["block_out_channels"]) - 1)
     cfg = BenchConfig(package=cache / "package", steps=steps, width=width, height=height, prompt="a photo of a red house")
     start = time.perf_counter()
     if kind == "diffrt":
@@ -116,28 +119,29 @@ def child(impl: str, cache: Path, width: int, height: int, steps: int, runs: int
         pipe = Pipeline.from_package(cache / "package", backend=where,
                                      precision="fp32" if impl.endswith("fp32") else "auto")
         precision = pipe.precision
-        run = lambda lat: run_diffrt(pipe, cfg, "euler", steps, 5.0, lat, width, height)  # noqa: E731
+        run = lambda lat: run_diffrt(pipe, cfg, scheduler, steps, guidance, lat, width, height)  # noqa: E731
     else:
         ref = Diffusers(cache / "checkpoint", None, "cpu", where)
         precision = where
-        run = lambda lat: ref(cfg, "euler", steps, 5.0, lat, width, height)  # noqa: E731
+        run = lambda lat: ref(cfg, scheduler, steps, guidance, lat, width, height)  # noqa: E731
     load = time.perf_counter() - start
-    latents = np.random.default_rng(0).standard_normal((1, 4, height // 8, width // 8), dtype=np.float32)
+    latents = np.random.default_rng(0).standard_normal((1, channels, height // factor, width // factor), dtype=np.float32)
     run(latents)
     records = [run(latents) for _ in range(runs)]
     return {"impl": impl, "precision": precision, "load_seconds": load, "records": records,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def bench(args) -> dict:
-    """Every asked implementation in its own child process, in turn; the machine and settings with the results."""
+def bench(args, module: str = "diffrt.benchmarks.sdxl", scheduler: str = "euler", guidance: float = 5.0) -> dict:
+    """Every asked implementation in its own child process (running `module`'s child action), in turn; the machine and
+    settings with the results."""
     from .machine import describe
 
     width, height = (int(v) for v in args.size.split("x"))
     results = []
     for impl in args.impls.split(","):
         print(f"{impl}: running", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "diffrt.benchmarks.sdxl", "child", "--impl", impl, "--cache",
+        proc = subprocess.run([sys.executable, "-m", module, "child", "--impl", impl, "--cache",
                                str(args.cache), "--size", args.size, "--steps", str(args.steps), "--runs", str(args.runs)],
                               capture_output=True, text=True)
         if proc.returncode:
@@ -150,7 +154,7 @@ def bench(args) -> dict:
         print(f"{impl} ({r['precision']}): load {r['load_seconds']:.1f} s, image {min(totals):.1f} s (best of "
               f"{len(totals)}), peak RSS {r['peak_rss_gb']:.1f} GB", flush=True)
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "width": width, "height": height,
-            "steps": args.steps, "guidance_scale": 5.0, "scheduler": "euler", "results": results}
+            "steps": args.steps, "guidance_scale": guidance, "scheduler": scheduler, "results": results}
 
 
 def export_report(make: Callable[[Path], Path], label: str, args) -> None:
@@ -173,6 +177,17 @@ def export_report(make: Callable[[Path], Path], label: str, args) -> None:
                                          "components": summary}, indent=1))
 
 
+def parse_with_export_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The benchmark's options, and after `--` more `diffrt export` options (args.export_args); split by hand because
+    Python 3.11's argparse refuses `--` after a positional that took nothing."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ap.epilog = "more `diffrt export` options may follow --"
+    args = ap.parse_args(argv[:cut])
+    args.export_args = argv[cut + 1:]
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=["export", "bench", "child"])
@@ -183,8 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--impls", default="diffrt-ort,diffusers,diffusers-bf16,diffrt-ov-bf16")
     ap.add_argument("--impl", choices=list(IMPLS), help="(child) the implementation this process runs")
-    ap.add_argument("export_args", nargs="*", help="more `diffrt export` options, after --")
-    args = ap.parse_args(argv)
+    args = parse_with_export_args(ap, argv)
     if args.action == "child":
         width, height = (int(v) for v in args.size.split("x"))
         print(json.dumps(child(args.impl, args.cache, width, height, args.steps, args.runs)))

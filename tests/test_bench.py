@@ -198,3 +198,25 @@ def test_gpu_check_script_covers_sdxl_at_toy_size(tmp_path):
     manifest = json.loads((work / "fp16" / "diffrt.json").read_text())
     assert {c: e["precision"] for c, e in manifest["components"].items()} == {
         "text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16", "vae_decoder": "fp32"}
+
+
+@pytest.mark.slow
+def test_family_bench_times_sd3_without_t5_beside_diffusers(tmp_path):
+    """The full-size SD3.5 bench's machinery at toy size: diffrt and diffusers each in its own process, diffusers'
+    MMDiT timed as the denoiser stage, a checkpoint without T5 loaded with text_encoder_3=None."""
+    from conftest import make_tiny_sd3_checkpoint
+
+    from diffrt.benchmarks import sd3
+    from diffrt.export import ExportOptions, export_package
+
+    checkpoint = make_tiny_sd3_checkpoint(tmp_path / "sd3", t5=False)
+    cache = checkpoint.parent
+    assert checkpoint == cache / "checkpoint"  # the bench's cache layout
+    export_package(checkpoint, cache / "package", ExportOptions(check=False))
+    out = tmp_path / "r.json"
+    sd3.main(["bench", "--cache", str(cache), "--size", "48x32", "--steps", "2", "--json", str(out),
+              "--impls", "diffrt-ort,diffusers"])
+    results = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(results) == {"diffrt-ort", "diffusers"} and not any("error" in r for r in results.values())
+    for r in results.values():
+        assert r["records"][0]["stages"]["unet"] > 0 and r["peak_rss_gb"] > 0
