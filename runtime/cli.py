@@ -170,7 +170,8 @@ OPTION_FIELDS = {"prompt": "prompt", "negative": "negative_prompt", "steps": "st
                  "scheduler": "scheduler", "seed": "seed", "width": "width", "height": "height", "n": "num_images",
                  "rng": "rng", "clip_skip": "clip_skip", "prompt_syntax": "prompt_syntax",
                  "guidance_rescale": "guidance_rescale", "true_cfg": "true_cfg_scale", "image": "image",
-                 "strength": "strength", "mask": "mask", "mask_blur": "mask_blur", "decoder": "decoder"}
+                 "strength": "strength", "mask": "mask", "mask_blur": "mask_blur", "decoder": "decoder",
+                 "vae_tiling": "vae_tiling"}
 
 
 def generation_request(args: argparse.Namespace):
@@ -545,6 +546,9 @@ def add_generate(sub) -> None:
     g.add_argument("--preview-every", type=positive_int, metavar="N", help="rewrite --preview every N steps (default 1)")
     g.add_argument("--decoder", choices=("vae", "tiny"), help="the final decode: vae (default, the model's) or tiny (the "
                    "package's tiny decoder, `diffrt tiny-vae add`: much faster, rougher; for few-step models)")
+    g.add_argument("--vae-tiling", choices=("auto", "on", "off"), help="run the VAE in overlapping tiles, blended as "
+                   "diffusers' enable_tiling(): less memory at large sizes, slightly different pixels (default auto: "
+                   "tiles above 1024x1024 pixels)")
     g.add_argument("--control", action="append", metavar="NAME:IMAGE[:SCALE]", help="steer with the package's ControlNet "
                    "NAME and its control map IMAGE (canny=PHOTO: the map made from a photo by OpenCV's Canny) at SCALE "
                    "(default 1); repeat for several, their residuals summed")

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from . import __version__
+from . import __version__, tiling
 from .backends.engine import Engine
 from .backends.registry import REGISTRY, Backend, EngineOptions, candidates
 from .control import Controls, Unit, check_units
@@ -44,6 +46,8 @@ from .request import (
 )
 from .schedulers import short_name
 from .stream import Cancelled, NonFiniteError, Stream, check_joinable, joined_rows
+from .tiling import MODES as TILING_MODES
+from .tiling import Tiles
 
 
 def pixels_hash(array: np.ndarray) -> str:
@@ -438,7 +442,8 @@ class Pipeline:
             raise stream.error
         req, sched, timings, pkg = stream.req, stream.sched, stream.timings, self.package
         prompts, negatives = req.prompts, req.negatives
-        array = self._decode(stream.x, timings, tiny=req.decoder == "tiny")
+        tiles = None if req.decoder == "tiny" else self._tiled(req.vae_tiling, req.width, req.height)
+        array = self._decode(stream.x, timings, tiny=req.decoder == "tiny", tiles=tiles)
         start = time.perf_counter()
         images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
         timings["postprocess"] = time.perf_counter() - start
@@ -449,6 +454,8 @@ class Pipeline:
                     "guidance_rescale": req.guidance_rescale, **self.family.size_settings(req), **self._lora_settings(),
                     **({"true_cfg_scale": req.true_cfg_scale} if req.true_cfg_scale != 1.0 else {}),
                     **({"decoder": "tiny"} if req.decoder == "tiny" else {}),
+                    **({"vae_tiling": req.vae_tiling} if req.vae_tiling != "auto" else {}),
+                    **({"vae_tiled": True} if self._tiled(req.vae_tiling, req.width, req.height) else {}),
                     **({"control": [u.record for u in req.control]} if req.control else {}),
                     "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.runner.name, "precision": self.computes, "diffrt": __version__, **stream.source}
@@ -545,7 +552,8 @@ class Pipeline:
                       prompt_syntax=self.family.prompt_syntax(r.prompt_syntax), guidance_rescale=check_rescale(r.guidance_rescale),
                       original_size=original_size, crops_coords_top_left=crop, source=request,
                       cfg=self.family.guidance == "cfg", true_cfg_scale=check_true_cfg(r.true_cfg_scale),
-                      decoder=self._check_decoder(r.decoder), control=self._check_control(r))
+                      decoder=self._check_decoder(r.decoder), control=self._check_control(r),
+                      vae_tiling=self._check_tiling(r.vae_tiling))
         sched = make_checked_scheduler(r.scheduler, pkg.scheduler_config, r.steps,
                                        self.family.image_seq_len(r.width, r.height), self.family.sigmas(r.steps))
         self._check_fits(req)
@@ -563,6 +571,24 @@ class Pipeline:
                             "export CKPT OUT --controlnet DIR`, or add one with `diffrt controlnet add PACKAGE DIR`")
         return check_units(list(r.control), self.package.controlnets(), r.width, r.height, r.control_start,
                            r.control_end, r.guess_mode)
+
+    def _check_tiling(self, mode: str) -> str:
+        if mode not in TILING_MODES:
+            raise UserError(f"VAE tiling must be one of {', '.join(TILING_MODES)}, not {mode!r}")
+        if mode == "on" and self.tiles is None:
+            raise UserError(f"{self.package.name} has no vae_decoder/config.json, which sets the VAE's tile size; "
+                            "re-export it with this diffrt, or leave VAE tiling off")
+        return mode
+
+    @cached_property
+    def tiles(self) -> Tiles | None:
+        """The VAE's tile sides (from its config, as diffusers reads them); None where the package has no config."""
+        path = self.package.root / "vae_decoder" / "config.json"
+        return Tiles.of(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+
+    def _tiled(self, mode: str, width: int, height: int) -> Tiles | None:
+        """The tiles to run the VAE in for an image of this size, or None to run it whole."""
+        return self.tiles if self.tiles is not None and self.tiles.needed(mode, width, height) else None
 
     def _check_decoder(self, decoder: str) -> str:
         """vae (the model's own) or tiny (the package's TAESD: a fast, rougher final decode)."""
@@ -610,11 +636,12 @@ class Pipeline:
             start = rng.standard_normal(shape, dtype=np.float32) if latents is None else latents.astype(np.float32)
             return sched.timesteps, start * np.float32(sched.init_noise_sigma), None
         timesteps, _ = strength_timesteps(sched, req.steps, strength, self.family.exact_strength)
+        tiles = self._tiled(req.vae_tiling, req.width, req.height)
         if mask is None:
-            start = self._encode_image(pixels, n, rng, timings)
+            start = self._encode_image(pixels, n, rng, timings, tiles)
             return timesteps, sched.add_noise(start, rng.standard_normal(start.shape, dtype=np.float32)), None
         x, inpaint = self._start_inpainting(sched, pixels, mask_input(mask, req.width, req.height), strength == 1.0,
-                                            n, rng, timings)
+                                            n, rng, timings, tiles)
         return timesteps, x, inpaint
 
     def _encode_prompt(self, req: Request, timings: dict) -> dict[str, Any]:
@@ -636,16 +663,21 @@ class Pipeline:
         return self.family.embed(self._guarded_outputs, [getattr(self, e) for e in self.family.encoders], self.tokenizers,
                                  prompts, clip_skip, syntax)[0]
 
-    def _encode_image(self, pixels: np.ndarray, count: int, rng: ImageGenerators, timings: dict) -> np.ndarray:
-        """The image's latents for each of count images: one encoder call, a sample of its distribution per image."""
+    def _encode_image(self, pixels: np.ndarray, count: int, rng: ImageGenerators, timings: dict,
+                      tiles: Tiles | None = None) -> np.ndarray:
+        """The image's latents for each of count images: one encoder call (one a tile with tiles), a sample of its
+        distribution per image."""
         start = time.perf_counter()
         if not self.runner.image_to_image:
             raise UserError(f"image-to-image on the {self.runner.name} backend is not built yet; use --backend ort-cuda or ort-cpu")
         if not self.package.has("vae_encoder"):
             raise UserError(f"the model {self.package.name} has no VAE encoder, which image-to-image and inpainting need; "
                             "use a package exported with it (`diffrt export CHECKPOINT OUT` writes one by default)")
-        params = self._guarded("vae_encoder", self.family.encoder_feeds(self._encoder(), pixels), self.family.encoder_output,
-                               "encoding the image", release=True)
+        def run(part: np.ndarray, last: bool = True) -> np.ndarray:
+            return self._guarded("vae_encoder", self.family.encoder_feeds(self._encoder(), part), self.family.encoder_output,
+                                 "encoding the image", release=last)
+
+        params = tiling.encode(lambda part: run(part, False), pixels, tiles) if tiles else run(pixels)
         latents = latents_from(np.repeat(params, count, axis=0), self.package.vae_scaling_factor, rng,
                                self.package.vae_shift_factor)
         timings["vae_encode"] = time.perf_counter() - start
@@ -658,30 +690,33 @@ class Pipeline:
         return self.vae_encoder
 
     def _start_inpainting(self, sched, pixels: np.ndarray, mask: np.ndarray, from_noise: bool, count: int,
-                           rng: ImageGenerators, timings: dict) -> tuple[np.ndarray, Inpainting]:
+                           rng: ImageGenerators, timings: dict, tiles: Tiles | None) -> tuple[np.ndarray, Inpainting]:
         """Start latents and what the loop needs, drawing noise in diffusers' order: the image's latent sample (unless
         a 9-channel UNet starts from pure noise), the start noise, the masked image's latent sample."""
         nine = self.family.takes_mask(self.denoiser)
-        image_latents = None if nine and from_noise else self._encode_image(pixels, count, rng, timings)
+        image_latents = None if nine and from_noise else self._encode_image(pixels, count, rng, timings, tiles)
         f = self.package.vae_scale_factor
         noise = rng.standard_normal(self.family.latent_shape(count, pixels.shape[3], pixels.shape[2]), dtype=np.float32)
         x = noise * np.float32(sched.init_noise_sigma) if from_noise else sched.add_noise(image_latents, noise)
-        masked = self._encode_image(pixels * (mask < 0.5), count, rng, timings)
+        masked = self._encode_image(pixels * (mask < 0.5), count, rng, timings, tiles)
         inpaint = Inpainting(np.repeat(mask[:, :, ::f, ::f], count, axis=0), masked if nine else None,
                              None if nine else image_latents, noise)
         return x.astype(np.float32), inpaint
 
-    def _decode(self, x: np.ndarray, timings: dict, tiny: bool = False) -> np.ndarray:
+    def _decode(self, x: np.ndarray, timings: dict, tiny: bool = False, tiles: Tiles | None = None) -> np.ndarray:
         """Images as floats in [0, 1], (n, H, W, 3), by the VAE decoder (or the tiny one, which takes the sampler's
-        latents as they are). One image per call: the decoder's activations are the largest of the pipeline (SD 1.5
-        at 512², fp16 on onnxruntime CUDA: 8 GB for 4 images at once, 2 GB one by one) and its time does not depend
-        on batching."""
+        latents as they are), in tiles where given. One image per call: the decoder's activations are the largest of
+        the pipeline (SD 1.5 at 512², fp16 on onnxruntime CUDA: 8 GB for 4 images at once, 2 GB one by one) and its
+        time does not depend on batching."""
         start = time.perf_counter()
         name, latent_in = (TINY, x) if tiny else ("vae_decoder", self.family.vae_input(x))
         output = "sample" if tiny else self.family.vae_output
-        decoded = np.concatenate([self._guarded(name, self.family.vae_feeds(getattr(self, name), latent_in[i:i + 1]), output,
-                                                "decoding the latents", i == len(latent_in) - 1)
-                                  for i in range(len(latent_in))])
+
+        def run(z: np.ndarray, last: bool = False) -> np.ndarray:
+            return self._guarded(name, self.family.vae_feeds(getattr(self, name), z), output, "decoding the latents", last)
+
+        decoded = np.concatenate([tiling.decode(run, latent_in[i:i + 1], tiles) if tiles else
+                                  run(latent_in[i:i + 1], i == len(latent_in) - 1) for i in range(len(latent_in))])
         timings["vae_decode"] = time.perf_counter() - start
         if not tiny:
             with self._fitting:  # previews learn from what the VAE made

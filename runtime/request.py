@@ -54,6 +54,7 @@ class GenerationRequest:
     mask_blur: float = 0.0  # blur the mask's edge by this many pixels
     latents: np.ndarray | None = field(default=None, repr=False)  # the start noise, instead of drawing it
     decoder: str = "vae"  # the final decode: vae (the model's own) or tiny (the package's tiny decoder, TAESD)
+    vae_tiling: str = "auto"  # the VAE in tiles as diffusers' enable_tiling(): on, off, or auto (above 1024x1024 pixels)
     control: list[Any] | None = None  # ControlInputs: ControlNets of the package, their images and scales
     control_start: float = 0.0  # the fraction of the steps where ControlNets start acting (diffusers' control_guidance_start)
     control_end: float = 1.0  # and where they stop (control_guidance_end)
@@ -151,6 +152,7 @@ class Request:
     source: GenerationRequest | None = None  # what it was made from
     cfg: bool = True  # the family guides by classifier-free guidance (a doubled batch); False: its own way, or none
     decoder: str = "vae"  # the final decode: vae or tiny
+    vae_tiling: str = "auto"  # tiling.MODES
     control: list[Any] = field(default_factory=list)  # checked ControlNet units (control.Unit)
 
     @property
