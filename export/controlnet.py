@@ -131,9 +131,10 @@ def add_controlnet(package_dir: Path, folder: Path, checkpoint: Path | None = No
                    log: Callable[[str], None] = print) -> dict[str, Any]:
     """Export the ControlNet in folder into the package, checked against PyTorch; a UNet without residual inputs is
     exported again from the checkpoint it came from (or `checkpoint`) so that it takes them."""
+    from ..runtime.files import ordinary_mode
     from . import ExportOptions
     from .checkpoint import open_checkpoint
-    from .writer import _check, _export_one, file_hashes
+    from .writer import _check, _export_one, copy_config, file_hashes
 
     package_dir = Path(package_dir)
     package = load_package(package_dir)
@@ -150,7 +151,8 @@ def add_controlnet(package_dir: Path, folder: Path, checkpoint: Path | None = No
     if retake and package.precision("unet") != "fp32":
         raise UserError(f"this package's UNet takes no ControlNet residuals and is {package.precision('unet')}: add the "
                         "ControlNet to the float32 package it was quantized from, then quantize again")
-    options = ExportOptions(components=(*retake, name))
+    # stored as the package's UNet is (float16 weights stay float16)
+    options = ExportOptions(components=(*retake, name), weights_fp16=manifest["components"]["unet"].get("weights") == "fp16")
     with tempfile.TemporaryDirectory(dir=package_dir, prefix=".controlnet.") as staging:
         entries = {}
         for comp in options.components:
@@ -158,11 +160,14 @@ def add_controlnet(package_dir: Path, folder: Path, checkpoint: Path | None = No
             step = (lambda msg, comp=comp: log(f"{comp}: {msg}"))
             entry, loaded = _export_one(ckpt, comp, Path(staging), options, step, modules)
             entry["check"] = _check(ckpt, comp, Path(staging) / comp / "model.onnx", modules, loaded, True, step)
+            copy_config(ckpt, Path(staging), comp)
             entries[comp] = entry
         for comp in entries:
             shutil.rmtree(package_dir / comp, ignore_errors=True)
             (package_dir / comp).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(Path(staging) / comp), str(package_dir / comp))
+            for path in (package_dir / comp, *(package_dir / comp).iterdir()):  # a package is an ordinary folder
+                path.chmod(ordinary_mode(0o777 if path.is_dir() else 0o666))
     manifest["components"].update(entries)
     manifest["files"] = file_hashes(package_dir)
     (package_dir / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")

@@ -31,6 +31,9 @@ def store_weights_fp16(path: Path, min_elements: int = 256) -> int:
     nodes = casts + list(graph.node)
     del graph.node[:]
     graph.node.extend(nodes)
-    external = (path.parent / "model.onnx_data").exists()
-    onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location="model.onnx_data")
+    data = path.parent / "model.onnx_data"
+    external = data.exists()
+    if external:  # the weights are in memory now; onnx would append the new ones after the stale float32 ones
+        data.unlink()
+    onnx.save(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data.name)
     return count

@@ -91,8 +91,13 @@ def copy_assets(ckpt: Checkpoint, dest: Path, components: tuple[str, ...]) -> No
     shutil.copy2(ckpt.root / "scheduler" / "scheduler_config.json", dest / "scheduler" / "scheduler_config.json")
     shutil.copy2(ckpt.root / "model_index.json", dest / "model_index.json")
     for name in components:
-        source = ckpt.controlnets.get(name, ckpt.root / ("vae" if name.startswith("vae") else name))
-        shutil.copy2(source / "config.json", dest / name / "config.json")
+        copy_config(ckpt, dest, name)
+
+
+def copy_config(ckpt: Checkpoint, dest: Path, name: str) -> None:
+    """A component's diffusers config.json beside its graph (the VAE halves share the VAE's)."""
+    source = ckpt.controlnets.get(name, ckpt.root / ("vae" if name.startswith("vae") else name))
+    shutil.copy2(source / "config.json", dest / name / "config.json")
 
 
 BIG_MODEL_BYTES = 4 * 2**30

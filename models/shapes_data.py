@@ -175,3 +175,14 @@ def read_image(image: np.ndarray) -> Reading:
     if shape == "square" and (x1 - x0) / (y1 - y0) >= BAR_ASPECT**0.5:
         shape = "bar"
     return Reading(names[bg], names[colour], shape)
+
+
+def read_position(image: np.ndarray) -> str | None:
+    """The named position nearest the shape's centre (the pixels unlike the border's commonest colour); None if the
+    image holds no shape."""
+    labels = nearest_colour(image)
+    border = np.concatenate([labels[:2].ravel(), labels[-2:].ravel(), labels[:, :2].ravel(), labels[:, -2:].ravel()])
+    ys, xs = np.nonzero(labels != _mode(border))
+    if len(xs) < 12:
+        return None
+    return min(POSITIONS, key=lambda p: (POSITIONS[p][0] - xs.mean()) ** 2 + (POSITIONS[p][1] - ys.mean()) ** 2)

@@ -18,7 +18,7 @@ from PIL import Image
 from . import __version__, tiling
 from .backends.engine import Engine
 from .backends.registry import REGISTRY, Backend, EngineOptions, candidates
-from .control import Controls, Unit, check_units
+from .control import CONTROL, Controls, Unit, check_units
 from .errors import UserError
 from .families import family_for, one_per_row
 from .generators import ImageGenerators
@@ -123,6 +123,7 @@ class Pipeline:
         self.tokenizer = self.tokenizers[0]
         self.fell_back: list[str] = []
         self.text_encoder_2: Engine | None = None
+        self.opened_controlnets: list[str] = []
         for name, engine in self._open_engines().items():
             setattr(self, name, engine)
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
@@ -135,7 +136,6 @@ class Pipeline:
         # ControlNets: each opened on its first use, as an attribute named by its component (controlnet/<name>)
         self.controls = Controls([tuple(r) for r in package.manifest["components"]["unet"]["residuals"]],
                                  self._control_inputs, self._run_control) if package.takes_control() else None
-        self.opened_controlnets: list[str] = []
 
     def _choose(self, backend: str, precision: str, gated: bool) -> tuple[Backend, str]:
         """The backend and what it computes in: a named backend, refused where this CPU has no reason to trust its
@@ -173,9 +173,13 @@ class Pipeline:
             fused = next(b.name for b in REGISTRY.values() if b.cuda_fusions)
             raise UserError(f"this package's {', '.join(cuda_only)} run(s) on onnxruntime's CUDA provider only (the graphs "
                             f"carry CUDA fusions); use --backend {fused} on an NVIDIA GPU, or the plain fp16 package")
+        # a backend that opens engines only together (TensorRT: one stream, one device-memory block sized at the start)
+        # opens the ControlNets' with the stages; the others open each on its first use
+        together = [] if self.runner.opener else [f"{CONTROL}{n}" for n in self.package.controlnets()]
         engines = self.runner.open_stages(self.package.root, self.package.precision(self.package.denoiser),
-                                          {c: self.package.component(c) for c in self.stages}, self.precision,
+                                          {c: self.package.component(c) for c in (*self.stages, *together)}, self.precision,
                                           self.options, self.lora_weights)
+        self.opened_controlnets = together
         return engines
 
     def close(self) -> None:

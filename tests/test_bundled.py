@@ -141,3 +141,24 @@ def test_every_precision_on_every_cpu_backend(quantized):
                 assert low >= gate_db(got.settings["precision"]), (precision, backend, prompt, low)
             seen.add((precision, backend))
     assert len(seen) == 3 * len(backends)
+
+
+def test_bundled_controlnet_places_the_shape_where_its_edge_map_has_it(pipe, tmp_path):
+    """The bundled ControlNet (models/train_controlnet.py) steers position, which the prompt cannot (the model ignores
+    position words): held-out scenes prompted without them land at the edge map's position."""
+    from diffrt.models.shapes_data import POSITIONS, held_out_scenes, read_position
+    from diffrt.runtime.control import ControlInput
+
+    assert pipe.package.controlnets() == ["edges"]
+    rng = np.random.default_rng(3)
+    scenes = [s for s in held_out_scenes() if s.position != "center"][:8]
+    hits = {"with": 0, "without": 0}
+    for i, scene in enumerate(scenes):
+        photo = tmp_path / f"scene-{i}.png"
+        Image.fromarray(render(scene, rng)).save(photo)
+        prompt = scene.caption(with_position=False)
+        steered = pipe(prompt, seed=i, control=[ControlInput("edges", str(photo), module="canny")])
+        hits["with"] += read_position(np.asarray(steered.images[0])) == scene.position
+        hits["without"] += read_position(np.asarray(pipe(prompt, seed=i).images[0])) == scene.position
+    assert {s.position for s in scenes} == set(POSITIONS) - {"center"}
+    assert hits["with"] >= 7 and hits["without"] <= 4, hits

@@ -355,3 +355,35 @@ def test_openvino_and_quantized_packages_run_controlnets(package, ours, tmp_path
         got = Pipeline.from_package(fp16, backend=backend)(PROMPT, **settings).array
         psnr = 10 * np.log10(1 / max(float(np.mean((got - want) ** 2)), 1e-12))
         assert psnr >= 35, (backend, psnr)
+
+
+def test_bundled_unet_rebuilt_in_pytorch_equals_its_graph(tmp_path):
+    """What the bundled ControlNet was trained against: the package's own UNet, read back from its ONNX weights."""
+    from diffrt.models.train_controlnet import check_unet, unet_from_package
+    from diffrt.runtime.bundled import bundled_model
+
+    package = bundled_model()
+    unet = unet_from_package(package, tmp_path)
+    assert check_unet(unet, package) < 1e-5
+
+
+def test_a_backend_that_opens_engines_together_opens_the_controlnets_with_the_stages(package, ours, monkeypatch):
+    """TensorRT opens every engine at the start (one stream, one device-memory block): its ControlNets must be among
+    them, since it opens none later. The same path on onnxruntime engines gives the ort-cpu image."""
+    from dataclasses import replace
+
+    from diffrt.runtime.backends import registry
+
+    opened, ort = [], registry.REGISTRY["ort-cpu"]
+
+    def together(root, unet_precision, components):
+        opened.extend(components)
+        return {c: ort.open(root / c / "model.onnx", c, "fp32", registry.EngineOptions(), None) for c in components}
+
+    monkeypatch.setitem(registry.REGISTRY, "ort-cpu", replace(ort, opener=None, group_opener=together))
+    pipe = Pipeline.from_package(package, backend="ort-cpu")
+    assert {"controlnet/edges", "controlnet/depth", "unet"} <= set(opened)
+    settings = dict(steps=3, width=32, height=32, seed=2, control=[ControlInput("depth", control_picture(32, 32, 1), 0.7)])
+    got = pipe(PROMPT, **settings)
+    monkeypatch.undo()
+    assert np.abs(got.array - ours(PROMPT, **settings).array).max() <= 1e-5

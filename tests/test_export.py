@@ -213,3 +213,14 @@ def test_auto_exporter_takes_dynamo_for_a_big_model(tiny_checkpoint, tmp_path, m
     assert components["text_encoder"]["made_by"] == "torch.onnx torchscript"
     assert components["vae_decoder"]["made_by"] == "torch.onnx torchscript"
     assert all(c["check"]["passed"] for c in components.values())
+
+
+def test_float16_weights_halve_the_weight_file(tiny_checkpoint, tiny_package, tmp_path):
+    """--weights-fp16 rewrites model.onnx_data with the float16 weights alone (onnx appends to an existing file: the
+    float32 ones stayed behind it once, making the file one and a half times the float32 one)."""
+    from diffrt.export import ExportOptions, export_package
+
+    options = ExportOptions(components=("text_encoder", "unet", "vae_decoder"), weights_fp16=True, check=False)
+    half = export_package(tiny_checkpoint, tmp_path / "half", options, log=lambda m: None)
+    full = (tiny_package / "unet" / "model.onnx_data").stat().st_size
+    assert (half / "unet" / "model.onnx_data").stat().st_size < 0.55 * full

@@ -467,10 +467,10 @@ def test_the_servers_memory_comes_back_after_a_large_request(keep):
     try:
         assert httpx.post(srv.url + "/v1/images/generations", json={"prompt": "a", "steps": 2}, timeout=60).status_code == 200
         idle = server_rss_mb(srv)
-        r = httpx.post(srv.url + "/v1/images/generations", json={"prompt": "a", "steps": 2, "size": "256x256"}, timeout=300)
+        r = httpx.post(srv.url + "/v1/images/generations", json={"prompt": "a", "steps": 2, "size": "384x384"}, timeout=300)
         assert r.status_code == 200
         grown = server_rss_mb(srv) - idle
     finally:
         srv.stop()
     print(f"grown {grown:.0f} MB")
-    assert grown > 200 if keep else grown < 100, grown
+    assert grown > 300 if keep else grown < 120, grown  # 384x384 on the bundled model: about 750 MB kept, 60 MB not

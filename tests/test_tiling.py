@@ -74,7 +74,8 @@ def test_img2img_and_inpainting_with_tiling_equal_diffusers(ours, tiny_checkpoin
     y, x = np.mgrid[0:80, 0:96]
     image = Image.fromarray(np.stack([x * 2, y * 3, (x + y) % 256], 2).astype(np.uint8))
     mask = Image.fromarray(((x > 30) & (y > 20)).astype(np.uint8) * 255)
-    for cls, extra in (("StableDiffusionImg2ImgPipeline", {}), ("StableDiffusionInpaintPipeline", {"mask_image": mask, "width": 96, "height": 80})):
+    inpaint = {"mask_image": mask, "width": 96, "height": 80}
+    for cls, extra in (("StableDiffusionImg2ImgPipeline", {}), ("StableDiffusionInpaintPipeline", inpaint)):
         pipe = reference_pipeline(cls, tiny_checkpoint)
         pipe.vae.enable_tiling()
         with torch.no_grad():
