@@ -5,7 +5,7 @@
 The model ignores position words; this ControlNet is what steers position. Its UNet is the package's own, rebuilt in
 PyTorch from the package's ONNX weights (`unet_from_package`, checked against the graph) and frozen; the text encoder
 and VAE encoder run from the package. The control maps are diffrt's canny preprocessor's (OpenCV) of the training
-renders, so `--control edges:canny=PICTURE` makes the same kind of map a user's picture. The result is exported into
+renders, so `--control edges:canny=PICTURE` makes the same kind of map from a user's picture. The result is exported into
 the package as controlnet/edges (the UNet re-exported with residual inputs, the same weights), and its effect is
 measured on the held-out scenes: how often the shape lands at the control map's position, with and without it.
 """
