@@ -44,11 +44,11 @@ print(json.dumps({"rss_after_compile_mb": after_compile, "rss_after_call_mb": rs
 
 
 PIPELINE = """
-import json, resource, sys
+import contextlib, json, resource, sys
 import diffrt.runtime.backends.openvino as backend
 from diffrt.runtime.pipeline import Pipeline
 if sys.argv[2] == "keep":
-    backend.drop_mapped_pages = lambda *paths: 0
+    backend.DroppingPages = lambda *paths: contextlib.nullcontext()
 pipe = Pipeline.from_package(sys.argv[1], backend="ov-cpu")
 for _ in range(2):
     pipe("a cat", steps=2, width=256, height=256, scheduler="euler")

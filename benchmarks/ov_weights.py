@@ -29,7 +29,8 @@ def memory_gb() -> dict[str, float]:
 
 def run_mode(graph: Path, shapes: dict[str, list[int]], mode: str, out: Path) -> dict:
     """One mode in this process; the last call's first output saved to out (.npy)."""
-    from diffrt.runtime.backends.openvino import compute_precision, core, drop_mapped_pages, read_onnx
+    from diffrt.runtime.backends.openvino import compute_precision, core, read_onnx
+    from diffrt.runtime.mapped import drop_mapped_pages
 
     model, start = read_onnx(graph), time.perf_counter()
     if mode != "none":

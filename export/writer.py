@@ -174,7 +174,7 @@ def _check(ckpt: Checkpoint, comp: str, path: Path, modules: dict[str, Any], loa
     """The graph against PyTorch on random inputs; a streamed model is loaded for it only where it fits in memory
     (its float32 weights and the graph's, one after the other), else the check is skipped, saying why. The module is
     released before the graph is opened where no later graph comes from it (last)."""
-    from diffrt.runtime.memory import available_bytes
+    from diffrt.runtime.budget import available_bytes
 
     from .stream_weights import file_weights, materialized
 

@@ -67,6 +67,16 @@ def positive_number(text: str) -> float:
     return value
 
 
+def add_memory_args(g) -> None:
+    """--memory-budget and --residency (generate and serve)."""
+    g.add_argument("--memory-budget", type=positive_number, metavar="GB", help="CPU backends: plan each request to fit "
+                   "this much memory (the whole process): engines all open, one stage's at a time, the VAE in tiles, the "
+                   "fastest plan predicted to fit; a request that fits none is refused, naming the budget it needs")
+    g.add_argument("--residency", choices=("resident", "sequential"), help="resident: every stage's engine open for the "
+                   "process's life (default); sequential: each stage's opened when it starts, closed when the next opens "
+                   "(less memory, each request opens and compiles them again)")
+
+
 def seed_value(text: str) -> int:
     value = whole(text)
     if not -1 <= value < 2**63:
@@ -99,6 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import warnings
     from dataclasses import replace
 
+    from .budget import PLANS
     from .images import output_paths, save_image
     from .pipeline import Pipeline
     from .progress import ProgressBar
@@ -115,13 +126,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_package(args.model, backend=args.backend, threads=args.threads, verify_hashes=args.verify,
                                  fp32_fallback=args.fp32_fallback, cuda_graph=args.cuda_graph, graph_cache=args.graph_cache,
                                  gpu_mem_limit=int(args.gpu_mem_limit * 2**30) if args.gpu_mem_limit else None,
-                                 precision=args.precision, loras=request.loras)
+                                 precision=args.precision, loras=request.loras, residency=args.residency,
+                                 memory_budget=args.memory_budget)
     result = pipe(replace(request, seed=seeds[0], loras=None),
                   callback=step_callback(None if args.quiet else ProgressBar("denoising, UNet calls"), args.preview,
                                          args.preview_every))
     for i, (image, path) in enumerate(zip(result.images, paths)):
         save_image(image, path, result.image_settings(i))
         print(path)
+    if "memory_plan" in result.settings:
+        s = result.settings
+        print(f"diffrt: memory budget {s['memory_budget']:g} GB: plan {s['memory_plan']} "
+              f"({PLANS[s['memory_plan']].describe()}), predicted peak {s['predicted_peak_gb']:.1f} GB", file=sys.stderr)
     if request.seed is None or request.seed == -1:
         print(f"diffrt: random seed {seeds[0]}" + (f" (images: {seeds[0]}..{seeds[-1]})" if len(seeds) > 1 else ""),
               file=sys.stderr)
@@ -351,7 +367,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(model=args.model, backend=args.backend, threads=args.threads, max_batch=args.max_batch,
                            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
                            api_key=args.api_key or os.environ.get("DIFFRT_API_KEY"), lora_dir=args.lora_dir,
-                           batching=args.batching, warm_up=args.warm_up, release_memory=not args.keep_memory)
+                           batching=args.batching, warm_up=args.warm_up, release_memory=not args.keep_memory,
+                           residency=args.residency, memory_budget=args.memory_budget)
     if args.ray:
         from diffrt.serve.ray_app import run_on_ray
 
@@ -390,6 +407,7 @@ def add_serve(sub) -> None:
     s.add_argument("--batching", choices=("auto", "step", "request"), default="auto",
                    help="step: a request joins the running ones at their next step; request: requests that arrive "
                    "together run together; auto (default): step where the model's UNet takes one timestep per row")
+    add_memory_args(s)
     s.add_argument("--keep-memory", action="store_true", help="keep what onnxruntime's CPU memory arena holds after a "
                    "request: the next request's first step is faster (no memory to fault in again), but the server's RSS "
                    "stays at its peak (default: the arena shrinks after each request; OpenVINO hands memory back either way)")
@@ -556,6 +574,7 @@ def add_generate(sub) -> None:
     g.add_argument("--control-end", type=number, metavar="F", help="the fraction of the steps where they stop (default 1)")
     g.add_argument("--guess-mode", action="store_true", help="ControlNets on the prompt's half only, ramped from the "
                    "shallow residuals to the deep ones (diffusers' guess mode; A1111's \"ControlNet is more important\")")
+    add_memory_args(g)
     g.set_defaults(func=cmd_generate)
 
 

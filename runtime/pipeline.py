@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import warnings
@@ -18,13 +19,13 @@ from PIL import Image
 from . import __version__, tiling
 from .backends.engine import Engine
 from .backends.registry import REGISTRY, Backend, EngineOptions, candidates
+from .budget import GB, PLANS, Plan, check_budget, check_fits, predict
 from .control import CONTROL, Controls, Unit, check_units
 from .errors import UserError
 from .families import family_for, one_per_row
 from .generators import ImageGenerators
 from .img2img import Inpainting, blurred, image_input, latents_from, mask_input, strength_timesteps
 from .lora import LoraChoice, LoraSets, restored
-from .memory import attention_layout, check_fits
 from .package import Package, load_package
 from .preview import FIT_IMAGES, FIT_LATENT_SIDE, TINY, LatentRGB, Progress, fitting_images, to_images
 from .prompts import chunked
@@ -44,6 +45,8 @@ from .request import (
     per_image,
     size_note,
 )
+from .residency import DENOISING, Shelf, StageEngine
+from .residency import MODES as RESIDENCIES
 from .schedulers import short_name
 from .stream import Cancelled, NonFiniteError, Stream, check_joinable, joined_rows
 from .tiling import MODES as TILING_MODES
@@ -101,24 +104,26 @@ class Pipeline:
     graph optimization (most of a large model's session creation). gpu_mem_limit (bytes, ort-cuda) caps each
     engine's CUDA memory arena. release_memory hands host memory back at the end of each request (a server's RSS
     returns near idle) where the backend keeps it otherwise: onnxruntime's CPU arena shrinks after the last
-    denoiser and decoder calls (the steps before them reuse it)."""
+    denoiser and decoder calls (the steps before them reuse it). residency "sequential" opens a stage's engines
+    when the stage starts and closes them when another stage's open (residency.py): one stage's weights at a time."""
 
     def __init__(self, package: Package, backend: str = "auto", threads: int | None = None, fp32_fallback: bool = False,
                  cuda_graph: bool = False, graph_cache: Path | None = None, gpu_mem_limit: int | None = None,
                  precision: str = "auto", loras: list[LoraChoice] | None = None, gated: bool = True,
-                 release_memory: bool = False) -> None:
+                 release_memory: bool = False, residency: str | None = None, memory_budget: float | None = None) -> None:
         self.package = package
         self.options = EngineOptions(threads, cuda_graph, Path(graph_cache) if graph_cache else None, gpu_mem_limit,
                                      fp32_fallback, release_memory)
         self.runner, self.precision = self._choose(backend, precision, gated)
         self.backend = self.runner.name
+        self.budget = None if memory_budget is None else check_budget(memory_budget)
+        self.shelf = self._shelf(residency or self._budget_residency())
         self.family = family_for(package)
         self.loras: list[LoraChoice] = list(loras or [])
         self.lora_sets = LoraSets(package.root, self._lora_targets())
         self.fallback_lora_sets = LoraSets(package.root, self._lora_targets(fallback=True))
         self.lora_weights = self.check_loras(self.loras)
         self.stages = self.family.stages()  # what text-to-image runs
-        self.attention = attention_layout(package.root)  # for the memory a request's size needs
         self.tokenizers = self.family.tokenizers()
         self.tokenizer = self.tokenizers[0]
         self.fell_back: list[str] = []
@@ -128,7 +133,7 @@ class Pipeline:
             setattr(self, name, engine)
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
         # the package's tiny decoder (TAESD, `diffrt tiny-vae add`): previews, and decoder="tiny"
-        self.tiny_vae_decoder = self._engine(TINY) if package.has(TINY) and self.runner.opener else None
+        self.tiny_vae_decoder = self._engine(TINY, lazy=False) if package.has(TINY) and self.runner.opener else None
         self._latent_rgb: LatentRGB | None = None  # the preview map, learnt from each decode (preview.py)
         self._fitting = threading.Lock()
         self._running = threading.Lock()
@@ -165,6 +170,55 @@ class Pipeline:
                              f"{self.package.root}` measures it here)")
         raise UserError(refusals[0])
 
+    def _shelf(self, residency: str) -> Shelf | None:
+        """What keeps sequential residency's one group of engines open (None: every engine stays open)."""
+        if residency not in RESIDENCIES:
+            raise UserError(f"residency must be one of {', '.join(RESIDENCIES)}, not {residency!r}")
+        if residency == "resident":
+            return None
+        if self.runner.opener is None:
+            raise UserError(f"the {self.runner.name} backend opens its engines together, so it cannot hold one stage at "
+                            "a time; leave residency resident on it")
+        return Shelf()
+
+    def _budget_residency(self) -> str:
+        """resident, or sequential where only that fits the budget at the model's own size (refused where neither does)."""
+        if self.budget is None:
+            return "resident"
+        if self.runner.device != "cpu":
+            raise UserError(f"a memory budget plans the host memory of the CPU backends; {self.runner.name} holds the model "
+                            "in GPU memory: leave --memory-budget out (use --gpu-mem-limit), or use ov-cpu or ort-cpu")
+        d = self.package.defaults
+        rows = 2 if d.get("guidance_scale", 7.5) > 1 else 1
+        peaks = {n: predict(self.package, self.runner.name, self.precision, p, d["width"], d["height"], rows)
+                 for n, p in PLANS.items()}
+        fitting = [n for n, peak in peaks.items() if peak <= self.budget * GB]
+        if not fitting:
+            raise UserError(f"no memory plan fits {self.package.name} in {self.budget:g} GB at its own size "
+                            f"({d['width']}x{d['height']}): the leanest ({min(peaks, key=peaks.get)}) needs about "
+                            f"{min(peaks.values()) / GB:.1f} GB; give --memory-budget {min(peaks.values()) / GB:.1f} or more")
+        return PLANS[fitting[0]].residency
+
+    def plan(self, req: Request) -> tuple[Plan, float] | None:
+        """The memory budget's plan for a request and its predicted peak (bytes), or None without a budget; refused in
+        one line, naming the budget it would need, where no plan of this pipeline's residency fits."""
+        if self.budget is None:
+            return None
+        rows = len(req.prompts) * (2 if req.guided else 1)
+        peaks = {p: predict(self.package, self.runner.name, self.precision, p, req.width, req.height, rows)
+                 for p in PLANS.values() if p.residency == self.residency and not (p.tiled and req.vae_tiling == "off")}
+        for chosen, peak in peaks.items():
+            if peak <= self.budget * GB:
+                return chosen, peak
+        least = min(peaks.values()) / GB
+        raise UserError(f"{req.width}x{req.height} with {len(req.prompts)} image(s) needs about {least:.1f} GB under "
+                        f"the leanest plan, over the memory budget of {self.budget:g} GB; give --memory-budget "
+                        f"{math.ceil(least * 10) / 10:g} or more, a smaller size, or fewer images")
+
+    @property
+    def residency(self) -> str:
+        return "resident" if self.shelf is None else "sequential"
+
     def _open_engines(self) -> dict[str, Engine]:
         """Every stage's engine on the chosen backend: one construction path, options a backend cannot honour refused."""
         components = self.package.manifest.get("components", {})
@@ -176,6 +230,8 @@ class Pipeline:
         # a backend that opens engines only together (TensorRT: one stream, one device-memory block sized at the start)
         # opens the ControlNets' with the stages; the others open each on its first use
         together = [] if self.runner.opener else [f"{CONTROL}{n}" for n in self.package.controlnets()]
+        if self.shelf is not None:  # each opened when its stage first runs
+            return {c: self._engine(c) for c in self.stages}
         engines = self.runner.open_stages(self.package.root, self.package.precision(self.package.denoiser),
                                           {c: self.package.component(c) for c in (*self.stages, *together)}, self.precision,
                                           self.options, self.lora_weights)
@@ -193,13 +249,18 @@ class Pipeline:
         if shared is not None:
             shared.free()
 
-    def _engine(self, name: str, fallback: bool = False) -> Engine:
-        """A stage's engine on this pipeline's backend with the applied LoRAs: its own graph, or its float32 copy."""
+    def _engine(self, name: str, fallback: bool = False, lazy: bool = True) -> Engine:
+        """A stage's engine on this pipeline's backend with the applied LoRAs: its own graph, or its float32 copy; with
+        sequential residency (and lazy), one that opens when its stage runs."""
         if fallback:
-            return self.runner.open(self.package.fallback(name), name, "fp32", self.options,
-                                    self.fallback_lora_sets.weights(self.loras).get(name))
-        return self.runner.open(self.package.component(name), name, self.precision, self.options,
-                                self.lora_weights.get(name))
+            path, precision, weights = self.package.fallback(name), "fp32", self.fallback_lora_sets.weights(self.loras).get(name)
+        else:
+            path, precision, weights = self.package.component(name), self.precision, self.lora_weights.get(name)
+        opener = lambda: self.runner.open(path, name, precision, self.options, weights)  # noqa: E731
+        if self.shelf is None or not lazy:
+            return opener()
+        group = DENOISING if name == self.family.denoiser or name.startswith(CONTROL) else name
+        return StageEngine(name, group, opener, self.shelf)
 
     def use_float32(self) -> None:
         """Run every stage on the package's float32 graphs (the reference quantized paths are held to); refused in one
@@ -318,14 +379,16 @@ class Pipeline:
                      verify_hashes: bool = False, fp32_fallback: bool = False, cuda_graph: bool = False,
                      graph_cache: str | Path | None = None, gpu_mem_limit: int | None = None,
                      precision: str = "auto", loras: list[LoraChoice] | None = None, gated: bool = True,
-                     release_memory: bool = False) -> Pipeline:
+                     release_memory: bool = False, residency: str | None = None,
+                     memory_budget: float | None = None) -> Pipeline:
         """Open a package folder (the bundled default model when path is None)."""
         if path is None:
             from .bundled import bundled_model
 
             path = bundled_model()
         return cls(load_package(path, hashes=verify_hashes), backend, threads, fp32_fallback, cuda_graph,
-                   Path(graph_cache) if graph_cache else None, gpu_mem_limit, precision, loras, gated, release_memory)
+                   Path(graph_cache) if graph_cache else None, gpu_mem_limit, precision, loras, gated, release_memory,
+                   residency, memory_budget)
 
     def __call__(self, prompt: str | list[str] | GenerationRequest, negative_prompt: str | list[str] = "",
                  callback: Callable[[Progress], Any] | None = None, callback_every: int = 1, **settings: Any) -> Result:
@@ -400,6 +463,8 @@ class Pipeline:
         req, sched = self.check(request, pixels)
         rng = ImageGenerators(req.seeds, req.rng)
         timings: dict[str, Any] = {"unet": [], "scheduler": []}
+        if self.shelf is not None:  # what opening engines again costs this request (finish adds the rest)
+            timings["load"] = -self.shelf.load_seconds
         clock = time.perf_counter()
         mask = None if request.mask is None else blurred(request.mask, request.mask_blur)
         timesteps, x, inpaint = self._start(sched, req, request.strength, pixels, mask, request.latents, rng, timings)
@@ -452,6 +517,8 @@ class Pipeline:
         images = [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
         timings["postprocess"] = time.perf_counter() - start
         timings["total"] = time.perf_counter() - stream.clock
+        if self.shelf is not None:
+            timings["load"] = timings.get("load", 0.0) + self.shelf.load_seconds
         settings = {"prompt": prompts[0], "negative_prompt": negatives[0], "steps": req.steps, "guidance_scale": req.guidances[0],
                     "scheduler": short_name(sched), "seed": req.seeds[0], "width": req.width, "height": req.height,
                     "num_images": len(prompts), "rng": req.rng, "clip_skip": req.clip_skip, "prompt_syntax": req.prompt_syntax,
@@ -461,9 +528,17 @@ class Pipeline:
                     **({"vae_tiling": req.vae_tiling} if req.vae_tiling != "auto" else {}),
                     **({"vae_tiled": True} if self._tiled(req.vae_tiling, req.width, req.height) else {}),
                     **({"control": [u.record for u in req.control]} if req.control else {}),
+                    **({"residency": self.residency} if self.shelf is not None else {}), **self._budget_settings(req),
                     "model": pkg.name, "model_hash": pkg.model_hash,
                     "backend": self.runner.name, "precision": self.computes, "diffrt": __version__, **stream.source}
         return Result(images, array, settings, timings, prompts, negatives, req.seeds, req.guidances, stream.x)
+
+    def _budget_settings(self, req: Request) -> dict[str, Any]:
+        """The memory budget, the plan it chose and the predicted peak, for the metadata."""
+        planned = self.plan(req)
+        if planned is None:
+            return {}
+        return {"memory_budget": self.budget, "memory_plan": planned[0].name, "predicted_peak_gb": round(planned[1] / GB, 2)}
 
     def _lora_settings(self) -> dict[str, Any]:
         """The applied LoRAs as an image's settings record them: labels to read, files and scales to apply again."""
@@ -558,6 +633,9 @@ class Pipeline:
                       cfg=self.family.guidance == "cfg", true_cfg_scale=check_true_cfg(r.true_cfg_scale),
                       decoder=self._check_decoder(r.decoder), control=self._check_control(r),
                       vae_tiling=self._check_tiling(r.vae_tiling))
+        planned = self.plan(req)
+        if planned and planned[0].tiled and req.vae_tiling == "auto":
+            req.vae_tiling = "on"
         sched = make_checked_scheduler(r.scheduler, pkg.scheduler_config, r.steps,
                                        self.family.image_seq_len(r.width, r.height), self.family.sigmas(r.steps))
         self._check_fits(req)
@@ -603,6 +681,13 @@ class Pipeline:
                             "`diffrt tiny-vae add PACKAGE TAESD_FOLDER`, or use --decoder vae")
         return decoder
 
+    def _fitting_plan(self, req: Request) -> Plan:
+        """The plan a request runs under: the budget's, else this pipeline's residency with the request's tiling."""
+        planned = self.plan(req)
+        if planned:
+            return planned[0]
+        return PLANS[self.residency + ("+tiled" if self._tiled(req.vae_tiling, req.width, req.height) else "")]
+
     def _check_fits(self, req: Request) -> None:
         """Refuse what this backend cannot hold: more text than its engines take, attention larger than this host's
         memory; warn of a size far from the model's own."""
@@ -610,8 +695,9 @@ class Pipeline:
             raise UserError(f"the {self.runner.name} engines take one 75-token chunk of text (their profiles fix the "
                             "sequence length); shorten the prompt (or drop BREAK), or use --backend ort-cuda")
         if self.runner.device == "cpu":
-            rows = len(req.prompts) * (2 if req.guided else 1)
-            too_big = check_fits(self.attention, req.width, req.height, self.package.vae_scale_factor, rows)
+            rows, plan = len(req.prompts) * (2 if req.guided else 1), self._fitting_plan(req)
+            too_big = check_fits(lambda w, h: predict(self.package, self.runner.name, self.precision, plan, w, h, rows),
+                                 req.width, req.height, 8 * self.package.vae_scale_factor)
             if too_big:
                 d = self.package.defaults
                 raise UserError(f"{too_big}; this model was made for {d['width']}x{d['height']}")

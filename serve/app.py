@@ -45,6 +45,8 @@ class ServeOptions:
     batching: str = "auto"  # "step", "request", or auto: step where the UNet takes one timestep per row
     warm_up: bool = False  # run every batch size up to max_batch once before answering ready
     release_memory: bool = True  # RSS back near idle after each request (onnxruntime's CPU arena shrinks)
+    residency: str | None = None  # sequential: one stage's engines open at a time (Pipeline's)
+    memory_budget: float | None = None  # GB the process plans each request to fit (Pipeline's)
 
 
 BATCHING = ("auto", "step", "request")
@@ -90,7 +92,8 @@ class Service:
 
         try:
             pipe = Pipeline.from_package(self.options.model, backend=self.options.backend, threads=self.options.threads,
-                                         release_memory=self.options.release_memory)
+                                         release_memory=self.options.release_memory, residency=self.options.residency,
+                                         memory_budget=self.options.memory_budget)
             self.batcher = self.make_batcher(pipe)
             if self.options.warm_up:
                 self.warm_up(pipe)

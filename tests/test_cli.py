@@ -216,7 +216,7 @@ def test_ctrl_c_is_one_line_on_its_own(tiny_package, tmp_path, after):
 def test_a_size_this_machine_cannot_hold_is_refused_up_front(tiny_package, tmp_path):
     """4096x4096 passes the size rules but not memory: one line naming the largest size that fits, no traceback."""
     assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "--width", 4096, "--height", 4096, "-o",
-                          tmp_path / "x.png"), "4096x4096", "GB for attention", "largest square size that fits",
+                          tmp_path / "x.png"), "4096x4096", "GB and this machine has", "largest square size that fits",
                    "this model was made for 32x32")
 
 

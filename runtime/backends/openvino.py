@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..mapped import drop_mapped_pages
+from ..mapped import DroppingPages
 from .engine import MAX_SHAPES, TensorSpec
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -127,10 +127,10 @@ class OvEngine:
         model = self.model if self.model is not None else with_weights(read_onnx(self.path), self.weights)
         self.model = None  # the float32 graph is not kept beside the compiled one; another shape reads it again
         model.reshape({name: list(np.shape(feeds[name])) for name in self.inputs})
-        self.compiled[key] = core().compile_model(model, "CPU", self.config)
-        del model
-        cache = self.config.get("CACHE_DIR")  # the plugin packed its own copy; the files' pages are read again if needed
-        drop_mapped_pages(self.path, *([Path(cache)] if cache else []))
+        cache = self.config.get("CACHE_DIR")  # the plugin packs its own copy; the files' pages are read again if needed
+        with DroppingPages(self.path, *([Path(cache)] if cache else [])):  # the file not held whole beside the copy
+            self.compiled[key] = core().compile_model(model, "CPU", self.config)
+            del model
         if len(self.compiled) > MAX_SHAPES:
             self.compiled.popitem(last=False)
         return self.compiled[key]

@@ -1,0 +1,185 @@
+"""A memory budget the pipeline plans for: each plan's predicted peak for a request (whole process, on the CPU
+backends) and the fastest plan that fits.
+
+The prediction adds, per stage, the weights as the backend holds them (its compute precision's bytes per
+parameter), what opening the engine holds besides (OpenVINO reads the graph's file while it compiles), and the
+activations of the stage's largest call (the UNet's attention scores; the VAE decoder's full-resolution feature
+maps, or one tile's); resident plans hold every stage's weights at once, sequential ones one stage's. The constants
+were measured on an AMD EPYC (SD 1.5 architecture and the bundled model, benchmarks/memory_plans.py); a test checks
+the prediction against a measured peak."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .package import Package, load_package
+from .tiling import Tiles
+
+GB = 2**30
+STORED = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per parameter in the package's files, by component precision
+HELD = {"fp32": 4, "bf16": 2}  # bytes per parameter OpenVINO holds a float component in, by compute precision
+BASE = {"ov-cpu": 0.28 * GB, "ort-cpu": 0.20 * GB}  # the process with the runtime and backend loaded, no engine
+OPENING = {"ov-cpu": (0.6 * GB, 0.1), "ort-cpu": (0.0, 0.1)}  # held while an engine opens: up to a + b x its file
+# bytes, and never more than the file (OpenVINO reads the whole graph file while it compiles; diffrt drops its pages
+# every quarter second, so a large file is never held whole)
+SCORE_COPIES = {"ov-cpu": 0.0, "ort-cpu": 4.2}  # of a plain (MatMul/Softmax) attention's scores held by the UNet
+VAE_SCORE_COPIES = {"ov-cpu": 0.0, "ort-cpu": 2.0}  # ... by the VAE decoder's mid-block attention
+DECODER_MAPS = {"ov-cpu": 3, "ort-cpu": 8}  # full-resolution float32 maps of the decoder's last level held at its peak
+HEADROOM = 0.9  # of the memory the system reports available, that a request may plan to take
+MARGIN = 1.4  # the prediction is an upper bound; measured peaks lie between it / MARGIN and it (tests/test_memory.py)
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where the system does not say)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def attention_layout(root: Path) -> tuple[int, int] | None:
+    """(heads, downsampling of the first level with attention) from the package's UNet config, or a DiT's (its heads,
+    its patch); None without one."""
+    try:
+        config = json.loads((root / "transformer" / "config.json").read_text())
+        return int(config.get("num_attention_heads", 24)), int(config.get("patch_size", 2))
+    except (OSError, ValueError):
+        pass
+    try:
+        config = json.loads((root / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    blocks = config.get("down_block_types") or []
+    level = next((i for i, b in enumerate(blocks) if "Attn" in b), None)
+    if level is None:
+        return None
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim") or 8
+    heads = heads[level] if isinstance(heads, list) else heads
+    return int(heads), 2**level
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a request runs: engines all open or one stage's at a time, the VAE whole or in tiles."""
+
+    name: str
+    residency: str
+    tiled: bool
+
+    def describe(self) -> str:
+        stages = "every stage's engine open" if self.residency == "resident" else "one stage's engines open at a time"
+        return stages + (", the VAE in tiles" if self.tiled else "")
+
+
+PLANS = {p.name: p for p in (Plan("resident", "resident", False), Plan("resident+tiled", "resident", True),
+                             Plan("sequential", "sequential", False), Plan("sequential+tiled", "sequential", True))}
+# fastest first: tiles cost a little, opening every stage's engines again for each request a lot
+
+
+def component_bytes(package: Package, name: str) -> int:
+    """The bytes of a component's graph files (model.onnx and its external data)."""
+    graph = package.component(name)
+    return sum(f.stat().st_size for f in graph.parent.glob(graph.name + "*") if f.is_file())
+
+
+def held_bytes(package: Package, name: str, backend: str, precision: str) -> float:
+    """A component's weights as the backend holds them once open."""
+    stored = package.precision(name)
+    size = component_bytes(package, name)
+    if backend == "ov-cpu" and stored in ("fp32", "fp16"):
+        return size / STORED[stored] * HELD[precision]
+    return float(size)
+
+
+def opening_bytes(package: Package, name: str, backend: str) -> float:
+    size = component_bytes(package, name)
+    fixed, share = OPENING[backend]
+    return min(size, fixed + share * size)
+
+
+def activation_bytes(package: Package, name: str, backend: str, width: int, height: int, rows: int, tiled: bool) -> float:
+    """The largest call's activations of a stage: the denoiser's attention scores, the decoder's feature maps."""
+    factor, plain = package.vae_scale_factor, package.manifest.get("components", {}).get(name, {}).get("attention") != "mha"
+    if name == package.denoiser:
+        layout = attention_layout(package.root)
+        if layout is None or not plain:
+            return 0.0
+        heads, down = layout
+        tokens = (height // factor // down) * (width // factor // down)
+        return SCORE_COPIES[backend] * rows * heads * tokens**2 * 4
+    if name == "vae_decoder":
+        config = vae_config(package)
+        side = Tiles.of(config).sample if tiled and config else None
+        pixels = min(side * side, width * height) if side else width * height
+        channels = config.get("block_out_channels", [128])[0] if config else 128
+        scores = VAE_SCORE_COPIES[backend] * (pixels // factor**2) ** 2 * 4 if plain else 0.0
+        return DECODER_MAPS[backend] * channels * pixels * 4 + scores
+    return 0.0
+
+
+def vae_config(package: Package) -> dict | None:
+    path = package.root / "vae_decoder" / "config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def predict(package: Package, backend: str, precision: str, plan: Plan, width: int, height: int, rows: int = 2) -> float:
+    """The whole process's predicted peak in bytes for one request of rows denoiser rows (2: one guided image)."""
+    stages = package_stages(package)
+    held = {c: held_bytes(package, c, backend, precision) for c in stages}
+    peaks = {c: held[c] + max(opening_bytes(package, c, backend),
+                              activation_bytes(package, c, backend, width, height, rows, plan.tiled)) for c in stages}
+    if plan.residency == "resident":
+        return BASE[backend] + sum(held.values()) + max(peaks[c] - held[c] for c in stages)
+    return BASE[backend] + max(peaks.values())
+
+
+def package_stages(package: Package) -> tuple[str, ...]:
+    from .families import family_for
+
+    return tuple(c for c in family_for(package).stages() if package.has(c))
+
+
+def predicted_peaks(path: str | Path, backend: str, size: tuple[int, int], precision: str | None = None) -> dict[str, float]:
+    """Each plan's predicted peak (bytes) for one guided image of size (width, height) on a CPU backend."""
+    package = load_package(path, verify=False)
+    if precision is None:
+        precision = compute_precision(backend)
+    return {name: predict(package, backend, precision, plan, *size) for name, plan in PLANS.items()}
+
+
+def compute_precision(backend: str) -> str:
+    if backend != "ov-cpu":
+        return "fp32"
+    from .backends.openvino import compute_precision as ov_precision
+
+    return ov_precision("auto")
+
+
+def check_budget(value: object) -> float:
+    """A budget in GB, checked: a positive number."""
+    try:
+        budget = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise UserError(f"memory budget must be a number of GB (e.g. 1.5), not {value!r}") from None
+    if not budget > 0 or budget == float("inf"):
+        raise UserError(f"memory budget must be a positive number of GB, not {value!r}")
+    return budget
+
+
+def check_fits(need, width: int, height: int, step: int) -> str | None:
+    """Why a request of this size would not fit in this machine's available memory (with the largest square size
+    that would), or None; need(width, height) is its predicted peak in bytes, step the size multiple to suggest."""
+    free = available_bytes()
+    if free is None or need(width, height) <= free * HEADROOM:
+        return None
+    side = max(width, height) // step * step
+    while side > step and need(side, side) > free * HEADROOM:
+        side -= step
+    return (f"{width}x{height} needs about {need(width, height) / GB:.0f} GB and this machine has {free / GB:.0f} GB "
+            f"free; the largest square size that fits is about {side}x{side} (fewer images at once also helps)")
