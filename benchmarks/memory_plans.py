@@ -2,11 +2,13 @@
 of each stage (prompt encoding, denoising, decoding) read apart (Linux resets a process's peak RSS through
 /proc/self/clear_refs), beside the budget planner's prediction.
 
-    python -m diffrt.benchmarks.memory_plans PACKAGE [--size 512x512] [--steps 20] [--backend ov-cpu]
-        [--plans resident,sequential,sequential+tiled] [--repeat 2] [--json F]
+    python -m diffrt.benchmarks.memory_plans PACKAGE[,PACKAGE...] [--size 512x512] [--steps 20] [--backend ov-cpu]
+        [--plans resident,sequential] [--repeat 2] [--diffusers CHECKPOINT] [--rounds 1] [--json F]
 
-A plan runs `--repeat` requests in one process (the first opens and compiles; later ones show what reopening costs
-with the graph cache warm). Peaks are whole-process VmHWM in GB; times in seconds.
+Every package under every plan, then diffusers (fp32 and bf16, the VAE tiled, no offloading) on the checkpoint the
+packages came from, each in its own process, round after round. A process runs `--repeat` requests (the first opens
+and compiles; later ones show what reopening costs per request). Peaks are whole-process VmHWM in GB; times in
+seconds.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def stage_peak(pipe) -> float:
     return peak_gb()
 
 
-def run_plan(package: str, plan: str, size: tuple[int, int], steps: int, backend: str, repeat: int, cache: str) -> dict:
+def run_plan(package: str, plan: str, size: tuple[int, int], steps: int, backend: str, repeat: int, cache: str | None) -> dict:
     """Every request's stage peaks and times under one plan, in this process."""
     from diffrt.runtime.budget import PLANS
     from diffrt.runtime.pipeline import Pipeline
@@ -48,7 +50,7 @@ def run_plan(package: str, plan: str, size: tuple[int, int], steps: int, backend
     chosen = PLANS[plan]
     start = time.perf_counter()
     pipe = Pipeline.from_package(package, backend=backend, residency=chosen.residency, graph_cache=cache)
-    record = {"plan": plan, "load_seconds": time.perf_counter() - start, "load_peak_gb": peak_gb(), "requests": []}
+    record = {"package": package, "plan": plan, "load_seconds": time.perf_counter() - start, "load_peak_gb": peak_gb(), "requests": []}
     for i in range(repeat):
         begun = time.perf_counter()
         stream = pipe.begin("a photograph of a lighthouse on a cliff", width=size[0], height=size[1], steps=steps,
@@ -65,44 +67,72 @@ def run_plan(package: str, plan: str, size: tuple[int, int], steps: int, backend
     return record
 
 
+def run_diffusers(checkpoint: str, dtype: str, size: tuple[int, int], steps: int, repeat: int) -> dict:
+    """diffusers' StableDiffusionPipeline on the CPU in dtype with enable_vae_tiling(), timed and its peak read."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    start = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=getattr(torch, {"fp32": "float32"}.get(dtype, "bfloat16")),
+                                                   safety_checker=None)
+    pipe.enable_vae_tiling()
+    record = {"package": f"diffusers {dtype}", "plan": "vae tiling", "load_seconds": time.perf_counter() - start,
+              "load_peak_gb": peak_gb(), "requests": []}
+    for i in range(repeat):
+        begun = time.perf_counter()
+        pipe("a photograph of a lighthouse on a cliff", width=size[0], height=size[1], num_inference_steps=steps,
+             generator=torch.Generator().manual_seed(i))
+        record["requests"].append({"seconds": time.perf_counter() - begun, "peak_gb": peak_gb()})
+    return record
+
+
+def child(args: list[str]) -> dict:
+    done = subprocess.run([sys.executable, "-m", "diffrt.benchmarks.memory_plans", *args], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("package")
+    ap.add_argument("packages", help="package folders, comma-separated")
     ap.add_argument("--size", default="512x512")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--backend", default="ov-cpu")
-    ap.add_argument("--plans", default="resident,sequential,sequential+tiled")
+    ap.add_argument("--plans", default="resident,sequential")
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--cache", default="/tmp/diffrt-memory-plans-cache", help="graph cache folder (emptied first)")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--diffusers", metavar="CHECKPOINT", help="also diffusers fp32 and bf16 on this checkpoint")
+    ap.add_argument("--cache", help="a graph cache folder (default none)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     size = tuple(int(v) for v in args.size.split("x"))
     if args.child:
-        print(json.dumps(run_plan(args.package, args.child, size, args.steps, args.backend, args.repeat, args.cache)))
+        run = (run_diffusers(args.packages, args.child.split(":")[1], size, args.steps, args.repeat)
+               if args.child.startswith("diffusers:") else
+               run_plan(args.packages, args.child, size, args.steps, args.backend, args.repeat, args.cache))
+        print(json.dumps(run))
         return
-    import shutil
-
     from diffrt.runtime.budget import predicted_peaks
 
+    common = ["--size", args.size, "--steps", str(args.steps), "--backend", args.backend, "--repeat", str(args.repeat),
+              *(["--cache", args.cache] if args.cache else [])]
     results = []
-    for plan in args.plans.split(","):
-        shutil.rmtree(args.cache, ignore_errors=True)
-        cmd = [sys.executable, "-m", "diffrt.benchmarks.memory_plans", args.package, "--size", args.size, "--steps",
-               str(args.steps), "--backend", args.backend, "--repeat", str(args.repeat), "--cache", args.cache, "--child", plan]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(done.stderr[-2000:])
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(results[-1]), flush=True)
-    predicted = predicted_peaks(args.package, args.backend, size)
-    print("predicted (GB):", {k: round(v / 2**30, 2) for k, v in predicted.items()})
+    for _ in range(args.rounds):
+        for package in args.packages.split(","):
+            predicted = predicted_peaks(package, args.backend, size)
+            for plan in args.plans.split(","):
+                results.append({**child([package, *common, "--child", plan]), "predicted_gb": predicted[plan] / 2**30})
+                print(json.dumps(results[-1]), flush=True)
+        for dtype in ("fp32", "bf16") if args.diffusers else ():
+            results.append(child([args.diffusers, *common, "--child", f"diffusers:{dtype}"]))
+            print(json.dumps(results[-1]), flush=True)
     if args.json:
         from .machine import describe
 
-        args.json.write_text(json.dumps({"machine": describe(), "package": args.package, "size": args.size, "steps": args.steps,
-                                         "backend": args.backend, "results": results,
-                                         "predicted_gb": {k: v / 2**30 for k, v in predicted.items()}}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"machine": describe(), "size": args.size, "steps": args.steps,
+                                         "backend": args.backend, "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ the prediction against a measured peak."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from .backends.registry import Backend
 from .errors import UserError
 from .package import Package, load_package
 from .tiling import Tiles
@@ -82,23 +84,28 @@ PLANS = {p.name: p for p in (Plan("resident", "resident", False), Plan("resident
 # fastest first: tiles cost a little, opening every stage's engines again for each request a lot
 
 
-def component_bytes(package: Package, name: str) -> int:
-    """The bytes of a component's graph files (model.onnx and its external data)."""
+def component_bytes(package: Package, name: str, backend: str = "ort-cpu") -> int:
+    """The bytes of the graph files the backend reads for a component (model.onnx and its external data, or ov-cpu's
+    weight-compressed OpenVINO IR)."""
     graph = package.component(name)
+    if backend == "ov-cpu" and package.openvino_weights(name):
+        graph = graph.with_name("openvino_model")
     return sum(f.stat().st_size for f in graph.parent.glob(graph.name + "*") if f.is_file())
 
 
 def held_bytes(package: Package, name: str, backend: str, precision: str) -> float:
     """A component's weights as the backend holds them once open."""
     stored = package.precision(name)
-    size = component_bytes(package, name)
+    size = component_bytes(package, name, backend)
+    if backend == "ov-cpu" and package.openvino_weights(name):  # float16 convolutions, compressed matrix products
+        return size * (1.5 if precision == "fp32" else 1.0)
     if backend == "ov-cpu" and stored in ("fp32", "fp16"):
         return size / STORED[stored] * HELD[precision]
     return float(size)
 
 
 def opening_bytes(package: Package, name: str, backend: str) -> float:
-    size = component_bytes(package, name)
+    size = component_bytes(package, name, backend)
     fixed, share = OPENING[backend]
     return min(size, fixed + share * size)
 
@@ -161,6 +168,29 @@ def compute_precision(backend: str) -> str:
     return ov_precision("auto")
 
 
+def round_up(size: float) -> str:
+    """Bytes as GB rounded up to a tenth (a budget that holds them)."""
+    return f"{math.ceil(size / GB * 10) / 10:g}"
+
+
+def budget_residency(package: Package, backend: Backend, precision: str, budget: float) -> str:
+    """The residency of the fastest plan that fits budget (GB) at the model's own size; refused in one line, naming the
+    budget that would do, where none fits, or where the backend does not hold the model in host memory."""
+    if backend.device != "cpu" or backend.name not in BASE:
+        raise UserError(f"a memory budget plans the host memory of the CPU backends; {backend.name} holds the model "
+                        "in GPU memory: leave --memory-budget out (use --gpu-mem-limit), or use ov-cpu or ort-cpu")
+    d = package.defaults
+    rows = 2 if d.get("guidance_scale", 7.5) > 1 else 1
+    peaks = {n: predict(package, backend.name, precision, p, d["width"], d["height"], rows) for n, p in PLANS.items()}
+    fitting = [n for n, peak in peaks.items() if peak <= budget * GB]
+    if not fitting:
+        least = min(peaks, key=peaks.get)
+        raise UserError(f"no memory plan fits {package.name} in {budget:g} GB at its own size ({d['width']}x{d['height']}): "
+                        f"the leanest ({least}) needs about {peaks[least] / GB:.1f} GB; give --memory-budget "
+                        f"{round_up(peaks[least])} or more")
+    return PLANS[fitting[0]].residency
+
+
 def check_budget(value: object) -> float:
     """A budget in GB, checked: a positive number."""
     try:
@@ -183,3 +213,22 @@ def check_fits(need, width: int, height: int, step: int) -> str | None:
         side -= step
     return (f"{width}x{height} needs about {need(width, height) / GB:.0f} GB and this machine has {free / GB:.0f} GB "
             f"free; the largest square size that fits is about {side}x{side} (fewer images at once also helps)")
+
+
+def memory_table(path: str | Path, backends: list[str]) -> list[str]:
+    """`diffrt doctor --memory`: each plan's predicted peak per size (the model's own, then 1.5x and 2x) per CPU
+    backend, beside the memory this machine has free."""
+    package = load_package(path, verify=False)
+    own = package.defaults["width"], package.defaults["height"]
+    step = 8 * package.vae_scale_factor
+    sizes = [tuple(max(step, round(s * k / step) * step) for s in own) for k in (1, 1.5, 2)]
+    free = available_bytes()
+    lines = [f"predicted peak memory of one guided image, whole process (GB; this machine has "
+             f"{free / GB:.1f} GB free):" if free else "predicted peak memory of one guided image, whole process (GB):",
+             f"{'backend':8} {'size':>9}  " + "  ".join(f"{name:>16}" for name in PLANS)]
+    for backend in (b for b in backends if b in BASE):
+        precision = compute_precision(backend)
+        for w, h in sizes:
+            peaks = [predict(package, backend, precision, plan, w, h) / GB for plan in PLANS.values()]
+            lines.append(f"{backend:8} {f'{w}x{h}':>9}  " + "  ".join(f"{p:16.2f}" for p in peaks))
+    return lines

@@ -300,7 +300,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                               accept_quality=args.accept_quality, overwrite=args.overwrite, steps=args.steps,
                               size=args.size, gate_seeds=args.gate_seeds, adherence=args.adherence,
                               cuda_fusions=args.cuda_fusions)
-    quantize_package(args.package, args.out, options, log=lambda m: print(m, file=sys.stderr))
+    if args.precision.endswith("-weights"):
+        from diffrt.export.ov_weights import compress_package
+
+        compress_package(args.package, args.out, args.precision, options, log=lambda m: print(m, file=sys.stderr))
+    else:
+        quantize_package(args.package, args.out, options, log=lambda m: print(m, file=sys.stderr))
     print(args.out)
     return 0
 
@@ -320,11 +325,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from .budget import memory_table
     from .doctor import available_backends, check_backends, format_report, machine_report
 
     report = machine_report()
+    table = memory_table(args.memory, available_backends(report)) if args.memory else []  # a bad folder: refused first
     checks = check_backends(args.check, available_backends(report), args.steps) if args.check else None
-    print(format_report(report, checks))
+    print("\n".join([format_report(report, checks), *table]))
     return 0 if not checks or all(c["ok"] for c in checks.values()) else 1
 
 
@@ -356,6 +363,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .package import load_package
 
+    if args.memory_budget is not None:  # a budget no plan fits is refused before the server starts
+        from .backends.registry import candidates
+        from .budget import budget_residency, compute_precision
+        from .bundled import bundled_model
+
+        backend = next((b for b in candidates(args.backend) if not b.missing()), candidates(args.backend)[0])
+        budget_residency(load_package(args.model or bundled_model()), backend, compute_precision(backend.name),
+                         args.memory_budget)
     if args.model is not None:
         package = load_package(args.model)  # a bad --model is refused here, before the server starts
         if args.batching == "step" and package.per_row_timesteps() is False:
@@ -617,7 +632,9 @@ def add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="fp16 or int8 copy of an fp32 package, with quality gates (needs diffrt[export])")
     q.add_argument("package", type=Path, help="an fp32 package folder written by diffrt export")
     q.add_argument("out", type=Path, help="package folder to write")
-    q.add_argument("--precision", choices=("fp16", "int8"), required=True, help="fp16 (any GPU) or int8 (QDQ UNet)")
+    q.add_argument("--precision", choices=("fp16", "int8", "int8-weights", "int4-weights"), required=True,
+                   help="fp16 (any GPU), int8 (QDQ UNet), or int8-weights / int4-weights (ov-cpu: the text encoders' and "
+                   "the denoiser's matrix products with compressed weights, for less memory; needs diffrt[nncf])")
     q.add_argument("--keep-fp32-ops", help="fp16: op types left in float32, comma-separated (default: the normalizations, "
                    "Softmax, Pow and ReduceMean)")
     q.add_argument("--keep-fp32-components", default="", help="fp16: components left in float32, e.g. vae_decoder")
@@ -705,6 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the gate prompts against the package's float32 graphs, hold each to its gate and keep the verdicts "
                     "for this machine (exit 1 when one fails)")
     dr.add_argument("--steps", type=int, help="sampling steps of the check's images (default: the package's)")
+    dr.add_argument("--memory", type=Path, metavar="PACKAGE", help="print the package's predicted peak memory per size "
+                    "under each plan (--memory-budget chooses among them)")
     dr.set_defaults(func=cmd_doctor)
     add_bench(sub)
     add_serve(sub)

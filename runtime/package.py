@@ -87,6 +87,10 @@ class Package:
         rel = self.manifest.get("components", {}).get(name, {}).get("fallback")
         return self.root / rel if rel else self.component(name)
 
+    def openvino_weights(self, name: str) -> str | None:
+        """int8 / int4 where `diffrt quantize --precision int8-weights|int4-weights` compressed a component for OpenVINO."""
+        return self.manifest.get("components", {}).get(name, {}).get("openvino", {}).get("weights")
+
     def has_fallback(self, name: str) -> bool:
         rel = self.manifest.get("components", {}).get(name, {}).get("fallback")
         return bool(rel) and (self.root / rel).is_file()

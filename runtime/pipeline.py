@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 import warnings
@@ -19,7 +18,7 @@ from PIL import Image
 from . import __version__, tiling
 from .backends.engine import Engine
 from .backends.registry import REGISTRY, Backend, EngineOptions, candidates
-from .budget import GB, PLANS, Plan, check_budget, check_fits, predict
+from .budget import GB, PLANS, Plan, budget_residency, check_budget, check_fits, predict, round_up
 from .control import CONTROL, Controls, Unit, check_units
 from .errors import UserError
 from .families import family_for, one_per_row
@@ -185,19 +184,7 @@ class Pipeline:
         """resident, or sequential where only that fits the budget at the model's own size (refused where neither does)."""
         if self.budget is None:
             return "resident"
-        if self.runner.device != "cpu":
-            raise UserError(f"a memory budget plans the host memory of the CPU backends; {self.runner.name} holds the model "
-                            "in GPU memory: leave --memory-budget out (use --gpu-mem-limit), or use ov-cpu or ort-cpu")
-        d = self.package.defaults
-        rows = 2 if d.get("guidance_scale", 7.5) > 1 else 1
-        peaks = {n: predict(self.package, self.runner.name, self.precision, p, d["width"], d["height"], rows)
-                 for n, p in PLANS.items()}
-        fitting = [n for n, peak in peaks.items() if peak <= self.budget * GB]
-        if not fitting:
-            raise UserError(f"no memory plan fits {self.package.name} in {self.budget:g} GB at its own size "
-                            f"({d['width']}x{d['height']}): the leanest ({min(peaks, key=peaks.get)}) needs about "
-                            f"{min(peaks.values()) / GB:.1f} GB; give --memory-budget {min(peaks.values()) / GB:.1f} or more")
-        return PLANS[fitting[0]].residency
+        return budget_residency(self.package, self.runner, self.precision, self.budget)
 
     def plan(self, req: Request) -> tuple[Plan, float] | None:
         """The memory budget's plan for a request and its predicted peak (bytes), or None without a budget; refused in
@@ -210,10 +197,10 @@ class Pipeline:
         for chosen, peak in peaks.items():
             if peak <= self.budget * GB:
                 return chosen, peak
-        least = min(peaks.values()) / GB
-        raise UserError(f"{req.width}x{req.height} with {len(req.prompts)} image(s) needs about {least:.1f} GB under "
+        least = min(peaks.values())
+        raise UserError(f"{req.width}x{req.height} with {len(req.prompts)} image(s) needs about {least / GB:.1f} GB under "
                         f"the leanest plan, over the memory budget of {self.budget:g} GB; give --memory-budget "
-                        f"{math.ceil(least * 10) / 10:g} or more, a smaller size, or fewer images")
+                        f"{round_up(least)} or more, a smaller size, or fewer images")
 
     @property
     def residency(self) -> str:
@@ -556,6 +543,9 @@ class Pipeline:
     def computes(self) -> str:
         """The UNet's precision as recorded with each image: on ov-cpu a quantized package's own (int8, fp16) with
         OpenVINO's precision for the float rest, e.g. int8+bf16; elsewhere the precision it runs in."""
+        weights = self.package.openvino_weights(self.package.denoiser) if self.runner.openvino_ir else None
+        if weights:  # int8-weights+bf16: the matrix products' weights compressed, the rest in OpenVINO's precision
+            return f"{weights}-weights+{self.precision}"
         return self.runner.computes(self.precision, self.package.precision(self.package.denoiser))
 
     @property

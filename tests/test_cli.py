@@ -213,10 +213,15 @@ def test_ctrl_c_is_one_line_on_its_own(tiny_package, tmp_path, after):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_size_this_machine_cannot_hold_is_refused_up_front(tiny_package, tmp_path):
-    """4096x4096 passes the size rules but not memory: one line naming the largest size that fits, no traceback."""
-    assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "--width", 4096, "--height", 4096, "-o",
-                          tmp_path / "x.png"), "4096x4096", "GB and this machine has", "largest square size that fits",
+def test_a_size_this_machine_cannot_hold_is_refused_up_front(tiny_package, tmp_path, monkeypatch):
+    """4096x4096 with the VAE whole passes the size rules but not the memory of a machine with 4 GB free: one line
+    naming the largest size that fits, no traceback."""
+    from diffrt.runtime import budget
+
+    monkeypatch.setattr(budget, "available_bytes", lambda: 4 * 2**30)
+    assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "--width", 4096, "--height", 4096, "--backend",
+                          "ort-cpu", "--vae-tiling", "off", "-o", tmp_path / "x.png"),
+                   "4096x4096 needs about 16 GB and this machine has 4 GB free", "largest square size that fits",
                    "this model was made for 32x32")
 
 

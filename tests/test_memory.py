@@ -160,3 +160,54 @@ def mapped_kb(path) -> int:
         elif inside and line.startswith("Rss:"):
             total += int(line.split()[1])
     return total
+
+
+@pytest.fixture(scope="module")
+def int8_weights(tmp_path_factory):
+    from diffrt.export.ov_weights import compress_package
+    from diffrt.export.precision import QuantizeOptions
+    from diffrt.runtime.bundled import bundled_model
+
+    out = tmp_path_factory.mktemp("w8") / "shapes-w8"
+    gate = compress_package(bundled_model(), out, "int8-weights", QuantizeOptions(gate_seeds=1), log=lambda m: None)
+    return out, gate
+
+
+def test_int8_weights_for_openvino_hold_less_and_stay_near_float32(int8_weights):
+    """The bundled model's text encoder and UNet with NNCF int8 matrix-product weights: ov-cpu reads them (its images
+    change, within the gate, and say so), ort-cpu still runs the float32 graphs (its images do not change), and the
+    planner counts the smaller weights."""
+    from diffrt.runtime.budget import held_bytes
+    from diffrt.runtime.bundled import bundled_model
+    from diffrt.runtime.doctor import psnr
+    from diffrt.runtime.package import load_package
+    from diffrt.runtime.pipeline import Pipeline
+
+    out, gate = int8_weights
+    assert gate["passed"] and gate["psnr_db_min"] >= 30 and gate["images"] >= 4
+    package, source = load_package(out), load_package(bundled_model())
+    assert (out / "unet" / "openvino_model.xml").is_file() and (out / "text_encoder" / "openvino_model.bin").is_file()
+    assert package.openvino_weights("unet") == "int8" and package.openvino_weights("vae_decoder") is None
+    ov, ov_source = Pipeline(package, backend="ov-cpu"), Pipeline(source, backend="ov-cpu")
+    ours, float_ov = ov(PROMPT, steps=4, seed=5), ov_source(PROMPT, steps=4, seed=5)
+    assert ours.settings["precision"] in ("int8-weights+bf16", "int8-weights+fp32")
+    assert np.abs(ours.array - float_ov.array).max() > 0  # the compressed graph ran
+    reference = Pipeline(source, backend="ort-cpu")(PROMPT, steps=4, seed=5)
+    assert psnr(reference.array, ours.array) >= 30
+    np.testing.assert_array_equal(Pipeline(package, backend="ort-cpu")(PROMPT, steps=4, seed=5).array, reference.array)
+    precision = ov.precision
+    assert held_bytes(package, "unet", "ov-cpu", precision) < 0.75 * held_bytes(source, "unet", "ov-cpu", precision)
+
+
+@pytest.mark.slow
+def test_weights_that_miss_the_gate_write_nothing(tmp_path, monkeypatch):
+    """A package under its gate (int4 here, its gate raised past what any image reaches) is refused in one line, and
+    nothing is written."""
+    from diffrt.export import ov_weights
+    from diffrt.runtime.bundled import bundled_model
+
+    monkeypatch.setitem(ov_weights.GATES_DB, 4, 99.0)
+    out = tmp_path / "w4"
+    r = run_cli("quantize", bundled_model(), out, "--precision", "int4-weights", "--gate-seeds", "1", "--steps", "4")
+    assert r.returncode == 2 and "misses its quality gate" in r.stderr.splitlines()[-1], r.stderr[-500:]
+    assert "needs 99 dB" in r.stderr and "Traceback" not in r.stderr and not out.exists()

@@ -71,6 +71,27 @@ def read_onnx(path: Path):
                         "or not an ONNX graph: re-export the package") from None
 
 
+IR = "openvino_model.xml"  # a component's weight-compressed graph for OpenVINO (`diffrt quantize --precision int8-weights`)
+
+
+def graph_file(path: Path) -> Path:
+    """The file ov-cpu reads for a component's graph: its OpenVINO IR beside model.onnx where quantize wrote one."""
+    ir = path.with_name(IR)
+    return ir if path.name == "model.onnx" and ir.is_file() else path
+
+
+def read_graph(path: Path):
+    """A component's graph: its OpenVINO IR (weight-compressed), else the ONNX graph."""
+    source = graph_file(path)
+    if source == path:
+        return read_onnx(path)
+    try:
+        return core().read_model(str(source))
+    except Exception as exc:  # OpenVINO's own error types
+        raise UserError(f"{source} could not be loaded by OpenVINO ({str(exc).strip().splitlines()[0][:160]}); "
+                        "quantize the package again") from None
+
+
 def with_weights(model, weights: dict[str, np.ndarray]):
     """The model with the named initializers (OpenVINO's Constant nodes keep their ONNX names) holding new values:
     LoRAs applied at run time."""
@@ -106,7 +127,7 @@ class OvEngine:
     def __init__(self, path: Path, threads: int | None = None, precision: str = "fp32", cache: Path | None = None,
                  weights: dict[str, np.ndarray] | None = None) -> None:
         self.weights = weights or {}
-        self.model = with_weights(read_onnx(path), self.weights)
+        self.model = with_weights(read_graph(path), self.weights)
         self.path, self.precision = path, precision
         self.config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": HINTS[precision]}
         if threads:
@@ -124,11 +145,12 @@ class OvEngine:
         if key in self.compiled:
             self.compiled.move_to_end(key)
             return self.compiled[key]
-        model = self.model if self.model is not None else with_weights(read_onnx(self.path), self.weights)
+        model = self.model if self.model is not None else with_weights(read_graph(self.path), self.weights)
         self.model = None  # the float32 graph is not kept beside the compiled one; another shape reads it again
         model.reshape({name: list(np.shape(feeds[name])) for name in self.inputs})
         cache = self.config.get("CACHE_DIR")  # the plugin packs its own copy; the files' pages are read again if needed
-        with DroppingPages(self.path, *([Path(cache)] if cache else [])):  # the file not held whole beside the copy
+        source = graph_file(self.path)  # model.onnx(_data), or openvino_model.xml / .bin
+        with DroppingPages(source.with_suffix(""), *([Path(cache)] if cache else [])):  # the file not held whole beside the copy
             self.compiled[key] = core().compile_model(model, "CPU", self.config)
             del model
         if len(self.compiled) > MAX_SHAPES:

@@ -58,6 +58,7 @@ class Backend:
     int8_exact_on: tuple[str, ...] = ()  # CPU kinds (trust.cpu_kind) where its int8 products are summed exactly
     signed_int8_on: tuple[str, ...] = ()  # CPU kinds that compute signed int8 activations right (() any)
     group_opener: Callable[[Path, str, tuple[str, ...]], dict[str, Engine]] | None = None  # engines opened together
+    openvino_ir: bool = False  # reads a component's weight-compressed OpenVINO IR where the package has one
     note: str = ""  # said when an option is refused
 
     def check_options(self, options: EngineOptions) -> None:
@@ -168,7 +169,8 @@ REGISTRY: dict[str, Backend] = {b.name: b for b in (
     Backend("ort-cuda", "onnxruntime's CUDA provider (NVIDIA GPUs)", "cuda", CPU_OPTIONS | {"cuda_graph", "gpu_mem_limit"},
             _ort_cuda_missing, _ort_opener("ort-cuda"), cuda_graphs=True, fp16_weight_overrides=False, cuda_fusions=True),
     Backend("ov-cpu", "OpenVINO on the CPU (bf16 where the CPU has AMX or AVX-512-BF16)", "cpu", CPU_OPTIONS,
-            _ov_missing, _ov_open, precisions=("auto", "bf16", "fp32"), mixed=True, signed_int8_on=("amx",)),
+            _ov_missing, _ov_open, precisions=("auto", "bf16", "fp32"), mixed=True, signed_int8_on=("amx",),
+            openvino_ir=True),
     Backend("ort-cpu", "onnxruntime on the CPU", "cpu", CPU_OPTIONS, _ort_cpu_missing, _ort_opener("ort-cpu"),
             fp16_weight_overrides=False, int8_exact_on=("amx", "avx512-vnni", "avx-vnni")),
     Backend("trt", "TensorRT engines built ahead per GPU (`diffrt build`)", "cuda", frozenset({"release_memory"}), _trt_missing, None,
