@@ -37,9 +37,16 @@ def compress_graph(graph: Path, bits: int) -> str:
 
     adjust = AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST, min_adjusted_group_size=16)
     extra = {} if bits == 8 else {"group_size": GROUP, "ratio": 1.0, "advanced_parameters": adjust}
-    model = nncf.compress_weights(read_onnx(graph), mode=mode, ignored_scope=nncf.IgnoredScope(types=["Convolution"], validate=False),
-                                  **extra)
-    ov.save_model(model, str(graph.with_name(IR)), compress_to_fp16=True)
+    halved = graph.with_name("float16.xml")  # float weights as float16 first: save_model leaves NNCF's output float32
+    ov.save_model(read_onnx(graph), str(halved), compress_to_fp16=True)
+    try:
+        model = nncf.compress_weights(ov.Core().read_model(str(halved)), mode=mode,
+                                      ignored_scope=nncf.IgnoredScope(types=["Convolution"], validate=False), **extra)
+        ov.save_model(model, str(graph.with_name(IR)), compress_to_fp16=False)
+        del model
+    finally:
+        halved.unlink()
+        halved.with_suffix(".bin").unlink(missing_ok=True)
     kind = "int8 asymmetric per channel" if bits == 8 else f"int4 asymmetric in groups of {GROUP} (int8 where NNCF keeps it)"
     return f"NNCF {nncf.__version__} compress_weights, {kind}; convolutions float16"
 

@@ -89,19 +89,21 @@ def component_bytes(package: Package, name: str, backend: str = "ort-cpu") -> in
     weight-compressed OpenVINO IR)."""
     graph = package.component(name)
     if backend == "ov-cpu" and package.openvino_weights(name):
-        graph = graph.with_name("openvino_model")
+        graph = graph.with_name("openvino_model.bin")  # its weights (the .xml is its graph, read and dropped)
     return sum(f.stat().st_size for f in graph.parent.glob(graph.name + "*") if f.is_file())
 
 
 def held_bytes(package: Package, name: str, backend: str, precision: str) -> float:
     """A component's weights as the backend holds them once open."""
-    stored = package.precision(name)
     size = component_bytes(package, name, backend)
     if backend == "ov-cpu" and package.openvino_weights(name):  # float16 convolutions, compressed matrix products
         return size * (1.5 if precision == "fp32" else 1.0)
+    stored = package.precision(name)
+    entry = package.manifest.get("components", {}).get(name, {})
+    per_param = STORED["fp16"] if entry.get("weights") == "fp16" else STORED.get(stored, 4)  # export --weights-fp16
     if backend == "ov-cpu" and stored in ("fp32", "fp16"):
-        return size / STORED[stored] * HELD[precision]
-    return float(size)
+        return size / per_param * HELD[precision]
+    return size / per_param * (STORED.get(stored, 4) if backend != "ov-cpu" else 1)
 
 
 def opening_bytes(package: Package, name: str, backend: str) -> float:
