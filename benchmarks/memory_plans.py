@@ -2,7 +2,7 @@
 of each stage (prompt encoding, denoising, decoding) read apart (Linux resets a process's peak RSS through
 /proc/self/clear_refs), beside the budget planner's prediction.
 
-    python -m diffrt.benchmarks.memory_plans PACKAGE[,PACKAGE...] [--size 512x512] [--steps 20] [--backend ov-cpu]
+    python -m diffrt.benchmarks.memory_plans PACKAGE[:PLAN/PLAN][,PACKAGE...] [--size 512x512] [--steps 20] [--backend ov-cpu]
         [--plans resident,sequential] [--repeat 2] [--diffusers CHECKPOINT] [--rounds 1] [--json F]
 
 Every package under every plan, then diffusers (fp32 and bf16, the VAE tiled, no offloading) on the checkpoint the
@@ -68,12 +68,12 @@ def run_plan(package: str, plan: str, size: tuple[int, int], steps: int, backend
 
 
 def run_diffusers(checkpoint: str, dtype: str, size: tuple[int, int], steps: int, repeat: int) -> dict:
-    """diffusers' StableDiffusionPipeline on the CPU in dtype with enable_vae_tiling(), timed and its peak read."""
+    """diffusers' pipeline for the checkpoint (SD or SDXL) on the CPU in dtype with enable_vae_tiling(), timed and its peak read."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=getattr(torch, {"fp32": "float32"}.get(dtype, "bfloat16")),
+    pipe = DiffusionPipeline.from_pretrained(checkpoint, torch_dtype=getattr(torch, {"fp32": "float32"}.get(dtype, "bfloat16")),
                                                    safety_checker=None)
     pipe.enable_vae_tiling()
     record = {"package": f"diffusers {dtype}", "plan": "vae tiling", "load_seconds": time.perf_counter() - start,
@@ -86,6 +86,20 @@ def run_diffusers(checkpoint: str, dtype: str, size: tuple[int, int], steps: int
     return record
 
 
+def table(results: list[dict]) -> list[str]:
+    """A markdown table: per run, each request's seconds (and what reopening engines took), the whole process's peak
+    (load included) and the prediction."""
+    lines = ["| package | plan | request 1 s | request 2 s (of which opening) | peak GB (whole process) | predicted GB |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        reqs = r["requests"]
+        peaks = [r["load_peak_gb"], *(v for q in reqs for k, v in q.items() if k.endswith("peak_gb"))]
+        later = (f"{reqs[1]['seconds']:.1f}" + (f" ({reqs[1]['load']:.1f})" if reqs[1].get("load") else "")) if len(reqs) > 1 else "-"
+        predicted = f"{r['predicted_gb']:.2f}" if "predicted_gb" in r else "-"
+        lines.append(f"| {Path(r['package']).name} | {r['plan']} | {reqs[0]['seconds']:.1f} | {later} | {max(peaks):.2f} | {predicted} |")
+    return lines
+
+
 def child(args: list[str]) -> dict:
     done = subprocess.run([sys.executable, "-m", "diffrt.benchmarks.memory_plans", *args], capture_output=True, text=True)
     if done.returncode:
@@ -95,14 +109,15 @@ def child(args: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("packages", help="package folders, comma-separated")
+    ap.add_argument("packages", help="package folders, comma-separated (PACKAGE:PLAN/PLAN: only those plans for it)")
     ap.add_argument("--size", default="512x512")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--backend", default="ov-cpu")
     ap.add_argument("--plans", default="resident,sequential")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--diffusers", metavar="CHECKPOINT", help="also diffusers fp32 and bf16 on this checkpoint")
+    ap.add_argument("--diffusers", metavar="CHECKPOINT", help="also diffusers on this checkpoint")
+    ap.add_argument("--diffusers-dtypes", default="fp32,bf16", help="diffusers' dtypes (default %(default)s)")
     ap.add_argument("--cache", help="a graph cache folder (default none)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -120,14 +135,16 @@ def main(argv: list[str] | None = None) -> None:
               *(["--cache", args.cache] if args.cache else [])]
     results = []
     for _ in range(args.rounds):
-        for package in args.packages.split(","):
+        for entry in args.packages.split(","):
+            package, _, own = entry.partition(":")  # PACKAGE:plan/plan runs those plans only
             predicted = predicted_peaks(package, args.backend, size)
-            for plan in args.plans.split(","):
+            for plan in own.split("/") if own else args.plans.split(","):
                 results.append({**child([package, *common, "--child", plan]), "predicted_gb": predicted[plan] / 2**30})
                 print(json.dumps(results[-1]), flush=True)
-        for dtype in ("fp32", "bf16") if args.diffusers else ():
+        for dtype in args.diffusers_dtypes.split(",") if args.diffusers else ():
             results.append(child([args.diffusers, *common, "--child", f"diffusers:{dtype}"]))
             print(json.dumps(results[-1]), flush=True)
+    print("\n".join(table(results)))
     if args.json:
         from .machine import describe
 

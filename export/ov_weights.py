@@ -11,6 +11,7 @@ The gate holds ov-cpu's images to the float32 package's (ort-cpu) over the gate 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -68,7 +69,8 @@ def compress_package(package: str | Path, out: str | Path, precision: str, optio
     tmp = _prepare_out(out, options.overwrite)
     try:
         shutil.rmtree(tmp)
-        shutil.copytree(source.root, tmp, ignore=shutil.ignore_patterns("card", "README.md", IR, IR.replace(".xml", ".bin")))
+        shutil.copytree(source.root, tmp, ignore=shutil.ignore_patterns("card", "README.md", IR, IR.replace(".xml", ".bin")),
+                        copy_function=link_or_copy)
         manifest = json.loads((tmp / MANIFEST).read_text())
         for comp in targets:
             log(f"{comp}: {precision} for OpenVINO")
@@ -95,6 +97,18 @@ def compress_package(package: str | Path, out: str | Path, precision: str, optio
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return gate
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """A large file (graphs and weights, which quantize leaves as they are) hard-linked where the file system allows,
+    so the copy costs no disk; small ones (the manifest, configs, which it rewrites) copied."""
+    if Path(src).stat().st_size >= 2**20:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
 
 
 def require_nncf() -> None:

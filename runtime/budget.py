@@ -10,6 +10,7 @@ the prediction against a measured peak."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -23,15 +24,19 @@ from .tiling import Tiles
 GB = 2**30
 STORED = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per parameter in the package's files, by component precision
 HELD = {"fp32": 4, "bf16": 2}  # bytes per parameter OpenVINO holds a float component in, by compute precision
-BASE = {"ov-cpu": 0.28 * GB, "ort-cpu": 0.20 * GB}  # the process with the runtime and backend loaded, no engine
-OPENING = {"ov-cpu": (0.6 * GB, 0.1), "ort-cpu": (0.0, 0.1)}  # held while an engine opens: up to a + b x its file
-# bytes, and never more than the file (OpenVINO reads the whole graph file while it compiles; diffrt drops its pages
-# every quarter second, so a large file is never held whole)
+BASE = {"ov-cpu": 0.30 * GB, "ort-cpu": 0.20 * GB}  # the process with the runtime and backend loaded, no engine
+OPENING = {"ov-cpu": (0.15 * GB, 0.22), "ort-cpu": (0.0, 0.15)}  # what opening an engine leaves held beside its
+# weights: up to a + b x its graph file's bytes, never more than the file (OpenVINO reads the graph file while it
+# compiles, diffrt dropping its pages every quarter second, and keeps some of what compiling allocated)
+OPENING_INT8 = 0.45  # b for an int8 (QDQ) graph on OpenVINO, whose int8 kernels pack their weights again
 SCORE_COPIES = {"ov-cpu": 0.0, "ort-cpu": 4.2}  # of a plain (MatMul/Softmax) attention's scores held by the UNet
 VAE_SCORE_COPIES = {"ov-cpu": 0.0, "ort-cpu": 2.0}  # ... by the VAE decoder's mid-block attention
 DECODER_MAPS = {"ov-cpu": 3, "ort-cpu": 8}  # full-resolution float32 maps of the decoder's last level held at its peak
+ARENA_GROWTH = {"ov-cpu": 1.0, "ort-cpu": 2.3}  # resident engines' activations after a few requests, over one's
+# (onnxruntime's arena of each session grows on later requests: the bundled model at 384x384, 3 requests: 1.55 GB
+# against 0.85 after one)
 HEADROOM = 0.9  # of the memory the system reports available, that a request may plan to take
-MARGIN = 1.4  # the prediction is an upper bound; measured peaks lie between it / MARGIN and it (tests/test_memory.py)
+MARGIN = 1.5  # the prediction is an upper bound; measured peaks lie between it / MARGIN and it (tests/test_memory.py)
 
 
 def available_bytes() -> int | None:
@@ -85,12 +90,22 @@ PLANS = {p.name: p for p in (Plan("resident", "resident", False), Plan("resident
 
 
 def component_bytes(package: Package, name: str, backend: str = "ort-cpu") -> int:
-    """The bytes of the graph files the backend reads for a component (model.onnx and its external data, or ov-cpu's
-    weight-compressed OpenVINO IR)."""
+    """The bytes of the graph files the backend reads for a component (model.onnx and the external data files it
+    names, or ov-cpu's weight-compressed OpenVINO IR's weights)."""
     graph = package.component(name)
     if backend == "ov-cpu" and package.openvino_weights(name):
-        graph = graph.with_name("openvino_model.bin")  # its weights (the .xml is its graph, read and dropped)
-    return sum(f.stat().st_size for f in graph.parent.glob(graph.name + "*") if f.is_file())
+        return graph.with_name("openvino_model.bin").stat().st_size  # (the .xml is its graph, read and dropped)
+    return graph_bytes(str(graph), graph.stat().st_mtime)
+
+
+@functools.lru_cache(maxsize=64)
+def graph_bytes(path: str, mtime: float) -> int:
+    """An ONNX graph's size with its external data files (the siblings its bytes name; a quantized package's float32
+    fallback keeps its own beside it)."""
+    graph = Path(path)
+    text = graph.read_bytes()
+    return graph.stat().st_size + sum(f.stat().st_size for f in graph.parent.iterdir()
+                                      if f != graph and f.is_file() and f.name.encode() in text and "onnx" in f.name)
 
 
 def held_bytes(package: Package, name: str, backend: str, precision: str) -> float:
@@ -109,6 +124,8 @@ def held_bytes(package: Package, name: str, backend: str, precision: str) -> flo
 def opening_bytes(package: Package, name: str, backend: str) -> float:
     size = component_bytes(package, name, backend)
     fixed, share = OPENING[backend]
+    if backend == "ov-cpu" and package.precision(name) == "int8" and not package.openvino_weights(name):
+        share = OPENING_INT8
     return min(size, fixed + share * size)
 
 
@@ -141,11 +158,11 @@ def predict(package: Package, backend: str, precision: str, plan: Plan, width: i
     """The whole process's predicted peak in bytes for one request of rows denoiser rows (2: one guided image)."""
     stages = package_stages(package)
     held = {c: held_bytes(package, c, backend, precision) for c in stages}
-    peaks = {c: held[c] + max(opening_bytes(package, c, backend),
-                              activation_bytes(package, c, backend, width, height, rows, plan.tiled)) for c in stages}
-    if plan.residency == "resident":
-        return BASE[backend] + sum(held.values()) + max(peaks[c] - held[c] for c in stages)
-    return BASE[backend] + max(peaks.values())
+    opening = {c: opening_bytes(package, c, backend) for c in stages}
+    active = {c: activation_bytes(package, c, backend, width, height, rows, plan.tiled) for c in stages}
+    if plan.residency == "resident":  # every stage's weights, and what opening each left or the largest call's activations
+        return BASE[backend] + sum(held.values()) + max(sum(opening.values()), ARENA_GROWTH[backend] * max(active.values()))
+    return BASE[backend] + max(held[c] + max(opening[c], active[c]) for c in stages)
 
 
 def package_stages(package: Package) -> tuple[str, ...]:
