@@ -25,10 +25,12 @@ GB = 2**30
 STORED = {"fp32": 4, "fp16": 2, "int8": 1}  # bytes per parameter in the package's files, by component precision
 HELD = {"fp32": 4, "bf16": 2}  # bytes per parameter OpenVINO holds a float component in, by compute precision
 BASE = {"ov-cpu": 0.30 * GB, "ort-cpu": 0.20 * GB}  # the process with the runtime and backend loaded, no engine
-OPENING = {"ov-cpu": (0.15 * GB, 0.22), "ort-cpu": (0.0, 0.15)}  # what opening an engine leaves held beside its
+OPENING = {"ov-cpu": (0.15 * GB, 0.5), "ort-cpu": (0.0, 0.15)}  # what opening an engine leaves held beside its
 # weights: up to a + b x its graph file's bytes, never more than the file (OpenVINO reads the graph file while it
-# compiles, diffrt dropping its pages every quarter second, and keeps some of what compiling allocated)
-OPENING_INT8 = 0.45  # b for an int8 (QDQ) graph on OpenVINO, whose int8 kernels pack their weights again
+# compiles, diffrt dropping its pages every quarter second, and keeps part of what compiling allocated: SD 1.5's
+# float32 UNet 0.8 GB, SDXL's 3.7 GB)
+OPENING_SHARE = {"ir": 0.22, "int8": 0.45}  # b on OpenVINO for a weight-compressed IR, and for an int8 (QDQ) graph
+UNET_MAPS = 20  # float32 maps per row at the latents' size and the denoiser's first width, held while it runs
 SCORE_COPIES = {"ov-cpu": 0.0, "ort-cpu": 4.2}  # of a plain (MatMul/Softmax) attention's scores held by the UNet
 VAE_SCORE_COPIES = {"ov-cpu": 0.0, "ort-cpu": 2.0}  # ... by the VAE decoder's mid-block attention
 DECODER_MAPS = {"ov-cpu": 3, "ort-cpu": 8}  # full-resolution float32 maps of the decoder's last level held at its peak
@@ -36,7 +38,7 @@ ARENA_GROWTH = {"ov-cpu": 1.0, "ort-cpu": 2.3}  # resident engines' activations 
 # (onnxruntime's arena of each session grows on later requests: the bundled model at 384x384, 3 requests: 1.55 GB
 # against 0.85 after one)
 HEADROOM = 0.9  # of the memory the system reports available, that a request may plan to take
-MARGIN = 1.5  # the prediction is an upper bound; measured peaks lie between it / MARGIN and it (tests/test_memory.py)
+MARGIN = 1.6  # the prediction is an upper bound; measured peaks lie between it / MARGIN and it (tests/test_memory.py)
 
 
 def available_bytes() -> int | None:
@@ -124,8 +126,10 @@ def held_bytes(package: Package, name: str, backend: str, precision: str) -> flo
 def opening_bytes(package: Package, name: str, backend: str) -> float:
     size = component_bytes(package, name, backend)
     fixed, share = OPENING[backend]
-    if backend == "ov-cpu" and package.precision(name) == "int8" and not package.openvino_weights(name):
-        share = OPENING_INT8
+    if backend == "ov-cpu" and package.openvino_weights(name):
+        share = OPENING_SHARE["ir"]
+    elif backend == "ov-cpu" and package.precision(name) == "int8":
+        share = OPENING_SHARE["int8"]
     return min(size, fixed + share * size)
 
 
@@ -133,12 +137,13 @@ def activation_bytes(package: Package, name: str, backend: str, width: int, heig
     """The largest call's activations of a stage: the denoiser's attention scores, the decoder's feature maps."""
     factor, plain = package.vae_scale_factor, package.manifest.get("components", {}).get(name, {}).get("attention") != "mha"
     if name == package.denoiser:
+        maps = UNET_MAPS * rows * denoiser_width(package) * (height // factor) * (width // factor) * 4
         layout = attention_layout(package.root)
         if layout is None or not plain:
-            return 0.0
+            return maps
         heads, down = layout
         tokens = (height // factor // down) * (width // factor // down)
-        return SCORE_COPIES[backend] * rows * heads * tokens**2 * 4
+        return maps + SCORE_COPIES[backend] * rows * heads * tokens**2 * 4
     if name == "vae_decoder":
         config = vae_config(package)
         side = Tiles.of(config).sample if tiled and config else None
@@ -147,6 +152,18 @@ def activation_bytes(package: Package, name: str, backend: str, width: int, heig
         scores = VAE_SCORE_COPIES[backend] * (pixels // factor**2) ** 2 * 4 if plain else 0.0
         return DECODER_MAPS[backend] * channels * pixels * 4 + scores
     return 0.0
+
+
+def denoiser_width(package: Package) -> int:
+    """The denoiser's first block width (a UNet's block_out_channels[0]; a DiT's inner width over its patch area)."""
+    try:
+        config = json.loads((package.root / package.denoiser / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 320
+    if "block_out_channels" in config:
+        return int(config["block_out_channels"][0])
+    inner = config.get("num_attention_heads", 24) * config.get("attention_head_dim", 64)
+    return max(1, int(inner // config.get("patch_size", 2) ** 2))
 
 
 def vae_config(package: Package) -> dict | None:
@@ -160,8 +177,8 @@ def predict(package: Package, backend: str, precision: str, plan: Plan, width: i
     held = {c: held_bytes(package, c, backend, precision) for c in stages}
     opening = {c: opening_bytes(package, c, backend) for c in stages}
     active = {c: activation_bytes(package, c, backend, width, height, rows, plan.tiled) for c in stages}
-    if plan.residency == "resident":  # every stage's weights, and what opening each left or the largest call's activations
-        return BASE[backend] + sum(held.values()) + max(sum(opening.values()), ARENA_GROWTH[backend] * max(active.values()))
+    if plan.residency == "resident":  # every stage's weights, what opening each left, and the largest call's activations
+        return BASE[backend] + sum(held.values()) + sum(opening.values()) + ARENA_GROWTH[backend] * max(active.values())
     return BASE[backend] + max(held[c] + max(opening[c], active[c]) for c in stages)
 
 

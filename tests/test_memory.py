@@ -86,11 +86,12 @@ def test_the_budget_picks_the_fastest_plan_that_fits_and_refuses_what_fits_none(
     assert tight(PROMPT, steps=1).settings["memory_plan"] == "sequential"
     with pytest.raises(UserError, match=r"needs about .* GB; give --memory-budget [0-9.]+ or more"):
         Pipeline.from_package(tiny_package, backend="ort-cpu", memory_budget=0.01)
-    large = tight(PROMPT, steps=1, width=256, height=256)  # fits only with the VAE in tiles
-    assert large.settings["memory_plan"] == "sequential+tiled" and large.settings["vae_tiled"] is True
-    with pytest.raises(UserError, match=r"256x256 with 2 image\(s\) needs about .* over the memory budget .* give "
-                                        r"--memory-budget [0-9.]+ or more"):
-        tight(PROMPT, steps=1, width=256, height=256, num_images=2, vae_tiling="off")
+    bundled = Pipeline.from_package(None, backend="ort-cpu", memory_budget=0.5)  # its VAE's plain attention: tiles fit
+    large = bundled(PROMPT, steps=1, width=384, height=384)
+    assert large.settings["memory_plan"] == "resident+tiled" and large.settings["vae_tiled"] is True
+    with pytest.raises(UserError, match=r"384x384 with 1 image\(s\) needs about .* over the memory budget of 0.5 GB; "
+                                        r"give --memory-budget [0-9.]+ or more, .*--residency sequential"):
+        bundled(PROMPT, steps=1, width=384, height=384, vae_tiling="off")
     for bad in ("lots", -1, 0, float("nan")):
         with pytest.raises(UserError, match="memory budget must be a"):
             Pipeline.from_package(tiny_package, backend="ort-cpu", memory_budget=bad)
