@@ -201,7 +201,7 @@ class Pipeline:
         lean = PLANS["sequential+tiled" if req.vae_tiling != "off" else "sequential"]
         other = predict(self.package, self.runner.name, self.precision, lean, req.width, req.height, rows)
         hint = (f"; one stage at a time (--residency sequential) it needs about {other / GB:.1f} GB"
-                if self.residency == "resident" and other < least else "")
+                if self.residency == "resident" and other < 0.9 * least else "")
         raise UserError(f"{req.width}x{req.height} with {len(req.prompts)} image(s) needs about {least / GB:.1f} GB under "
                         f"the leanest plan, over the memory budget of {self.budget:g} GB; give --memory-budget "
                         f"{round_up(least)} or more, a smaller size, or fewer images{hint}")
