@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backends.registry import Backend
+from .backends.registry import REGISTRY, Backend
 from .errors import UserError
 from .package import Package, load_package
 from .tiling import Tiles
@@ -118,9 +118,9 @@ def held_bytes(package: Package, name: str, backend: str, precision: str) -> flo
     stored = package.precision(name)
     entry = package.manifest.get("components", {}).get(name, {})
     per_param = STORED["fp16"] if entry.get("weights") == "fp16" else STORED.get(stored, 4)  # export --weights-fp16
-    if backend == "ov-cpu" and stored in ("fp32", "fp16"):
-        return size / per_param * HELD[precision]
-    return size / per_param * (STORED.get(stored, 4) if backend != "ov-cpu" else 1)
+    if backend == "ov-cpu":  # float weights packed in its compute precision, an int8 graph's as they are
+        return size / per_param * HELD[precision] if stored in ("fp32", "fp16") else float(size)
+    return size / per_param * STORED.get(stored, 4)  # onnxruntime folds float16 weights behind Casts into float32
 
 
 def opening_bytes(package: Package, name: str, backend: str) -> float:
@@ -192,16 +192,8 @@ def predicted_peaks(path: str | Path, backend: str, size: tuple[int, int], preci
     """Each plan's predicted peak (bytes) for one guided image of size (width, height) on a CPU backend."""
     package = load_package(path, verify=False)
     if precision is None:
-        precision = compute_precision(backend)
+        precision = REGISTRY[backend].compute_precision("auto", "fp32")
     return {name: predict(package, backend, precision, plan, *size) for name, plan in PLANS.items()}
-
-
-def compute_precision(backend: str) -> str:
-    if backend != "ov-cpu":
-        return "fp32"
-    from .backends.openvino import compute_precision as ov_precision
-
-    return ov_precision("auto")
 
 
 def round_up(size: float) -> str:
@@ -263,7 +255,7 @@ def memory_table(path: str | Path, backends: list[str]) -> list[str]:
              f"{free / GB:.1f} GB free):" if free else "predicted peak memory of one guided image, whole process (GB):",
              f"{'backend':8} {'size':>9}  " + "  ".join(f"{name:>16}" for name in PLANS)]
     for backend in (b for b in backends if b in BASE):
-        precision = compute_precision(backend)
+        precision = REGISTRY[backend].compute_precision("auto", "fp32")
         for w, h in sizes:
             peaks = [predict(package, backend, precision, plan, w, h) / GB for plan in PLANS.values()]
             lines.append(f"{backend:8} {f'{w}x{h}':>9}  " + "  ".join(f"{p:16.2f}" for p in peaks))

@@ -365,11 +365,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.memory_budget is not None:  # a budget no plan fits is refused before the server starts
         from .backends.registry import candidates
-        from .budget import budget_residency, compute_precision
+        from .budget import budget_residency
         from .bundled import bundled_model
 
         backend = next((b for b in candidates(args.backend) if not b.missing()), candidates(args.backend)[0])
-        budget_residency(load_package(args.model or bundled_model()), backend, compute_precision(backend.name),
+        budget_residency(load_package(args.model or bundled_model()), backend, backend.compute_precision("auto", "fp32"),
                          args.memory_budget)
     if args.model is not None:
         package = load_package(args.model)  # a bad --model is refused here, before the server starts
