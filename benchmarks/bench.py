@@ -28,6 +28,8 @@ from diffrt.runtime.errors import UserError
 from diffrt.runtime.pipeline import Pipeline
 
 from .machine import describe, gpu_memory_used_mb
+from .peers import PEERS, make_peer
+from .peers import missing as peer_missing
 
 PROMPT = "a small red circle on a blue background, top left"
 
@@ -44,7 +46,7 @@ class BenchConfig:
     warmup: int = 1
     scheduler: str | None = None
     guidance: float | None = None
-    baseline: str | None = None  # "diffusers", "diffusers-bf16" (CPU), or both comma-separated
+    baseline: str | None = None  # comma-separated: diffusers, diffusers-bf16 (CPU), and the peers (peers.py)
     checkpoint: Path | None = None
     precision: str = "auto"  # diffrt's compute precision on ov-cpu
     image: Path | None = None  # image-to-image from this picture (the VAE encoder timed too)
@@ -56,6 +58,7 @@ class BenchConfig:
     prompt: str = PROMPT
     out: Path = Path("bench-out")
     control: list[str] = field(default_factory=list)  # NAME:IMAGE[:SCALE]: ControlNets of the package, timed per step
+    cache: str | None = None  # deepcache[:N]: diffrt with step caching, timed beside the exact path
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -64,7 +67,7 @@ def stats(values: list[float]) -> dict[str, float]:
             "mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()), "n": len(a)}
 
 
-BASELINES = ("diffusers", "diffusers-bf16")
+BASELINES = ("diffusers", "diffusers-bf16", *PEERS)
 CPU_BACKENDS = ("ort-cpu", "ov-cpu")
 
 
@@ -72,14 +75,23 @@ def baselines(cfg: BenchConfig) -> list[str]:
     names = [b.strip() for b in cfg.baseline.split(",")] if cfg.baseline else []
     unknown = [b for b in names if b not in BASELINES]
     if unknown:
-        raise UserError(f"unknown baseline {unknown[0]!r}; use diffusers, diffusers-bf16 or both, comma-separated")
+        raise UserError(f"unknown baseline {unknown[0]!r}; use {', '.join(BASELINES)} (several: comma-separated)")
+    why = next((peer_missing(b) for b in names if b in PEERS and peer_missing(b)), None)
+    if why:
+        raise UserError(why)
     return names
 
 
-def baseline_placement(backend: str, unet_precision: str, baseline: str = "diffusers") -> tuple[str, str]:
+def baseline_placement(backend: str, unet_precision: str, baseline: str = "diffusers",
+                       precision: str = "fp32") -> tuple[str, str]:
     """(torch device, torch dtype name) for diffusers beside a diffrt backend: the same kind of device, and the
     package's precision where torch has it (int8 packages are compared with float16 on the GPU); diffusers-bf16 is
-    diffusers in bfloat16 on the CPU, what a user of a CPU with AMX or AVX-512-BF16 would pick."""
+    diffusers in bfloat16 on the CPU, what a user of a CPU with AMX or AVX-512-BF16 would pick. A peer runs on the
+    CPU in diffrt's own compute precision."""
+    if baseline in PEERS:
+        if backend not in CPU_BACKENDS:
+            raise UserError(f"--baseline {baseline} is a CPU runtime; benchmark it beside --backend ov-cpu or ort-cpu")
+        return "cpu", precision
     if baseline == "diffusers-bf16":
         if backend not in CPU_BACKENDS:
             raise UserError("--baseline diffusers-bf16 is the CPU baseline; on a GPU use --baseline diffusers (float16)")
@@ -224,13 +236,33 @@ def picture(path: Path, width: int, height: int):
     return Image.open(path).convert("RGB").resize((width, height))
 
 
+class Peers:
+    """The bench's peers, each made (exported, compiled: OpenVINO GenAI's shapes are static) once per batch size."""
+
+    def __init__(self, pipe: Pipeline, cfg: BenchConfig, scheduler: str, guidance: float, width: int, height: int) -> None:
+        from diffrt.runtime.schedulers import canonical_name
+
+        self.pipe, self.cfg, self.guidance, self.size = pipe, cfg, guidance, (width, height)
+        self.scheduler = canonical_name(scheduler) or scheduler
+        self.made: dict[tuple[str, int], Any] = {}
+        self.load_seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, batch: int) -> Any:
+        if (name, batch) not in self.made:
+            checkpoint = baseline_checkpoint(self.pipe, self.cfg) if name != "optimum" else None
+            self.made[name, batch] = make_peer(name, checkpoint, self.pipe.package.root, self.pipe.precision,
+                                               self.scheduler, self.cfg.threads, batch, *self.size, self.guidance)
+            self.load_seconds[name] = self.made[name, batch].load_seconds
+        return self.made[name, batch]
+
+
 def run_diffrt(pipe: Pipeline, cfg: BenchConfig, scheduler: str, steps: int, guidance: float, latents: np.ndarray,
-               width: int, height: int) -> dict[str, Any]:
+               width: int, height: int, cache: str | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     given = {"image": picture(cfg.image, width, height), "strength": cfg.strength} if cfg.image else \
         {"width": width, "height": height, "latents": latents}
     result = pipe(cfg.prompt, steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=0, num_images=len(latents),
-                  control=control_inputs(cfg) or None, **given)
+                  control=control_inputs(cfg) or None, cache=cache, **given)
     encode = time.perf_counter()
     for image in result.images:
         image.save(BytesIO(), format="PNG")
@@ -242,7 +274,8 @@ def run_diffrt(pipe: Pipeline, cfg: BenchConfig, scheduler: str, steps: int, gui
               "postprocess": t["postprocess"], "image_encode": end - encode,
               **({"vae_encode": t["vae_encode"]} if "vae_encode" in t else {})}
     stages["other"] = (end - start) - sum(stages.values())
-    return {"total": end - start, "stages": stages, "unet_calls": t["unet"], "scheduler_steps": t["scheduler"]}
+    return {"total": end - start, "stages": stages, "unet_calls": t["unet"], "scheduler_steps": t["scheduler"],
+            "pixels": result.array}
 
 
 def cold_start(cfg: BenchConfig, impl: str, package: Path, checkpoint: Path | None, scheduler: str, steps: int,
@@ -255,6 +288,12 @@ def cold_start(cfg: BenchConfig, impl: str, package: Path, checkpoint: Path | No
                 f"main(['generate', {cfg.prompt!r}, '--model', {str(package)!r}, '--steps', '{steps}', '--guidance', "
                 f"'{guidance}', '--scheduler', {scheduler!r}, '--width', '{width}', '--height', '{height}', '--seed', '0', "
                 f"'--backend', {cfg.backend!r}, '--precision', {cfg.precision!r}, '-q', '-o', {str(out)!r}, *{cache!r}])\n")
+    elif impl in PEERS:
+        body = ("from pathlib import Path\nfrom diffrt.benchmarks.peers import make_peer\n"
+                f"p = make_peer({impl!r}, {str(checkpoint)!r} and Path({str(checkpoint)!r}), Path({str(package)!r}), {placement[1]!r}, "
+                f"{scheduler!r}, {cfg.threads!r}, 1, {width}, {height}, {guidance})\n"
+                f"p({cfg.prompt!r}, {steps}, {guidance}, 1, {width}, {height})\n"
+                f"open({str(out)!r}, 'wb').write(b'done')\n")
     else:
         device, dtype = placement
         body = ("import torch, diffusers\n"
@@ -309,7 +348,7 @@ def baseline_checkpoint(pipe: Pipeline, cfg: BenchConfig) -> Path:
     path = cfg.checkpoint or Path(pipe.package.manifest.get("source", {}).get("checkpoint", ""))
     if not path or not (Path(path) / "model_index.json").is_file():
         where = f"{path} has no model_index.json" if path else "the package does not name it"
-        raise UserError(f"--baseline diffusers needs the diffusers checkpoint this package was exported from ({where}); "
+        raise UserError(f"--baseline {cfg.baseline} needs the diffusers checkpoint this package was exported from ({where}); "
                         "pass --checkpoint DIR")
     return Path(path)
 
@@ -318,19 +357,28 @@ def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
     """Run the whole benchmark; returns {machine, settings, records, summary}."""
     start = time.perf_counter()
     pipe = Pipeline.from_package(cfg.package, backend=cfg.backend, threads=cfg.threads, cuda_graph=cfg.cuda_graph,
-                                 precision=cfg.precision)
+                                 precision=cfg.precision, cache=cfg.cache)
     load_seconds = time.perf_counter() - start
     d = pipe.package.defaults
     steps, guidance = cfg.steps or d["steps"], d["guidance_scale"] if cfg.guidance is None else cfg.guidance
     scheduler = cfg.scheduler or d["scheduler"]
     width, height = cfg.width or d["width"], cfg.height or d["height"]
-    placements = {b: baseline_placement(pipe.backend, pipe.package.precision("unet"), b) for b in baselines(cfg)}
+    placements = {b: baseline_placement(pipe.backend, pipe.package.precision("unet"), b, pipe.precision)
+                  for b in baselines(cfg)}
     nets = [Path(pipe.package.manifest["components"][f"controlnet/{u.name}"]["source"]) for u in control_inputs(cfg)]
     refs = {b: Diffusers(baseline_checkpoint(pipe, cfg), cfg.threads, *where, controlnets=nets)
-            for b, where in placements.items()}
-    impls = {"diffrt": lambda lat: run_diffrt(pipe, cfg, scheduler, steps, guidance, lat, width, height)}
+            for b, where in placements.items() if b not in PEERS}
+    exact = "none" if cfg.cache else None
+    impls = {"diffrt": lambda lat: run_diffrt(pipe, cfg, scheduler, steps, guidance, lat, width, height, exact)}
+    if cfg.cache:
+        impls[f"diffrt+{cfg.cache}"] = lambda lat: run_diffrt(pipe, cfg, scheduler, steps, guidance, lat, width, height,
+                                                              cfg.cache)
     for b, ref in refs.items():
         impls[b] = lambda lat, ref=ref: ref(cfg, scheduler, steps, guidance, lat, width, height)
+    peers = Peers(pipe, cfg, scheduler, guidance, width, height)
+    for b in placements:
+        if b in PEERS:
+            impls[b] = lambda lat, b=b: peers(b, len(lat))(cfg.prompt, steps, guidance, len(lat), width, height)
     records: list[dict[str, Any]] = [{"kind": "load", "impl": "diffrt", "seconds": load_seconds}]
     records += [{"kind": "load", "impl": b, "seconds": ref.load_seconds} for b, ref in refs.items()]
     f = pipe.package.vae_scale_factor
@@ -341,24 +389,21 @@ def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
             for _ in range(cfg.warmup):
                 fn(latents)
         for run in range(cfg.runs):
-            order = list(impls) if run % 2 == 0 else list(impls)[::-1]
-            for name in order:
-                r = impls[name](latents)
-                records.append({"kind": "e2e", "impl": name, "batch": batch, "run": run, "seconds": r["total"],
-                                "stages": r["stages"], "unet_calls": r["unet_calls"],
-                                "scheduler_steps": r.get("scheduler_steps")})
+            records += timed_run(impls, batch, run, latents)
             log(f"batch {batch} run {run + 1}/{cfg.runs}: " + ", ".join(
-                f"{rec['impl']} {rec['seconds']:.3f} s" for rec in records[-len(order):]))
+                f"{rec['impl']} {rec['seconds']:.3f} s" for rec in records[-len(impls):]))
+    records += [{"kind": "load", "impl": b, "seconds": s} for b, s in peers.load_seconds.items()]
     if cfg.cold_start and not cfg.image and not cfg.control:  # start-up is measured on plain text-to-image runs
-        cold = list(impls)
+        cold = [name for name in impls if "+" not in name]
         if cfg.graph_cache:
             cold.insert(1, "diffrt_graph_cache")
         for name in cold:
             where = placements.get(name, ("cpu", "float32"))
             if name == "diffrt_graph_cache":  # the first such load optimizes and saves; the one timed loads the saved graphs
                 cold_start(cfg, name, pipe.package.root, None, scheduler, steps, guidance, width, height, where)
-            r = cold_start(cfg, name, pipe.package.root, refs and baseline_checkpoint(pipe, cfg), scheduler, steps, guidance,
-                           width, height, where)
+            checkpoint = baseline_checkpoint(pipe, cfg) if name in placements and name != "optimum" else None
+            r = cold_start(cfg, name, pipe.package.root, checkpoint,
+                           peers.scheduler if name in PEERS else scheduler, steps, guidance, width, height, where)
             records.append({"kind": "cold_start", "impl": name, **r})
             log(f"cold start {name}: {r['seconds']:.2f} s, peak RSS {r['peak_rss_mb']:.0f} MB")
     settings = {"package": str(pipe.package.root), "model": pipe.package.name, "backend": pipe.backend, "steps": steps,
@@ -372,6 +417,27 @@ def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
             "summary": summarise(records)}
 
 
+def timed_run(impls: dict[str, Any], batch: int, run: int, latents: np.ndarray) -> list[dict[str, Any]]:
+    """One run of every implementation, in turn (reversed every other run); a cached diffrt's PSNR against the exact
+    image of the same run."""
+    order = list(impls) if run % 2 == 0 else list(impls)[::-1]
+    done = {name: impls[name](latents) for name in order}
+    records = []
+    for name in order:
+        r = done[name]
+        records.append({"kind": "e2e", "impl": name, "batch": batch, "run": run, "seconds": r["total"],
+                        "stages": r["stages"], "unet_calls": r["unet_calls"], "scheduler_steps": r.get("scheduler_steps")})
+        if name.startswith("diffrt+"):
+            records[-1]["psnr_vs_exact"] = psnr(r["pixels"], done["diffrt"]["pixels"])
+    return records
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR (dB) of images as floats in [0, 1]."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"e2e": {}, "stages": {}, "cold_start": {}, "load": {}}
     for rec in records:
@@ -382,6 +448,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         rs = [r for r in records if r["kind"] == "e2e" and r["impl"] == impl and r["batch"] == batch]
         s = stats([r["seconds"] for r in rs])
         s["images_per_s"] = batch / s["mean"]
+        if "psnr_vs_exact" in rs[0]:
+            s["psnr_vs_exact"] = float(np.mean([r["psnr_vs_exact"] for r in rs]))
         out["e2e"][f"{impl}/b{batch}"] = s
         stages = {k: float(np.mean([r["stages"][k] for r in rs])) for k in rs[0]["stages"]}
         unet_call = float(np.mean([c for r in rs for c in r["unet_calls"]])) if rs[0]["unet_calls"] else None
@@ -393,10 +461,16 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     for key, s in out["e2e"].items():
         impl, batch = key.split("/")
         for base in BASELINES:
-            if impl == "diffrt" and f"{base}/{batch}" in out["e2e"]:
+            if impl.startswith("diffrt") and f"{base}/{batch}" in out["e2e"]:
                 name = "e2e_speedup" if base == "diffusers" else f"e2e_speedup_vs_{base}"
+                name = name if impl == "diffrt" else f"{impl}:{name}"
                 ratios[f"{name}/{batch}"] = out["e2e"][f"{base}/{batch}"]["p50"] / s["p50"]
+        if impl.startswith("diffrt+"):
+            ratios[f"{impl}:speedup_vs_exact/{batch}"] = out["e2e"][f"diffrt/{batch}"]["p50"] / s["p50"]
     cs = out["cold_start"]
+    for peer in PEERS:
+        if "diffrt" in cs and peer in cs:
+            ratios[f"peak_rss_ratio_vs_{peer}"] = cs["diffrt"]["peak_rss_mb"] / cs[peer]["peak_rss_mb"]
     if "diffrt" in cs and "diffusers" in cs:
         ratios["cold_start_ratio"] = cs["diffrt"]["seconds"] / cs["diffusers"]["seconds"]
         ratios["peak_rss_ratio"] = cs["diffrt"]["peak_rss_mb"] / cs["diffusers"]["peak_rss_mb"]
@@ -433,7 +507,7 @@ def config_from_args(args) -> BenchConfig:
                        baseline=args.baseline, checkpoint=args.checkpoint, threads=args.threads, cuda_graph=args.cuda_graph,
                        precision=args.precision, image=args.image, strength=args.strength,
                        graph_cache=args.graph_cache, cold_start=not args.no_cold_start, out=args.out,
-                       control=list(args.control or []))
+                       control=list(args.control or []), cache=args.cache)
 
 
 __all__ = ["BenchConfig", "benchmark", "write_outputs", "config_from_args"]

@@ -77,6 +77,13 @@ def add_memory_args(g) -> None:
                    "(less memory, each request opens and compiles them again)")
 
 
+def add_cache_arg(g, what: str) -> None:
+    """--cache (generate, serve, bench)."""
+    g.add_argument("--cache", metavar="deepcache[:N]", help="step caching, opt-in (default: exact): DeepCache runs the full "
+                   "UNet every N steps (default 3) and only its shallow branch between, reusing the deep features; "
+                   f"faster, slightly different images; {what} (the package needs `diffrt deepcache add PACKAGE`)")
+
+
 def seed_value(text: str) -> int:
     value = whole(text)
     if not -1 <= value < 2**63:
@@ -127,7 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                  fp32_fallback=args.fp32_fallback, cuda_graph=args.cuda_graph, graph_cache=args.graph_cache,
                                  gpu_mem_limit=int(args.gpu_mem_limit * 2**30) if args.gpu_mem_limit else None,
                                  precision=args.precision, loras=request.loras, residency=args.residency,
-                                 memory_budget=args.memory_budget)
+                                 memory_budget=args.memory_budget, cache=request.cache)
     result = pipe(replace(request, seed=seeds[0], loras=None),
                   callback=step_callback(None if args.quiet else ProgressBar("denoising, UNet calls"), args.preview,
                                          args.preview_every))
@@ -187,7 +194,7 @@ OPTION_FIELDS = {"prompt": "prompt", "negative": "negative_prompt", "steps": "st
                  "rng": "rng", "clip_skip": "clip_skip", "prompt_syntax": "prompt_syntax",
                  "guidance_rescale": "guidance_rescale", "true_cfg": "true_cfg_scale", "image": "image",
                  "strength": "strength", "mask": "mask", "mask_blur": "mask_blur", "decoder": "decoder",
-                 "vae_tiling": "vae_tiling"}
+                 "vae_tiling": "vae_tiling", "cache": "cache"}
 
 
 def generation_request(args: argparse.Namespace):
@@ -283,6 +290,15 @@ def cmd_tiny_vae(args: argparse.Namespace) -> int:
     from diffrt.export.tiny_vae import add_tiny_vae
 
     add_tiny_vae(args.package, args.folder, log=lambda m: print(m, file=sys.stderr))
+    print(args.package)
+    return 0
+
+
+def cmd_deepcache(args: argparse.Namespace) -> int:
+    require("lora", "onnx")
+    from diffrt.export.deepcache import add_deepcache
+
+    add_deepcache(args.package, log=lambda m: print(m, file=sys.stderr))
     print(args.package)
     return 0
 
@@ -383,7 +399,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, timeout_s=args.timeout,
                            api_key=args.api_key or os.environ.get("DIFFRT_API_KEY"), lora_dir=args.lora_dir,
                            batching=args.batching, warm_up=args.warm_up, release_memory=not args.keep_memory,
-                           residency=args.residency, memory_budget=args.memory_budget)
+                           residency=args.residency, memory_budget=args.memory_budget, cache=args.cache)
     if args.ray:
         from diffrt.serve.ray_app import run_on_ray
 
@@ -423,6 +439,7 @@ def add_serve(sub) -> None:
                    help="step: a request joins the running ones at their next step; request: requests that arrive "
                    "together run together; auto (default): step where the model's UNet takes one timestep per row")
     add_memory_args(s)
+    add_cache_arg(s, "a request's \"cache\" field picks its own N, or none")
     s.add_argument("--keep-memory", action="store_true", help="keep what onnxruntime's CPU memory arena holds after a "
                    "request: the next request's first step is faster (no memory to fault in again), but the server's RSS "
                    "stays at its peak (default: the arena shrinks after each request; OpenVINO hands memory back either way)")
@@ -590,6 +607,7 @@ def add_generate(sub) -> None:
     g.add_argument("--guess-mode", action="store_true", help="ControlNets on the prompt's half only, ramped from the "
                    "shallow residuals to the deep ones (diffusers' guess mode; A1111's \"ControlNet is more important\")")
     add_memory_args(g)
+    add_cache_arg(g, "recorded with the image")
     g.set_defaults(func=cmd_generate)
 
 
@@ -626,6 +644,15 @@ def add_tiny_vae(sub) -> None:
     a.add_argument("package", type=Path, help="model package folder")
     a.add_argument("folder", type=Path, help="AutoencoderTiny folder (config.json and weights: TAESD, TAESDXL, TAESD3, TAEF1)")
     a.set_defaults(func=cmd_tiny_vae)
+
+
+def add_deepcache(sub) -> None:
+    d = sub.add_parser("deepcache", help="add DeepCache's graphs to a package (for --cache deepcache; needs onnx)")
+    actions = d.add_subparsers(dest="action", required=True, parser_class=Parser, help="add: cut the graphs from the UNet")
+    a = actions.add_parser("add", help="cut DeepCache's full and shallow graphs from the package's UNet (no re-export, "
+                           "no weights copied)")
+    a.add_argument("package", type=Path, help="model package folder (SD 1.x/2.x, SDXL; any precision)")
+    a.set_defaults(func=cmd_deepcache)
 
 
 def add_quantize(sub) -> None:
@@ -690,8 +717,9 @@ def add_bench(sub) -> None:
     b.add_argument("--cuda-graph", action="store_true", help="ort-cuda: replay the UNet from a CUDA graph per shape")
     b.add_argument("--graph-cache", type=Path, metavar="DIR",
                    help="also time a cold start that loads onnxruntime's optimized graphs from DIR")
-    b.add_argument("--baseline", help="run diffusers side by side (needs diffrt[export]): diffusers (float32 on the CPU, "
-                   "float16 on a GPU), diffusers-bf16 (bfloat16 on the CPU), or both: diffusers,diffusers-bf16")
+    b.add_argument("--baseline", help="run these side by side, comma-separated: diffusers (float32 on the CPU, float16 "
+                   "on a GPU; needs diffrt[export]), diffusers-bf16 (bfloat16 on the CPU), and the CPU peers "
+                   "openvino-genai and optimum (set up as docs/benchmarks.md#peers says)")
     b.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="OpenVINO's compute precision on --backend ov-cpu (default auto: bf16 where the CPU has it)")
     b.add_argument("--checkpoint", type=Path, help="diffusers checkpoint for the baseline (default: the package's source)")
@@ -700,6 +728,7 @@ def add_bench(sub) -> None:
                    "int(strength x steps) UNet steps run")
     b.add_argument("--control", action="append", metavar="NAME:IMAGE[:SCALE]", help="run the package's ControlNet NAME on "
                    "IMAGE each step (timed apart from the UNet; diffusers' ControlNet pipeline as the baseline)")
+    add_cache_arg(b, "timed beside the exact path, with its PSNR against the exact image")
     b.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process runs")
     b.add_argument("--out", type=Path, default=Path("bench-out"), help="report folder (default %(default)s)")
     b.set_defaults(func=cmd_bench)
@@ -714,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_export(sub)
     add_tiny_vae(sub)
+    add_deepcache(sub)
     add_controlnet_commands(sub, Parser)
     add_quantize(sub)
     add_build(sub)

@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import __version__, tiling
+from . import __version__, deepcache, tiling
 from .backends.engine import Engine
 from .backends.registry import REGISTRY, Backend, EngineOptions, candidates
 from .budget import GB, PLANS, Plan, budget_residency, check_budget, check_fits, predict, round_up
 from .control import CONTROL, Controls, Unit, check_units
+from .deepcache import FEATURE, parse_cache
 from .errors import UserError
 from .families import family_for, one_per_row
 from .generators import ImageGenerators
@@ -50,6 +51,8 @@ from .schedulers import short_name
 from .stream import Cancelled, NonFiniteError, Stream, check_joinable, joined_rows
 from .tiling import MODES as TILING_MODES
 from .tiling import Tiles
+
+SHALLOW = "unet_shallow"  # DeepCache's shallow branch, as a stage's engine
 
 
 def pixels_hash(array: np.ndarray) -> str:
@@ -109,7 +112,8 @@ class Pipeline:
     def __init__(self, package: Package, backend: str = "auto", threads: int | None = None, fp32_fallback: bool = False,
                  cuda_graph: bool = False, graph_cache: Path | None = None, gpu_mem_limit: int | None = None,
                  precision: str = "auto", loras: list[LoraChoice] | None = None, gated: bool = True,
-                 release_memory: bool = False, residency: str | None = None, memory_budget: float | None = None) -> None:
+                 release_memory: bool = False, residency: str | None = None, memory_budget: float | None = None,
+                 cache: str | None = None) -> None:
         self.package = package
         self.options = EngineOptions(threads, cuda_graph, Path(graph_cache) if graph_cache else None, gpu_mem_limit,
                                      fp32_fallback, release_memory)
@@ -118,6 +122,9 @@ class Pipeline:
         self.budget = None if memory_budget is None else check_budget(memory_budget)
         self.shelf = self._shelf(residency or self._budget_residency())
         self.family = family_for(package)
+        self.cache_interval = parse_cache(cache)  # DeepCache's full-step interval for requests that name none (1: exact)
+        self.deep_graphs = deepcache.graphs(package, self.family, self.runner, self.options) \
+            if self.cache_interval > 1 else None
         self.loras: list[LoraChoice] = list(loras or [])
         self.lora_sets = LoraSets(package.root, self._lora_targets())
         self.fallback_lora_sets = LoraSets(package.root, self._lora_targets(fallback=True))
@@ -130,6 +137,7 @@ class Pipeline:
         self.opened_controlnets: list[str] = []
         for name, engine in self._open_engines().items():
             setattr(self, name, engine)
+        self.unet_shallow = self._engine(SHALLOW) if self.deep_graphs else None  # DeepCache's shallow branch
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
         # the package's tiny decoder (TAESD, `diffrt tiny-vae add`): previews, and decoder="tiny"
         self.tiny_vae_decoder = self._engine(TINY, lazy=False) if package.has(TINY) and self.runner.opener else None
@@ -224,7 +232,7 @@ class Pipeline:
         if self.shelf is not None:  # each opened when its stage first runs
             return {c: self._engine(c) for c in self.stages}
         engines = self.runner.open_stages(self.package.root, self.package.precision(self.package.denoiser),
-                                          {c: self.package.component(c) for c in (*self.stages, *together)}, self.precision,
+                                          {c: self._graph(c) for c in (*self.stages, *together)}, self.precision,
                                           self.options, self.lora_weights)
         self.opened_controlnets = together
         return engines
@@ -233,7 +241,8 @@ class Pipeline:
         """Release every engine (device memory, CUDA graphs); the pipeline cannot be called after."""
         for name in self.stages:
             getattr(self, name).close()
-        for extra in (self.vae_encoder, self.tiny_vae_decoder, *(getattr(self, c) for c in self.opened_controlnets)):
+        for extra in (self.vae_encoder, self.tiny_vae_decoder, self.unet_shallow,
+                      *(getattr(self, c) for c in self.opened_controlnets)):
             if extra is not None:
                 extra.close()
         shared = getattr(self.denoiser, "shared", None)
@@ -246,12 +255,18 @@ class Pipeline:
         if fallback:
             path, precision, weights = self.package.fallback(name), "fp32", self.fallback_lora_sets.weights(self.loras).get(name)
         else:
-            path, precision, weights = self.package.component(name), self.precision, self.lora_weights.get(name)
+            path, precision, weights = self._graph(name), self.precision, self.lora_weights.get(name)
         opener = lambda: self.runner.open(path, name, precision, self.options, weights)  # noqa: E731
         if self.shelf is None or not lazy:
             return opener()
-        group = DENOISING if name == self.family.denoiser or name.startswith(CONTROL) else name
+        group = DENOISING if name in (self.family.denoiser, SHALLOW) or name.startswith(CONTROL) else name
         return StageEngine(name, group, opener, self.shelf)
+
+    def _graph(self, name: str) -> Path:
+        """The graph a stage runs: its component's, or with DeepCache the UNet's full and shallow DeepCache graphs."""
+        if self.deep_graphs and name in (self.family.denoiser, SHALLOW):
+            return self.deep_graphs["full" if name == self.family.denoiser else "shallow"]
+        return self.package.component(name)
 
     def use_float32(self) -> None:
         """Run every stage on the package's float32 graphs (the reference quantized paths are held to); refused in one
@@ -275,6 +290,8 @@ class Pipeline:
         cannot be applied (files, layers, a float16-weights package on onnxruntime, a family without LoRAs)."""
         if loras and not self.family.loras:
             raise UserError(f"LoRAs on {self.family.name} models are not supported yet; generate without --lora")
+        if loras and self.deep_graphs:
+            raise UserError("LoRAs with --cache deepcache are not supported yet; leave one of them out")
         weights = self.lora_sets.weights(list(loras))
         if not self.runner.fp16_weight_overrides and any(k.endswith("__fp16") for w in weights.values() for k in w):
             raise UserError("this package stores its weights as float16 behind Casts (`diffrt export --weights-fp16`), "
@@ -371,7 +388,7 @@ class Pipeline:
                      graph_cache: str | Path | None = None, gpu_mem_limit: int | None = None,
                      precision: str = "auto", loras: list[LoraChoice] | None = None, gated: bool = True,
                      release_memory: bool = False, residency: str | None = None,
-                     memory_budget: float | None = None) -> Pipeline:
+                     memory_budget: float | None = None, cache: str | None = None) -> Pipeline:
         """Open a package folder (the bundled default model when path is None)."""
         if path is None:
             from .bundled import bundled_model
@@ -379,7 +396,7 @@ class Pipeline:
             path = bundled_model()
         return cls(load_package(path, hashes=verify_hashes), backend, threads, fp32_fallback, cuda_graph,
                    Path(graph_cache) if graph_cache else None, gpu_mem_limit, precision, loras, gated, release_memory,
-                   residency, memory_budget)
+                   residency, memory_budget, cache)
 
     def __call__(self, prompt: str | list[str] | GenerationRequest, negative_prompt: str | list[str] = "",
                  callback: Callable[[Progress], Any] | None = None, callback_every: int = 1, **settings: Any) -> Result:
@@ -516,6 +533,8 @@ class Pipeline:
                     "guidance_rescale": req.guidance_rescale, **self.family.size_settings(req), **self._lora_settings(),
                     **({"true_cfg_scale": req.true_cfg_scale} if req.true_cfg_scale != 1.0 else {}),
                     **({"decoder": "tiny"} if req.decoder == "tiny" else {}),
+                    **({"cache": deepcache.label(req.cache_interval), "full_unet_steps": stream.full_steps}
+                       if req.cache_interval > 1 else {}),
                     **({"vae_tiling": req.vae_tiling} if req.vae_tiling != "auto" else {}),
                     **({"vae_tiled": True} if self._tiled(req.vae_tiling, req.width, req.height) else {}),
                     **({"control": [u.record for u in req.control]} if req.control else {}),
@@ -565,10 +584,9 @@ class Pipeline:
         if len(streams) > 1:
             check_joinable(streams)
         inputs, t, seconds = joined_rows(streams)
-        first, name = streams[0], self.family.denoiser
+        first = streams[0]
         where = f"at step {first.i + 1} of {first.total}" if len(streams) == 1 else f"on {len(streams)} requests' step"
         last = all(s.i + 1 >= s.total for s in streams)  # every stream's last step: the call after which memory goes back
-        run = lambda feeds: self._guarded(name, feeds, self.family.denoiser_output, where, last)  # noqa: E731
         sample = np.concatenate(inputs) if len(inputs) > 1 else inputs[0]
         called = time.perf_counter()
         residuals = self._residuals(streams, sample, t)
@@ -576,7 +594,7 @@ class Pipeline:
             control_seconds, called = time.perf_counter() - called, time.perf_counter()
             for s in streams:
                 s.timings.setdefault("controlnet", []).append(control_seconds)
-        out = self.family.denoise(self.denoiser, run, sample, t, self._joined_cond(streams), residuals).astype(np.float32)
+        out = self._denoise(streams, sample, t, residuals, where, last).astype(np.float32)
         unet_seconds, start = time.perf_counter() - called, 0
         for stream, rows, own in zip(streams, inputs, seconds):
             try:
@@ -584,6 +602,25 @@ class Pipeline:
             except UserError as exc:  # this stream's own failure: the others sharing the call go on
                 stream.error = exc
             start += len(rows)
+
+    def _denoise(self, streams: list[Stream], sample: np.ndarray, t: float | np.ndarray, residuals: dict[str, Any] | None,
+                 where: str, last: bool) -> np.ndarray:
+        """The denoiser's output for the joined rows: the UNet; with DeepCache its full graph (the streams keep its
+        deep features) or, between full steps, the shallow branch over the features kept."""
+        cond, name, output = self._joined_cond(streams), self.family.denoiser, self.family.denoiser_output
+        if self.deep_graphs is not None and not deepcache.refresh(streams):
+            shallow = self.unet_shallow
+            run = lambda feeds: self._guarded(SHALLOW, deepcache.shallow_feeds(shallow, feeds), output, where, last)  # noqa: E731
+            return self.family.denoise(shallow, run, sample, t, cond, {**(residuals or {}), FEATURE: deepcache.kept(streams)})
+
+        def run(feeds: dict[str, Any]) -> np.ndarray:
+            if self.deep_graphs is None:
+                return self._guarded(name, feeds, output, where, last)
+            out, feature = self._guarded_outputs(name, feeds, (output, FEATURE), where, last)
+            deepcache.keep(streams, feature)
+            return out
+
+        return self.family.denoise(self.denoiser, run, sample, t, cond, residuals)
 
     def _residuals(self, streams: list[Stream], sample: np.ndarray, t: float | np.ndarray) -> dict[str, Any] | None:
         """The UNet's ControlNet residuals for this step (zeros where no ControlNet acts); None for a UNet without."""
@@ -626,7 +663,7 @@ class Pipeline:
                       original_size=original_size, crops_coords_top_left=crop, source=request,
                       cfg=self.family.guidance == "cfg", true_cfg_scale=check_true_cfg(r.true_cfg_scale),
                       decoder=self._check_decoder(r.decoder), control=self._check_control(r),
-                      vae_tiling=self._check_tiling(r.vae_tiling))
+                      vae_tiling=self._check_tiling(r.vae_tiling), cache_interval=self._check_cache(r.cache))
         planned = self.plan(req)
         if planned and planned[0].tiled and req.vae_tiling == "auto":
             req.vae_tiling = "on"
@@ -634,6 +671,15 @@ class Pipeline:
                                        self.family.image_seq_len(r.width, r.height), self.family.sigmas(r.steps))
         self._check_fits(req)
         return req, sched
+
+    def _check_cache(self, cache: str | None) -> int:
+        """A request's DeepCache interval: its own, or the pipeline's where it names none (1: exact)."""
+        interval = self.cache_interval if cache is None else parse_cache(cache)
+        if interval > 1 and self.deep_graphs is None:
+            raise UserError(f"cache {cache!r} needs the pipeline opened with DeepCache's graphs (--cache deepcache on "
+                            f"generate or serve, Pipeline(cache='deepcache'); the package gets them with "
+                            f"{deepcache.ADD}); leave cache out")
+        return interval
 
     def _check_control(self, r: GenerationRequest) -> list[Unit]:
         """The request's ControlNets checked and their images prepared at its size (control.check_units)."""

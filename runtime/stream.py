@@ -50,6 +50,8 @@ class Stream:
     source: dict[str, Any] = field(default_factory=dict)  # image-to-image settings for the images' metadata
     i: int = 0  # steps done
     error: UserError | None = None  # what stopped this stream alone (its scheduler's NaN); finish raises it
+    deep: np.ndarray | None = None  # DeepCache: the deep features of this stream's rows from its last full UNet step
+    full_steps: int = 0  # DeepCache: how many of its steps ran the full UNet
 
     @property
     def total(self) -> int:

@@ -47,6 +47,7 @@ class ServeOptions:
     release_memory: bool = True  # RSS back near idle after each request (onnxruntime's CPU arena shrinks)
     residency: str | None = None  # sequential: one stage's engines open at a time (Pipeline's)
     memory_budget: float | None = None  # GB the process plans each request to fit (Pipeline's)
+    cache: str | None = None  # DeepCache (Pipeline's): its graphs opened, the interval for requests naming none
 
 
 BATCHING = ("auto", "step", "request")
@@ -93,7 +94,7 @@ class Service:
         try:
             pipe = Pipeline.from_package(self.options.model, backend=self.options.backend, threads=self.options.threads,
                                          release_memory=self.options.release_memory, residency=self.options.residency,
-                                         memory_budget=self.options.memory_budget)
+                                         memory_budget=self.options.memory_budget, cache=self.options.cache)
             self.batcher = self.make_batcher(pipe)
             if self.options.warm_up:
                 self.warm_up(pipe)

@@ -37,7 +37,7 @@ def openai_job(service: Service, body: OpenAIImageRequest) -> Job:
     return Job([prompt] * body.n, [body.negative_prompt] * body.n, seeds_from(body.seed, body.n),
                {"steps": body.steps, "scheduler": body.scheduler, "width": width, "height": height, "rng": body.rng,
                 "clip_skip": body.clip_skip, "prompt_syntax": body.prompt_syntax, "true_cfg_scale": body.true_cfg_scale,
-                "loras": loras, **size_conditioning(body),
+                "loras": loras, **size_conditioning(body), **({"cache": body.cache} if body.cache else {}),
                 **({"control": openai_controls(service, body.control)} if body.control else {})},
                body.guidance_scale)
 

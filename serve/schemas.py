@@ -92,6 +92,8 @@ class OpenAIImageRequest(BaseModel):
     crops_coords_top_left: tuple[int, int] = Field((0, 0), description="SDXL: (top, left) crop conditioning")
     control: list[OpenAIControl] = Field(default_factory=list, max_length=8, description="ControlNets of the model, "
                                          "their control images and scales")
+    cache: str | None = Field(None, pattern=r"^(none|deepcache(:[0-9]{1,2})?)$", description="step caching: deepcache[:N] "
+                              "(a full UNet step every N) or none (exact); default: the server's --cache")
 
     def ignored(self) -> list[str]:
         return ignored(self.model_extra or {}, OPENAI_INERT)

@@ -1,0 +1,140 @@
+"""The runtimes a user would pick instead of diffrt, as `diffrt bench --baseline` peers, on the same checkpoint.
+
+- openvino-genai: OpenVINO GenAI's Text2ImagePipeline on an OpenVINO export of the checkpoint made by optimum-intel
+  (`optimum-cli export openvino --weight-format fp32`, cached beside the checkpoint), reshaped to the benchmarked size
+  (static shapes) and compiled with diffrt's own OpenVINO precision hint;
+- optimum: optimum-onnx's ORTStableDiffusionPipeline on diffrt's own package (onnxruntime, CPU);
+(stable-diffusion-cpp-python builds here from source in about 2 minutes, but stable-diffusion.cpp cannot tell the
+model's version from a diffusers folder's safetensors: it needs the original single-file layout, which no converter
+here writes yet; docs/benchmarks.md#peers.)
+
+Each runs the bench's prompt, size, steps, sampler and guidance; a peer draws its own start noise (the images differ,
+the work does not). Set-up: docs/benchmarks.md (`bash benchmarks/peers_env.sh`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from diffrt.runtime.errors import UserError
+
+PEERS = ("openvino-genai", "optimum")
+SETUP = "see docs/benchmarks.md#peers (`bash benchmarks/peers_env.sh`)"
+# diffrt's sampler names -> OpenVINO GenAI's Scheduler.Type
+GENAI_SAMPLERS = {"euler": "EULER_DISCRETE", "euler_a": "EULER_ANCESTRAL_DISCRETE", "ddim": "DDIM", "pndm": "PNDM",
+                  "lms": "LMS_DISCRETE", "lcm": "LCM", "flow_euler": "FLOW_MATCH_EULER_DISCRETE"}
+
+
+def missing(peer: str) -> str | None:
+    """Why a peer cannot run here (its library is not installed), with the fix; None when it can."""
+    from importlib.util import find_spec
+
+    needs = {"openvino-genai": ("openvino_genai", "optimum.intel"), "optimum": ("optimum.onnxruntime",)}[peer]
+    try:
+        absent = [m for m in needs if find_spec(m) is None]
+    except ModuleNotFoundError:
+        absent = list(needs)
+    return f"--baseline {peer} needs {', '.join(absent)}, which is not installed; {SETUP}" if absent else None
+
+
+def sampler(table: dict[str, str], peer: str, name: str) -> str:
+    if name not in table:
+        raise UserError(f"--baseline {peer} has no sampler like diffrt's {name!r}; use --scheduler "
+                        f"{' or '.join(sorted(table))}")
+    return table[name]
+
+
+def timed(run) -> dict[str, Any]:
+    """A peer's call, its images encoded as PNG as diffrt's are: the whole time, no stage split."""
+    start = time.perf_counter()
+    for image in run():
+        image.save(BytesIO(), format="PNG")
+    total = time.perf_counter() - start
+    return {"total": total, "stages": {"other": total}, "unet_calls": []}
+
+
+def genai_export(checkpoint: Path) -> Path:
+    """The checkpoint exported for OpenVINO GenAI by optimum-intel, made once beside it."""
+    out = checkpoint.parent / f"{checkpoint.name}-openvino-genai"
+    if (out / "model_index.json").is_file():
+        return out
+    cmd = [sys.executable, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model", str(checkpoint),
+           "--task", "text-to-image", "--weight-format", "fp32", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode or not (out / "model_index.json").is_file():
+        raise UserError(f"optimum-intel could not export {checkpoint} for OpenVINO GenAI: "
+                        f"{(done.stderr.strip().splitlines() or ['no output'])[-1][:200]}")
+    return out
+
+
+class GenAI:
+    """OpenVINO GenAI's Text2ImagePipeline, static shapes, diffrt's OpenVINO precision hint."""
+
+    def __init__(self, checkpoint: Path, precision: str, scheduler: str, batch: int, width: int, height: int,
+                 guidance: float) -> None:
+        import openvino_genai as genai
+
+        start = time.perf_counter()
+        self.folder = genai_export(checkpoint)
+        self.export_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        self.pipe = genai.Text2ImagePipeline(str(self.folder))
+        kind = getattr(genai.Scheduler.Type, sampler(GENAI_SAMPLERS, "openvino-genai", scheduler))
+        self.pipe.set_scheduler(genai.Scheduler.from_config(str(self.folder / "scheduler" / "scheduler_config.json"), kind))
+        self.pipe.reshape(batch, height, width, guidance)
+        self.pipe.compile("CPU", INFERENCE_PRECISION_HINT={"bf16": "bf16", "fp32": "f32"}[precision])
+        self.load_seconds = time.perf_counter() - start
+
+    def __call__(self, prompt: str, steps: int, guidance: float, batch: int, width: int, height: int) -> dict[str, Any]:
+        from PIL import Image
+
+        def run():
+            out = self.pipe.generate(prompt, width=width, height=height, num_inference_steps=steps,
+                                     guidance_scale=guidance, num_images_per_prompt=batch, rng_seed=0)
+            return [Image.fromarray(a) for a in out.data]
+
+        return timed(run)
+
+
+class Optimum:
+    """optimum-onnx's ORTStableDiffusionPipeline on diffrt's package (onnxruntime's CPU provider)."""
+
+    def __init__(self, package: Path, scheduler: str, threads: int | None) -> None:
+        import diffusers
+        import onnxruntime as ort
+        from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+        from diffrt.runtime.schedulers import SHORT_NAMES
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        start = time.perf_counter()
+        self.pipe = ORTStableDiffusionPipeline.from_pretrained(package, provider="CPUExecutionProvider",
+                                                              session_options=options)
+        cls, overrides = SHORT_NAMES[scheduler]
+        self.pipe.scheduler = getattr(diffusers, cls.class_name).from_config({**self.pipe.scheduler.config, **overrides})
+        self.pipe.set_progress_bar_config(disable=True)
+        self.load_seconds = time.perf_counter() - start
+
+    def __call__(self, prompt: str, steps: int, guidance: float, batch: int, width: int, height: int) -> dict[str, Any]:
+        return timed(lambda: self.pipe([prompt] * batch, num_inference_steps=steps, guidance_scale=guidance,
+                                       width=width, height=height).images)
+
+
+def make_peer(name: str, checkpoint: Path | None, package: Path, precision: str, scheduler: str, threads: int | None,
+              batch: int, width: int, height: int, guidance: float) -> Any:
+    """A peer ready to run (exported, loaded and compiled where it needs to be)."""
+    if name == "optimum":
+        from diffrt.runtime.package import load_package
+
+        if load_package(package).takes_control():
+            raise UserError("--baseline optimum: optimum's pipeline feeds no ControlNet residuals, which this package's "
+                            "UNet takes; benchmark a package exported without --controlnet")
+        return Optimum(package, scheduler, threads)
+    assert checkpoint is not None
+    return GenAI(checkpoint, precision, scheduler, batch, width, height, guidance)
