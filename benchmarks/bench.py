@@ -86,12 +86,12 @@ def baseline_placement(backend: str, unet_precision: str, baseline: str = "diffu
                        precision: str = "fp32") -> tuple[str, str]:
     """(torch device, torch dtype name) for diffusers beside a diffrt backend: the same kind of device, and the
     package's precision where torch has it (int8 packages are compared with float16 on the GPU); diffusers-bf16 is
-    diffusers in bfloat16 on the CPU, what a user of a CPU with AMX or AVX-512-BF16 would pick. A peer runs on the
-    CPU in diffrt's own compute precision."""
+    diffusers in bfloat16 on the CPU, what a user of a CPU with AMX or AVX-512-BF16 would pick. OpenVINO GenAI runs
+    in diffrt's own OpenVINO precision, optimum in float32 (onnxruntime's CPU provider)."""
     if baseline in PEERS:
         if backend not in CPU_BACKENDS:
             raise UserError(f"--baseline {baseline} is a CPU runtime; benchmark it beside --backend ov-cpu or ort-cpu")
-        return "cpu", precision
+        return "cpu", precision if baseline == "openvino-genai" else "fp32"  # optimum: onnxruntime's CPU provider
     if baseline == "diffusers-bf16":
         if backend not in CPU_BACKENDS:
             raise UserError("--baseline diffusers-bf16 is the CPU baseline; on a GPU use --baseline diffusers (float16)")

@@ -2,7 +2,8 @@
 
 - openvino-genai: OpenVINO GenAI's Text2ImagePipeline on an OpenVINO export of the checkpoint made by optimum-intel
   (`optimum-cli export openvino --weight-format fp32`, cached beside the checkpoint), reshaped to the benchmarked size
-  (static shapes) and compiled with diffrt's own OpenVINO precision hint;
+  (static shapes) and compiled with diffrt's own OpenVINO precision hint; openvino-genai-int8 the same on an export
+  whose weights NNCF compressed to int8 (`--weight-format int8`: GenAI's int8 that needs no calibration data);
 - optimum: optimum-onnx's ORTStableDiffusionPipeline on diffrt's own package (onnxruntime, CPU);
 (stable-diffusion-cpp-python builds here from source in about 2 minutes, but stable-diffusion.cpp cannot tell the
 model's version from a diffusers folder's safetensors: it needs the original single-file layout, which no converter
@@ -22,7 +23,7 @@ from typing import Any
 
 from diffrt.runtime.errors import UserError
 
-PEERS = ("openvino-genai", "optimum")
+PEERS = ("openvino-genai", "openvino-genai-int8", "optimum")
 SETUP = "see docs/benchmarks.md#peers (`bash benchmarks/peers_env.sh`)"
 # diffrt's sampler names -> OpenVINO GenAI's Scheduler.Type
 GENAI_SAMPLERS = {"euler": "EULER_DISCRETE", "euler_a": "EULER_ANCESTRAL_DISCRETE", "ddim": "DDIM", "pndm": "PNDM",
@@ -33,7 +34,7 @@ def missing(peer: str) -> str | None:
     """Why a peer cannot run here (its library is not installed), with the fix; None when it can."""
     from importlib.util import find_spec
 
-    needs = {"openvino-genai": ("openvino_genai", "optimum.intel"), "optimum": ("optimum.onnxruntime",)}[peer]
+    needs = ("optimum.onnxruntime",) if peer == "optimum" else ("openvino_genai", "optimum.intel")
     try:
         absent = [m for m in needs if find_spec(m) is None]
     except ModuleNotFoundError:
@@ -57,13 +58,14 @@ def timed(run) -> dict[str, Any]:
     return {"total": total, "stages": {"other": total}, "unet_calls": []}
 
 
-def genai_export(checkpoint: Path) -> Path:
-    """The checkpoint exported for OpenVINO GenAI by optimum-intel, made once beside it."""
-    out = checkpoint.parent / f"{checkpoint.name}-openvino-genai"
+def genai_export(checkpoint: Path, weights: str = "fp32") -> Path:
+    """The checkpoint exported for OpenVINO GenAI by optimum-intel (weights fp32, or int8 compressed), made once
+    beside it."""
+    out = checkpoint.parent / f"{checkpoint.name}-openvino-genai" / weights
     if (out / "model_index.json").is_file():
         return out
     cmd = [sys.executable, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model", str(checkpoint),
-           "--task", "text-to-image", "--weight-format", "fp32", str(out)]
+           "--task", "text-to-image", "--weight-format", weights, str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode or not (out / "model_index.json").is_file():
         raise UserError(f"optimum-intel could not export {checkpoint} for OpenVINO GenAI: "
@@ -75,11 +77,11 @@ class GenAI:
     """OpenVINO GenAI's Text2ImagePipeline, static shapes, diffrt's OpenVINO precision hint."""
 
     def __init__(self, checkpoint: Path, precision: str, scheduler: str, batch: int, width: int, height: int,
-                 guidance: float) -> None:
+                 guidance: float, weights: str = "fp32") -> None:
         import openvino_genai as genai
 
         start = time.perf_counter()
-        self.folder = genai_export(checkpoint)
+        self.folder = genai_export(checkpoint, weights)
         self.export_seconds = time.perf_counter() - start
         start = time.perf_counter()
         self.pipe = genai.Text2ImagePipeline(str(self.folder))
@@ -137,4 +139,5 @@ def make_peer(name: str, checkpoint: Path | None, package: Path, precision: str,
                             "UNet takes; benchmark a package exported without --controlnet")
         return Optimum(package, scheduler, threads)
     assert checkpoint is not None
-    return GenAI(checkpoint, precision, scheduler, batch, width, height, guidance)
+    return GenAI(checkpoint, precision, scheduler, batch, width, height, guidance,
+                 "int8" if name.endswith("-int8") else "fp32")

@@ -19,10 +19,11 @@ def markdown(result: dict[str, Any]) -> str:
              f"Model {s['model']} on {s['backend']} ({s.get('precision', 'fp32')}), {s['width']}x{s['height']}, {s['steps']} "
              f"steps, {s['scheduler']}, guidance {s['guidance_scale']}, {s['runs']} runs after {s['warmup']} warm-up, "
              "interleaved" + "".join(f"; {b} on {p['device']} in {p['dtype']}" for b, p in s.get("baselines", {}).items()), "",
-             "## End to end (ms)", "", "| impl / batch | p50 | p90 | p99 | mean | min | images/s |", "|---|---|---|---|---|---|---|"]
+             "## End to end (ms)", "", "| impl / batch | p50 | p90 | p99 | mean | min | images/s | PSNR vs exact (dB) |",
+             "|---|---|---|---|---|---|---|---|"]
     for key, e in summary["e2e"].items():
         lines.append(f"| {key} | {_ms(e['p50'])} | {_ms(e['p90'])} | {_ms(e['p99'])} | {_ms(e['mean'])} | {_ms(e['min'])} | "
-                     f"{e['images_per_s']:.2f} |")
+                     f"{e['images_per_s']:.2f} | {_number(e.get('psnr_vs_exact'), 1)} |")
     lines += ["", "## Where the time goes (mean ms per image generation)", ""]
     for key, st in summary["stages"].items():
         parts = ", ".join(f"{k} {_ms(v)}" for k, v in st["mean_seconds"].items())

@@ -1,6 +1,6 @@
 """Prompt adherence of a shapes model package on the held-out attribute combinations.
 
-    python -m diffrt.models.evaluate_shapes [--model DIR] [--seeds 4] [--json OUT] [--grid OUT.png]
+    python -m diffrt.models.evaluate_shapes [--model DIR] [--seeds 4] [--cache deepcache:N] [--json OUT] [--grid OUT.png]
 
 Generates one image per held-out (shape, colour, background) and seed, reads it back with plain image
 statistics (diffrt.models.shapes_data.read_image) and prints the share read correctly. Runtime only: no torch.
@@ -58,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--scheduler")
     ap.add_argument("--guidance", type=float)
+    ap.add_argument("--cache", help="step caching, deepcache[:N] (the package needs `diffrt deepcache add`)")
     ap.add_argument("--json", type=Path, help="write the full results here")
     ap.add_argument("--grid", type=Path, help="write a PNG grid of the generated images here")
     args = ap.parse_args(argv)
-    pipe = Pipeline.from_package(args.model, backend="ort-cpu")
+    pipe = Pipeline.from_package(args.model, backend="ort-cpu", cache=args.cache)
     report = evaluate(pipe, args.seeds, args.steps, args.scheduler, args.guidance)
+    report["cache"] = args.cache
     images = report.pop("_images")
     if args.grid:
         grid(images, columns=args.seeds * 4).save(args.grid)

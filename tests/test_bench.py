@@ -220,3 +220,42 @@ def test_family_bench_times_sd3_without_t5_beside_diffusers(tmp_path):
     assert set(results) == {"diffrt-ort", "diffusers"} and not any("error" in r for r in results.values())
     for r in results.values():
         assert r["records"][0]["stages"]["unet"] > 0 and r["peak_rss_gb"] > 0
+
+
+@pytest.mark.slow
+def test_bench_beside_the_cpu_peers_and_with_deepcache(tiny_package, tiny_checkpoint, tmp_path):
+    """OpenVINO GenAI (on optimum-intel's export of the checkpoint) and optimum's pipeline (on the package) run
+    interleaved with diffrt's exact and DeepCache paths; each peer has its cold start and peak RSS."""
+    pytest.importorskip("openvino_genai")
+    pytest.importorskip("optimum.intel.openvino")
+    import shutil
+
+    from diffrt.benchmarks.bench import BenchConfig, benchmark
+    from diffrt.export.deepcache import add_deepcache
+
+    package = tmp_path / "pkg"
+    shutil.copytree(tiny_package, package)
+    add_deepcache(package, log=lambda m: None)
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, checkpoint)  # the GenAI export is kept beside it
+    cfg = BenchConfig(package=package, backend="ov-cpu", steps=4, scheduler="euler", width=64, height=64, runs=1,
+                      warmup=0, baseline="openvino-genai,optimum", checkpoint=checkpoint, cache="deepcache:2",
+                      out=tmp_path / "out")
+    result = benchmark(cfg, log=lambda m: None)
+    summary = result["summary"]
+    assert set(summary["e2e"]) == {"diffrt/b1", "diffrt+deepcache:2/b1", "openvino-genai/b1", "optimum/b1"}
+    assert summary["e2e"]["diffrt+deepcache:2/b1"]["psnr_vs_exact"] > 5
+    assert {"e2e_speedup_vs_openvino-genai/b1", "e2e_speedup_vs_optimum/b1", "diffrt+deepcache:2:speedup_vs_exact/b1",
+            "peak_rss_ratio_vs_openvino-genai", "peak_rss_ratio_vs_optimum"} <= set(summary["ratios"])
+    assert (tmp_path / "ckpt-openvino-genai" / "unet" / "openvino_model.xml").is_file()
+    assert summary["cold_start"]["openvino-genai"]["peak_rss_mb"] > 0
+
+
+def test_peers_are_refused_in_one_line_where_they_cannot_run(tiny_package):
+    from diffrt.benchmarks.bench import BenchConfig, baseline_placement, baselines
+
+    with pytest.raises(UserError, match="is a CPU runtime; benchmark it beside --backend ov-cpu or ort-cpu"):
+        baseline_placement("ort-cuda", "fp16", "openvino-genai")
+    assert baseline_placement("ov-cpu", "fp32", "openvino-genai", "bf16") == ("cpu", "bf16")
+    with pytest.raises(UserError, match="unknown baseline 'sdcpp'; use diffusers, diffusers-bf16, openvino-genai, optimum"):
+        baselines(BenchConfig(package=tiny_package, baseline="optimum,sdcpp"))
