@@ -59,6 +59,7 @@ class BenchConfig:
     out: Path = Path("bench-out")
     control: list[str] = field(default_factory=list)  # NAME:IMAGE[:SCALE]: ControlNets of the package, timed per step
     cache: str | None = None  # deepcache[:N]: diffrt with step caching, timed beside the exact path
+    tiny_decoder: bool = False  # also diffrt with the package's tiny decoder for the final decode, beside the VAE's
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -236,6 +237,17 @@ def picture(path: Path, width: int, height: int):
     return Image.open(path).convert("RGB").resize((width, height))
 
 
+def variants(cfg: BenchConfig) -> dict[str, dict[str, Any]]:
+    """diffrt's exact path and the faster, inexact ones asked for beside it (each its request settings)."""
+    exact = {"cache": "none"} if cfg.cache else {}
+    found = {"diffrt": exact}
+    if cfg.cache:
+        found[f"diffrt+{cfg.cache}"] = {"cache": cfg.cache}
+    if cfg.tiny_decoder:
+        found["diffrt+tiny-decoder"] = {**exact, "decoder": "tiny"}
+    return found
+
+
 class Peers:
     """The bench's peers, each made (exported, compiled: OpenVINO GenAI's shapes are static) once per batch size."""
 
@@ -257,12 +269,12 @@ class Peers:
 
 
 def run_diffrt(pipe: Pipeline, cfg: BenchConfig, scheduler: str, steps: int, guidance: float, latents: np.ndarray,
-               width: int, height: int, cache: str | None = None) -> dict[str, Any]:
+               width: int, height: int, variant: dict[str, Any] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     given = {"image": picture(cfg.image, width, height), "strength": cfg.strength} if cfg.image else \
         {"width": width, "height": height, "latents": latents}
     result = pipe(cfg.prompt, steps=steps, guidance_scale=guidance, scheduler=scheduler, seed=0, num_images=len(latents),
-                  control=control_inputs(cfg) or None, cache=cache, **given)
+                  control=control_inputs(cfg) or None, **(variant or {}), **given)
     encode = time.perf_counter()
     for image in result.images:
         image.save(BytesIO(), format="PNG")
@@ -368,11 +380,8 @@ def benchmark(cfg: BenchConfig, log=print) -> dict[str, Any]:
     nets = [Path(pipe.package.manifest["components"][f"controlnet/{u.name}"]["source"]) for u in control_inputs(cfg)]
     refs = {b: Diffusers(baseline_checkpoint(pipe, cfg), cfg.threads, *where, controlnets=nets)
             for b, where in placements.items() if b not in PEERS}
-    exact = "none" if cfg.cache else None
-    impls = {"diffrt": lambda lat: run_diffrt(pipe, cfg, scheduler, steps, guidance, lat, width, height, exact)}
-    if cfg.cache:
-        impls[f"diffrt+{cfg.cache}"] = lambda lat: run_diffrt(pipe, cfg, scheduler, steps, guidance, lat, width, height,
-                                                              cfg.cache)
+    impls = {name: lambda lat, v=v: run_diffrt(pipe, cfg, scheduler, steps, guidance, lat, width, height, v)
+             for name, v in variants(cfg).items()}
     for b, ref in refs.items():
         impls[b] = lambda lat, ref=ref: ref(cfg, scheduler, steps, guidance, lat, width, height)
     peers = Peers(pipe, cfg, scheduler, guidance, width, height)
@@ -507,7 +516,7 @@ def config_from_args(args) -> BenchConfig:
                        baseline=args.baseline, checkpoint=args.checkpoint, threads=args.threads, cuda_graph=args.cuda_graph,
                        precision=args.precision, image=args.image, strength=args.strength,
                        graph_cache=args.graph_cache, cold_start=not args.no_cold_start, out=args.out,
-                       control=list(args.control or []), cache=args.cache)
+                       control=list(args.control or []), cache=args.cache, tiny_decoder=args.tiny_decoder)
 
 
 __all__ = ["BenchConfig", "benchmark", "write_outputs", "config_from_args"]

@@ -729,6 +729,8 @@ def add_bench(sub) -> None:
     b.add_argument("--control", action="append", metavar="NAME:IMAGE[:SCALE]", help="run the package's ControlNet NAME on "
                    "IMAGE each step (timed apart from the UNet; diffusers' ControlNet pipeline as the baseline)")
     add_cache_arg(b, "timed beside the exact path, with its PSNR against the exact image")
+    b.add_argument("--tiny-decoder", action="store_true", help="also time diffrt with the package's tiny decoder (`diffrt "
+                   "tiny-vae add`) for the final decode, beside the VAE's, with its PSNR against that image")
     b.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process runs")
     b.add_argument("--out", type=Path, default=Path("bench-out"), help="report folder (default %(default)s)")
     b.set_defaults(func=cmd_bench)

@@ -247,7 +247,7 @@ def test_bench_beside_the_cpu_peers_and_with_deepcache(tiny_package, tiny_checkp
     assert summary["e2e"]["diffrt+deepcache:2/b1"]["psnr_vs_exact"] > 5
     assert {"e2e_speedup_vs_openvino-genai/b1", "e2e_speedup_vs_optimum/b1", "diffrt+deepcache:2:speedup_vs_exact/b1",
             "peak_rss_ratio_vs_openvino-genai", "peak_rss_ratio_vs_optimum"} <= set(summary["ratios"])
-    assert (tmp_path / "ckpt-openvino-genai" / "unet" / "openvino_model.xml").is_file()
+    assert (tmp_path / "ckpt-openvino-genai" / "fp32" / "unet" / "openvino_model.xml").is_file()
     assert summary["cold_start"]["openvino-genai"]["peak_rss_mb"] > 0
 
 
@@ -257,5 +257,5 @@ def test_peers_are_refused_in_one_line_where_they_cannot_run(tiny_package):
     with pytest.raises(UserError, match="is a CPU runtime; benchmark it beside --backend ov-cpu or ort-cpu"):
         baseline_placement("ort-cuda", "fp16", "openvino-genai")
     assert baseline_placement("ov-cpu", "fp32", "openvino-genai", "bf16") == ("cpu", "bf16")
-    with pytest.raises(UserError, match="unknown baseline 'sdcpp'; use diffusers, diffusers-bf16, openvino-genai, optimum"):
+    with pytest.raises(UserError, match="unknown baseline 'sdcpp'; use diffusers, diffusers-bf16, openvino-genai, openvino-genai-int8, optimum"):
         baselines(BenchConfig(package=tiny_package, baseline="optimum,sdcpp"))

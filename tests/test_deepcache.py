@@ -185,3 +185,37 @@ def test_server_refuses_a_bad_cache_naming_the_field():
     assert OpenAIImageRequest(prompt="x", cache="deepcache:4").cache == "deepcache:4"
     with pytest.raises(ValidationError, match="cache"):
         OpenAIImageRequest(prompt="x", cache="deepcache:fast")
+
+
+def test_server_with_deepcache_serves_cached_and_exact_requests(cached_package):
+    """`diffrt serve --cache deepcache:2`: a request without cache is cached (as the pipeline makes it), one with
+    "cache": "none" is exact; the OpenAI SDK sends the field; a server started without --cache refuses it naming it."""
+    pytest.importorskip("fastapi")
+    import base64
+    from io import BytesIO
+
+    from PIL import Image
+    from test_serve import Server
+
+    from diffrt.runtime.pipeline import Pipeline
+
+    local = Pipeline.from_package(cached_package, backend="ort-cpu", cache="deepcache:2")
+    srv = Server(cached_package, "--cache", "deepcache:2")
+    try:
+        body = {"prompt": "a red house", "seed": 5, "steps": 6, "size": "32x32"}
+        for cache in (None, "none"):
+            r = srv.post("/v1/images/generations", {**body, **({"cache": cache} if cache else {})})
+            assert r.status_code == 200, r.text
+            got = np.asarray(Image.open(BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))).convert("RGB"), np.int16)
+            expected = local("a red house", seed=5, steps=6, width=32, height=32, cache=cache).images[0]
+            assert np.abs(got - np.asarray(expected, np.int16)).max() <= 1, cache
+        bad = srv.post("/v1/images/generations", {**body, "cache": "deepcache:x"})
+        assert bad.status_code == 422 and "cache" in bad.text
+    finally:
+        assert srv.stop() == 0
+    plain = Server(cached_package)
+    try:
+        r = plain.post("/v1/images/generations", {"prompt": "a red house", "steps": 2, "size": "32x32", "cache": "deepcache"})
+        assert r.status_code == 400 and "needs the pipeline opened with DeepCache's graphs" in r.text
+    finally:
+        assert plain.stop() == 0
