@@ -29,6 +29,7 @@ from ..runtime.errors import UserError
 FEATURE = "deep_features"
 FULL, SHALLOW = "deepcache_full.onnx", "deepcache_shallow.onnx"
 RESNET = re.compile(r"/up_blocks\.(\d+)/resnets\.(\d+)/")
+PASS_THROUGH = ("QuantizeLinear", "DequantizeLinear", "Cast")  # what a quantized package puts between the Concat and it
 
 
 def cut_tensor(graph: Any) -> str:
@@ -48,6 +49,8 @@ def cut_tensor(graph: Any) -> str:
         if scope in node.name:
             for name in node.input:
                 source = produced.get(name)
+                while source is not None and source.op_type in PASS_THROUGH:  # an int8 package's Q/DQ, fp16's Cast
+                    source = produced.get(source.input[0])
                 if source is not None and source.op_type == "Concat" and scope not in source.name:
                     return source.input[0]
     raise UserError(f"no Concat feeds {scope} in the UNet graph; DeepCache cannot be cut from this export")
