@@ -150,6 +150,15 @@ def random_input(spec: Any, size: int, rng: np.random.Generator) -> np.ndarray:
     return rng.standard_normal(shape).astype(dtype)
 
 
+def drop(root: Path, manifest: dict[str, Any]) -> None:
+    """Take DeepCache's graphs out of a package copy being quantized: cut from the float UNet, they would run its
+    float weights beside the quantized graph (`diffrt deepcache add` cuts them again from the new one)."""
+    entry = manifest.get("components", {}).get("unet", {}).pop("deepcache", None)
+    for key in ("full", "shallow") if entry else ():
+        (root / entry[key]).unlink(missing_ok=True)
+        manifest.get("files", {}).pop(entry[key], None)
+
+
 def add_deepcache(package: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write DeepCache's graphs into a package, check them and record them in its manifest."""
     from ..runtime.package import MANIFEST, load_package, sha256
@@ -157,6 +166,9 @@ def add_deepcache(package: Path, log: Callable[[str], None] = print) -> dict[str
     pkg = load_package(package)
     if pkg.denoiser != "unet":
         raise UserError(f"DeepCache reuses a UNet's deep features; {pkg.family} models have a transformer, not a UNet")
+    if pkg.openvino_weights("unet"):
+        raise UserError("this package's UNet runs from OpenVINO IR with compressed weights, which DeepCache's graphs "
+                        "(cut from the ONNX UNet) would not use; add them to the package it was compressed from")
     log(f"cutting DeepCache's shallow branch from {pkg.component('unet')}")
     entry = write_graphs(pkg.component("unet"))
     entry["check_max_abs_diff"] = check_graphs(pkg.root, entry)

@@ -23,6 +23,8 @@ from diffrt.runtime.families import family_for
 from diffrt.runtime.package import MANIFEST, load_package
 from diffrt.runtime.pipeline import Pipeline
 
+from .deepcache import drop as drop_deepcache
+
 BITS = {"int8-weights": 8, "int4-weights": 4}
 GATES_DB = {8: 30.0, 4: 22.0}  # ov-cpu images' lowest PSNR against float32 (bf16 alone is held to 30 dB)
 GROUP = 64  # int4: weights per scale
@@ -72,6 +74,7 @@ def compress_package(package: str | Path, out: str | Path, precision: str, optio
         shutil.copytree(source.root, tmp, ignore=shutil.ignore_patterns("card", "README.md", IR, IR.replace(".xml", ".bin")),
                         copy_function=link_or_copy)
         manifest = json.loads((tmp / MANIFEST).read_text())
+        drop_deepcache(tmp, manifest)
         for comp in targets:
             log(f"{comp}: {precision} for OpenVINO")
             entry = manifest["components"][comp]

@@ -27,6 +27,8 @@ from diffrt.runtime.package import MANIFEST, Package, load_package, required
 from diffrt.runtime.pipeline import Pipeline
 from diffrt.runtime.trust import cpu_kind, gate_db
 
+from .deepcache import drop as drop_deepcache
+
 FP16_KEEP_OPS = ("Softmax", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Pow", "ReduceMean")
 INT8_KEEP_LAYERS = ("time_embedding", "time_proj", "conv_in", "conv_out")  # attention too is int8: 1.40x bf16 on OpenVINO
 INT8_FLOAT_ATTENTION = INT8_KEEP_LAYERS + ("norm", "attn", "proj_in", "proj_out")  # the earlier default: 1.18x (64x64)
@@ -143,6 +145,7 @@ def fp16_copy(package: Path, out: Path, keep_ops: tuple[str, ...] = FP16_KEEP_OP
     graphs = {p for p in package.rglob("*") if p.suffix == ".onnx" or p.name.endswith("onnx_data")}
     shutil.copytree(package, out, ignore=lambda d, names: [n for n in names if Path(d) / n in graphs], dirs_exist_ok=True)
     manifest = json.loads((out / MANIFEST).read_text())
+    drop_deepcache(out, manifest)
     kept = upcast_vae(package, log) if manifest.get("family") == "sdxl" else ()
     for comp, entry in manifest["components"].items():
         if comp in kept:
@@ -234,6 +237,7 @@ def quantize_package(package: str | Path, out: str | Path, options: QuantizeOpti
         shutil.rmtree(tmp)
         shutil.copytree(source.root, tmp, ignore=shutil.ignore_patterns("card", "README.md"))
         manifest = json.loads((tmp / MANIFEST).read_text())
+        drop_deepcache(tmp, manifest)
         reference = Pipeline(source, backend="ort-cpu")
         convert_components(tmp, manifest, reference, options, log)
         write_manifest(tmp, manifest)

@@ -53,6 +53,9 @@ def graphs(package: Package, family: Any, backend: Any, options: Any) -> dict[st
     if options.fp32_fallback:
         raise UserError("--cache deepcache and --fp32-fallback cannot be combined yet (the float32 copy has no DeepCache "
                         "graphs); leave one out")
+    if backend.openvino_ir and package.openvino_weights("unet"):
+        raise UserError(f"{package.name}'s UNet runs from OpenVINO IR with compressed weights, which DeepCache's graphs "
+                        "do not have; use --cache on the package it was compressed from, or leave --cache out")
     entry = package.manifest.get("components", {}).get("unet", {}).get("deepcache")
     paths = {k: package.root / entry[k] for k in ("full", "shallow")} if entry else {}
     if not paths or not all(p.is_file() for p in paths.values()):

@@ -219,3 +219,17 @@ def test_server_with_deepcache_serves_cached_and_exact_requests(cached_package):
         assert r.status_code == 400 and "needs the pipeline opened with DeepCache's graphs" in r.text
     finally:
         assert plain.stop() == 0
+
+
+def test_quantizing_drops_the_float_graphs_and_they_are_cut_again(cached_package, tmp_path):
+    """A quantized copy does not keep DeepCache's graphs cut from the float UNet (they would run its float weights);
+    `deepcache add` cuts them from the quantized UNet, through its Casts."""
+    from diffrt.export.precision import QuantizeOptions, quantize_package
+    from diffrt.runtime.package import load_package
+
+    out = tmp_path / "fp16"
+    quantize_package(cached_package, out, QuantizeOptions(precision="fp16", steps=4, gate_seeds=1), log=lambda m: None)
+    package = load_package(out)
+    assert "deepcache" not in package.manifest["components"]["unet"] and not (out / "unet" / "deepcache_full.onnx").exists()
+    assert run_cli("deepcache", "add", out).returncode == 0
+    assert load_package(out, hashes=True).manifest["components"]["unet"]["deepcache"]["check_max_abs_diff"] < 1e-2
