@@ -485,7 +485,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     for comp, entry in pkg.manifest.get("components", {}).items():
         print(f"  {comp}: {entry.get('precision', 'fp32')}, attention {entry.get('attention', 'unrecorded')}"
               + (", float32 fallback kept" if entry.get("fallback") else "")
-              + (", CUDA fusions: runs on --backend ort-cuda only" if entry.get("providers") else ""))
+              + (", CUDA fusions: runs on --backend ort-cuda only" if entry.get("providers") else "")
+              + (", DeepCache graphs (--cache deepcache[:N])" if entry.get("deepcache") else ""))
     print("  defaults: " + ", ".join(f"{k} {v}" for k, v in pkg.defaults.items()))
     quality = pkg.manifest.get("quality")
     if quality:

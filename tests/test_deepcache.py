@@ -36,6 +36,7 @@ def test_shallow_branch_equals_the_full_unet_on_its_own_features(cached_package)
 
     entry = json.loads((cached_package / "diffrt.json").read_text())["components"]["unet"]["deepcache"]
     assert entry["check_max_abs_diff"] <= 1e-5
+    assert "unet: fp32, attention mha, DeepCache graphs (--cache deepcache[:N])" in run_cli("info", cached_package).stdout
     full = ort.InferenceSession(str(cached_package / entry["full"]), providers=["CPUExecutionProvider"])
     shallow = ort.InferenceSession(str(cached_package / entry["shallow"]), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(3)
