@@ -5,9 +5,9 @@
   (static shapes) and compiled with diffrt's own OpenVINO precision hint; openvino-genai-int8 the same on an export
   whose weights NNCF compressed to int8 (`--weight-format int8`: GenAI's int8 that needs no calibration data);
 - optimum: optimum-onnx's ORTStableDiffusionPipeline on diffrt's own package (onnxruntime, CPU);
-(stable-diffusion-cpp-python builds here from source in about 2 minutes, but stable-diffusion.cpp cannot tell the
-model's version from a diffusers folder's safetensors: it needs the original single-file layout, which no converter
-here writes yet; docs/benchmarks.md#peers.)
+- stable-diffusion-cpp: stable-diffusion-cpp-python (stable-diffusion.cpp on ggml's CPU backend, float32 weights) on
+  the checkpoint written as one original-layout file (ldm_checkpoint.py, kept beside it: stable-diffusion.cpp tells
+  a model's version from the original tensor names, not from a diffusers folder).
 
 Each runs the bench's prompt, size, steps, sampler and guidance; a peer draws its own start noise (the images differ,
 the work does not). Set-up: docs/benchmarks.md (`bash benchmarks/peers_env.sh`)."""
@@ -23,9 +23,11 @@ from typing import Any
 
 from diffrt.runtime.errors import UserError
 
-PEERS = ("openvino-genai", "openvino-genai-int8", "optimum")
+PEERS = ("openvino-genai", "openvino-genai-int8", "optimum", "stable-diffusion-cpp")
 SETUP = "see docs/benchmarks.md#peers (`bash benchmarks/peers_env.sh`)"
-# diffrt's sampler names -> OpenVINO GenAI's Scheduler.Type
+# diffrt's sampler names -> stable-diffusion.cpp's sample_method and OpenVINO GenAI's Scheduler.Type
+SDCPP_SAMPLERS = {"euler": "euler", "euler_a": "euler_a", "heun": "heun", "dpm2": "dpm2", "dpmpp_2m": "dpm++2m",
+                  "lcm": "lcm"}
 GENAI_SAMPLERS = {"euler": "EULER_DISCRETE", "euler_a": "EULER_ANCESTRAL_DISCRETE", "ddim": "DDIM", "pndm": "PNDM",
                   "lms": "LMS_DISCRETE", "lcm": "LCM", "flow_euler": "FLOW_MATCH_EULER_DISCRETE"}
 
@@ -34,7 +36,8 @@ def missing(peer: str) -> str | None:
     """Why a peer cannot run here (its library is not installed), with the fix; None when it can."""
     from importlib.util import find_spec
 
-    needs = ("optimum.onnxruntime",) if peer == "optimum" else ("openvino_genai", "optimum.intel")
+    needs = {"optimum": ("optimum.onnxruntime",), "stable-diffusion-cpp": ("stable_diffusion_cpp",)}.get(
+        peer, ("openvino_genai", "optimum.intel"))
     try:
         absent = [m for m in needs if find_spec(m) is None]
     except ModuleNotFoundError:
@@ -128,6 +131,28 @@ class Optimum:
                                        width=width, height=height).images)
 
 
+class StableDiffusionCpp:
+    """stable-diffusion-cpp-python on the checkpoint's single original-layout file (float32 weights)."""
+
+    def __init__(self, checkpoint: Path, scheduler: str, threads: int | None) -> None:
+        from stable_diffusion_cpp import StableDiffusion
+
+        from .ldm_checkpoint import write_single_file
+
+        self.method = sampler(SDCPP_SAMPLERS, "stable-diffusion-cpp", scheduler)
+        single = checkpoint.parent / f"{checkpoint.name}-ldm.safetensors"
+        if not single.is_file():
+            write_single_file(checkpoint, single)
+        start = time.perf_counter()
+        self.pipe = StableDiffusion(model_path=str(single), wtype="f32", n_threads=threads or -1, verbose=False)
+        self.load_seconds = time.perf_counter() - start
+
+    def __call__(self, prompt: str, steps: int, guidance: float, batch: int, width: int, height: int) -> dict[str, Any]:
+        return timed(lambda: self.pipe.generate_image(prompt, width=width, height=height, cfg_scale=guidance,
+                                                      sample_method=self.method, sample_steps=steps, seed=0,
+                                                      batch_count=batch))
+
+
 def make_peer(name: str, checkpoint: Path | None, package: Path, precision: str, scheduler: str, threads: int | None,
               batch: int, width: int, height: int, guidance: float) -> Any:
     """A peer ready to run (exported, loaded and compiled where it needs to be)."""
@@ -139,5 +164,7 @@ def make_peer(name: str, checkpoint: Path | None, package: Path, precision: str,
                             "UNet takes; benchmark a package exported without --controlnet")
         return Optimum(package, scheduler, threads)
     assert checkpoint is not None
+    if name == "stable-diffusion-cpp":
+        return StableDiffusionCpp(checkpoint, scheduler, threads)
     return GenAI(checkpoint, precision, scheduler, batch, width, height, guidance,
                  "int8" if name.endswith("-int8") else "fp32")

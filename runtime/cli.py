@@ -720,7 +720,8 @@ def add_bench(sub) -> None:
                    help="also time a cold start that loads onnxruntime's optimized graphs from DIR")
     b.add_argument("--baseline", help="run these side by side, comma-separated: diffusers (float32 on the CPU, float16 "
                    "on a GPU; needs diffrt[export]), diffusers-bf16 (bfloat16 on the CPU), and the CPU peers "
-                   "openvino-genai and optimum (set up as docs/benchmarks.md#peers says)")
+                   "openvino-genai, openvino-genai-int8, optimum, stable-diffusion-cpp (set up as docs/benchmarks.md#peers "
+                   "says)")
     b.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="OpenVINO's compute precision on --backend ov-cpu (default auto: bf16 where the CPU has it)")
     b.add_argument("--checkpoint", type=Path, help="diffusers checkpoint for the baseline (default: the package's source)")

@@ -258,5 +258,30 @@ def test_peers_are_refused_in_one_line_where_they_cannot_run(tiny_package):
         baseline_placement("ort-cuda", "fp16", "openvino-genai")
     assert baseline_placement("ov-cpu", "fp32", "openvino-genai", "bf16") == ("cpu", "bf16")
     with pytest.raises(UserError, match="unknown baseline 'sdcpp'; use diffusers, diffusers-bf16, openvino-genai, "
-                                        "openvino-genai-int8, optimum"):
+                                        "openvino-genai-int8, optimum, stable-diffusion-cpp"):
         baselines(BenchConfig(package=tiny_package, baseline="optimum,sdcpp"))
+
+
+def test_the_original_layout_file_loads_back_in_diffusers_equal(tiny_checkpoint, tmp_path):
+    """The checkpoint written for stable-diffusion.cpp in the original (ldm) layout: diffusers' own single-file
+    converter reads every UNet and VAE tensor back to its name and value, and the text encoder sits under its prefix."""
+    pytest.importorskip("diffusers")
+    import numpy as np
+    import torch
+    from diffusers.loaders import single_file_utils as single
+    from safetensors.numpy import load_file
+
+    from diffrt.benchmarks.ldm_checkpoint import write_single_file
+
+    written = load_file(str(write_single_file(tiny_checkpoint, tmp_path / "ldm.safetensors")))
+    tensors = {k: torch.from_numpy(v) for k, v in written.items()}
+    for folder, convert in (("unet", single.convert_ldm_unet_checkpoint), ("vae", single.convert_ldm_vae_checkpoint)):
+        original = load_file(str(tiny_checkpoint / folder / "diffusion_pytorch_model.safetensors"))
+        back = convert(tensors, json.loads((tiny_checkpoint / folder / "config.json").read_text()))
+        assert set(back) == set(original), folder
+        for name, value in original.items():
+            np.testing.assert_array_equal(back[name].numpy().reshape(value.shape), value)
+    text = load_file(str(tiny_checkpoint / "text_encoder" / "model.safetensors"))
+    assert all(np.array_equal(written[f"cond_stage_model.transformer.{k}"], v) for k, v in text.items())
+    assert len(written) == len(text) + sum(len(load_file(str(tiny_checkpoint / f / "diffusion_pytorch_model.safetensors")))
+                                           for f in ("unet", "vae"))
