@@ -14,6 +14,7 @@ the work does not). Set-up: docs/benchmarks.md (`bash benchmarks/peers_env.sh`).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -144,7 +145,9 @@ class StableDiffusionCpp:
         if not single.is_file():
             write_single_file(checkpoint, single)
         start = time.perf_counter()
-        self.pipe = StableDiffusion(model_path=str(single), wtype="f32", n_threads=threads or -1, verbose=False)
+        # its own default (-1) counts physical cores, one on a 2-vCPU machine: every core, as the others use
+        self.pipe = StableDiffusion(model_path=str(single), wtype="f32", n_threads=threads or os.cpu_count() or -1,
+                                    verbose=False)
         self.load_seconds = time.perf_counter() - start
 
     def __call__(self, prompt: str, steps: int, guidance: float, batch: int, width: int, height: int) -> dict[str, Any]:
