@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from diffrt.runtime.doctor import psnr
 from diffrt.runtime.errors import UserError
 from diffrt.runtime.pipeline import Pipeline
 
@@ -439,12 +440,6 @@ def timed_run(impls: dict[str, Any], batch: int, run: int, latents: np.ndarray) 
         if name.startswith("diffrt+"):
             records[-1]["psnr_vs_exact"] = psnr(r["pixels"], done["diffrt"]["pixels"])
     return records
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR (dB) of images as floats in [0, 1]."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1 / mse)
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from diffrt.runtime.doctor import psnr
 from diffrt.runtime.pipeline import Pipeline
 
 from .machine import describe
@@ -37,11 +38,6 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
         cov = gaussian_filter(x * y, 1.5) - mx * my
         values.append(((2 * mx * my + c1) * (2 * cov + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))).mean())
     return float(np.mean(values))
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(1 / mse))
 
 
 def sweep(pipe: Pipeline, intervals: list[int], seeds: int, **settings: Any) -> list[dict[str, Any]]:

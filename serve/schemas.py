@@ -92,11 +92,23 @@ class OpenAIImageRequest(BaseModel):
     crops_coords_top_left: tuple[int, int] = Field((0, 0), description="SDXL: (top, left) crop conditioning")
     control: list[OpenAIControl] = Field(default_factory=list, max_length=8, description="ControlNets of the model, "
                                          "their control images and scales")
-    cache: str | None = Field(None, pattern=r"^(none|deepcache(:[0-9]{1,2})?)$", description="step caching: deepcache[:N] "
-                              "(a full UNet step every N) or none (exact); default: the server's --cache")
+    cache: str | None = Field(None, description="step caching: deepcache[:N] (a full UNet step every N) or none (exact); "
+                              "default: the server's --cache")
 
     def ignored(self) -> list[str]:
         return ignored(self.model_extra or {}, OPENAI_INERT)
+
+    @field_validator("cache")
+    @classmethod
+    def check_cache(cls, value: str | None) -> str | None:
+        from diffrt.runtime.deepcache import parse_cache
+        from diffrt.runtime.errors import UserError
+
+        try:
+            parse_cache(value)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("size")
     @classmethod
