@@ -43,21 +43,34 @@ MARGIN = 1.6  # the prediction is an upper bound; measured peaks lie between it 
 
 def available_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (None where the system does not say)."""
+    return proc_field("/proc/meminfo", "MemAvailable")
+
+
+def proc_field(path: str, key: str) -> int | None:
+    """A kB field of a /proc file, in bytes (None where the system does not say)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError):
         pass
     return None
 
 
+def room_bytes() -> int | None:
+    """What a whole-process peak may reach: the memory the system has available plus what this process already holds
+    (its anonymous memory: the engines it opened count inside the predicted peak, not against it)."""
+    free = available_bytes()
+    return None if free is None else free + (proc_field("/proc/self/status", "RssAnon") or 0)
+
+
 def attention_layout(root: Path) -> tuple[int, int] | None:
     """(heads, downsampling of the first level with attention) from the package's UNet config, or a DiT's (its heads,
-    its patch); None without one."""
+    its patch: FLUX's latents are packed 2x2 into tokens before its patch of 1); None without one."""
     try:
         config = json.loads((root / "transformer" / "config.json").read_text())
-        return int(config.get("num_attention_heads", 24)), int(config.get("patch_size", 2))
+        packed = 2 if config.get("_class_name") == "FluxTransformer2DModel" else 1
+        return int(config.get("num_attention_heads", 24)), int(config.get("patch_size", 2)) * packed
     except (OSError, ValueError):
         pass
     try:
@@ -233,7 +246,7 @@ def check_budget(value: object) -> float:
 def check_fits(need, width: int, height: int, step: int) -> str | None:
     """Why a request of this size would not fit in this machine's available memory (with the largest square size
     that would), or None; need(width, height) is its predicted peak in bytes, step the size multiple to suggest."""
-    free = available_bytes()
+    free = room_bytes()
     if free is None or need(width, height) <= free * HEADROOM:
         return None
     side = max(width, height) // step * step

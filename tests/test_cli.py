@@ -218,7 +218,7 @@ def test_a_size_this_machine_cannot_hold_is_refused_up_front(tiny_package, tmp_p
     naming the largest size that fits, no traceback."""
     from diffrt.runtime import budget
 
-    monkeypatch.setattr(budget, "available_bytes", lambda: 4 * 2**30)
+    monkeypatch.setattr(budget, "room_bytes", lambda: 4 * 2**30)
     assert_refused(diffrt("generate", "a cat", "--model", tiny_package, "--width", 4096, "--height", 4096, "--backend",
                           "ort-cpu", "--vae-tiling", "off", "-o", tmp_path / "x.png"),
                    "4096x4096 needs about ", " GB and this machine has 4 GB free", "largest square size that fits",
