@@ -25,9 +25,10 @@ from diffrt.runtime.errors import UserError
 from diffrt.runtime.optimized import cpu_name
 from diffrt.runtime.package import MANIFEST, Package, load_package, required
 from diffrt.runtime.pipeline import Pipeline
+from diffrt.runtime.residency import trim_heap
 from diffrt.runtime.trust import cpu_kind, gate_db
 
-from .deepcache import drop as drop_deepcache
+from .cut import drop as drop_cut_graphs
 
 FP16_KEEP_OPS = ("Softmax", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Pow", "ReduceMean")
 INT8_KEEP_LAYERS = ("time_embedding", "time_proj", "conv_in", "conv_out")  # attention too is int8: 1.40x bf16 on OpenVINO
@@ -145,7 +146,7 @@ def fp16_copy(package: Path, out: Path, keep_ops: tuple[str, ...] = FP16_KEEP_OP
     graphs = {p for p in package.rglob("*") if p.suffix == ".onnx" or p.name.endswith("onnx_data")}
     shutil.copytree(package, out, ignore=lambda d, names: [n for n in names if Path(d) / n in graphs], dirs_exist_ok=True)
     manifest = json.loads((out / MANIFEST).read_text())
-    drop_deepcache(out, manifest)
+    drop_cut_graphs(out, manifest)
     kept = upcast_vae(package, log) if manifest.get("family") == "sdxl" else ()
     for comp, entry in manifest["components"].items():
         if comp in kept:
@@ -194,10 +195,16 @@ def quantize_int8(src: Path, dst: Path, calibration: list[dict[str, np.ndarray]]
 
 
 def image_psnrs(reference: Pipeline, candidate: Pipeline, prompts: list[str], seeds: int, steps: int | None,
-                size: tuple[int, int] | None) -> dict[str, Any]:
-    """PSNR of final images (same prompts, seeds, latents): lowest, mean and how many."""
-    psnrs = [psnr(reference(p, seed=s, steps=steps, **sized(size)).array, candidate(p, seed=s, steps=steps, **sized(size)).array)
-             for p in prompts for s in range(seeds)]
+                size: tuple[int, int] | None, close_reference: bool = False) -> dict[str, Any]:
+    """PSNR of final images (same prompts, seeds, latents): lowest, mean and how many. close_reference closes the
+    reference's engines once its images are made, before the candidate's run (a large model's two copies need not
+    fit in memory together)."""
+    cases = [(p, s) for p in prompts for s in range(seeds)]
+    references = [reference(p, seed=s, steps=steps, **sized(size)).array for p, s in cases]
+    if close_reference:
+        reference.close()
+        trim_heap()
+    psnrs = [psnr(ref, candidate(p, seed=s, steps=steps, **sized(size)).array) for ref, (p, s) in zip(references, cases)]
     return {"psnr_db_min": min(psnrs), "psnr_db_mean": float(np.mean(psnrs)), "images": len(psnrs)}
 
 
@@ -237,7 +244,7 @@ def quantize_package(package: str | Path, out: str | Path, options: QuantizeOpti
         shutil.rmtree(tmp)
         shutil.copytree(source.root, tmp, ignore=shutil.ignore_patterns("card", "README.md"))
         manifest = json.loads((tmp / MANIFEST).read_text())
-        drop_deepcache(tmp, manifest)
+        drop_cut_graphs(tmp, manifest)
         reference = Pipeline(source, backend="ort-cpu")
         convert_components(tmp, manifest, reference, options, log)
         write_manifest(tmp, manifest)
