@@ -4,6 +4,9 @@
   (`optimum-cli export openvino --weight-format fp32`, cached beside the checkpoint), reshaped to the benchmarked size
   (static shapes) and compiled with diffrt's own OpenVINO precision hint; openvino-genai-int8 the same on an export
   whose weights NNCF compressed to int8 (`--weight-format int8`: GenAI's int8 that needs no calibration data);
+  openvino-genai-hybrid on optimum-intel's hybrid quantization (NNCF: the denoiser's matrix products with int8
+  weights, its other layers int8 in activations and weights, calibrated on diffrt quantize's own prompts; the other
+  models int8 weights), GenAI's best int8 and the fair peer of diffrt's int8 package;
 - optimum: optimum-onnx's ORTStableDiffusionPipeline on diffrt's own package (onnxruntime, CPU);
 - stable-diffusion-cpp: stable-diffusion-cpp-python (stable-diffusion.cpp on ggml's CPU backend, float32 weights) on
   the checkpoint written as one original-layout file (ldm_checkpoint.py, kept beside it: stable-diffusion.cpp tells
@@ -24,7 +27,9 @@ from typing import Any
 
 from diffrt.runtime.errors import UserError
 
-PEERS = ("openvino-genai", "openvino-genai-int8", "optimum", "stable-diffusion-cpp")
+PEERS = ("openvino-genai", "openvino-genai-int8", "openvino-genai-hybrid", "optimum", "stable-diffusion-cpp")
+GENAI_WEIGHTS = {"openvino-genai": "fp32", "openvino-genai-int8": "int8", "openvino-genai-hybrid": "hybrid-int8"}
+HYBRID_SAMPLES = 200  # optimum-intel's default: denoiser calls recorded while its pipeline runs the prompts
 SETUP = "see docs/benchmarks.md#peers (`bash benchmarks/peers_env.sh`)"
 # diffrt's sampler names -> stable-diffusion.cpp's sample_method and OpenVINO GenAI's Scheduler.Type
 SDCPP_SAMPLERS = {"euler": "euler", "euler_a": "euler_a", "heun": "heun", "dpm2": "dpm2", "dpmpp_2m": "dpm++2m",
@@ -63,18 +68,36 @@ def timed(run) -> dict[str, Any]:
 
 
 def genai_export(checkpoint: Path, weights: str = "fp32") -> Path:
-    """The checkpoint exported for OpenVINO GenAI by optimum-intel (weights fp32, or int8 compressed), made once
-    beside it."""
+    """The checkpoint exported for OpenVINO GenAI by optimum-intel (weights fp32, int8 compressed, or hybrid int8),
+    made once beside it, in a process of its own."""
     out = checkpoint.parent / f"{checkpoint.name}-openvino-genai" / weights
     if (out / "model_index.json").is_file():
         return out
     cmd = [sys.executable, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model", str(checkpoint),
            "--task", "text-to-image", "--weight-format", weights, str(out)]
+    if weights == "hybrid-int8":
+        cmd = [sys.executable, "-c", f"from diffrt.benchmarks.peers import hybrid_export; hybrid_export({str(checkpoint)!r}, "
+               f"{str(out)!r})"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode or not (out / "model_index.json").is_file():
         raise UserError(f"optimum-intel could not export {checkpoint} for OpenVINO GenAI: "
                         f"{(done.stderr.strip().splitlines() or ['no output'])[-1][:200]}")
     return out
+
+
+def hybrid_export(checkpoint: str, out: str) -> None:
+    """optimum-intel's hybrid int8 of the checkpoint (its calibration runs its own pipeline on our prompts at the
+    denoiser's native size, up to 512x512, and its default steps)."""
+    from optimum.exporters.openvino.__main__ import maybe_convert_tokenizers
+    from optimum.intel import OVDiffusionPipeline, OVWeightQuantizationConfig
+
+    from diffrt.export.precision import CALIBRATION_PROMPTS
+
+    config = OVWeightQuantizationConfig(bits=8, quant_method="hybrid", dataset=list(CALIBRATION_PROMPTS),
+                                        num_samples=HYBRID_SAMPLES)
+    pipe = OVDiffusionPipeline.from_pretrained(checkpoint, export=True, quantization_config=config)
+    pipe.save_pretrained(out)
+    maybe_convert_tokenizers("diffusers", Path(out), pipe)  # GenAI reads OpenVINO tokenizers, as optimum-cli writes them
 
 
 class GenAI:
@@ -169,5 +192,4 @@ def make_peer(name: str, checkpoint: Path | None, package: Path, precision: str,
     assert checkpoint is not None
     if name == "stable-diffusion-cpp":
         return StableDiffusionCpp(checkpoint, scheduler, threads)
-    return GenAI(checkpoint, precision, scheduler, batch, width, height, guidance,
-                 "int8" if name.endswith("-int8") else "fp32")
+    return GenAI(checkpoint, precision, scheduler, batch, width, height, guidance, GENAI_WEIGHTS[name])

@@ -251,6 +251,29 @@ def test_bench_beside_the_cpu_peers_and_with_deepcache(tiny_package, tiny_checkp
     assert summary["cold_start"]["openvino-genai"]["peak_rss_mb"] > 0
 
 
+@pytest.mark.slow
+def test_genai_hybrid_peer_runs_a_calibrated_int8_export(tiny_checkpoint, tmp_path):
+    """openvino-genai-hybrid: optimum-intel's hybrid quantization of the checkpoint, calibrated on our prompts: its UNet
+    quantizes activations (FakeQuantize) and holds int8 weights, and GenAI's pipeline draws with it."""
+    pytest.importorskip("openvino_genai")
+    pytest.importorskip("optimum.intel.openvino")
+    import shutil
+    from collections import Counter
+
+    import openvino as ov
+
+    from diffrt.benchmarks.peers import make_peer
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, checkpoint)
+    peer = make_peer("openvino-genai-hybrid", checkpoint, tmp_path, "fp32", "euler", None, 1, 64, 64, 5.0)
+    assert peer("a red circle", 2, 5.0, 1, 64, 64)["total"] > 0
+    unet = ov.Core().read_model(str(tmp_path / "ckpt-openvino-genai" / "hybrid-int8" / "unet" / "openvino_model.xml"))
+    ops = Counter(op.get_type_name() for op in unet.get_ops())
+    weights = Counter(op.get_element_type().get_type_name() for op in unet.get_ops() if op.get_type_name() == "Constant")
+    assert ops["FakeQuantize"] >= 10 and weights["u8"] + weights["i8"] >= 10, (ops, weights)
+
+
 def test_peers_are_refused_in_one_line_where_they_cannot_run(tiny_package):
     from diffrt.benchmarks.bench import BenchConfig, baseline_placement, baselines
 
@@ -258,7 +281,7 @@ def test_peers_are_refused_in_one_line_where_they_cannot_run(tiny_package):
         baseline_placement("ort-cuda", "fp16", "openvino-genai")
     assert baseline_placement("ov-cpu", "fp32", "openvino-genai", "bf16") == ("cpu", "bf16")
     with pytest.raises(UserError, match="unknown baseline 'sdcpp'; use diffusers, diffusers-bf16, openvino-genai, "
-                                        "openvino-genai-int8, optimum, stable-diffusion-cpp"):
+                                        "openvino-genai-int8, openvino-genai-hybrid, optimum, stable-diffusion-cpp"):
         baselines(BenchConfig(package=tiny_package, baseline="optimum,sdcpp"))
 
 
