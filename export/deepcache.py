@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.errors import UserError
+from .cut import elem_types, subgraph
 
 FEATURE = "deep_features"
 FULL, SHALLOW = "deepcache_full.onnx", "deepcache_shallow.onnx"
@@ -56,21 +57,6 @@ def cut_tensor(graph: Any) -> str:
     raise UserError(f"no Concat feeds {scope} in the UNet graph; DeepCache cannot be cut from this export")
 
 
-def needed(graph: Any, output: str, stop: str) -> tuple[list[Any], set[str]]:
-    """The nodes `output` depends on when tensor `stop` is given (in graph order), and every tensor they read."""
-    produced = {o: n for n in graph.node for o in n.output}
-    seen, todo, nodes = {stop}, [output], set()
-    while todo:
-        name = todo.pop()
-        if name in seen or not name:
-            continue
-        seen.add(name)
-        if name in produced:
-            nodes.add(id(produced[name]))
-            todo.extend(produced[name].input)
-    return [n for n in graph.node if id(n) in nodes], seen
-
-
 def full_graph(model: Any, cut: str, elem_type: int) -> Any:
     """The UNet with the kept feature as its second output."""
     import onnx
@@ -83,29 +69,8 @@ def full_graph(model: Any, cut: str, elem_type: int) -> Any:
 
 def shallow_graph(model: Any, cut: str, elem_type: int) -> Any:
     """The shallow branch: what the output needs once the kept feature is given, the feature an input."""
-    import onnx
-
-    graph, out = model.graph, model.graph.output[0]
-    nodes, read = needed(graph, out.name, cut)
-    nodes = copy.deepcopy(nodes)
-    for node in nodes:
-        node.input[:] = [FEATURE if i == cut else i for i in node.input]
-    inputs = [*(i for i in graph.input if i.name in read), onnx.helper.make_tensor_value_info(FEATURE, elem_type, None)]
-    body = onnx.helper.make_graph(nodes, "deepcache_shallow", inputs, [out],
-                                  [t for t in graph.initializer if t.name in read])
-    kept = onnx.helper.make_model(body, opset_imports=model.opset_import, ir_version=model.ir_version)
-    kept.producer_name = "diffrt deepcache"
-    return kept
-
-
-def elem_type_of(model: Any, name: str) -> int:
-    import onnx
-
-    inferred = onnx.shape_inference.infer_shapes(model)
-    for value in (*inferred.graph.value_info, *inferred.graph.output):
-        if value.name == name:
-            return value.type.tensor_type.elem_type
-    raise UserError(f"the type of {name} could not be inferred; DeepCache cannot be cut from this export")
+    out = model.graph.output[0].name
+    return subgraph(model, {out: out}, {cut: FEATURE}, {cut: elem_type}, "deepcache_shallow")
 
 
 def write_graphs(unet: Path) -> dict[str, Any]:
@@ -114,7 +79,7 @@ def write_graphs(unet: Path) -> dict[str, Any]:
 
     model = onnx.load(str(unet), load_external_data=False)
     cut = cut_tensor(model.graph)
-    elem_type = elem_type_of(model, cut)
+    elem_type = elem_types(model, [cut], "DeepCache")[cut]
     onnx.save(full_graph(model, cut, elem_type), str(unet.with_name(FULL)))
     onnx.save(shallow_graph(model, cut, elem_type), str(unet.with_name(SHALLOW)))
     folder = unet.parent.name
@@ -148,15 +113,6 @@ def random_input(spec: Any, size: int, rng: np.random.Generator) -> np.ndarray:
     fill = {0: 2, 1: 77} if len(dims) == 3 else {0: 2, 2: size, 3: size}
     shape = [d if d is not None else fill.get(k, 1) for k, d in enumerate(dims)]
     return rng.standard_normal(shape).astype(dtype)
-
-
-def drop(root: Path, manifest: dict[str, Any]) -> None:
-    """Take DeepCache's graphs out of a package copy being quantized: cut from the float UNet, they would run its
-    float weights beside the quantized graph (`diffrt deepcache add` cuts them again from the new one)."""
-    entry = manifest.get("components", {}).get("unet", {}).pop("deepcache", None)
-    for key in ("full", "shallow") if entry else ():
-        (root / entry[key]).unlink(missing_ok=True)
-        manifest.get("files", {}).pop(entry[key], None)
 
 
 def add_deepcache(package: Path, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -79,9 +79,11 @@ def add_memory_args(g) -> None:
 
 def add_cache_arg(g, what: str) -> None:
     """--cache (generate, serve, bench)."""
-    g.add_argument("--cache", metavar="deepcache[:N]", help="step caching, opt-in (default: exact): DeepCache runs the full "
-                   "UNet every N steps (default 3) and only its shallow branch between, reusing the deep features; "
-                   f"faster, slightly different images; {what} (the package needs `diffrt deepcache add PACKAGE`)")
+    g.add_argument("--cache", metavar="deepcache[:N]|fbcache[:T]", help="step caching, opt-in (default: exact): DeepCache "
+                   "(UNets) runs the full UNet every N steps (default 3) and only its shallow branch between, reusing the "
+                   "deep features; First-Block Cache (SD3, FLUX) skips the transformer's other blocks while its first "
+                   "block's residual changes by less than T (default 0.05); faster, slightly different images; "
+                   f"{what} (the package needs `diffrt deepcache add PACKAGE` / `diffrt fbcache add PACKAGE`)")
 
 
 def seed_value(text: str) -> int:
@@ -294,11 +296,14 @@ def cmd_tiny_vae(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_deepcache(args: argparse.Namespace) -> int:
+def cmd_step_cache(args: argparse.Namespace) -> int:
     require("lora", "onnx")
-    from diffrt.export.deepcache import add_deepcache
+    if args.method == "deepcache":
+        from diffrt.export.deepcache import add_deepcache as add
+    else:
+        from diffrt.export.fbcache import add_fbcache as add
 
-    add_deepcache(args.package, log=lambda m: print(m, file=sys.stderr))
+    add(args.package, log=lambda m: print(m, file=sys.stderr))
     print(args.package)
     return 0
 
@@ -439,7 +444,7 @@ def add_serve(sub) -> None:
                    help="step: a request joins the running ones at their next step; request: requests that arrive "
                    "together run together; auto (default): step where the model's UNet takes one timestep per row")
     add_memory_args(s)
-    add_cache_arg(s, "a request's \"cache\" field picks its own N, or none")
+    add_cache_arg(s, "a request's \"cache\" field picks its own setting, or none")
     s.add_argument("--keep-memory", action="store_true", help="keep what onnxruntime's CPU memory arena holds after a "
                    "request: the next request's first step is faster (no memory to fault in again), but the server's RSS "
                    "stays at its peak (default: the arena shrinks after each request; OpenVINO hands memory back either way)")
@@ -486,7 +491,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {comp}: {entry.get('precision', 'fp32')}, attention {entry.get('attention', 'unrecorded')}"
               + (", float32 fallback kept" if entry.get("fallback") else "")
               + (", CUDA fusions: runs on --backend ort-cuda only" if entry.get("providers") else "")
-              + (", DeepCache graphs (--cache deepcache[:N])" if entry.get("deepcache") else ""))
+              + (", DeepCache graphs (--cache deepcache[:N])" if entry.get("deepcache") else "")
+              + (", First-Block Cache graphs (--cache fbcache[:T])" if entry.get("fbcache") else ""))
     print("  defaults: " + ", ".join(f"{k} {v}" for k, v in pkg.defaults.items()))
     quality = pkg.manifest.get("quality")
     if quality:
@@ -647,13 +653,17 @@ def add_tiny_vae(sub) -> None:
     a.set_defaults(func=cmd_tiny_vae)
 
 
-def add_deepcache(sub) -> None:
-    d = sub.add_parser("deepcache", help="add DeepCache's graphs to a package (for --cache deepcache; needs onnx)")
-    actions = d.add_subparsers(dest="action", required=True, parser_class=Parser, help="add: cut the graphs from the UNet")
-    a = actions.add_parser("add", help="cut DeepCache's full and shallow graphs from the package's UNet (no re-export, "
-                           "no weights copied)")
-    a.add_argument("package", type=Path, help="model package folder (SD 1.x/2.x, SDXL; any precision)")
-    a.set_defaults(func=cmd_deepcache)
+def add_step_caches(sub) -> None:
+    for method, name, denoiser, parts, families in (
+            ("deepcache", "DeepCache", "UNet", "full and shallow graphs", "SD 1.x/2.x, SDXL; any precision"),
+            ("fbcache", "First-Block Cache", "transformer", "head, tail and output graphs", "SD3/3.5, FLUX.1")):
+        d = sub.add_parser(method, help=f"add {name}'s graphs to a package (for --cache {method}; needs onnx)")
+        actions = d.add_subparsers(dest="action", required=True, parser_class=Parser,
+                                   help=f"add: cut the graphs from the {denoiser}")
+        a = actions.add_parser("add", help=f"cut {name}'s {parts} from the package's {denoiser} (no re-export, no "
+                               "weights copied)")
+        a.add_argument("package", type=Path, help=f"model package folder ({families})")
+        a.set_defaults(func=cmd_step_cache, method=method)
 
 
 def add_quantize(sub) -> None:
@@ -720,8 +730,8 @@ def add_bench(sub) -> None:
                    help="also time a cold start that loads onnxruntime's optimized graphs from DIR")
     b.add_argument("--baseline", help="run these side by side, comma-separated: diffusers (float32 on the CPU, float16 "
                    "on a GPU; needs diffrt[export]), diffusers-bf16 (bfloat16 on the CPU), and the CPU peers "
-                   "openvino-genai, openvino-genai-int8, optimum, stable-diffusion-cpp (set up as docs/benchmarks.md#peers "
-                   "says)")
+                   "openvino-genai, openvino-genai-int8, openvino-genai-hybrid, optimum, stable-diffusion-cpp (set up as "
+                   "docs/benchmarks.md#peers says)")
     b.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="OpenVINO's compute precision on --backend ov-cpu (default auto: bf16 where the CPU has it)")
     b.add_argument("--checkpoint", type=Path, help="diffusers checkpoint for the baseline (default: the package's source)")
@@ -747,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_export(sub)
     add_tiny_vae(sub)
-    add_deepcache(sub)
+    add_step_caches(sub)
     add_controlnet_commands(sub, Parser)
     add_quantize(sub)
     add_build(sub)

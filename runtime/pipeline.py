@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import __version__, deepcache, tiling
+from . import __version__, deepcache, fbcache, stepcache, tiling
 from .backends.engine import Engine
 from .backends.registry import REGISTRY, Backend, EngineOptions, candidates
 from .budget import GB, PLANS, Plan, budget_residency, check_budget, check_fits, predict, round_up
 from .control import CONTROL, Controls, Unit, check_units
-from .deepcache import FEATURE, parse_cache
+from .deepcache import FEATURE
 from .errors import UserError
 from .families import family_for, one_per_row
 from .generators import ImageGenerators
@@ -53,6 +53,7 @@ from .tiling import MODES as TILING_MODES
 from .tiling import Tiles
 
 SHALLOW = "unet_shallow"  # DeepCache's shallow branch, as a stage's engine
+CACHE_STAGES = {SHALLOW: "shallow", fbcache.TAIL: "tail", fbcache.OUT: "out"}  # step caching's engines: their graphs
 
 
 def pixels_hash(array: np.ndarray) -> str:
@@ -122,9 +123,10 @@ class Pipeline:
         self.budget = None if memory_budget is None else check_budget(memory_budget)
         self.shelf = self._shelf(residency or self._budget_residency())
         self.family = family_for(package)
-        self.cache_interval = parse_cache(cache)  # DeepCache's full-step interval for requests that name none (1: exact)
-        self.deep_graphs = deepcache.graphs(package, self.family, self.runner, self.options) \
-            if self.cache_interval > 1 else None
+        self.cache = stepcache.parse_cache(cache)  # the step caching of requests that name none (exact by default)
+        cut = stepcache.graphs(package, self.family, self.runner, self.options, self.cache.method) if self.cache.method else None
+        self.deep_graphs = cut if self.cache.method == "deepcache" else None  # DeepCache's full and shallow UNets
+        self.fbc_graphs = cut if self.cache.method == "fbcache" else None  # First-Block Cache's head, tail and out
         self.loras: list[LoraChoice] = list(loras or [])
         self.lora_sets = LoraSets(package.root, self._lora_targets())
         self.fallback_lora_sets = LoraSets(package.root, self._lora_targets(fallback=True))
@@ -138,6 +140,8 @@ class Pipeline:
         for name, engine in self._open_engines().items():
             setattr(self, name, engine)
         self.unet_shallow = self._engine(SHALLOW) if self.deep_graphs else None  # DeepCache's shallow branch
+        self.transformer_tail, self.transformer_out = (self._engine(fbcache.TAIL), self._engine(fbcache.OUT)) \
+            if self.fbc_graphs else (None, None)  # First-Block Cache's other blocks and output head
         self.vae_encoder: Engine | None = None  # opened on the first image-to-image call
         # the package's tiny decoder (TAESD, `diffrt tiny-vae add`): previews, and decoder="tiny"
         self.tiny_vae_decoder = self._engine(TINY, lazy=False) if package.has(TINY) and self.runner.opener else None
@@ -241,7 +245,7 @@ class Pipeline:
         """Release every engine (device memory, CUDA graphs); the pipeline cannot be called after."""
         for name in self.stages:
             getattr(self, name).close()
-        for extra in (self.vae_encoder, self.tiny_vae_decoder, self.unet_shallow,
+        for extra in (self.vae_encoder, self.tiny_vae_decoder, self.unet_shallow, self.transformer_tail, self.transformer_out,
                       *(getattr(self, c) for c in self.opened_controlnets)):
             if extra is not None:
                 extra.close()
@@ -259,13 +263,15 @@ class Pipeline:
         opener = lambda: self.runner.open(path, name, precision, self.options, weights)  # noqa: E731
         if self.shelf is None or not lazy:
             return opener()
-        group = DENOISING if name in (self.family.denoiser, SHALLOW) or name.startswith(CONTROL) else name
+        group = DENOISING if name in (self.family.denoiser, *CACHE_STAGES) or name.startswith(CONTROL) else name
         return StageEngine(name, group, opener, self.shelf)
 
     def _graph(self, name: str) -> Path:
-        """The graph a stage runs: its component's, or with DeepCache the UNet's full and shallow DeepCache graphs."""
-        if self.deep_graphs and name in (self.family.denoiser, SHALLOW):
-            return self.deep_graphs["full" if name == self.family.denoiser else "shallow"]
+        """The graph a stage runs: its component's, or with step caching the denoiser's cut graphs (DeepCache's full
+        and shallow UNets; First-Block Cache's head, tail and out)."""
+        cut = self.deep_graphs or self.fbc_graphs
+        if cut and name in (self.family.denoiser, *CACHE_STAGES):
+            return cut[CACHE_STAGES.get(name, "full" if self.deep_graphs else "head")]
         return self.package.component(name)
 
     def use_float32(self) -> None:
@@ -533,8 +539,8 @@ class Pipeline:
                     "guidance_rescale": req.guidance_rescale, **self.family.size_settings(req), **self._lora_settings(),
                     **({"true_cfg_scale": req.true_cfg_scale} if req.true_cfg_scale != 1.0 else {}),
                     **({"decoder": "tiny"} if req.decoder == "tiny" else {}),
-                    **({"cache": deepcache.label(req.cache_interval), "full_unet_steps": stream.full_steps}
-                       if req.cache_interval > 1 else {}),
+                    **({"cache": req.cache.label, f"full_{self.family.denoiser}_steps": stream.full_steps}
+                       if req.cache.method else {}),
                     **({"vae_tiling": req.vae_tiling} if req.vae_tiling != "auto" else {}),
                     **({"vae_tiled": True} if self._tiled(req.vae_tiling, req.width, req.height) else {}),
                     **({"control": [u.record for u in req.control]} if req.control else {}),
@@ -608,6 +614,16 @@ class Pipeline:
         """The denoiser's output for the joined rows: the UNet; with DeepCache its full graph (the streams keep its
         deep features) or, between full steps, the shallow branch over the features kept."""
         cond, name, output = self._joined_cond(streams), self.family.denoiser, self.family.denoiser_output
+        if self.fbc_graphs is not None:
+            stages = {"head": name, "tail": fbcache.TAIL, "out": fbcache.OUT}
+
+            def run_parts(part: str, feeds: dict[str, Any], outputs: tuple[str, ...]) -> list[np.ndarray]:
+                engine = getattr(self, stages[part])
+                return self._guarded_outputs(stages[part], {k: v for k, v in feeds.items() if k in engine.inputs}, outputs,
+                                             where, last)
+
+            run = lambda feeds: fbcache.denoise(streams, feeds, run_parts, output, self.family.guidance == "embedded")  # noqa: E731
+            return self.family.denoise(self.denoiser, run, sample, t, cond, residuals)
         if self.deep_graphs is not None and not deepcache.refresh(streams):
             shallow = self.unet_shallow
             run = lambda feeds: self._guarded(SHALLOW, deepcache.shallow_feeds(shallow, feeds), output, where, last)  # noqa: E731
@@ -663,7 +679,7 @@ class Pipeline:
                       original_size=original_size, crops_coords_top_left=crop, source=request,
                       cfg=self.family.guidance == "cfg", true_cfg_scale=check_true_cfg(r.true_cfg_scale),
                       decoder=self._check_decoder(r.decoder), control=self._check_control(r),
-                      vae_tiling=self._check_tiling(r.vae_tiling), cache_interval=self._check_cache(r.cache))
+                      vae_tiling=self._check_tiling(r.vae_tiling), cache=self._check_cache(r.cache))
         planned = self.plan(req)
         if planned and planned[0].tiled and req.vae_tiling == "auto":
             req.vae_tiling = "on"
@@ -672,14 +688,17 @@ class Pipeline:
         self._check_fits(req)
         return req, sched
 
-    def _check_cache(self, cache: str | None) -> int:
-        """A request's DeepCache interval: its own, or the pipeline's where it names none (1: exact)."""
-        interval = self.cache_interval if cache is None else parse_cache(cache)
-        if interval > 1 and self.deep_graphs is None:
-            raise UserError(f"cache {cache!r} needs the pipeline opened with DeepCache's graphs (--cache deepcache on "
-                            f"generate or serve, Pipeline(cache='deepcache'); the package gets them with "
-                            f"{deepcache.ADD}); leave cache out")
-        return interval
+    def _check_cache(self, cache: str | None) -> stepcache.CacheChoice:
+        """A request's step caching: its own, or the pipeline's where it names none; refused where the pipeline was not
+        opened with that method's graphs."""
+        choice = self.cache if cache is None else stepcache.parse_cache(cache)
+        opened = "deepcache" if self.deep_graphs else "fbcache" if self.fbc_graphs else None
+        if choice.method and choice.method != opened:
+            name = stepcache.METHODS[choice.method][2]
+            raise UserError(f"cache {cache!r} needs the pipeline opened with {name}'s graphs (--cache {choice.method} on "
+                            f"generate or serve, Pipeline(cache='{choice.method}'); the package gets them with `diffrt "
+                            f"{choice.method} add PACKAGE`); leave cache out")
+        return choice
 
     def _check_control(self, r: GenerationRequest) -> list[Unit]:
         """The request's ControlNets checked and their images prepared at its size (control.check_units)."""

@@ -12,6 +12,7 @@ import numpy as np
 from .errors import UserError
 from .generators import MAX_SEED, random_seed
 from .schedulers import make_scheduler
+from .stepcache import CacheChoice
 
 MAX_STEPS = 1000
 MAX_SIDE = 4096
@@ -54,7 +55,7 @@ class GenerationRequest:
     mask_blur: float = 0.0  # blur the mask's edge by this many pixels
     latents: np.ndarray | None = field(default=None, repr=False)  # the start noise, instead of drawing it
     decoder: str = "vae"  # the final decode: vae (the model's own) or tiny (the package's tiny decoder, TAESD)
-    cache: str | None = None  # step caching: deepcache[:N] or none; None: the pipeline's own (deepcache.py)
+    cache: str | None = None  # step caching: deepcache[:N], fbcache[:T] or none; None: the pipeline's own (stepcache.py)
     vae_tiling: str = "auto"  # the VAE in tiles as diffusers' enable_tiling(): on, off, or auto (above 1024x1024 pixels)
     control: list[Any] | None = None  # ControlInputs: ControlNets of the package, their images and scales
     control_start: float = 0.0  # the fraction of the steps where ControlNets start acting (diffusers' control_guidance_start)
@@ -153,7 +154,7 @@ class Request:
     source: GenerationRequest | None = None  # what it was made from
     cfg: bool = True  # the family guides by classifier-free guidance (a doubled batch); False: its own way, or none
     decoder: str = "vae"  # the final decode: vae or tiny
-    cache_interval: int = 1  # DeepCache: a full UNet step every N steps, the shallow branch between (1: exact)
+    cache: CacheChoice = CacheChoice()  # step caching (stepcache.py): DeepCache's interval, First-Block Cache's threshold
     vae_tiling: str = "auto"  # tiling.MODES
     control: list[Any] = field(default_factory=list)  # checked ControlNet units (control.Unit)
 

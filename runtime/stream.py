@@ -51,7 +51,8 @@ class Stream:
     i: int = 0  # steps done
     error: UserError | None = None  # what stopped this stream alone (its scheduler's NaN); finish raises it
     deep: np.ndarray | None = None  # DeepCache: the deep features of this stream's rows from its last full UNet step
-    full_steps: int = 0  # DeepCache: how many of its steps ran the full UNet
+    fbc: list[dict[str, Any]] | None = None  # First-Block Cache: per group of its rows, the residuals kept (fbcache.py)
+    full_steps: int = 0  # step caching: how many of its steps ran the whole denoiser
 
     @property
     def total(self) -> int:

@@ -92,7 +92,8 @@ class OpenAIImageRequest(BaseModel):
     crops_coords_top_left: tuple[int, int] = Field((0, 0), description="SDXL: (top, left) crop conditioning")
     control: list[OpenAIControl] = Field(default_factory=list, max_length=8, description="ControlNets of the model, "
                                          "their control images and scales")
-    cache: str | None = Field(None, description="step caching: deepcache[:N] (a full UNet step every N) or none (exact); "
+    cache: str | None = Field(None, description="step caching: deepcache[:N] (a full UNet step every N), fbcache[:T] (SD3/FLUX: "
+                              "the other blocks skipped while the first block's residual changes less than T) or none (exact); "
                               "default: the server's --cache")
 
     def ignored(self) -> list[str]:
@@ -101,8 +102,8 @@ class OpenAIImageRequest(BaseModel):
     @field_validator("cache")
     @classmethod
     def check_cache(cls, value: str | None) -> str | None:
-        from diffrt.runtime.deepcache import parse_cache
         from diffrt.runtime.errors import UserError
+        from diffrt.runtime.stepcache import parse_cache
 
         try:
             parse_cache(value)

@@ -175,7 +175,7 @@ def test_deepcache_refuses_a_transformer(tmp_path):
     done = run_cli("deepcache", "add", package)
     assert done.returncode == 2 and "have a transformer, not a UNet" in done.stderr
     done = run_cli("generate", "x", "--model", package, "--cache", "deepcache", "-q", "-o", tmp_path / "x.png")
-    assert done.returncode == 2 and "have a transformer, not a UNet" in done.stderr
+    assert done.returncode == 2 and "models have a transformer: use --cache fbcache" in done.stderr
 
 
 def test_server_refuses_a_bad_cache_naming_the_field():
