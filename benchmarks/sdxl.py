@@ -98,7 +98,9 @@ def make_checkpoint(path: Path, seed: int = 0, overrides: dict[str, dict] | None
 
 
 IMPLS = {"diffrt-ort": ("diffrt", "ort-cpu"), "diffrt-ov-bf16": ("diffrt", "ov-cpu"), "diffrt-ov-fp32": ("diffrt", "ov-cpu"),
-         "diffusers": ("diffusers", "float32"), "diffusers-bf16": ("diffusers", "bfloat16")}
+         "diffrt-ov-int8-weights": ("diffrt", "ov-cpu"), "diffusers": ("diffusers", "float32"),
+         "diffusers-bf16": ("diffusers", "bfloat16")}
+PACKAGES = {"diffrt-ov-int8-weights": "package-int8-weights"}  # made by `diffrt quantize PACKAGE OUT --precision int8-weights`
 
 
 def child(impl: str, cache: Path, width: int, height: int, steps: int, runs: int, scheduler: str = "euler",
@@ -116,7 +118,7 @@ def child(impl: str, cache: Path, width: int, height: int, steps: int, runs: int
     if kind == "diffrt":
         from diffrt.runtime.pipeline import Pipeline
 
-        pipe = Pipeline.from_package(cache / "package", backend=where,
+        pipe = Pipeline.from_package(cache / PACKAGES.get(impl, "package"), backend=where,
                                      precision="fp32" if impl.endswith("fp32") else "auto")
         precision = pipe.precision
         run = lambda lat: run_diffrt(pipe, cfg, scheduler, steps, guidance, lat, width, height)  # noqa: E731
