@@ -32,6 +32,7 @@ class ExportOptions:
     # "auto": mha with the torchscript exporter, plain with dynamo
     attention: str = "auto"
     weights_fp16: bool = False  # store weights as float16, compute in float32 (see export/weights.py)
+    weights_fp32: bool = False  # a streamed (large) model's 16-bit weights written as float32, not behind Casts
     name: str | None = None
     loras: list = field(default_factory=list)  # LoraChoice: merged into the weights before export
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -79,6 +80,8 @@ def export_package(checkpoint: str | Path, out: str | Path, options: ExportOptio
         raise UserError(f"unknown attention form {options.attention!r}; use mha (onnxruntime) or plain (TensorRT, dynamo)")
     if options.attention == "mha" and options.exporter == "dynamo":
         raise UserError("--attention mha needs the torchscript exporter; with --exporter dynamo pass --attention plain")
+    if options.weights_fp16 and options.weights_fp32:
+        raise UserError("--weights-fp16 and --weights-fp32 ask for opposite storage; give one of them")
     if not 14 <= options.opset <= 21:
         raise UserError(f"opset {options.opset} is outside 14..21; TensorRT 10 parses opset 17 best")
     from .checkpoint import open_checkpoint

@@ -147,12 +147,12 @@ def _export_one(ckpt: Checkpoint, comp: str, dest: Path, options, step: Callable
          f"opset {effective_opset(options.opset, exporter)})")
     if exporter == "streamed":
         path = export_streamed(comp, weightless if weights is not None else modules[source], ckpt, dest / comp,
-                               options.opset, weights)
+                               options.opset, weights, widen=options.weights_fp32)
     else:
         path, attention = export_component(comp, modules[source], ckpt, dest / comp, options.opset, exporter, attention)
     entry: dict[str, Any] = {"file": f"{comp}/model.onnx", "precision": "fp32",
                              "made_by": MADE_BY.get(exporter, f"torch.onnx {exporter}"), "attention": attention}
-    if weights is not None and {weights.dtype(k) for k in weights.where} & {"F16", "BF16"}:
+    if weights is not None and not options.weights_fp32 and {weights.dtype(k) for k in weights.where} & {"F16", "BF16"}:
         entry["weights"] = "fp16" if "F16" in {weights.dtype(k) for k in weights.where} else "bf16"
     if ckpt.denoiser == "unet" and (comp.startswith("text_encoder") or comp == "unet"):  # what LoRAs change
         write_weights_map(modules[source], path)

@@ -611,8 +611,9 @@ class Pipeline:
 
     def _denoise(self, streams: list[Stream], sample: np.ndarray, t: float | np.ndarray, residuals: dict[str, Any] | None,
                  where: str, last: bool) -> np.ndarray:
-        """The denoiser's output for the joined rows: the UNet; with DeepCache its full graph (the streams keep its
-        deep features) or, between full steps, the shallow branch over the features kept."""
+        """The denoiser's output for the joined rows: the UNet or transformer; with DeepCache its full graph (the streams
+        keep its deep features) or, between full steps, the shallow branch over the features kept; with First-Block
+        Cache the head, the tail where a stream's first-block residual moved, and the output head (fbcache.py)."""
         cond, name, output = self._joined_cond(streams), self.family.denoiser, self.family.denoiser_output
         if self.fbc_graphs is not None:
             stages = {"head": name, "tail": fbcache.TAIL, "out": fbcache.OUT}

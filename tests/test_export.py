@@ -85,6 +85,9 @@ def test_existing_output_is_kept_unless_overwrite(tiny_checkpoint, tmp_path):
                    log=lambda m: None)
     assert not (out / "keep.txt").exists() and (out / "diffrt.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["pkg"]
+    both = run_cli("export", str(tiny_checkpoint), str(tmp_path / "both"), "--weights-fp16", "--weights-fp32")
+    assert both.returncode == 2 and "--weights-fp16 and --weights-fp32 ask for opposite storage" in both.stderr
+    assert not (tmp_path / "both").exists()
 
 
 def test_no_space_left_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):

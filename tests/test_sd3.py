@@ -221,3 +221,17 @@ def test_streamed_export_keeps_16_bit_weights(sd3_checkpoint, tmp_path, monkeypa
     got = Pipeline.from_package(package, backend="ort-cpu")(PROMPT, steps=3, width=48, height=32, seed=3,
                                                              rng="torch-cpu", guidance_scale=5.0)
     assert_equal_images(got.array, expected)
+    # --weights-fp32: the same values written as float32 (no Casts), the same images on ov-cpu
+    import onnx
+
+    wide = export_package(half, tmp_path / "wide", ExportOptions(weights_fp32=True), log=lambda m: None)
+    components = json.loads((wide / "diffrt.json").read_text())["components"]
+    assert "weights" not in components["transformer"] and "weights" not in components["text_encoder_3"]
+    graph = onnx.load(str(wide / "transformer" / "model.onnx"), load_external_data=False).graph
+    assert {t.data_type for t in graph.initializer} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
+    assert not any(n.op_type == "Cast" and n.name.endswith("__cast") for n in graph.node)
+    for backend in ("ort-cpu", "ov-cpu"):
+        settings = {"steps": 3, "width": 48, "height": 32, "seed": 3, "guidance_scale": 5.0}
+        narrow = Pipeline.from_package(package, backend=backend, precision="auto" if backend == "ort-cpu" else "fp32")
+        widened = Pipeline.from_package(wide, backend=backend, precision="auto" if backend == "ort-cpu" else "fp32")
+        np.testing.assert_allclose(widened(PROMPT, **settings).array, narrow(PROMPT, **settings).array, atol=1e-5)
