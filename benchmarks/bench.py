@@ -93,7 +93,7 @@ def baseline_placement(backend: str, unet_precision: str, baseline: str = "diffu
     if baseline in PEERS:
         if backend not in CPU_BACKENDS:
             raise UserError(f"--baseline {baseline} is a CPU runtime; benchmark it beside --backend ov-cpu or ort-cpu")
-        return "cpu", precision if baseline == "openvino-genai" else "fp32"  # optimum: onnxruntime's CPU provider
+        return "cpu", precision if baseline.startswith("openvino-genai") else "fp32"  # optimum: onnxruntime's CPU provider
     if baseline == "diffusers-bf16":
         if backend not in CPU_BACKENDS:
             raise UserError("--baseline diffusers-bf16 is the CPU baseline; on a GPU use --baseline diffusers (float16)")

@@ -279,7 +279,9 @@ def test_peers_are_refused_in_one_line_where_they_cannot_run(tiny_package):
 
     with pytest.raises(UserError, match="is a CPU runtime; benchmark it beside --backend ov-cpu or ort-cpu"):
         baseline_placement("ort-cuda", "fp16", "openvino-genai")
-    assert baseline_placement("ov-cpu", "fp32", "openvino-genai", "bf16") == ("cpu", "bf16")
+    for genai in ("openvino-genai", "openvino-genai-int8", "openvino-genai-hybrid"):  # compiled as diffrt's OpenVINO is
+        assert baseline_placement("ov-cpu", "fp32", genai, "bf16") == ("cpu", "bf16")
+    assert baseline_placement("ov-cpu", "fp32", "optimum", "bf16") == ("cpu", "fp32")
     with pytest.raises(UserError, match="unknown baseline 'sdcpp'; use diffusers, diffusers-bf16, openvino-genai, "
                                         "openvino-genai-int8, openvino-genai-hybrid, optimum, stable-diffusion-cpp"):
         baselines(BenchConfig(package=tiny_package, baseline="optimum,sdcpp"))
