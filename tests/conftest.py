@@ -296,6 +296,16 @@ def bundled_without(dest, component: str = "vae_encoder"):
     return dest
 
 
+def with_cache_graphs(package, dest, method: str):
+    """A copy of a package with a step-caching method's graphs added by the CLI (`diffrt deepcache|fbcache add`)."""
+    import shutil
+
+    shutil.copytree(package, dest)
+    done = run_cli(method, "add", dest)
+    assert done.returncode == 0, done.stderr
+    return dest
+
+
 def exported(checkpoint, tmp_path_factory, name: str, **options):
     """checkpoint exported quietly by diffrt into a fresh folder as package `name` (ExportOptions from options)."""
     from diffrt.export import ExportOptions, export_package

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, with_cache_graphs
 
 from diffrt.runtime.errors import UserError
 
 
 def with_deepcache(package, dest):
-    """A copy of a package with DeepCache's graphs added by the CLI."""
-    shutil.copytree(package, dest)
-    done = run_cli("deepcache", "add", dest)
-    assert done.returncode == 0, done.stderr
-    return dest
+    return with_cache_graphs(package, dest, "deepcache")
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ diffusers' FirstBlockCacheConfig (FLUX), its per-stream bookkeeping, settings an
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
-from conftest import exported, make_tiny_flux_checkpoint, make_tiny_sd3_checkpoint, run_cli
+from conftest import exported, make_tiny_flux_checkpoint, make_tiny_sd3_checkpoint, run_cli, with_cache_graphs
 
 from diffrt.runtime.errors import UserError
 
@@ -17,10 +16,7 @@ SIZE = {"width": 64, "height": 64}
 
 
 def with_fbcache(package, dest):
-    shutil.copytree(package, dest)
-    done = run_cli("fbcache", "add", dest)
-    assert done.returncode == 0, done.stderr
-    return dest
+    return with_cache_graphs(package, dest, "fbcache")
 
 
 @pytest.fixture(scope="module")
