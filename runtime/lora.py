@@ -211,7 +211,7 @@ def graph_overrides(graph: Path, chosen: list[tuple[LoraLayer, float, str]]) -> 
     in the graph's layout (transposed where it stores the weight so) and dtype."""
     mapping = json.loads((graph.parent / "weights_map.json").read_text(encoding="utf-8"))
     index = WeightIndex(mapping)
-    onnx, numpy_helper = _onnx()
+    onnx, _ = _onnx()
     model = onnx.load(str(graph), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
     changes: dict[str, np.ndarray] = {}
@@ -234,7 +234,7 @@ def graph_overrides(graph: Path, chosen: list[tuple[LoraLayer, float, str]]) -> 
                         f"{keys[0]}): it was made for another model, or names layers in a form diffrt does not read")
     out = {}
     for init, delta in changes.items():
-        original = numpy_helper.to_array(inits[init], base_dir=str(graph.parent))
+        original = stored_values(inits[init], graph.parent)
         out[init] = (original.astype(np.float32) + delta).astype(original.dtype)
     return out
 
@@ -262,9 +262,25 @@ def restored(graph: Path, changed: dict[str, np.ndarray], before: dict[str, np.n
     back = [name for name in before if name not in changed]
     if not back:
         return dict(changed)
-    onnx, numpy_helper = _onnx()
+    onnx, _ = _onnx()
     inits = {i.name: i for i in onnx.load(str(graph), load_external_data=False).graph.initializer if i.name in back}
-    return {**changed, **{n: numpy_helper.to_array(inits[n], base_dir=str(graph.parent)) for n in back}}
+    return {**changed, **{n: stored_values(inits[n], graph.parent) for n in back}}
+
+
+def stored_values(tensor, folder: Path) -> np.ndarray:
+    """An initializer's values, read from its external file at its offset where it has one: onnx's own reader refuses
+    a file with several hard links, which `diffrt quantize --precision int8-weights` makes of the float weights (its
+    package's and the source's) to save disk."""
+    onnx, numpy_helper = _onnx()
+    where = {e.key: e.value for e in tensor.external_data}
+    if tensor.data_location != onnx.TensorProto.EXTERNAL or "location" not in where:
+        return numpy_helper.to_array(tensor)
+    location = Path(where["location"])
+    if location.is_absolute() or ".." in location.parts:
+        raise UserError(f"{folder}: weight {tensor.name} is stored outside its folder ({location}); re-export the package")
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    values = np.fromfile(folder / location, dtype=dtype, count=int(np.prod(tensor.dims)), offset=int(where.get("offset", 0)))
+    return values.reshape(tuple(tensor.dims))
 
 
 class LoraSets:

@@ -127,6 +127,22 @@ def test_switching_loras_at_run_time(loras, tiny_package):
     assert before == {p: p.stat().st_mtime_ns for p in tiny_package.rglob("*") if p.is_file()}
 
 
+def test_loras_read_weights_from_hard_linked_files(loras, tiny_package, tmp_path):
+    """`diffrt quantize --precision int8-weights` hard-links the float weights into its package: onnx's own reader
+    refuses such a file ("potential hardlink attack"), so the LoRA merge reads the bytes itself, the same values."""
+    import os
+    import shutil
+
+    linked = tmp_path / "linked"
+    shutil.copytree(tiny_package, linked, copy_function=lambda src, dst: os.link(src, dst) if src.endswith(".onnx_data")
+                    else shutil.copy2(src, dst))
+    assert (linked / "unet" / "model.onnx_data").stat().st_nlink > 1
+    choice = [LoraChoice(loras / "style.safetensors", 0.8)]
+    got = Pipeline.from_package(linked, backend="ort-cpu", loras=choice)(PROMPT, steps=3, seed=1)
+    want = Pipeline.from_package(tiny_package, backend="ort-cpu", loras=choice)(PROMPT, steps=3, seed=1)
+    assert np.array_equal(got.array, want.array)
+
+
 def test_bad_loras_are_refused(loras, tiny_package, tiny_sdxl_package, tmp_path):
     pipe = Pipeline.from_package(tiny_package, backend="ort-cpu")
     pickle = tmp_path / "old.ckpt"

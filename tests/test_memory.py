@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import shutil
 import subprocess
 import sys
 import time
@@ -173,11 +174,13 @@ def int8_weights(tmp_path_factory):
     from diffrt.export.precision import QuantizeOptions
     from diffrt.runtime.bundled import bundled_model
 
-    out = tmp_path_factory.mktemp("w8") / "shapes-w8"
-    manifest = (bundled_model() / "diffrt.json").read_bytes()
-    gate = compress_package(bundled_model(), out, "int8-weights", QuantizeOptions(gate_seeds=1), log=lambda m: None)
-    assert (bundled_model() / "diffrt.json").read_bytes() == manifest  # the source is untouched (large files are linked)
-    weights, linked = bundled_model() / "unet" / "model.onnx_data", out / "unet" / "model.onnx_data"
+    root = tmp_path_factory.mktemp("w8")
+    source = shutil.copytree(bundled_model(), root / "shapes")  # the repository's files are never linked from a test
+    out = root / "shapes-w8"
+    manifest = (source / "diffrt.json").read_bytes()
+    gate = compress_package(source, out, "int8-weights", QuantizeOptions(gate_seeds=1), log=lambda m: None)
+    assert (source / "diffrt.json").read_bytes() == manifest  # the source is untouched (large files are linked)
+    weights, linked = source / "unet" / "model.onnx_data", out / "unet" / "model.onnx_data"
     if weights.stat().st_dev == linked.stat().st_dev:
         assert weights.stat().st_ino == linked.stat().st_ino
     return out, gate
