@@ -55,7 +55,9 @@ def symmetric_form(src: Path, dst: Path) -> int:
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(src))
+    from diffrt.runtime.stored import loaded
+
+    model = loaded(src)
     inits = {i.name: i for i in model.graph.initializer}
     made: dict[tuple[str, str], tuple[str, str]] = {}
     for node in model.graph.node:

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
@@ -33,6 +32,7 @@ from diffrt.export.writer import _export_one, file_hashes
 from diffrt.models.shapes_data import held_out_scenes, read_position, render, sample_training_set
 from diffrt.runtime.control import ControlInput, canny
 from diffrt.runtime.pipeline import Pipeline
+from diffrt.runtime.stored import loaded
 
 HERE = Path(__file__).resolve().parent
 NAME = "edges"
@@ -44,7 +44,7 @@ def log(msg: str) -> None:
 
 
 def initializers(path: Path) -> dict[str, np.ndarray]:
-    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    return {i.name: numpy_helper.to_array(i) for i in loaded(path).graph.initializer}
 
 
 def twin_checkpoint(package: Path, unet: UNet2DConditionModel, folder: Path) -> Path:

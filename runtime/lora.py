@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .stored import stored_values
 
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2",
                   "lora_te_": "text_encoder"}
@@ -265,22 +266,6 @@ def restored(graph: Path, changed: dict[str, np.ndarray], before: dict[str, np.n
     onnx, _ = _onnx()
     inits = {i.name: i for i in onnx.load(str(graph), load_external_data=False).graph.initializer if i.name in back}
     return {**changed, **{n: stored_values(inits[n], graph.parent) for n in back}}
-
-
-def stored_values(tensor, folder: Path) -> np.ndarray:
-    """An initializer's values, read from its external file at its offset where it has one: onnx's own reader refuses
-    a file with several hard links, which `diffrt quantize --precision int8-weights` makes of the float weights (its
-    package's and the source's) to save disk."""
-    onnx, numpy_helper = _onnx()
-    where = {e.key: e.value for e in tensor.external_data}
-    if tensor.data_location != onnx.TensorProto.EXTERNAL or "location" not in where:
-        return numpy_helper.to_array(tensor)
-    location = Path(where["location"])
-    if location.is_absolute() or ".." in location.parts:
-        raise UserError(f"{folder}: weight {tensor.name} is stored outside its folder ({location}); re-export the package")
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    values = np.fromfile(folder / location, dtype=dtype, count=int(np.prod(tensor.dims)), offset=int(where.get("offset", 0)))
-    return values.reshape(tuple(tensor.dims))
 
 
 class LoraSets:

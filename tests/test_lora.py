@@ -133,8 +133,8 @@ def test_loras_read_weights_from_hard_linked_files(loras, tiny_package, tmp_path
     import os
     import shutil
 
-    linked = tmp_path / "linked"
-    shutil.copytree(tiny_package, linked, copy_function=lambda src, dst: os.link(src, dst) if src.endswith(".onnx_data")
+    source, linked = shutil.copytree(tiny_package, tmp_path / "source"), tmp_path / "linked"  # the fixture never linked
+    shutil.copytree(source, linked, copy_function=lambda src, dst: os.link(src, dst) if src.endswith(".onnx_data")
                     else shutil.copy2(src, dst))
     assert (linked / "unet" / "model.onnx_data").stat().st_nlink > 1
     choice = [LoraChoice(loras / "style.safetensors", 0.8)]
