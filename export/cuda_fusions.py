@@ -50,10 +50,16 @@ def optimized(src: Path, kind: str, without: tuple[str, ...] = ()):
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    from diffrt.runtime.stored import loaded
+
+    from .linear_layout import to_in_out
+
     options = FusionOptions(kind)
     for switch in (s for op in without for s in FUSION_SWITCHES[op]):
         setattr(options, switch, False)
-    return optimize_model(str(src), model_type=kind, opt_level=0, optimization_options=options, use_gpu=True)
+    model = loaded(src)
+    to_in_out(model, src.parent)  # its fusions find a MatMul's weight as the MatMul's own initializer
+    return optimize_model(model, model_type=kind, opt_level=0, optimization_options=options, use_gpu=True)
 
 
 def refused_by_cuda(model) -> set[str]:

@@ -29,6 +29,7 @@ from diffrt.runtime.residency import trim_heap
 from diffrt.runtime.trust import cpu_kind, gate_db
 
 from .cut import drop as drop_cut_graphs
+from .linear_layout import in_out
 
 FP16_KEEP_OPS = ("Softmax", "InstanceNormalization", "LayerNormalization", "GroupNormalization", "Pow", "ReduceMean")
 INT8_KEEP_LAYERS = ("time_embedding", "time_proj", "conv_in", "conv_out")  # attention too is int8: 1.40x bf16 on OpenVINO
@@ -307,6 +308,7 @@ def convert_components(tmp: Path, manifest: dict[str, Any], reference: Pipeline,
             convert_fp16(fp32, graph, options.keep_fp32_ops)
             entry["made_by"] = f"onnxruntime float16 converter, kept float32: {', '.join(options.keep_fp32_ops)}"
         else:
+            in_out(fp32)  # onnxruntime's quantizer takes a MatMul's weight where it is the MatMul's own initializer
             quantize_int8(fp32, graph, load_calibration(calibration_file), options.keep_fp32_layers, options.activations)
             entry["activations"] = options.activations  # runtime/trust.py: int8 ones are wrong on OpenVINO without AMX
             entry["made_by"] = (f"onnxruntime quantize_static QDQ, {options.activations} activations, symmetric int8 "

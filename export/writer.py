@@ -129,6 +129,7 @@ def _export_one(ckpt: Checkpoint, comp: str, dest: Path, options, step: Callable
     check. A family without LoRAs whose model passes BIG_MODEL_BYTES is streamed from the checkpoint's files without
     being loaded; any other model is loaded whole (LoRAs merged)."""
     from .graphs import export_component, export_streamed
+    from .linear_layout import out_in
     from .stream_weights import file_weights, weight_files
 
     source = "vae" if comp.startswith("vae") else comp
@@ -154,8 +155,11 @@ def _export_one(ckpt: Checkpoint, comp: str, dest: Path, options, step: Callable
                              "made_by": MADE_BY.get(exporter, f"torch.onnx {exporter}"), "attention": attention}
     if weights is not None and not options.weights_fp32 and {weights.dtype(k) for k in weights.where} & {"F16", "BF16"}:
         entry["weights"] = "fp16" if "F16" in {weights.dtype(k) for k in weights.where} else "bf16"
-    if ckpt.denoiser == "unet" and (comp.startswith("text_encoder") or comp == "unet"):  # what LoRAs change
+    lora_able = ckpt.denoiser == "unet" and (comp.startswith("text_encoder") or comp == "unet")
+    if lora_able:  # what LoRAs change
         write_weights_map(modules[source], path)
+    elif exporter != "streamed":  # (the streamed graph reads its Linear weights so already) onnxruntime folds a
+        out_in(path)  # weight's Transpose from the file, out of a LoRA override's reach: LoRA graphs keep [in, out]
     if options.weights_fp16:
         store_weights_fp16(path)
         entry["weights"] = "fp16"
