@@ -1,6 +1,7 @@
 """What a graph's matrix-product weight layout costs OpenVINO: one component compiled and called on ov-cpu with its
 weights stored [in, out] and [out, in] behind Transposes (export/linear_layout.py), each in a fresh process, the two
-runs alternating; the graph is re-laid in place between them and left as it was found.
+runs alternating; the graph is re-laid in place between them and left as it was found (not to be run beside anything
+that reads the package).
 
     python -m diffrt.benchmarks.linear_layout PACKAGE transformer \\
         --shapes hidden_states=2x16x64x64,timestep=2,encoder_hidden_states=2x333x4096,pooled_projections=2x2048
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     graph = args.package / args.component / "model.onnx"
-    found = layout(graph)
+    found, original = layout(graph), graph.read_bytes()  # the weights' round trip is exact, the graph's names may not be
     flip = {"out_in": in_out, "in_out": out_in}
     runs: dict[str, list] = {"in_out": [], "out_in": []}
     try:
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if layout(graph) != found:
             flip[layout(graph)](graph)
+        graph.write_bytes(original)
     report = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "graph": str(graph), "shapes": args.shapes,
               "runs": runs}
     if args.json:

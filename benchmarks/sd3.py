@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--impls", default="diffrt-ov-bf16,diffusers-bf16")
     ap.add_argument("--impl", help="(child) the implementation this process runs")
+    ap.add_argument("--interleave", action="store_true", help="(bench) all loaded at once, timed image by image in turn")
     args = parse_with_export_args(ap, argv)
     if args.action == "child":
         width, height = (int(v) for v in args.size.split("x"))

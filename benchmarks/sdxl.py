@@ -105,7 +105,8 @@ PACKAGES = {"diffrt-ov-int8-weights": "package-int8-weights"}  # made by `diffrt
 
 def child(impl: str, cache: Path, width: int, height: int, steps: int, runs: int, scheduler: str = "euler",
           guidance: float = 5.0) -> dict:
-    """One implementation in this process: load, one warm-up image, then runs timed images (per stage)."""
+    """One implementation in this process: load, one warm-up image, then runs timed images (per stage); runs 0: one
+    timed image each time the parent asks on stdin (bench --interleave)."""
     import numpy as np
 
     from .bench import BenchConfig, Diffusers, run_diffrt
@@ -129,34 +130,80 @@ def child(impl: str, cache: Path, width: int, height: int, steps: int, runs: int
     load = time.perf_counter() - start
     latents = np.random.default_rng(0).standard_normal((1, channels, height // factor, width // factor), dtype=np.float32)
     run(latents)
-    records = [{k: v for k, v in run(latents).items() if k != "pixels"} for _ in range(runs)]  # the images stay here
+    timed = lambda: {k: v for k, v in run(latents).items() if k != "pixels"}  # noqa: E731 (the images stay here)
+    records = [timed() for _ in range(runs)]
+    if not runs:  # interleaved: one timed image per `run` line, said when done, until another line
+        print(json.dumps({"ready": True}), flush=True)
+        for line in sys.stdin:
+            if line.strip() != "run":
+                break
+            records.append(timed())
+            print(json.dumps({"done": len(records)}), flush=True)
     return {"impl": impl, "precision": precision, "load_seconds": load, "records": records,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def bench(args, module: str = "diffrt.benchmarks.sdxl", scheduler: str = "euler", guidance: float = 5.0) -> dict:
-    """Every asked implementation in its own child process (running `module`'s child action), in turn; the machine and
-    settings with the results."""
+    """Every asked implementation in its own child process (running `module`'s child action), in turn or, with
+    args.interleave, all loaded at once and timed image by image in alternation; the machine and settings with the
+    results."""
     from .machine import describe
 
     width, height = (int(v) for v in args.size.split("x"))
-    results = []
-    for impl in args.impls.split(","):
-        print(f"{impl}: running", flush=True)
-        proc = subprocess.run([sys.executable, "-m", module, "child", "--impl", impl, "--cache",
-                               str(args.cache), "--size", args.size, "--steps", str(args.steps), "--runs", str(args.runs)],
-                              capture_output=True, text=True)
-        if proc.returncode:
-            results.append({"impl": impl, "error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]})
-            print(f"{impl}: failed: {results[-1]['error']}", flush=True)
+    impls = args.impls.split(",")
+    results = interleaved(args, module, impls) if getattr(args, "interleave", False) else \
+        [one_after_another(args, module, impl) for impl in impls]
+    for r in results:
+        if "error" in r:
+            print(f"{r['impl']}: failed: {r['error']}", flush=True)
             continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        r = results[-1]
         totals = [x["total"] for x in r["records"]]
-        print(f"{impl} ({r['precision']}): load {r['load_seconds']:.1f} s, image {min(totals):.1f} s (best of "
+        print(f"{r['impl']} ({r['precision']}): load {r['load_seconds']:.1f} s, image {min(totals):.1f} s (best of "
               f"{len(totals)}), peak RSS {r['peak_rss_gb']:.1f} GB", flush=True)
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": describe(), "width": width, "height": height,
-            "steps": args.steps, "guidance_scale": guidance, "scheduler": scheduler, "results": results}
+            "steps": args.steps, "guidance_scale": guidance, "scheduler": scheduler,
+            "interleaved": bool(getattr(args, "interleave", False)), "results": results}
+
+
+def child_command(args, module: str, impl: str, runs: int) -> list[str]:
+    return [sys.executable, "-m", module, "child", "--impl", impl, "--cache", str(args.cache), "--size", args.size,
+            "--steps", str(args.steps), "--runs", str(runs)]
+
+
+def one_after_another(args, module: str, impl: str) -> dict:
+    """One implementation's child run to the end: its result, or its error."""
+    print(f"{impl}: running", flush=True)
+    proc = subprocess.run(child_command(args, module, impl, args.runs), capture_output=True, text=True)
+    if proc.returncode:
+        return {"impl": impl, "error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def interleaved(args, module: str, impls: list[str]) -> list[dict]:
+    """Each implementation loaded in its own child (one after another, each warmed up), then args.runs rounds of one
+    timed image each in turn: a machine whose speed drifts slows every implementation alike. They are all in memory
+    together (each child's peak RSS is its own)."""
+    import tempfile
+
+    children = {}
+    for impl in impls:
+        print(f"{impl}: loading", flush=True)
+        log = tempfile.TemporaryFile("w+")
+        proc = subprocess.Popen(child_command(args, module, impl, 0), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=log, text=True)
+        if not proc.stdout.readline():
+            proc.wait()
+            log.seek(0)
+            raise SystemExit(f"{impl} failed to load: {(log.read().strip().splitlines() or ['?'])[-1]}")
+        children[impl] = proc
+    for round_ in range(args.runs):
+        for impl, proc in children.items():
+            proc.stdin.write("run\n")
+            proc.stdin.flush()
+            if not proc.stdout.readline():
+                raise SystemExit(f"{impl} stopped in round {round_ + 1}")
+        print(f"round {round_ + 1} of {args.runs} done", flush=True)
+    return [json.loads(proc.communicate("stop\n")[0].strip().splitlines()[-1]) for proc in children.values()]
 
 
 def export_report(make: Callable[[Path], Path], label: str, args) -> None:
@@ -200,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--impls", default="diffrt-ort,diffusers,diffusers-bf16,diffrt-ov-bf16")
     ap.add_argument("--impl", choices=list(IMPLS), help="(child) the implementation this process runs")
+    ap.add_argument("--interleave", action="store_true", help="(bench) all loaded at once, timed image by image in turn")
     args = parse_with_export_args(ap, argv)
     if args.action == "child":
         width, height = (int(v) for v in args.size.split("x"))

@@ -42,7 +42,7 @@ def compress_graph(graph: Path, bits: int) -> str:
     adjust = AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST, min_adjusted_group_size=16)
     extra = {} if bits == 8 else {"group_size": GROUP, "ratio": 1.0, "advanced_parameters": adjust}
     halved = graph.with_name("float16.xml")  # float weights as float16 first: save_model leaves NNCF's output float32
-    ov.save_model(weights_out_in(read_onnx(graph)), str(halved), compress_to_fp16=True)
+    ov.save_model(transposes_absorbed(read_onnx(graph)), str(halved), compress_to_fp16=True)
     try:
         model = nncf.compress_weights(ov.Core().read_model(str(halved)), mode=mode,
                                       ignored_scope=nncf.IgnoredScope(types=["Convolution"], validate=False), **extra)
@@ -55,28 +55,21 @@ def compress_graph(graph: Path, bits: int) -> str:
     return f"NNCF {nncf.__version__} compress_weights, {kind}; convolutions float16"
 
 
-def weights_out_in(model):
-    """model's MatMuls reading their 2-D constant weights as [out, in] with transpose_b: a Transpose before one
-    absorbed, an [in, out] one transposed (a copy, in memory). NNCF finds a matrix product's weight only as its own
-    constant input, and OpenVINO's CPU plugin transposes an [in, out] one again when it compiles, keeping that copy
-    (export/linear_layout.py)."""
+def transposes_absorbed(model):
+    """model with each MatMul of a transposed 2-D constant reading the constant itself, transpose_b flipped (the
+    [out, in] weights `diffrt export` writes): NNCF finds a matrix product's weight only as its own constant input."""
     import numpy as np
     from openvino import opset13
 
     for op in model.get_ordered_ops():
         source = op.input_value(1).get_node() if op.get_type_name() == "MatMul" else None
-        flags = op.get_attributes() if source is not None else {}
-        if source is not None and source.get_type_name() == "Transpose":
-            weight, order = (source.input_value(i).get_node() for i in (0, 1))
-            if weight.get_type_name() != "Constant" or order.get_type_name() != "Constant" or \
-                    len(weight.get_output_shape(0)) != 2 or list(np.ravel(order.get_data())) != [1, 0]:
-                continue
-        elif source is not None and source.get_type_name() == "Constant" and not flags["transpose_b"] and \
-                len(source.get_output_shape(0)) == 2:
-            weight = opset13.constant(np.ascontiguousarray(source.get_data().T))
-            weight.set_friendly_name(source.get_friendly_name())
-        else:
+        if source is None or source.get_type_name() != "Transpose":
             continue
+        weight, order = (source.input_value(i).get_node() for i in (0, 1))
+        if weight.get_type_name() != "Constant" or order.get_type_name() != "Constant" or \
+                len(weight.get_output_shape(0)) != 2 or list(np.ravel(order.get_data())) != [1, 0]:
+            continue
+        flags = op.get_attributes()
         product = opset13.matmul(op.input_value(0), weight.output(0), flags["transpose_a"], not flags["transpose_b"])
         product.set_friendly_name(op.get_friendly_name())
         op.output(0).replace(product.output(0))
