@@ -386,7 +386,7 @@ def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def export_streamed(name: str, module: torch.nn.Module, ckpt: Checkpoint, folder: Path, opset: int,
-                    weights=None, widen: bool = False) -> Path:
+                    weights=None, widen: bool = False, fold: bool = False) -> Path:
     """dynamo export of a large model without a copy of its weights: the graph is traced on a weightless copy, then
     each initializer is filled, by name, and written to model.onnx_data one by one: from the loaded module's tensors,
     or (weights: a stream_weights.FileWeights, module then weightless itself) read from the checkpoint's files as it
@@ -406,37 +406,39 @@ def export_streamed(name: str, module: torch.nn.Module, ckpt: Checkpoint, folder
                                     output_names=list(spec.outputs), dynamic_axes={**spec.inputs, **spec.outputs},
                                     opset_version=effective_opset(opset, "dynamo"), dynamo=True, optimize=False,
                                     verbose=False)
-    fill_initializers(program.model.graph, weights if weights is not None else ModuleWeights(module), widen)
+    fill_initializers(program.model.graph, weights if weights is not None else ModuleWeights(module), widen, fold)
     path = folder / "model.onnx"
     ir.save(program.model, path, external_data=EXTERNAL_DATA)
     _check_io_names(path, spec)
     return path
 
 
+TRANSPOSED = "__transposed"  # an initializer holding a checkpoint weight transposed (what a Linear's MatMul takes)
 STORED = {"F16": ("FLOAT16", "__fp16"), "BF16": ("BFLOAT16", "__bf16")}  # 16-bit storage: onnx dtype, name suffix
 
 
-def fill_initializers(graph, weights, widen: bool = False) -> None:
-    """Each initializer of a weightless graph read lazily from weights (by its parameter name, `model.` dropped), as
-    the checkpoint holds it (a Linear's weight [out, in], which dynamo's unoptimized graph transposes for its MatMul:
-    the layout linear_layout.py explains); a 16-bit weight is stored as such (NAME__fp16 / __bf16) behind a Cast to
-    float32, or with widen as its float32 value (twice the file; OpenVINO's CPU plugin then holds the compiled model
-    without the float32 copies of the folded Casts it keeps beside it: SD3.5-medium's MMDiT 7.6 GB against 15.6)."""
+def fill_initializers(graph, weights, widen: bool = False, fold: bool = False) -> None:
+    """Each initializer of a weightless graph read lazily from weights (by its parameter name, `model.` dropped),
+    as the checkpoint holds it (a Linear's weight [out, in], which dynamo's unoptimized graph transposes for its
+    MatMul: the layout linear_layout.py explains), or with fold a 2-D weight that only a Transpose reads stored
+    transposed instead (NAME__transposed: for a graph LoRAs change, since onnxruntime would fold the Transpose from
+    the file, out of a LoRA override's reach); a 16-bit weight is stored as such (NAME__fp16 / __bf16) behind a Cast to float32, or
+    with widen as its float32 value (twice the file; OpenVINO's CPU plugin then holds the compiled model without the
+    float32 copies of the folded Casts it keeps beside it: SD3.5-medium's MMDiT 7.6 GB against 15.6)."""
     import onnx_ir as ir
 
-    from .stream_weights import ir_tensor
-
+    transposed = fold_weight_transposes(graph, weights) if fold else {}
     missing = []
     first = next(iter(graph), None)
     for key, value in list(graph.initializers.items()):
-        param = key.removeprefix("model.")
+        param, flip = transposed.get(key, (key.removeprefix("model."), False))
         if param not in weights:
             if getattr(getattr(value.const_value, "raw", None), "is_meta", False) or value.const_value is None:
                 missing.append(key)
             continue
         stored = None if widen else STORED.get(weights.dtype(param))
         dtype = getattr(ir.DataType, stored[0]) if stored else value.dtype
-        read = (lambda p=param, k=key, w=widen: ir_tensor(widened(weights.tensor(p)) if w else weights.tensor(p), k))
+        read = (lambda p=param, f=flip, k=key, w=widen: ir_of(widened(weights.tensor(p)) if w else weights.tensor(p), f, k))
         if stored is None:
             value.const_value = ir.LazyTensor(read, dtype, value.shape, name=key)
             continue
@@ -455,6 +457,37 @@ def fill_initializers(graph, weights, widen: bool = False) -> None:
 def widened(tensor: torch.Tensor) -> torch.Tensor:
     """A 16-bit float tensor as float32 (others as they are)."""
     return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
+def ir_of(tensor: torch.Tensor, flip: bool, name: str):
+    from .stream_weights import ir_tensor
+
+    return ir_tensor(tensor.T if flip else tensor, name)
+
+
+def fold_weight_transposes(graph, weights) -> dict[str, tuple[str, bool]]:
+    """Replace each Transpose of a 2-D weight by an initializer NAME__transposed for the weight stored transposed;
+    returns {initializer: (parameter, transposed)} for those, which fill_initializers reads."""
+    import onnx_ir as ir
+
+    folded = {}
+    for node in list(graph):
+        source = node.inputs[0] if node.op_type == "Transpose" and node.inputs else None
+        perm = node.attributes.get("perm")
+        if (source is None or not source.is_initializer() or source.name.removeprefix("model.") not in weights
+                or len(source.uses()) != 1 or len(source.shape) != 2
+                or (perm is not None and list(perm.as_ints()) != [1, 0])):
+            continue
+        value = ir.Value(name=source.name + TRANSPOSED, shape=ir.Shape(list(source.shape)[::-1]), type=source.type)
+        param = source.name.removeprefix("model.")
+        value.const_value = ir.LazyTensor(lambda p=param, k=value.name: ir_of(weights.tensor(p), True, k), source.dtype,
+                                          value.shape, name=value.name)  # fill_initializers may store it 16-bit
+        graph.register_initializer(value)
+        node.outputs[0].replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
+        folded[value.name] = (param, True)
+    return folded
 
 
 def _check_io_names(path: Path, spec: ComponentSpec) -> None:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .graphs import TRANSPOSED
+
 MAP_FILE = "weights_map.json"
 
 
@@ -35,6 +37,9 @@ def write_weights_map(module: torch.nn.Module, graph: Path) -> Path:
         init = inits.get(f"model.{name}")
         if init is not None and tuple(init.dims) == tuple(w.shape):
             found[name] = [init.name, ""]
+        transposed = inits.get(f"model.{name}{TRANSPOSED}")  # a streamed export's folded Transpose
+        if transposed is not None and tuple(transposed.dims) == tuple(w.shape[::-1]):
+            found[name] = [transposed.name, "T"]
     by_value: dict[tuple, list[str]] = {}
     for init in inits.values():
         if init.name.startswith("model.") or len(init.dims) != 2:

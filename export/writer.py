@@ -123,6 +123,11 @@ def exporter_for(module, options) -> tuple[str, str]:
     return exporter, attention
 
 
+def lora_able(ckpt: Checkpoint, comp: str) -> bool:
+    """Whether run-time LoRAs change this component (an SD / SDXL text encoder or UNet)."""
+    return ckpt.denoiser == "unet" and (comp.startswith("text_encoder") or comp == "unet")
+
+
 def _export_one(ckpt: Checkpoint, comp: str, dest: Path, options, step: Callable[[str], None],
                 modules: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """One component's graph and its manifest entry; and whether its module is loaded (modules[source]) for the
@@ -148,18 +153,17 @@ def _export_one(ckpt: Checkpoint, comp: str, dest: Path, options, step: Callable
          f"opset {effective_opset(options.opset, exporter)})")
     if exporter == "streamed":
         path = export_streamed(comp, weightless if weights is not None else modules[source], ckpt, dest / comp,
-                               options.opset, weights, widen=options.weights_fp32)
+                               options.opset, weights, widen=options.weights_fp32, fold=lora_able(ckpt, comp))
     else:
         path, attention = export_component(comp, modules[source], ckpt, dest / comp, options.opset, exporter, attention)
     entry: dict[str, Any] = {"file": f"{comp}/model.onnx", "precision": "fp32",
                              "made_by": MADE_BY.get(exporter, f"torch.onnx {exporter}"), "attention": attention}
     if weights is not None and not options.weights_fp32 and {weights.dtype(k) for k in weights.where} & {"F16", "BF16"}:
         entry["weights"] = "fp16" if "F16" in {weights.dtype(k) for k in weights.where} else "bf16"
-    lora_able = ckpt.denoiser == "unet" and (comp.startswith("text_encoder") or comp == "unet")
-    if lora_able:  # what LoRAs change
-        write_weights_map(modules[source], path)
-    elif exporter != "streamed":  # (the streamed graph reads its Linear weights so already) onnxruntime folds a
-        out_in(path)  # weight's Transpose from the file, out of a LoRA override's reach: LoRA graphs keep [in, out]
+    if lora_able(ckpt, comp):  # what LoRAs change, [in, out]: onnxruntime folds a weight's Transpose from the file,
+        write_weights_map(modules[source], path)  # out of a LoRA override's reach
+    elif exporter != "streamed":  # (the streamed graph reads its Linear weights [out, in] already)
+        out_in(path)
     if options.weights_fp16:
         store_weights_fp16(path)
         entry["weights"] = "fp16"
