@@ -3,9 +3,9 @@ copy of the model held).
 
 `out_in`: each 2-D weight a MatMul reads directly is stored as its Linear module holds it, [out, in], behind a
 Transpose. OpenVINO's CPU plugin takes that form as a fully connected layer's weights as they are; a weight stored
-[in, out] (what TorchScript's constant folding writes) it transposes into a float32 constant that the compiled model
-keeps beside its packed bf16 copy: SD3.5-medium's MMDiT compiled into 7.55 GB that way, 4.6 GB the other (measured,
-same output, same speed). onnxruntime folds the Transpose at load, holding what it held before.
+[in, out] (what TorchScript's constant folding writes) it transposes into a new constant that the compiled model
+keeps beside its packed bf16 copy (about 2 bytes a weight more): SD3.5-medium's MMDiT held 7.6 GB that way, 4.7 GB
+the other (measured, same output, same speed). onnxruntime folds the Transpose at load, holding what it held.
 
 `in_out`: the reverse, for tools that want a MatMul's weight as its initializer (onnxruntime's static quantizer and
 its transformer fusions)."""
