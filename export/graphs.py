@@ -422,9 +422,10 @@ def fill_initializers(graph, weights, widen: bool = False, fold: bool = False) -
     as the checkpoint holds it (a Linear's weight [out, in], which dynamo's unoptimized graph transposes for its
     MatMul: the layout linear_layout.py explains), or with fold a 2-D weight that only a Transpose reads stored
     transposed instead (NAME__transposed: for a graph LoRAs change, since onnxruntime would fold the Transpose from
-    the file, out of a LoRA override's reach); a 16-bit weight is stored as such (NAME__fp16 / __bf16) behind a Cast to float32, or
-    with widen as its float32 value (twice the file; OpenVINO's CPU plugin then holds the compiled model without the
-    float32 copies of the folded Casts it keeps beside it: SD3.5-medium's MMDiT 7.6 GB against 15.6)."""
+    the file, out of a LoRA override's reach); a 16-bit weight is stored as such (NAME__fp16 / __bf16) behind a Cast
+    to float32, or with widen as its float32 value (twice the file; OpenVINO's CPU plugin then holds the compiled
+    model without the float32 copies of the folded Casts it keeps beside it: SD3.5-medium's MMDiT 7.6 GB against
+    15.6)."""
     import onnx_ir as ir
 
     transposed = fold_weight_transposes(graph, weights) if fold else {}
