@@ -185,24 +185,28 @@ def interleaved(args, module: str, impls: list[str]) -> list[dict]:
     together (each child's peak RSS is its own)."""
     import tempfile
 
-    children = {}
-    for impl in impls:
-        print(f"{impl}: loading", flush=True)
-        log = tempfile.TemporaryFile("w+")
-        proc = subprocess.Popen(child_command(args, module, impl, 0), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=log, text=True)
-        if not proc.stdout.readline():
-            proc.wait()
-            log.seek(0)
-            raise SystemExit(f"{impl} failed to load: {(log.read().strip().splitlines() or ['?'])[-1]}")
-        children[impl] = proc
-    for round_ in range(args.runs):
-        for impl, proc in children.items():
-            proc.stdin.write("run\n")
-            proc.stdin.flush()
-            if not proc.stdout.readline():
-                raise SystemExit(f"{impl} stopped in round {round_ + 1}")
-        print(f"round {round_ + 1} of {args.runs} done", flush=True)
+    children: dict[str, subprocess.Popen] = {}
+    try:
+        for impl in impls:
+            print(f"{impl}: loading", flush=True)
+            log = tempfile.TemporaryFile("w+")
+            children[impl] = subprocess.Popen(child_command(args, module, impl, 0), stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, stderr=log, text=True)
+            if not children[impl].stdout.readline():
+                children[impl].wait()
+                log.seek(0)
+                raise SystemExit(f"{impl} failed to load: {(log.read().strip().splitlines() or ['?'])[-1]}")
+        for round_ in range(args.runs):
+            for impl, proc in children.items():
+                proc.stdin.write("run\n")
+                proc.stdin.flush()
+                if not proc.stdout.readline():
+                    raise SystemExit(f"{impl} stopped in round {round_ + 1}")
+            print(f"round {round_ + 1} of {args.runs} done", flush=True)
+    except BaseException:
+        for proc in children.values():  # none left holding its model's memory
+            proc.kill()
+        raise
     return [json.loads(proc.communicate("stop\n")[0].strip().splitlines()[-1]) for proc in children.values()]
 
 
